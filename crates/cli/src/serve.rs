@@ -1,0 +1,324 @@
+//! `natter serve`: settings from flags, `NATTER_*` variables and an optional TOML file (in
+//! that order of precedence), then run until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, ValueEnum};
+use natter_server::config::{Database, LogFormat};
+use natter_server::{Config, Server};
+use serde::Deserialize;
+
+#[derive(Clone, Copy, Debug, ValueEnum, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormatArg {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Open,
+    Closed,
+}
+
+/// Every setting of `natter serve`. Each can also be set by its NATTER_* variable or in the
+/// TOML file given with --config (keys spelled like the flags, with '_' for '-').
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings. Flags and NATTER_* variables override it.
+    #[arg(long, env = "NATTER_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [default: 127.0.0.1:8000]
+    #[arg(long, env = "NATTER_BIND", value_name = "ADDR")]
+    pub bind: Option<SocketAddr>,
+
+    /// Directory for the SQLite database and the token signing secret [default: ./natter-data]
+    #[arg(long, env = "NATTER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Where to store data: "sqlite" (a file in the data dir, the default) or "memory:"
+    /// (nothing kept after exit; for tests and benchmarks).
+    #[arg(long, env = "NATTER_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// A browser origin besides the server's own that may use the API and open sockets,
+    /// e.g. http://localhost:5173. Repeatable; comma-separated in NATTER_ALLOWED_ORIGIN.
+    #[arg(long, env = "NATTER_ALLOWED_ORIGIN", value_name = "ORIGIN", value_delimiter = ',')]
+    #[serde(default)]
+    pub allowed_origin: Vec<String>,
+
+    /// How often the server pings each socket; a client silent for two intervals is closed
+    /// with 4408. Keep it under your proxies' idle timeouts [default: 25000]
+    #[arg(long, env = "NATTER_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    pub heartbeat_interval_ms: Option<u64>,
+
+    /// Log format [default: pretty]. Filter with RUST_LOG (e.g. RUST_LOG=natter_server=debug).
+    #[arg(long, env = "NATTER_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+
+    /// Whether anyone may register [default: open]
+    #[arg(long, env = "NATTER_REGISTRATION", value_enum)]
+    pub registration: Option<Registration>,
+
+    /// Access token lifetime in seconds [default: 900]
+    #[arg(long, env = "NATTER_ACCESS_TOKEN_TTL_SECS", value_name = "SECS")]
+    pub access_token_ttl_secs: Option<u64>,
+
+    /// Refresh token lifetime in seconds [default: 2592000, 30 days]
+    #[arg(long, env = "NATTER_REFRESH_TOKEN_TTL_SECS", value_name = "SECS")]
+    pub refresh_token_ttl_secs: Option<u64>,
+
+    /// Largest WebSocket frame in bytes; larger ones close the socket with 1009 [default: 65536]
+    #[arg(long, env = "NATTER_MAX_FRAME_BYTES", value_name = "BYTES")]
+    pub max_frame_bytes: Option<usize>,
+
+    /// Longest message content in characters [default: 16384]
+    #[arg(long, env = "NATTER_MAX_CONTENT_CHARS", value_name = "CHARS")]
+    pub max_content_chars: Option<usize>,
+
+    /// Open sockets per user; more close with 4429 [default: 20]
+    #[arg(long, env = "NATTER_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    pub max_connections_per_user: Option<usize>,
+
+    /// Messages per second per connection [default: 5]
+    #[arg(long, env = "NATTER_MESSAGES_PER_SECOND", value_name = "N")]
+    pub messages_per_second: Option<u32>,
+
+    /// Burst of messages allowed above the rate [default: 20]
+    #[arg(long, env = "NATTER_MESSAGE_BURST", value_name = "N")]
+    pub message_burst: Option<u32>,
+
+    /// Frames queued for one socket before it counts as a slow consumer (4409) [default: 256]
+    #[arg(long, env = "NATTER_OUTBOUND_QUEUE", value_name = "N")]
+    pub outbound_queue: Option<usize>,
+
+    /// Serve the web app from this directory (e.g. web/dist).
+    #[arg(long, env = "NATTER_WEB_DIR", value_name = "DIR")]
+    pub web_dir: Option<PathBuf>,
+
+    /// Create a demo user (demo / demo-password) and an echo bot. Loopback only.
+    #[arg(long, env = "NATTER_DEMO")]
+    #[serde(default)]
+    pub demo: bool,
+}
+
+impl ServeArgs {
+    /// Fills what flags and variables left unset from the file.
+    fn merge(mut self, file: ServeArgs) -> ServeArgs {
+        macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
+        fill!(bind, data_dir, database_url, heartbeat_interval_ms, log_format, registration, access_token_ttl_secs,
+              refresh_token_ttl_secs, max_frame_bytes, max_content_chars, max_connections_per_user,
+              messages_per_second, message_burst, outbound_queue, web_dir);
+        if self.allowed_origin.is_empty() {
+            self.allowed_origin = file.allowed_origin;
+        }
+        self.demo |= file.demo;
+        self
+    }
+
+    /// The resolved configuration, or a one-line error naming the setting at fault.
+    pub fn resolve(self) -> anyhow::Result<(Config, LogFormat)> {
+        let args = match &self.config {
+            Some(path) => {
+                let file = read_file(path)?;
+                self.merge(file)
+            }
+            None => self,
+        };
+        let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./natter-data"));
+        let mut c = Config::new(data_dir.clone());
+        if let Some(b) = args.bind {
+            c.bind = b;
+        }
+        c.database = match args.database_url.as_deref() {
+            None | Some("sqlite") | Some("") => Database::SqliteFile(data_dir.join("natter.db")),
+            Some("memory:") => Database::Memory,
+            Some(other) if other.starts_with("sqlite://") => Database::SqliteFile(PathBuf::from(&other["sqlite://".len()..])),
+            Some(other) => bail!("database-url: unsupported value {other:?}; use \"sqlite\", \"sqlite://PATH\" or \"memory:\""),
+        };
+        for o in &args.allowed_origin {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.trim_end_matches('/').matches('/').count() != 2 {
+                bail!("allowed-origin: {o:?} is not an origin like http://localhost:5173 (scheme, host, optional port; no path)");
+            }
+        }
+        c.allowed_origins = args.allowed_origin.clone();
+        if let Some(ms) = args.heartbeat_interval_ms {
+            if !(100..=600_000).contains(&ms) {
+                bail!("heartbeat-interval-ms: {ms} is out of range (100 to 600000)");
+            }
+            c.heartbeat_interval = Duration::from_millis(ms);
+        }
+        c.registration_open = args.registration != Some(Registration::Closed);
+        if let Some(s) = args.access_token_ttl_secs {
+            positive("access-token-ttl-secs", s as u128)?;
+            c.access_token_ttl = Duration::from_secs(s);
+        }
+        if let Some(s) = args.refresh_token_ttl_secs {
+            positive("refresh-token-ttl-secs", s as u128)?;
+            c.refresh_token_ttl = Duration::from_secs(s);
+        }
+        let l = &mut c.limits;
+        if let Some(v) = args.max_frame_bytes {
+            if v < 1024 {
+                bail!("max-frame-bytes: {v} is too small (at least 1024)");
+            }
+            l.max_frame_bytes = v;
+        }
+        if let Some(v) = args.max_content_chars {
+            positive("max-content-chars", v as u128)?;
+            l.max_content_chars = v;
+        }
+        if let Some(v) = args.max_connections_per_user {
+            positive("max-connections-per-user", v as u128)?;
+            l.max_connections_per_user = v;
+        }
+        if let Some(v) = args.messages_per_second {
+            positive("messages-per-second", v as u128)?;
+            l.messages_per_second = v;
+        }
+        if let Some(v) = args.message_burst {
+            positive("message-burst", v as u128)?;
+            l.message_burst = v;
+        }
+        if let Some(v) = args.outbound_queue {
+            positive("outbound-queue", v as u128)?;
+            l.outbound_queue = v;
+        }
+        if let Some(dir) = &args.web_dir {
+            if !dir.join("index.html").is_file() {
+                bail!("web-dir: {} has no index.html (build the web app with `make web`)", dir.display());
+            }
+        }
+        c.web_dir = args.web_dir.clone();
+        c.demo = args.demo;
+        if c.demo && !c.bind.ip().is_loopback() {
+            bail!("demo: --demo is only allowed when --bind is a loopback address (it creates a user with a published password)");
+        }
+        let log = match args.log_format {
+            Some(LogFormatArg::Json) => LogFormat::Json,
+            _ => LogFormat::Pretty,
+        };
+        Ok((c, log))
+    }
+}
+
+fn positive(name: &str, v: u128) -> anyhow::Result<()> {
+    if v == 0 {
+        bail!("{name}: must be greater than 0");
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("config: cannot read {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+        let msg = e.message().replace('\n', " ");
+        match line {
+            Some(l) => anyhow!("config {}:{l}: {msg}", path.display()),
+            None => anyhow!("config {}: {msg}", path.display()),
+        }
+    })
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (config, log) = args.resolve()?;
+    natter_server::telemetry::init(log);
+    let demo = config.demo;
+    let server = Server::build(config).await?;
+    let addr = server.local_addr();
+    println!("natter {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
+    if demo {
+        println!(
+            "demo data ready: log in at http://{addr} as {} / {}",
+            natter_server::app::DEMO_USER,
+            natter_server::app::DEMO_PASSWORD
+        );
+    }
+    server.run_until_stopped(shutdown_signal()).await?;
+    println!("natter stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        T::try_parse_from(std::iter::once("natter").chain(args.iter().copied())).unwrap().a
+    }
+
+    #[test]
+    fn defaults() {
+        let (c, log) = parse(&[]).resolve().unwrap();
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.data_dir, PathBuf::from("./natter-data"));
+        assert_eq!(c.database, Database::SqliteFile(PathBuf::from("./natter-data/natter.db")));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(25_000));
+        assert_eq!(log, LogFormat::Pretty);
+        assert!(c.registration_open);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = parse(&["--heartbeat-interval-ms", "5"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("heartbeat-interval-ms:"), "{e}");
+        let e = parse(&["--allowed-origin", "localhost:5173"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("allowed-origin:"), "{e}");
+        let e = parse(&["--demo", "--bind", "0.0.0.0:8000"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("demo:"), "{e}");
+        let e = parse(&["--database-url", "mysql://x"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("database-url:"), "{e}");
+        assert!(T::try_parse_from(["natter", "--bind", "not-an-address"]).is_err());
+    }
+
+    #[test]
+    fn file_fills_in_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "bind = \"127.0.0.1:9000\"\nheartbeat_interval_ms = 1000\nallowed_origin = [\"http://localhost:5173\"]\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "2000"]).resolve().unwrap();
+        assert_eq!(c.bind.to_string(), "127.0.0.1:9000", "from the file");
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(2000), "flag wins");
+        assert_eq!(c.allowed_origins, vec!["http://localhost:5173".to_string()]);
+
+        std::fs::write(&path, "bnd = \"127.0.0.1:9000\"\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
+        assert!(e.contains("natter.toml:1") && e.contains("bnd") && !e.contains('\n'), "{e}");
+    }
+}

@@ -1,0 +1,302 @@
+//! WebSocket frames of chat protocol v1 (`docs/protocol.md`). Every frame is a JSON text
+//! frame with a `type` field.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::codes::ErrorCode;
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum MessageRole {
+    User,
+    Bot,
+}
+
+impl MessageRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageRole::User => "user",
+            MessageRole::Bot => "bot",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "user" => Some(MessageRole::User),
+            "bot" => Some(MessageRole::Bot),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a stored message is whole. Bot replies can end early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    #[default]
+    Complete,
+    /// The engine failed part-way; the content is what was generated before.
+    Incomplete,
+    /// The user cancelled the generation.
+    Cancelled,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Complete => "complete",
+            MessageStatus::Incomplete => "incomplete",
+            MessageStatus::Cancelled => "cancelled",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "complete" => Some(MessageStatus::Complete),
+            "incomplete" => Some(MessageStatus::Incomplete),
+            "cancelled" => Some(MessageStatus::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// A stored message, as frames and `GET /api/bots/{id}/messages` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WireMessage {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    /// Position in the conversation: 1, 2, 3, … with no gaps.
+    pub seq: i64,
+    pub role: MessageRole,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    /// The sender's idempotency key (user messages only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The user message a bot reply answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<Uuid>,
+    #[serde(default)]
+    pub status: MessageStatus,
+}
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// A chat message. `client_id` makes the send idempotent.
+    Message { client_id: String, content: String },
+    /// App-level ping (browsers cannot send WebSocket pings). `id` is echoed back.
+    Ping {
+        #[serde(default)]
+        id: serde_json::Value,
+    },
+    /// Stop a bot reply that is being generated.
+    Cancel { message_id: Uuid },
+}
+
+/// Why a client frame was refused. Sent back as an `error` frame; the socket stays up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+const CLIENT_TYPES: &[&str] = &["message", "ping", "cancel"];
+
+impl ClientFrame {
+    /// Parses a text frame, naming the field at fault when it is not a valid frame.
+    pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| FrameError {
+            code: ErrorCode::InvalidJson,
+            message: format!("frame is not valid JSON: {e}"),
+        })?;
+        let Some(obj) = value.as_object() else {
+            return Err(FrameError {
+                code: ErrorCode::InvalidFrame,
+                message: "a frame must be a JSON object with a \"type\" field".into(),
+            });
+        };
+        match obj.get("type") {
+            None => {
+                return Err(FrameError {
+                    code: ErrorCode::InvalidFrame,
+                    message: "missing field `type`".into(),
+                })
+            }
+            Some(serde_json::Value::String(t)) if !CLIENT_TYPES.contains(&t.as_str()) => {
+                return Err(FrameError {
+                    code: ErrorCode::UnknownType,
+                    message: format!(
+                        "unknown frame type {t:?}; expected one of {}",
+                        CLIENT_TYPES.join(", ")
+                    ),
+                })
+            }
+            Some(serde_json::Value::String(_)) => {}
+            Some(_) => {
+                return Err(FrameError {
+                    code: ErrorCode::InvalidFrame,
+                    message: "field `type` must be a string".into(),
+                })
+            }
+        }
+        serde_json::from_value(value).map_err(|e| FrameError {
+            code: ErrorCode::InvalidFrame,
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Limits of this connection, reported in `connection_established`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_content_chars: usize,
+    pub max_connections_per_user: usize,
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UserRef {
+    pub id: Uuid,
+    pub username: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BotRef {
+    pub id: Uuid,
+    pub name: String,
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame of every accepted connection.
+    ConnectionEstablished {
+        connection_id: Uuid,
+        protocol_version: u32,
+        user: UserRef,
+        bot: BotRef,
+        conversation_id: Uuid,
+        last_seq: i64,
+        heartbeat_interval_ms: u64,
+        server_time: DateTime<Utc>,
+        limits: Limits,
+    },
+    /// The client's message is stored. Sent again, identical, for a resent `client_id`.
+    Ack {
+        client_id: String,
+        message: WireMessage,
+        /// True when this `client_id` was already stored and nothing new happened.
+        duplicate: bool,
+    },
+    /// A stored message of the conversation (a bot reply, another tab's message, a replay).
+    Message { message: WireMessage },
+    /// A piece of a bot reply being generated. The final `message` frame with the same id
+    /// carries the whole content.
+    MessageDelta {
+        message_id: Uuid,
+        in_reply_to: Uuid,
+        delta: String,
+    },
+    /// Answer to a client `ping`.
+    Pong {
+        id: serde_json::Value,
+        server_time: DateTime<Utc>,
+    },
+    /// Something the client sent could not be done; the connection stays up.
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_reply_to: Option<Uuid>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            code,
+            message: message.into(),
+            client_id: None,
+            in_reply_to: None,
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+// ErrorCode is deserialized by Rust clients (tests, doctor, bench).
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ErrorCode::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown error code {s:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_client_frame() {
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"message","client_id":"a1","content":"hi"}"#).unwrap(),
+            ClientFrame::Message { client_id: "a1".into(), content: "hi".into() }
+        );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping","id":7}"#).unwrap(),
+            ClientFrame::Ping { id: serde_json::json!(7) }
+        );
+        assert!(matches!(
+            ClientFrame::parse(r#"{"type":"cancel","message_id":"6f1c1b8e-5c1a-4d0b-9a0e-2f7f0d4c1a11"}"#),
+            Ok(ClientFrame::Cancel { .. })
+        ));
+    }
+
+    #[test]
+    fn names_the_fault() {
+        let e = ClientFrame::parse("{not json").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidJson);
+        let e = ClientFrame::parse(r#"{"type":"shout"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownType);
+        assert!(e.message.contains("shout"));
+        let e = ClientFrame::parse(r#"{"type":"message","content":"x"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidFrame);
+        assert!(e.message.contains("client_id"), "{}", e.message);
+        let e = ClientFrame::parse(r#"{"type":"message","client_id":5,"content":"x"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidFrame);
+        let e = ClientFrame::parse(r#"{"client_id":"a"}"#).unwrap_err();
+        assert!(e.message.contains("type"));
+        let e = ClientFrame::parse("[1]").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidFrame);
+    }
+
+    #[test]
+    fn server_frames_are_tagged() {
+        let f = ServerFrame::error(ErrorCode::RateLimited, "slow down");
+        let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["code"], "rate_limited");
+        assert!(v.get("client_id").is_none());
+        let back: ServerFrame = serde_json::from_value(v).unwrap();
+        assert_eq!(back, f);
+    }
+}

@@ -1,0 +1,167 @@
+//! Building and running the server: open the store, bind, serve until told to stop, then
+//! shut down in order (stop accepting, close sockets with 1012, finish replies in flight).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, TokenKeys};
+use crate::bots::{EngineSpec, Replier};
+use crate::bus::{Bus, LocalBus};
+use crate::config::{Config, Database};
+use crate::domain::{Password, Username};
+use crate::store::{NewBot, SqliteStore, Store, StoreError};
+use crate::ws::hub::Hub;
+
+/// Shared state of one server. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub keys: TokenKeys,
+    pub hub: Arc<Hub>,
+    pub replier: Replier,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Sockets and bot replies; shutdown waits for them.
+    pub tasks: TaskTracker,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Why the server could not start. Each message is one line naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read or create the signing secret in {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Demo(String),
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Server {
+    /// Opens the store and binds `config.bind`.
+    pub async fn build(config: Config) -> Result<Server, StartError> {
+        let listener = TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
+        Self::with_listener(config, listener).await
+    }
+
+    /// Like [`Server::build`] with a listener the caller bound.
+    pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let secret = auth::load_or_create_secret(&config.data_dir).map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
+        let store: Arc<dyn Store> = match &config.database {
+            Database::SqliteFile(path) => Arc::new(SqliteStore::open(path).await?),
+            Database::Memory => Arc::new(SqliteStore::memory().await?),
+        };
+        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(1024));
+        let tasks = TaskTracker::new();
+        let state = AppState(Arc::new(Inner {
+            keys: TokenKeys::new(&secret, config.access_token_ttl),
+            replier: Replier::new(store.clone(), bus.clone(), tasks.clone()),
+            hub: Arc::new(Hub::default()),
+            shutdown: CancellationToken::new(),
+            tasks,
+            store,
+            bus,
+            config,
+        }));
+        if state.config.demo {
+            seed_demo(&state).await?;
+        }
+        Ok(Server { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes, then closes every socket with 1012 and waits (up to
+    /// the configured grace) for sockets and bot replies to finish.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let state = self.state.clone();
+        let app = crate::http::router(state.clone()).fallback_service(crate::web::service(&state.config));
+        let stop = state.shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+        let stopping = state.shutdown.clone();
+        let serve = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { stopping.cancelled().await });
+        // axum's graceful shutdown waits for open HTTP connections; upgraded sockets are ours.
+        let http = tokio::spawn(async move { serve.await });
+        state.shutdown.cancelled().await;
+        tracing::info!(open_sockets = state.hub.len(), "shutting down");
+        state.tasks.close();
+        let grace = state.config.shutdown_grace;
+        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+            tracing::warn!(open_sockets = state.hub.len(), "shutdown grace period over; dropping what is left");
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(1), http).await {
+            Ok(Ok(r)) => r,
+            _ => Ok(()),
+        }
+    }
+}
+
+pub const DEMO_USER: &str = "demo";
+pub const DEMO_PASSWORD: &str = "demo-password";
+
+/// Creates the demo user and its echo bot, if missing.
+async fn seed_demo(state: &AppState) -> Result<(), StartError> {
+    let err = |e: String| StartError::Demo(format!("cannot create demo data: {e}"));
+    let user = match state.store.user_by_username(DEMO_USER).await? {
+        Some(u) => u,
+        None => crate::http::auth::create_user(
+            state,
+            Username::parse(DEMO_USER).expect("valid"),
+            Password::parse(DEMO_PASSWORD).expect("valid"),
+            false,
+        )
+        .await
+        .map_err(|e| err(e.message))?,
+    };
+    let bots = state.store.bots_for_user(user.id).await?;
+    if !bots.iter().any(|(b, _)| b.owner_id == user.id && b.name == "Echo") {
+        state
+            .store
+            .create_bot(NewBot {
+                owner_id: user.id,
+                name: "Echo".into(),
+                description: "Replies with what you say.".into(),
+                visibility: natter_proto::api::Visibility::Private,
+                engine: EngineSpec::Echo.to_stored(),
+            })
+            .await?;
+    }
+    Ok(())
+}

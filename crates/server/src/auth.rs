@@ -1,0 +1,194 @@
+//! Credentials: argon2id password hashes, HS256 access tokens, opaque refresh tokens and
+//! socket tickets (stored only as SHA-256 hashes).
+
+use std::path::Path;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: Uuid,
+    /// The username, so the socket can greet without a lookup.
+    pub name: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Why an access token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenError {
+    Expired,
+    Invalid,
+}
+
+/// Signs and checks access tokens. Only HS256 is accepted, whatever the token's header says.
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+impl TokenKeys {
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "iat", "sub"]);
+        TokenKeys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl,
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn issue(&self, user_id: Uuid, username: &str) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims { sub: user_id, name: username.to_owned(), iat: now, exp: now + self.ttl.as_secs() as i64 };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing cannot fail")
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        use jsonwebtoken::errors::ErrorKind;
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })
+    }
+}
+
+/// Loads the signing secret from `<data_dir>/jwt-secret`, creating it (mode 0600) on first start.
+pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Vec<u8>> {
+    let path = data_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => hex::decode(s.trim()).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not hex: {e}", path.display()))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = vec![0u8; 32];
+            rand::rng().fill_bytes(&mut secret);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            use std::io::Write;
+            let mut f = opts.open(&path)?;
+            f.write_all(hex::encode(&secret).as_bytes())?;
+            f.sync_all()?;
+            Ok(secret)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Hashes a password with argon2id. CPU-heavy: call from `spawn_blocking`.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16 bytes is a valid salt");
+    Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 hashing cannot fail").to_string()
+}
+
+/// Checks a password against a stored hash. CPU-heavy: call from `spawn_blocking`.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+}
+
+/// A hash no password matches, verified against for unknown users so that a login for an
+/// unknown user takes as long as one with a wrong password.
+pub fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash_password(&base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())))
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
+/// A fresh opaque secret (refresh token, ticket): 32 random bytes, base64url.
+pub fn new_opaque_token() -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+}
+
+/// How opaque secrets are stored: SHA-256, hex.
+pub fn hash_opaque(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_expire() {
+        let keys = TokenKeys::new(b"secret-one", Duration::from_secs(60));
+        let id = Uuid::new_v4();
+        let t = keys.issue(id, "alice");
+        let c = keys.verify(&t).unwrap();
+        assert_eq!(c.sub, id);
+        assert_eq!(c.name, "alice");
+        assert_eq!(TokenKeys::new(b"other", Duration::from_secs(60)).verify(&t).unwrap_err(), TokenError::Invalid);
+
+        let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60 };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(b"secret-one")).unwrap();
+        assert_eq!(keys.verify(&t).unwrap_err(), TokenError::Expired);
+        assert_eq!(keys.verify("not.a.jwt").unwrap_err(), TokenError::Invalid);
+    }
+
+    #[test]
+    fn rejects_other_algorithms() {
+        let keys = TokenKeys::new(b"secret", Duration::from_secs(60));
+        let claims = Claims { sub: Uuid::new_v4(), name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() + 60 };
+        // HS512 with the same secret: a valid signature, but not the algorithm we accept.
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"secret")).unwrap();
+        assert_eq!(keys.verify(&t).unwrap_err(), TokenError::Invalid);
+        // alg "none": header and payload with an empty signature.
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&serde_json::to_string(&claims).unwrap()));
+        assert_eq!(keys.verify(&none).unwrap_err(), TokenError::Invalid);
+    }
+
+    #[test]
+    fn passwords_hash_and_verify() {
+        let h = hash_password("correct horse");
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("wrong horse", &h));
+        assert!(!verify_password("x", "not a hash"));
+        assert!(!verify_password("", dummy_hash()));
+    }
+
+    #[test]
+    fn secret_file_is_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_secret(dir.path()).unwrap();
+        let b = load_or_create_secret(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("jwt-secret")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The server's resolved settings. The CLI fills this from flags, `NATTER_*` variables and
+//! an optional TOML file; tests build it directly with [`Config::for_tests`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where messages and accounts live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `<data-dir>/natter.db` (the default).
+    SqliteFile(PathBuf),
+    /// A private in-memory SQLite database, lost on exit (`--database-url memory:`).
+    Memory,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket frame (and message) accepted; larger ones close the socket with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest message content, in characters.
+    pub max_content_chars: usize,
+    /// Open sockets per user; the next one closes with 4429.
+    pub max_connections_per_user: usize,
+    /// Token bucket per connection for `message` frames.
+    pub messages_per_second: u32,
+    pub message_burst: u32,
+    /// Frames waiting to be written to one socket; a client that lets it fill is closed
+    /// with 4409 (slow consumer) and resumes with `after_seq`.
+    pub outbound_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: 64 * 1024,
+            max_content_chars: 16 * 1024,
+            max_connections_per_user: 20,
+            messages_per_second: 5,
+            message_burst: 20,
+            outbound_queue: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bind: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database: Database,
+    /// Browser origins besides the server's own that may call the API and open sockets.
+    pub allowed_origins: Vec<String>,
+    pub heartbeat_interval: Duration,
+    pub registration_open: bool,
+    pub access_token_ttl: Duration,
+    pub refresh_token_ttl: Duration,
+    pub limits: Limits,
+    /// Create the demo user and bot on start.
+    pub demo: bool,
+    /// Serve the web app from this directory instead of the copy built into the binary.
+    pub web_dir: Option<PathBuf>,
+    /// How long graceful shutdown may take before connections are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            database: Database::SqliteFile(data_dir.join("natter.db")),
+            data_dir,
+            allowed_origins: Vec::new(),
+            heartbeat_interval: Duration::from_millis(25_000),
+            registration_open: true,
+            access_token_ttl: Duration::from_secs(15 * 60),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            limits: Limits::default(),
+            demo: false,
+            web_dir: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Defaults for a test server: port 0 on loopback, data in `data_dir`.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        Config { bind: SocketAddr::from(([127, 0, 0, 1], 0)), ..Config::new(data_dir) }
+    }
+}

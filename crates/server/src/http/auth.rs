@@ -1,0 +1,124 @@
+//! `/api/auth/*`: registration, login, token refresh with rotation and reuse detection, logout.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::Utc;
+use natter_proto::api::{Credentials, RefreshRequest, TokenPair, UserView};
+use natter_proto::ErrorCode;
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiJson, AuthUser};
+use crate::app::AppState;
+use crate::auth::{self, hash_opaque, new_opaque_token};
+use crate::domain::{Password, Username};
+use crate::store::{NewRefreshToken, NewUser, RefreshUse, User};
+
+pub fn user_view(u: &User) -> UserView {
+    UserView { id: u.id, username: u.username.clone(), is_admin: u.is_admin, created_at: u.created_at }
+}
+
+/// Creates a user with a hashed password (the hashing runs off the async threads).
+pub async fn create_user(state: &AppState, username: Username, password: Password, is_admin: bool) -> ApiResult<User> {
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(password.expose())).await.map_err(ApiError::internal)?;
+    Ok(state.store.create_user(NewUser { username: username.into_inner(), password_hash: hash, is_admin }).await?)
+}
+
+#[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = Credentials,
+    responses((status = 201, body = UserView), (status = 400, body = natter_proto::api::ErrorBody), (status = 409, body = natter_proto::api::ErrorBody)))]
+pub async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<Credentials>) -> ApiResult<(StatusCode, Json<UserView>)> {
+    if !state.config.registration_open {
+        return Err(ApiError::forbidden("registration is closed on this server").with_code(ErrorCode::RegistrationClosed));
+    }
+    let username = Username::parse(&body.username)?;
+    let password = Password::parse(&body.password)?;
+    let user = create_user(&state, username, password, false).await?;
+    tracing::info!(user_id = %user.id, username = %user.username, "user registered");
+    Ok((StatusCode::CREATED, Json(user_view(&user))))
+}
+
+async fn issue_pair(state: &AppState, user_id: Uuid, username: &str, family_id: Uuid) -> ApiResult<TokenPair> {
+    let refresh = new_opaque_token();
+    state
+        .store
+        .insert_refresh_token(NewRefreshToken {
+            token_hash: hash_opaque(&refresh),
+            user_id,
+            family_id,
+            expires_at: Utc::now() + state.config.refresh_token_ttl,
+        })
+        .await?;
+    Ok(TokenPair {
+        access_token: state.keys.issue(user_id, username),
+        refresh_token: refresh,
+        token_type: "bearer".into(),
+        expires_in: state.keys.ttl().as_secs(),
+    })
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::unauthorized(ErrorCode::InvalidCredentials, "wrong username or password")
+}
+
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
+    responses((status = 200, body = TokenPair), (status = 401, body = natter_proto::api::ErrorBody)))]
+pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credentials>) -> ApiResult<Json<TokenPair>> {
+    let user = state.store.user_by_username(&body.username).await?;
+    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| auth::dummy_hash().to_owned());
+    let password = body.password;
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash)).await.map_err(ApiError::internal)?;
+    let user = match (user, ok) {
+        (Some(u), true) => u,
+        _ => {
+            tracing::info!(username = %body.username, "login refused");
+            return Err(invalid_credentials());
+        }
+    };
+    tracing::info!(user_id = %user.id, "login");
+    Ok(Json(issue_pair(&state, user.id, &user.username, Uuid::new_v4()).await?))
+}
+
+#[utoipa::path(post, path = "/api/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses((status = 200, body = TokenPair), (status = 401, body = natter_proto::api::ErrorBody)))]
+pub async fn refresh(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshRequest>) -> ApiResult<Json<TokenPair>> {
+    match state.store.use_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await? {
+        RefreshUse::Valid { user_id, family_id } => {
+            let user = state
+                .store
+                .user_by_id(user_id)
+                .await?
+                .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidRefreshToken, "the refresh token's user no longer exists"))?;
+            Ok(Json(issue_pair(&state, user.id, &user.username, family_id).await?))
+        }
+        RefreshUse::Reused => {
+            tracing::warn!("refresh token reused; its family was revoked");
+            Err(ApiError::unauthorized(
+                ErrorCode::RefreshTokenReused,
+                "this refresh token was already used; every token of this login is now revoked. Log in again",
+            ))
+        }
+        RefreshUse::Invalid => Err(ApiError::unauthorized(
+            ErrorCode::InvalidRefreshToken,
+            "the refresh token is unknown, expired or revoked; log in again",
+        )),
+    }
+}
+
+#[utoipa::path(post, path = "/api/auth/logout", tag = "auth", request_body = RefreshRequest,
+    responses((status = 204, description = "The refresh token (and its family) is revoked")))]
+pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshRequest>) -> ApiResult<StatusCode> {
+    state.store.revoke_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/auth/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 401, body = natter_proto::api::ErrorBody)))]
+pub async fn me(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<UserView>> {
+    let u = state
+        .store
+        .user_by_id(user.id)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidToken, "the token's user no longer exists"))?;
+    Ok(Json(user_view(&u)))
+}

@@ -1,0 +1,121 @@
+//! The HTTP surface: the router, with one module per area.
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use natter_proto::api::{Health, Ready};
+use natter_proto::ErrorCode;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+
+use crate::app::AppState;
+use error::ApiError;
+
+pub mod auth;
+pub mod bots;
+pub mod error;
+pub mod extract;
+
+/// Request bodies larger than this get 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/openapi.json", get(openapi))
+        .route("/auth/register", post(auth::register))
+        .route("/auth/login", post(auth::login))
+        .route("/auth/refresh", post(auth::refresh))
+        .route("/auth/logout", post(auth::logout))
+        .route("/auth/me", get(auth::me))
+        .route("/bots", get(bots::list).post(bots::create))
+        .route("/bots/{id}", get(bots::get).patch(bots::update).delete(bots::delete))
+        .route("/bots/{id}/members", get(bots::members).post(bots::add_member))
+        .route("/bots/{id}/members/{username}", delete(bots::remove_member))
+        .route("/bots/{id}/messages", get(bots::messages))
+        .route("/ws/ticket", post(crate::ws::ticket))
+        .route("/ws/codes", get(crate::ws::codes))
+        .route("/ws/preflight/{bot_id}", get(crate::ws::preflight))
+        .route("/ws/chat/{bot_id}", get(crate::ws::chat))
+        .fallback(api_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+
+    let mut app = Router::new().nest("/api", api).with_state(state.clone());
+    if !state.config.allowed_origins.is_empty() {
+        let origins: Vec<HeaderValue> = state
+            .config
+            .allowed_origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+            .collect();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+                .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE])
+                .max_age(std::time::Duration::from_secs(600)),
+        );
+    }
+    app
+}
+
+async fn api_not_found() -> ApiError {
+    ApiError::not_found("no such API endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, "this endpoint does not accept that method")
+}
+
+#[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+#[utoipa::path(get, path = "/api/ready", tag = "health",
+    responses((status = 200, body = Ready), (status = 503, body = Ready, description = "Names what failed")))]
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
+    let mut failed = Vec::new();
+    if let Err(e) = state.store.ping().await {
+        tracing::warn!(error = %e, "readiness: store unreachable");
+        failed.push(format!("store: {e}"));
+    }
+    if failed.is_empty() {
+        (StatusCode::OK, Json(Ready { status: "ok".into(), failed }))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Ready { status: "unavailable".into(), failed }))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "natter", description = "Self-hosted real-time chat server for bots. The chat socket is described in docs/protocol.md."),
+    paths(
+        health, ready,
+        auth::register, auth::login, auth::refresh, auth::logout, auth::me,
+        bots::list, bots::create, bots::get, bots::update, bots::delete,
+        bots::members, bots::add_member, bots::remove_member, bots::messages,
+        crate::ws::ticket, crate::ws::codes, crate::ws::preflight,
+    ),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    Json(doc)
+}

@@ -1,0 +1,17 @@
+//! natter as a library: everything `natter serve` runs, so that tests and the binary start
+//! the server the same way ([`app::Server`]).
+
+pub mod app;
+pub mod auth;
+pub mod bots;
+pub mod bus;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod store;
+pub mod telemetry;
+pub mod web;
+pub mod ws;
+
+pub use app::{AppState, Server, StartError};
+pub use config::Config;

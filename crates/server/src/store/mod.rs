@@ -1,0 +1,196 @@
+//! Persistent state behind one trait, [`Store`]. SQLite is the default implementation;
+//! every implementation passes the same conformance suite (`store::conformance`).
+//!
+//! The store knows nothing of HTTP, WebSocket or JWT: it takes and returns plain data.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use natter_proto::api::{BotRole, MemberRole, Visibility};
+use natter_proto::{MessageRole, MessageStatus, WireMessage};
+use uuid::Uuid;
+
+pub mod sqlite;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+pub use sqlite::SqliteStore;
+
+/// What can go wrong in a store. Constraint violations that the API turns into 4xx
+/// have their own variants; the rest is `Backend` (a 500 or 503 at the edge).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("username already taken")]
+    UsernameTaken,
+    #[error("not found")]
+    NotFound,
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: Uuid,
+    pub username: String,
+    pub password_hash: String,
+    pub is_admin: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub username: String,
+    pub password_hash: String,
+    pub is_admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bot {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    pub owner_username: String,
+    pub name: String,
+    pub description: String,
+    pub visibility: Visibility,
+    /// The engine settings as validated JSON (secrets included: never send this as is).
+    pub engine: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewBot {
+    pub owner_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub visibility: Visibility,
+    pub engine: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BotChanges {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub visibility: Option<Visibility>,
+    pub engine: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user_id: Uuid,
+    pub username: String,
+    pub role: MemberRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub bot_id: Uuid,
+    pub last_seq: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub conversation_id: Uuid,
+    pub role: MessageRole,
+    pub content: String,
+    /// Idempotency key: a second append with the same key returns the first message.
+    pub client_id: Option<String>,
+    pub in_reply_to: Option<Uuid>,
+    pub status: MessageStatus,
+}
+
+/// The result of [`Store::append_message`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    pub message: WireMessage,
+    /// True when the `client_id` was already stored: nothing was written.
+    pub duplicate: bool,
+}
+
+/// A refresh token's row, keyed by the hash of the token.
+#[derive(Debug, Clone)]
+pub struct NewRefreshToken {
+    pub token_hash: String,
+    pub user_id: Uuid,
+    pub family_id: Uuid,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What presenting a refresh token did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshUse {
+    /// Valid and now used: issue the next token of `family_id`.
+    Valid { user_id: Uuid, family_id: Uuid },
+    /// Already used before: the whole family has now been revoked.
+    Reused,
+    /// Unknown, expired or revoked.
+    Invalid,
+}
+
+/// The persistent state of natter.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip, for `/api/ready`.
+    async fn ping(&self) -> StoreResult<()>;
+
+    async fn create_user(&self, user: NewUser) -> StoreResult<User>;
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>>;
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
+    async fn set_admin(&self, username: &str, is_admin: bool) -> StoreResult<()>;
+
+    async fn insert_refresh_token(&self, token: NewRefreshToken) -> StoreResult<()>;
+    /// Marks the token used, atomically. A second use revokes its whole family.
+    async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse>;
+    /// Revokes the token's family (logout). Unknown tokens are ignored.
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot>;
+    async fn bot(&self, id: Uuid) -> StoreResult<Option<Bot>>;
+    async fn update_bot(&self, id: Uuid, changes: BotChanges) -> StoreResult<Bot>;
+    async fn delete_bot(&self, id: Uuid) -> StoreResult<()>;
+    /// Bots the user owns, is a member of, or that are public; with the user's role.
+    async fn bots_for_user(&self, user_id: Uuid) -> StoreResult<Vec<(Bot, BotRole)>>;
+    /// The user's role on the bot: owner, member role, `Public` for a public bot, or None.
+    async fn bot_role(&self, bot: &Bot, user_id: Uuid) -> StoreResult<Option<BotRole>>;
+
+    async fn upsert_member(&self, bot_id: Uuid, user_id: Uuid, role: MemberRole) -> StoreResult<()>;
+    /// Returns false when the user was not a member.
+    async fn remove_member(&self, bot_id: Uuid, user_id: Uuid) -> StoreResult<bool>;
+    async fn members(&self, bot_id: Uuid) -> StoreResult<Vec<Member>>;
+
+    async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation>;
+    /// Stores a message with the next seq of its conversation, or returns the stored one
+    /// when its `client_id` is already there.
+    async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
+    /// Messages with seq > `after_seq`, oldest first, at most `limit`.
+    async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;
+    /// Messages with seq < `before_seq`, the newest `limit` of them, oldest first.
+    async fn messages_before(&self, conversation_id: Uuid, before_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;
+
+    async fn create_ticket(&self, ticket_hash: &str, user_id: Uuid, bot_id: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()>;
+    /// Consumes a ticket: it works once, before it expires. Returns (user, bot).
+    async fn consume_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>>;
+    /// Looks a ticket up without consuming it (for the preflight check).
+    async fn peek_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>>;
+}
+
+pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default()
+}

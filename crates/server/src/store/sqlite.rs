@@ -1,0 +1,562 @@
+//! The SQLite store: one file in the data dir, WAL mode. All writes go through a pool of
+//! one connection, so natter's own writers never fight over SQLite's single write lock
+//! (and seq allocation is serialised without retry loops); reads use a separate pool.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use natter_proto::api::{BotRole, MemberRole, Visibility};
+use natter_proto::{MessageRole, MessageStatus, WireMessage};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file and applies migrations.
+    pub async fn open(path: &std::path::Path) -> StoreResult<Self> {
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(SqliteStore { write, read })
+    }
+
+    /// A private in-memory database (`--database-url memory:` and tests): gone on exit.
+    pub async fn memory() -> StoreResult<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .foreign_keys(true);
+        // One connection that never expires: each new in-memory connection would be an
+        // empty database.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
+        Ok(SqliteStore { write: pool.clone(), read: pool })
+    }
+}
+
+fn uuid_col(row: &SqliteRow, col: &str) -> StoreResult<Uuid> {
+    let s: String = row.try_get(col)?;
+    Uuid::parse_str(&s).map_err(|e| StoreError::Backend(format!("bad uuid in {col}: {e}")))
+}
+
+fn opt_uuid_col(row: &SqliteRow, col: &str) -> StoreResult<Option<Uuid>> {
+    let s: Option<String> = row.try_get(col)?;
+    s.map(|s| Uuid::parse_str(&s).map_err(|e| StoreError::Backend(format!("bad uuid in {col}: {e}"))))
+        .transpose()
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
+    Ok(User {
+        id: uuid_col(row, "id")?,
+        username: row.try_get("username")?,
+        password_hash: row.try_get("password_hash")?,
+        is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+        created_at: from_millis(row.try_get("created_at")?),
+    })
+}
+
+const BOT_COLS: &str = "b.id, b.owner_id, u.username AS owner_username, b.name, b.description, b.visibility, b.engine, b.created_at, b.updated_at";
+
+fn bot_from_row(row: &SqliteRow) -> StoreResult<Bot> {
+    let vis: String = row.try_get("visibility")?;
+    let engine: String = row.try_get("engine")?;
+    Ok(Bot {
+        id: uuid_col(row, "id")?,
+        owner_id: uuid_col(row, "owner_id")?,
+        owner_username: row.try_get("owner_username")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        visibility: Visibility::parse(&vis).ok_or_else(|| StoreError::Backend(format!("bad visibility {vis}")))?,
+        engine: serde_json::from_str(&engine).map_err(|e| StoreError::Backend(format!("bad engine json: {e}")))?,
+        created_at: from_millis(row.try_get("created_at")?),
+        updated_at: from_millis(row.try_get("updated_at")?),
+    })
+}
+
+const MSG_COLS: &str = "id, conversation_id, seq, role, content, client_id, in_reply_to, status, created_at";
+
+fn message_from_row(row: &SqliteRow) -> StoreResult<WireMessage> {
+    let role: String = row.try_get("role")?;
+    let status: String = row.try_get("status")?;
+    Ok(WireMessage {
+        id: uuid_col(row, "id")?,
+        conversation_id: uuid_col(row, "conversation_id")?,
+        seq: row.try_get("seq")?,
+        role: MessageRole::parse(&role).ok_or_else(|| StoreError::Backend(format!("bad role {role}")))?,
+        content: row.try_get("content")?,
+        created_at: from_millis(row.try_get("created_at")?),
+        client_id: row.try_get("client_id")?,
+        in_reply_to: opt_uuid_col(row, "in_reply_to")?,
+        status: MessageStatus::parse(&status).ok_or_else(|| StoreError::Backend(format!("bad status {status}")))?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, user: NewUser) -> StoreResult<User> {
+        let id = Uuid::new_v4();
+        let now = Utc::now();
+        let res = sqlx::query("INSERT INTO users (id, username, password_hash, is_admin, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id.to_string())
+            .bind(&user.username)
+            .bind(&user.password_hash)
+            .bind(user.is_admin as i64)
+            .bind(millis(now))
+            .execute(&self.write)
+            .await;
+        match res {
+            Ok(_) => Ok(User {
+                id,
+                username: user.username,
+                password_hash: user.password_hash,
+                is_admin: user.is_admin,
+                created_at: from_millis(millis(now)),
+            }),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::UsernameTaken),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn set_admin(&self, username: &str, is_admin: bool) -> StoreResult<()> {
+        let res = sqlx::query("UPDATE users SET is_admin = ? WHERE username = ?")
+            .bind(is_admin as i64)
+            .bind(username)
+            .execute(&self.write)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn insert_refresh_token(&self, t: NewRefreshToken) -> StoreResult<()> {
+        sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, created_at, expires_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&t.token_hash)
+            .bind(t.user_id.to_string())
+            .bind(t.family_id.to_string())
+            .bind(millis(Utc::now()))
+            .bind(millis(t.expires_at))
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse> {
+        let mut tx = self.write.begin().await?;
+        let row = sqlx::query("SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(RefreshUse::Invalid) };
+        let family_id = uuid_col(&row, "family_id")?;
+        let used: Option<i64> = row.try_get("used_at")?;
+        let revoked: Option<i64> = row.try_get("revoked_at")?;
+        let expires: i64 = row.try_get("expires_at")?;
+        if used.is_some() {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE family_id = ?")
+                .bind(millis(now))
+                .bind(family_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RefreshUse::Reused);
+        }
+        if revoked.is_some() || expires <= millis(now) {
+            return Ok(RefreshUse::Invalid);
+        }
+        sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
+            .bind(millis(now))
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(RefreshUse::Valid { user_id: uuid_col(&row, "user_id")?, family_id })
+    }
+
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) \
+             WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = ?)",
+        )
+        .bind(millis(now))
+        .bind(token_hash)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot> {
+        let id = Uuid::new_v4();
+        let now = millis(Utc::now());
+        sqlx::query("INSERT INTO bots (id, owner_id, name, description, visibility, engine, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(id.to_string())
+            .bind(bot.owner_id.to_string())
+            .bind(&bot.name)
+            .bind(&bot.description)
+            .bind(bot.visibility.as_str())
+            .bind(bot.engine.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&self.write)
+            .await?;
+        self.bot_in(&self.write, id).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn bot(&self, id: Uuid) -> StoreResult<Option<Bot>> {
+        self.bot_in(&self.read, id).await
+    }
+
+    async fn update_bot(&self, id: Uuid, c: BotChanges) -> StoreResult<Bot> {
+        let res = sqlx::query(
+            "UPDATE bots SET name = COALESCE(?, name), description = COALESCE(?, description), \
+             visibility = COALESCE(?, visibility), engine = COALESCE(?, engine), updated_at = ? WHERE id = ?",
+        )
+        .bind(c.name)
+        .bind(c.description)
+        .bind(c.visibility.map(|v| v.as_str()))
+        .bind(c.engine.map(|e| e.to_string()))
+        .bind(millis(Utc::now()))
+        .bind(id.to_string())
+        .execute(&self.write)
+        .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        self.bot_in(&self.write, id).await?.ok_or(StoreError::NotFound)
+    }
+
+    async fn delete_bot(&self, id: Uuid) -> StoreResult<()> {
+        let res = sqlx::query("DELETE FROM bots WHERE id = ?")
+            .bind(id.to_string())
+            .execute(&self.write)
+            .await?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn bots_for_user(&self, user_id: Uuid) -> StoreResult<Vec<(Bot, BotRole)>> {
+        let sql = format!(
+            "SELECT {BOT_COLS}, m.role AS member_role FROM bots b JOIN users u ON u.id = b.owner_id \
+             LEFT JOIN bot_members m ON m.bot_id = b.id AND m.user_id = ?1 \
+             WHERE b.owner_id = ?1 OR m.user_id IS NOT NULL OR b.visibility = 'public' \
+             ORDER BY b.created_at, b.id"
+        );
+        let rows = sqlx::query(&sql).bind(user_id.to_string()).fetch_all(&self.read).await?;
+        rows.iter()
+            .map(|row| {
+                let bot = bot_from_row(row)?;
+                let member: Option<String> = row.try_get("member_role")?;
+                let role = role_of(&bot, user_id, member.as_deref()).unwrap_or(BotRole::Public);
+                Ok((bot, role))
+            })
+            .collect()
+    }
+
+    async fn bot_role(&self, bot: &Bot, user_id: Uuid) -> StoreResult<Option<BotRole>> {
+        if bot.owner_id == user_id {
+            return Ok(Some(BotRole::Owner));
+        }
+        let member: Option<String> = sqlx::query_scalar("SELECT role FROM bot_members WHERE bot_id = ? AND user_id = ?")
+            .bind(bot.id.to_string())
+            .bind(user_id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(role_of(bot, user_id, member.as_deref()))
+    }
+
+    async fn upsert_member(&self, bot_id: Uuid, user_id: Uuid, role: MemberRole) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO bot_members (bot_id, user_id, role, created_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (bot_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(bot_id.to_string())
+        .bind(user_id.to_string())
+        .bind(BotRole::from(role).as_str())
+        .bind(millis(Utc::now()))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, bot_id: Uuid, user_id: Uuid) -> StoreResult<bool> {
+        let res = sqlx::query("DELETE FROM bot_members WHERE bot_id = ? AND user_id = ?")
+            .bind(bot_id.to_string())
+            .bind(user_id.to_string())
+            .execute(&self.write)
+            .await?;
+        Ok(res.rows_affected() > 0)
+    }
+
+    async fn members(&self, bot_id: Uuid) -> StoreResult<Vec<Member>> {
+        let rows = sqlx::query(
+            "SELECT m.user_id, u.username, m.role FROM bot_members m JOIN users u ON u.id = m.user_id \
+             WHERE m.bot_id = ? ORDER BY u.username",
+        )
+        .bind(bot_id.to_string())
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let role: String = row.try_get("role")?;
+                Ok(Member {
+                    user_id: uuid_col(row, "user_id")?,
+                    username: row.try_get("username")?,
+                    role: if role == "admin" { MemberRole::Admin } else { MemberRole::Chat },
+                })
+            })
+            .collect()
+    }
+
+    async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation> {
+        let existing = sqlx::query("SELECT id, last_seq FROM conversations WHERE user_id = ? AND bot_id = ?")
+            .bind(user_id.to_string())
+            .bind(bot_id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
+        if let Some(row) = existing {
+            return Ok(Conversation { id: uuid_col(&row, "id")?, user_id, bot_id, last_seq: row.try_get("last_seq")? });
+        }
+        sqlx::query("INSERT INTO conversations (id, user_id, bot_id, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (user_id, bot_id) DO NOTHING")
+            .bind(Uuid::new_v4().to_string())
+            .bind(user_id.to_string())
+            .bind(bot_id.to_string())
+            .bind(millis(Utc::now()))
+            .execute(&self.write)
+            .await?;
+        let row = sqlx::query("SELECT id, last_seq FROM conversations WHERE user_id = ? AND bot_id = ?")
+            .bind(user_id.to_string())
+            .bind(bot_id.to_string())
+            .fetch_one(&self.write)
+            .await?;
+        Ok(Conversation { id: uuid_col(&row, "id")?, user_id, bot_id, last_seq: row.try_get("last_seq")? })
+    }
+
+    async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
+        let conv = m.conversation_id.to_string();
+        let mut tx = self.write.begin().await?;
+        if let Some(client_id) = &m.client_id {
+            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
+                .bind(&conv)
+                .bind(client_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
+            }
+        }
+        let seq: i64 = sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
+            .bind(&conv)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let message = WireMessage {
+            id: Uuid::new_v4(),
+            conversation_id: m.conversation_id,
+            seq,
+            role: m.role,
+            content: m.content,
+            created_at: from_millis(millis(Utc::now())),
+            client_id: m.client_id,
+            in_reply_to: m.in_reply_to,
+            status: m.status,
+        };
+        sqlx::query(&format!("INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            .bind(message.id.to_string())
+            .bind(&conv)
+            .bind(seq)
+            .bind(message.role.as_str())
+            .bind(&message.content)
+            .bind(&message.client_id)
+            .bind(message.in_reply_to.map(|u| u.to_string()))
+            .bind(message.status.as_str())
+            .bind(millis(message.created_at))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Appended { message, duplicate: false })
+    }
+
+    async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(conversation_id.to_string())
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn messages_before(&self, conversation_id: Uuid, before_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        ))
+        .bind(conversation_id.to_string())
+        .bind(before_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?;
+        let mut msgs = rows.iter().map(message_from_row).collect::<StoreResult<Vec<_>>>()?;
+        msgs.reverse();
+        Ok(msgs)
+    }
+
+    async fn create_ticket(&self, ticket_hash: &str, user_id: Uuid, bot_id: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write.begin().await?;
+        // Expired tickets are swept as new ones are made, so the table stays small.
+        sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= ?")
+            .bind(millis(Utc::now()))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO ws_tickets (ticket_hash, user_id, bot_id, expires_at) VALUES (?, ?, ?, ?)")
+            .bind(ticket_hash)
+            .bind(user_id.to_string())
+            .bind(bot_id.to_string())
+            .bind(millis(expires_at))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn consume_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>> {
+        let row = sqlx::query("DELETE FROM ws_tickets WHERE ticket_hash = ? RETURNING user_id, bot_id, expires_at")
+            .bind(ticket_hash)
+            .fetch_optional(&self.write)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let expires: i64 = row.try_get("expires_at")?;
+        if expires <= millis(now) {
+            return Ok(None);
+        }
+        Ok(Some((uuid_col(&row, "user_id")?, uuid_col(&row, "bot_id")?)))
+    }
+
+    async fn peek_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>> {
+        let row = sqlx::query("SELECT user_id, bot_id FROM ws_tickets WHERE ticket_hash = ? AND expires_at > ?")
+            .bind(ticket_hash)
+            .bind(millis(now))
+            .fetch_optional(&self.read)
+            .await?;
+        row.map(|row| Ok((uuid_col(&row, "user_id")?, uuid_col(&row, "bot_id")?))).transpose()
+    }
+}
+
+impl SqliteStore {
+    async fn bot_in(&self, pool: &SqlitePool, id: Uuid) -> StoreResult<Option<Bot>> {
+        let row = sqlx::query(&format!("SELECT {BOT_COLS} FROM bots b JOIN users u ON u.id = b.owner_id WHERE b.id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(pool)
+            .await?;
+        row.as_ref().map(bot_from_row).transpose()
+    }
+}
+
+/// The role a user has on a bot, from ownership, membership and visibility.
+fn role_of(bot: &Bot, user_id: Uuid, member_role: Option<&str>) -> Option<BotRole> {
+    if bot.owner_id == user_id {
+        return Some(BotRole::Owner);
+    }
+    match member_role {
+        Some("admin") => Some(BotRole::Admin),
+        Some(_) => Some(BotRole::Chat),
+        None if bot.visibility == Visibility::Public => Some(BotRole::Public),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn conformance_on_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("natter.db")).await.unwrap();
+        super::super::conformance::run_all(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_in_memory() {
+        let store = SqliteStore::memory().await.unwrap();
+        super::super::conformance::run_all(std::sync::Arc::new(store)).await;
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        store
+            .create_user(NewUser { username: "keep".into(), password_hash: "h".into(), is_admin: false })
+            .await
+            .unwrap();
+        drop(store);
+        let again = SqliteStore::open(&path).await.unwrap();
+        assert!(again.user_by_username("keep").await.unwrap().is_some());
+    }
+}

@@ -1,0 +1,107 @@
+//! The registry of live chat connections: who is connected to what, and how many sockets
+//! each user has open. Plain synchronous data behind a mutex that is never held across an
+//! await; nothing else holds connection state.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub user_id: Uuid,
+    pub bot_id: Uuid,
+    pub started: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    conns: HashMap<Uuid, ConnInfo>,
+    per_user: HashMap<Uuid, usize>,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+}
+
+/// Holds a connection's place in the hub; dropping it removes the connection.
+pub struct HubGuard {
+    hub: Arc<Hub>,
+    connection_id: Uuid,
+}
+
+impl Drop for HubGuard {
+    fn drop(&mut self) {
+        let mut inner = self.hub.inner.lock().unwrap();
+        if let Some(info) = inner.conns.remove(&self.connection_id) {
+            if let Some(n) = inner.per_user.get_mut(&info.user_id) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.per_user.remove(&info.user_id);
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Registers a connection unless the user already has `max_per_user` open.
+    pub fn try_register(self: &Arc<Self>, connection_id: Uuid, user_id: Uuid, bot_id: Uuid, max_per_user: usize) -> Option<HubGuard> {
+        let mut inner = self.inner.lock().unwrap();
+        let count = inner.per_user.get(&user_id).copied().unwrap_or(0);
+        if count >= max_per_user {
+            return None;
+        }
+        inner.per_user.insert(user_id, count + 1);
+        inner.conns.insert(connection_id, ConnInfo { user_id, bot_id, started: Instant::now() });
+        Some(HubGuard { hub: self.clone(), connection_id })
+    }
+
+    pub fn user_count(&self, user_id: Uuid) -> usize {
+        self.inner.lock().unwrap().per_user.get(&user_id).copied().unwrap_or(0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Panics if the per-user counts disagree with the connection table.
+    pub fn check_invariants(&self) {
+        let inner = self.inner.lock().unwrap();
+        let mut counted: HashMap<Uuid, usize> = HashMap::new();
+        for info in inner.conns.values() {
+            *counted.entry(info.user_id).or_default() += 1;
+        }
+        assert_eq!(counted, inner.per_user, "per-user counts match the connection table");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_limits_per_user() {
+        let hub = Arc::new(Hub::default());
+        let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let a = hub.try_register(Uuid::new_v4(), u1, bot, 2).unwrap();
+        let b = hub.try_register(Uuid::new_v4(), u1, bot, 2).unwrap();
+        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2).is_none(), "third is over the limit");
+        let c = hub.try_register(Uuid::new_v4(), u2, bot, 2).unwrap();
+        hub.check_invariants();
+        assert_eq!(hub.user_count(u1), 2);
+        drop(a);
+        assert_eq!(hub.user_count(u1), 1);
+        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2).is_some(), "a slot was freed (and freed again on drop)");
+        drop((b, c));
+        hub.check_invariants();
+        assert!(hub.is_empty());
+        assert_eq!(hub.user_count(u1), 0);
+    }
+}

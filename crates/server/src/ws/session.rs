@@ -1,0 +1,500 @@
+//! One chat connection, from accepted upgrade to close.
+//!
+//! Two tasks per socket: this session task reads client frames, bus events and timers and
+//! decides what to send; a writer task drains a bounded queue into the socket. A client that
+//! stops reading fills the queue and is closed with 4409 instead of growing memory.
+//!
+//! Delivery invariant: `delivered` is the highest seq this connection has been sent, and
+//! every seq below it has been sent too, exactly once. Any gap (bus lag, events published
+//! out of order by different writers) is filled from the store, which holds every message
+//! before it is announced.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use natter_proto::api::BotRef;
+use natter_proto::frames::Limits as WireLimits;
+use natter_proto::{ClientFrame, CloseCode, ErrorCode, MessageRole, MessageStatus, ServerFrame, WireMessage};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::{admit, close_reason, Admitted, ConnectRequest, Mode};
+use crate::app::AppState;
+use crate::bus::{ConvEvent, Received, Subscription};
+use crate::store::NewMessage;
+
+/// Messages read from the store per query while catching up.
+const CATCH_UP_PAGE: u32 = 500;
+/// How long a closing socket waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+enum Out {
+    Text(Utf8Bytes),
+    Ping,
+    Close(u16, String),
+}
+
+/// Why the session loop ended.
+#[derive(Debug)]
+enum End {
+    /// The server closes with this code and reason.
+    Close(CloseCode, String),
+    /// The client sent a close frame (with its code, if any).
+    ClientClosed(Option<u16>),
+    /// The socket broke without a close frame.
+    Network(String),
+}
+
+struct Writer {
+    tx: mpsc::Sender<Out>,
+    urgent: Option<oneshot::Sender<(u16, String)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(mut sink: SplitSink<WebSocket, Message>, queue: usize) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Out>(queue);
+        let (urgent_tx, mut urgent_rx) = oneshot::channel::<(u16, String)>();
+        let task = tokio::spawn(async move {
+            loop {
+                let out = tokio::select! {
+                    biased;
+                    urgent = &mut urgent_rx => match urgent {
+                        Ok((code, reason)) => Out::Close(code, reason),
+                        Err(_) => match rx.recv().await { Some(o) => o, None => break },
+                    },
+                    out = rx.recv() => match out { Some(o) => o, None => break },
+                };
+                let (msg, last) = match out {
+                    Out::Text(t) => (Message::Text(t), false),
+                    Out::Ping => (Message::Ping(Default::default()), false),
+                    Out::Close(code, reason) => (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+                };
+                if sink.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Writer { tx, urgent: Some(urgent_tx), task }
+    }
+
+    /// Queues a close after everything already queued; jumps the queue if it is full.
+    async fn close(&mut self, code: u16, reason: String, urgent: bool) {
+        if !urgent {
+            match tokio::time::timeout(Duration::from_secs(1), self.tx.send(Out::Close(code, reason.clone()))).await {
+                Ok(Ok(())) => return,
+                Ok(Err(_)) => return, // writer gone: the socket is already broken
+                Err(_) => {}
+            }
+        }
+        if let Some(u) = self.urgent.take() {
+            let _ = u.send((code, reason));
+        }
+    }
+}
+
+/// Runs one accepted socket to its end.
+pub async fn run(state: AppState, socket: WebSocket, req: ConnectRequest) {
+    let connection_id = Uuid::new_v4();
+    let span = tracing::info_span!("ws", %connection_id, bot_id = %req.bot_id, user_id = tracing::field::Empty);
+    run_inner(state, socket, req, connection_id).instrument(span).await
+}
+
+async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, connection_id: Uuid) {
+    let started = Instant::now();
+    let (sink, mut stream) = socket.split();
+    let mut writer = Writer::spawn(sink, state.config.limits.outbound_queue);
+
+    let admitted = match admit(&state, &req, Mode::Connect).await {
+        Ok(a) => a,
+        Err(refusal) => {
+            if let Some(u) = refusal.user_id {
+                tracing::Span::current().record("user_id", tracing::field::display(u));
+            }
+            tracing::info!(close_code = refusal.code.code(), close_reason = %refusal.reason, remote = ?req.remote, "connection refused");
+            finish(&mut writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
+            return;
+        }
+    };
+    tracing::Span::current().record("user_id", tracing::field::display(admitted.user.id));
+
+    let Some(_slot) = state.hub.try_register(
+        connection_id,
+        admitted.user.id,
+        admitted.bot.id,
+        state.config.limits.max_connections_per_user,
+    ) else {
+        let reason = format!("this user already has {} open connections", state.config.limits.max_connections_per_user);
+        tracing::info!(close_code = 4429, close_reason = %reason, "connection refused");
+        finish(&mut writer, &mut stream, End::Close(CloseCode::TooManyConnections, reason)).await;
+        return;
+    };
+
+    let mut session = match Session::start(&state, admitted, connection_id, &writer).await {
+        Ok(s) => s,
+        Err(end) => {
+            finish(&mut writer, &mut stream, end).await;
+            return;
+        }
+    };
+    tracing::info!(remote = ?req.remote, resume_from = ?session.admitted.after_seq, "connection established");
+    let end = session.run(&mut stream).await;
+    let (msgs_in, msgs_out) = (session.msgs_in, session.msgs_out);
+    drop(session);
+    let (code, reason, closed_by) = match &end {
+        End::Close(c, r) => (Some(c.code()), r.clone(), "server"),
+        End::ClientClosed(c) => (*c, String::new(), "client"),
+        End::Network(e) => (None, e.clone(), "network"),
+    };
+    finish(&mut writer, &mut stream, end).await;
+    tracing::info!(
+        duration_ms = started.elapsed().as_millis() as u64,
+        close_code = ?code,
+        close_reason = %reason,
+        closed_by,
+        msgs_in,
+        msgs_out,
+        "connection closed"
+    );
+}
+
+/// Sends the close (if the server is the one closing), waits briefly for the client's
+/// answer so the close frame is not lost to a TCP reset, and stops the writer.
+async fn finish(writer: &mut Writer, stream: &mut SplitStream<WebSocket>, end: End) {
+    if let End::Close(code, reason) = &end {
+        let urgent = *code == CloseCode::SlowConsumer;
+        writer.close(code.code(), close_reason(reason), urgent).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    if tokio::time::timeout(CLOSE_WAIT, &mut writer.task).await.is_err() {
+        writer.task.abort();
+    }
+}
+
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: Instant::now() }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+struct Session<'w> {
+    state: AppState,
+    admitted: Admitted,
+    out: &'w mpsc::Sender<Out>,
+    sub: Subscription,
+    /// Highest seq sent; every seq below it has been sent too.
+    delivered: i64,
+    bucket: TokenBucket,
+    msgs_in: u64,
+    msgs_out: u64,
+}
+
+impl<'w> Session<'w> {
+    async fn start(state: &AppState, admitted: Admitted, connection_id: Uuid, writer: &'w Writer) -> Result<Session<'w>, End> {
+        let conv_id = admitted.conversation.id;
+        // Subscribe before reading last_seq: whatever is committed after this is on the bus.
+        let sub = state.bus.subscribe(conv_id).await.map_err(|e| {
+            tracing::warn!(error = %e, "bus unavailable");
+            End::Close(CloseCode::TryAgainLater, "message bus unavailable; retry_after_ms=5000".into())
+        })?;
+        let last_seq = state
+            .store
+            .conversation(admitted.user.id, admitted.bot.id)
+            .await
+            .map_err(|e| internal_end("reading the conversation", e))?
+            .last_seq;
+        let limits = &state.config.limits;
+        let mut session = Session {
+            state: state.clone(),
+            delivered: admitted.after_seq.unwrap_or(last_seq),
+            out: &writer.tx,
+            sub,
+            bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+            msgs_in: 0,
+            msgs_out: 0,
+            admitted,
+        };
+        session.send(&ServerFrame::ConnectionEstablished {
+            connection_id,
+            protocol_version: natter_proto::PROTOCOL_VERSION,
+            user: session.admitted.user.clone(),
+            bot: BotRef { id: session.admitted.bot.id, name: session.admitted.bot.name.clone() },
+            conversation_id: conv_id,
+            last_seq,
+            heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+            server_time: chrono::Utc::now(),
+            limits: WireLimits {
+                max_frame_bytes: limits.max_frame_bytes,
+                max_content_chars: limits.max_content_chars,
+                max_connections_per_user: limits.max_connections_per_user,
+                messages_per_second: limits.messages_per_second,
+                message_burst: limits.message_burst,
+            },
+        })?;
+        if session.admitted.after_seq.is_some() {
+            session.fill_to(i64::MAX).await?;
+        }
+        Ok(session)
+    }
+
+    async fn run(&mut self, stream: &mut SplitStream<WebSocket>) -> End {
+        let heartbeat = self.state.config.heartbeat_interval;
+        let shutdown = self.state.shutdown.clone();
+        let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle = tokio::time::sleep(heartbeat * 2);
+        tokio::pin!(idle);
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
+                frame = stream.next() => {
+                    idle.as_mut().reset(Instant::now() + heartbeat * 2);
+                    self.on_frame(frame).await
+                }
+                event = self.sub.recv() => self.on_event(event).await,
+                _ = ping.tick() => self.push(Out::Ping),
+                _ = &mut idle => Err(End::Close(
+                    CloseCode::HeartbeatTimeout,
+                    format!("no traffic from the client for {} ms", (heartbeat * 2).as_millis()),
+                )),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    fn push(&mut self, out: Out) -> Result<(), End> {
+        match self.out.try_send(out) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(End::Close(
+                CloseCode::SlowConsumer,
+                "outbound queue full: the client is not reading; reconnect with after_seq".into(),
+            )),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Network("socket write failed".into())),
+        }
+    }
+
+    fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        self.msgs_out += 1;
+        self.push(Out::Text(frame.to_json().into()))
+    }
+
+    /// Sends every stored message with `delivered < seq <= upto`.
+    async fn fill_to(&mut self, upto: i64) -> Result<(), End> {
+        let conv = self.admitted.conversation.id;
+        while self.delivered < upto {
+            let page = self
+                .state
+                .store
+                .messages_after(conv, self.delivered, CATCH_UP_PAGE)
+                .await
+                .map_err(|e| internal_end("catching up from the store", e))?;
+            let full = page.len() == CATCH_UP_PAGE as usize;
+            for m in page.into_iter().take_while(|m| m.seq <= upto) {
+                self.delivered = m.seq;
+                self.send(&ServerFrame::Message { message: m })?;
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, m: &WireMessage) -> Result<(), End> {
+        if m.seq <= self.delivered {
+            return Ok(());
+        }
+        self.fill_to(m.seq - 1).await?;
+        self.delivered = m.seq;
+        self.send(&ServerFrame::Message { message: m.clone() })
+    }
+
+    async fn on_event(&mut self, event: Received) -> Result<(), End> {
+        match event {
+            Received::Event(e) => match &*e {
+                ConvEvent::Message(m) => self.deliver(m).await,
+                ConvEvent::Delta { message_id, in_reply_to, delta } => self.send(&ServerFrame::MessageDelta {
+                    message_id: *message_id,
+                    in_reply_to: *in_reply_to,
+                    delta: delta.clone(),
+                }),
+                ConvEvent::BotError { code, message, in_reply_to } => self.send(&ServerFrame::Error {
+                    code: *code,
+                    message: message.clone(),
+                    client_id: None,
+                    in_reply_to: Some(*in_reply_to),
+                    retry_after_ms: None,
+                }),
+            },
+            Received::Lagged(n) => {
+                tracing::debug!(missed = n, "bus lagged; catching up from the store");
+                self.fill_to(i64::MAX).await
+            }
+            Received::Closed => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<(), End> {
+        let msg = match frame {
+            None => return Err(End::Network("connection dropped without a close frame".into())),
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("Message too long") || text.contains("Space limit exceeded") || text.contains("too long") {
+                    return Err(End::Close(
+                        CloseCode::FrameTooLarge,
+                        format!("frame larger than {} bytes", self.state.config.limits.max_frame_bytes),
+                    ));
+                }
+                return Err(End::Network(format!("read error: {text}")));
+            }
+            Some(Ok(m)) => m,
+        };
+        self.msgs_in += 1;
+        match msg {
+            Message::Text(t) => match ClientFrame::parse(t.as_str()) {
+                Ok(frame) => self.on_client_frame(frame).await,
+                Err(e) => self.send(&ServerFrame::error(e.code, e.message)),
+            },
+            Message::Binary(_) => self.send(&ServerFrame::error(
+                ErrorCode::BinaryNotSupported,
+                "binary frames are not part of the protocol; send JSON text frames",
+            )),
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            Message::Close(c) => Err(End::ClientClosed(c.map(|c| c.code))),
+        }
+    }
+
+    async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
+        match frame {
+            ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }),
+            ClientFrame::Cancel { message_id } => self.send(&ServerFrame::Error {
+                code: ErrorCode::UnknownMessage,
+                message: format!("no reply in progress has message_id {message_id}"),
+                client_id: None,
+                in_reply_to: None,
+                retry_after_ms: None,
+            }),
+            ClientFrame::Message { client_id, content } => self.on_message(client_id, content).await,
+        }
+    }
+
+    fn reject(&mut self, code: ErrorCode, message: String, client_id: &str, retry_after_ms: Option<u64>) -> Result<(), End> {
+        self.send(&ServerFrame::Error { code, message, client_id: Some(client_id.to_owned()), in_reply_to: None, retry_after_ms })
+    }
+
+    async fn on_message(&mut self, client_id: String, content: String) -> Result<(), End> {
+        let limits = &self.state.config.limits;
+        let id_len = client_id.chars().count();
+        if !(1..=64).contains(&id_len) {
+            return self.reject(ErrorCode::InvalidClientId, format!("client_id must be 1 to 64 characters, got {id_len}"), &client_id, None);
+        }
+        if content.trim().is_empty() {
+            return self.reject(ErrorCode::EmptyContent, "content is empty".into(), &client_id, None);
+        }
+        let chars = content.chars().count();
+        if chars > limits.max_content_chars {
+            let max = limits.max_content_chars;
+            return self.reject(ErrorCode::ContentTooLong, format!("content is {chars} characters; the limit is {max}"), &client_id, None);
+        }
+        if let Err(wait) = self.bucket.take() {
+            let ms = wait.as_millis() as u64 + 1;
+            return self.reject(
+                ErrorCode::RateLimited,
+                format!("too many messages; wait {ms} ms before sending again"),
+                &client_id,
+                Some(ms),
+            );
+        }
+        let conv = self.admitted.conversation.id;
+        let appended = self
+            .state
+            .store
+            .append_message(NewMessage {
+                conversation_id: conv,
+                role: MessageRole::User,
+                content,
+                client_id: Some(client_id.clone()),
+                in_reply_to: None,
+                status: MessageStatus::Complete,
+            })
+            .await
+            .map_err(|e| internal_end("storing a message", e))?;
+        let seq = appended.message.seq;
+        if seq > self.delivered {
+            self.fill_to(seq - 1).await?;
+            self.delivered = seq;
+        }
+        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate })?;
+        if !appended.duplicate {
+            let message = appended.message;
+            if let Err(e) = self.state.bus.publish(conv, ConvEvent::Message(message.clone())).await {
+                tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
+            }
+            self.state.replier.spawn_reply(&self.admitted.engine, self.admitted.bot.id, message);
+        }
+        Ok(())
+    }
+}
+
+fn internal_end(what: &str, e: impl std::fmt::Display) -> End {
+    let error_id = Uuid::new_v4();
+    tracing::error!(%error_id, error = %e, "{what} failed");
+    End::Close(CloseCode::InternalError, format!("internal error (error id {error_id})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_burst_then_rate() {
+        let mut b = TokenBucket::new(5, 3);
+        for _ in 0..3 {
+            assert!(b.take().is_ok());
+        }
+        let wait = b.take().unwrap_err();
+        assert!(wait <= Duration::from_millis(200) && wait > Duration::from_millis(150), "{wait:?}");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(b.take().is_ok());
+        assert!(b.take().is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            assert!(b.take().is_ok(), "refills up to the burst, no more");
+        }
+        assert!(b.take().is_err());
+    }
+}
