@@ -32,6 +32,7 @@ pub enum BusError {
 
 /// A live subscription to one conversation's events.
 pub struct Subscription {
+    // Field order matters: `rx` must drop before `_guard` (see `TopicGuard::drop`).
     rx: broadcast::Receiver<Arc<ConvEvent>>,
     _guard: Option<Box<dyn Send + Sync>>,
 }
@@ -98,8 +99,9 @@ struct TopicGuard {
 impl Drop for TopicGuard {
     fn drop(&mut self) {
         let mut topics = self.inner.topics.lock().unwrap();
-        // The receiver of the subscription being dropped is still counted here.
-        if topics.get(&self.conversation_id).is_some_and(|tx| tx.receiver_count() <= 1) {
+        // `Subscription` drops its receiver before its guard (field order), so the last
+        // subscriber leaving leaves zero receivers.
+        if topics.get(&self.conversation_id).is_some_and(|tx| tx.receiver_count() == 0) {
             topics.remove(&self.conversation_id);
         }
     }

@@ -1,0 +1,5 @@
+//! Integration tests: the real server on port 0 with a temporary data dir, driven over HTTP
+//! and real WebSocket connections.
+
+mod helpers;
+mod gateway;
