@@ -300,3 +300,100 @@ mod tests {
         assert_eq!(back, f);
     }
 }
+
+/// One example of every frame, client and server, as JSON. `docs/protocol-examples.json` is
+/// this list; a test keeps the file in step, and the TypeScript client's tests decode it.
+pub fn examples() -> serde_json::Value {
+    use chrono::TimeZone;
+    let t = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+    let conv = Uuid::from_u128(0x0c0c);
+    let user_msg = WireMessage {
+        id: Uuid::from_u128(0x1111),
+        conversation_id: conv,
+        seq: 7,
+        role: MessageRole::User,
+        content: "hello".into(),
+        created_at: t,
+        client_id: Some("c-42".into()),
+        in_reply_to: None,
+        status: MessageStatus::Complete,
+    };
+    let bot_msg = WireMessage {
+        id: Uuid::from_u128(0x2222),
+        seq: 8,
+        role: MessageRole::Bot,
+        client_id: None,
+        in_reply_to: Some(user_msg.id),
+        ..user_msg.clone()
+    };
+    let client = [
+        ClientFrame::Message { client_id: "c-42".into(), content: "hello".into() },
+        ClientFrame::Ping { id: serde_json::json!(1) },
+        ClientFrame::Cancel { message_id: bot_msg.id },
+    ];
+    let server = [
+        ServerFrame::ConnectionEstablished {
+            connection_id: Uuid::from_u128(0xc0),
+            protocol_version: crate::PROTOCOL_VERSION,
+            user: UserRef { id: Uuid::from_u128(0xa), username: "alice".into() },
+            bot: BotRef { id: Uuid::from_u128(0xb), name: "Echo".into() },
+            conversation_id: conv,
+            last_seq: 6,
+            heartbeat_interval_ms: 25_000,
+            server_time: t,
+            limits: Limits {
+                max_frame_bytes: 65_536,
+                max_content_chars: 16_384,
+                max_connections_per_user: 20,
+                messages_per_second: 5,
+                message_burst: 20,
+            },
+        },
+        ServerFrame::Ack { client_id: "c-42".into(), message: user_msg.clone(), duplicate: false },
+        ServerFrame::MessageDelta { message_id: bot_msg.id, in_reply_to: user_msg.id, delta: "hel".into() },
+        ServerFrame::Message { message: bot_msg },
+        ServerFrame::Pong { id: serde_json::json!(1), server_time: t },
+        ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "too many messages; wait 180 ms before sending again".into(),
+            client_id: Some("c-43".into()),
+            in_reply_to: None,
+            retry_after_ms: Some(180),
+        },
+    ];
+    serde_json::json!({
+        "protocol_version": crate::PROTOCOL_VERSION,
+        "client": client.iter().map(|f| serde_json::to_value(f).unwrap()).collect::<Vec<_>>(),
+        "server": server.iter().map(|f| serde_json::to_value(f).unwrap()).collect::<Vec<_>>(),
+        "codes": serde_json::to_value(crate::codes::CodeRegistry::build()).unwrap(),
+    })
+}
+
+#[cfg(test)]
+mod examples_file {
+    /// `docs/protocol-examples.json` must equal [`super::examples`]. Run with
+    /// `NATTER_BLESS=1` to rewrite it after a protocol change.
+    #[test]
+    fn examples_file_is_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/protocol-examples.json");
+        let want = serde_json::to_string_pretty(&super::examples()).unwrap() + "\n";
+        if std::env::var_os("NATTER_BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(have == want, "docs/protocol-examples.json is stale: run NATTER_BLESS=1 cargo test -p natter-proto");
+    }
+
+    #[test]
+    fn every_example_round_trips() {
+        let ex = super::examples();
+        for f in ex["client"].as_array().unwrap() {
+            let parsed = super::ClientFrame::parse(&f.to_string()).unwrap();
+            assert_eq!(serde_json::to_value(parsed).unwrap(), *f);
+        }
+        for f in ex["server"].as_array().unwrap() {
+            let parsed: super::ServerFrame = serde_json::from_value(f.clone()).unwrap();
+            assert_eq!(serde_json::to_value(parsed).unwrap(), *f);
+        }
+    }
+}
