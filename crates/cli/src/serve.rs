@@ -87,6 +87,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_MAX_CONNECTIONS_PER_USER", value_name = "N")]
     pub max_connections_per_user: Option<usize>,
 
+    /// Open sockets on this server; more close with 1013 and a retry hint [default: 100000]
+    #[arg(long, env = "NATTER_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// Messages per second per connection [default: 5]
     #[arg(long, env = "NATTER_MESSAGES_PER_SECOND", value_name = "N")]
     pub messages_per_second: Option<u32>,
@@ -114,7 +118,7 @@ impl ServeArgs {
     fn merge(mut self, file: ServeArgs) -> ServeArgs {
         macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
         fill!(bind, data_dir, database_url, heartbeat_interval_ms, log_format, registration, access_token_ttl_secs,
-              refresh_token_ttl_secs, max_frame_bytes, max_content_chars, max_connections_per_user,
+              refresh_token_ttl_secs, max_frame_bytes, max_content_chars, max_connections_per_user, max_connections,
               messages_per_second, message_burst, outbound_queue, web_dir);
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -178,6 +182,10 @@ impl ServeArgs {
         if let Some(v) = args.max_connections_per_user {
             positive("max-connections-per-user", v as u128)?;
             l.max_connections_per_user = v;
+        }
+        if let Some(v) = args.max_connections {
+            positive("max-connections", v as u128)?;
+            l.max_connections = v;
         }
         if let Some(v) = args.messages_per_second {
             positive("messages-per-second", v as u128)?;

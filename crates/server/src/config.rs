@@ -30,6 +30,8 @@ pub struct Limits {
     pub max_content_chars: usize,
     /// Open sockets per user; the next one closes with 4429.
     pub max_connections_per_user: usize,
+    /// Open sockets on this server; the next one closes with 1013 and a retry hint.
+    pub max_connections: usize,
     /// Token bucket per connection for `message` frames.
     pub messages_per_second: u32,
     pub message_burst: u32,
@@ -44,6 +46,7 @@ impl Default for Limits {
             max_frame_bytes: 64 * 1024,
             max_content_chars: 16 * 1024,
             max_connections_per_user: 20,
+            max_connections: 100_000,
             messages_per_second: 5,
             message_burst: 20,
             outbound_queue: 256,

@@ -26,6 +26,13 @@ pub struct Hub {
     inner: Mutex<Inner>,
 }
 
+/// Which limit a registration hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    User,
+    Server,
+}
+
 /// Holds a connection's place in the hub; dropping it removes the connection.
 pub struct HubGuard {
     hub: Arc<Hub>,
@@ -47,16 +54,27 @@ impl Drop for HubGuard {
 }
 
 impl Hub {
-    /// Registers a connection unless the user already has `max_per_user` open.
-    pub fn try_register(self: &Arc<Self>, connection_id: Uuid, user_id: Uuid, bot_id: Uuid, max_per_user: usize) -> Option<HubGuard> {
+    /// Registers a connection unless the user already has `max_per_user` open or the
+    /// server has `max_total`.
+    pub fn try_register(
+        self: &Arc<Self>,
+        connection_id: Uuid,
+        user_id: Uuid,
+        bot_id: Uuid,
+        max_per_user: usize,
+        max_total: usize,
+    ) -> Result<HubGuard, Full> {
         let mut inner = self.inner.lock().unwrap();
+        if inner.conns.len() >= max_total {
+            return Err(Full::Server);
+        }
         let count = inner.per_user.get(&user_id).copied().unwrap_or(0);
         if count >= max_per_user {
-            return None;
+            return Err(Full::User);
         }
         inner.per_user.insert(user_id, count + 1);
         inner.conns.insert(connection_id, ConnInfo { user_id, bot_id, started: Instant::now() });
-        Some(HubGuard { hub: self.clone(), connection_id })
+        Ok(HubGuard { hub: self.clone(), connection_id })
     }
 
     pub fn user_count(&self, user_id: Uuid) -> usize {
@@ -90,15 +108,16 @@ mod tests {
     fn counts_and_limits_per_user() {
         let hub = Arc::new(Hub::default());
         let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let a = hub.try_register(Uuid::new_v4(), u1, bot, 2).unwrap();
-        let b = hub.try_register(Uuid::new_v4(), u1, bot, 2).unwrap();
-        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2).is_none(), "third is over the limit");
-        let c = hub.try_register(Uuid::new_v4(), u2, bot, 2).unwrap();
+        let a = hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).unwrap();
+        let b = hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).unwrap();
+        assert_eq!(hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).err(), Some(Full::User), "third is over the limit");
+        let c = hub.try_register(Uuid::new_v4(), u2, bot, 2, 3).unwrap();
+        assert_eq!(hub.try_register(Uuid::new_v4(), Uuid::new_v4(), bot, 2, 3).err(), Some(Full::Server));
         hub.check_invariants();
         assert_eq!(hub.user_count(u1), 2);
         drop(a);
         assert_eq!(hub.user_count(u1), 1);
-        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2).is_some(), "a slot was freed (and freed again on drop)");
+        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).is_ok(), "a slot was freed (and freed again on drop)");
         drop((b, c));
         hub.check_invariants();
         assert!(hub.is_empty());

@@ -29,6 +29,9 @@ use crate::store::{Bot, Conversation};
 pub mod hub;
 mod session;
 
+/// The retry hint sent with 1013 when the server is full.
+pub const OVERLOAD_RETRY_MS: u64 = 5_000;
+
 /// How long a ticket from `POST /api/ws/ticket` stays valid.
 pub const TICKET_TTL_SECS: u64 = 30;
 
@@ -168,6 +171,9 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
                 format!("after_seq {after} is beyond the conversation's last seq {}", conversation.last_seq),
             ));
         }
+    }
+    if state.hub.len() >= state.config.limits.max_connections {
+        return Err(with_user(CloseCode::TryAgainLater, format!("server is at its connection limit; retry_after_ms={OVERLOAD_RETRY_MS}")));
     }
     let max = state.config.limits.max_connections_per_user;
     if state.hub.user_count(user.id) >= max {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::hub::Full;
 use super::{admit, close_reason, Admitted, ConnectRequest, Mode};
 use crate::app::AppState;
 use crate::bus::{ConvEvent, Received, Subscription};
@@ -31,6 +32,10 @@ use crate::store::NewMessage;
 const CATCH_UP_PAGE: u32 = 500;
 /// How long a closing socket waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a full outbound queue may stay full before the client counts as a slow consumer.
+const SLOW_CONSUMER_WAIT: Duration = Duration::from_secs(5);
+/// How long a closing socket waits for its close frame to be written.
+const CLOSE_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 enum Out {
     Text(Utf8Bytes),
@@ -107,7 +112,7 @@ pub async fn run(state: AppState, socket: WebSocket, req: ConnectRequest) {
 async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, connection_id: Uuid) {
     let started = Instant::now();
     let (sink, mut stream) = socket.split();
-    let mut writer = Writer::spawn(sink, state.config.limits.outbound_queue);
+    let writer = Writer::spawn(sink, state.config.limits.outbound_queue);
 
     let admitted = match admit(&state, &req, Mode::Connect).await {
         Ok(a) => a,
@@ -116,28 +121,42 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
                 tracing::Span::current().record("user_id", tracing::field::display(u));
             }
             tracing::info!(close_code = refusal.code.code(), close_reason = %refusal.reason, remote = ?req.remote, "connection refused");
-            finish(&mut writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
+            finish(writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
             return;
         }
     };
     tracing::Span::current().record("user_id", tracing::field::display(admitted.user.id));
 
-    let Some(_slot) = state.hub.try_register(
+    let limits = &state.config.limits;
+    let slot = match state.hub.try_register(
         connection_id,
         admitted.user.id,
         admitted.bot.id,
-        state.config.limits.max_connections_per_user,
-    ) else {
-        let reason = format!("this user already has {} open connections", state.config.limits.max_connections_per_user);
-        tracing::info!(close_code = 4429, close_reason = %reason, "connection refused");
-        finish(&mut writer, &mut stream, End::Close(CloseCode::TooManyConnections, reason)).await;
-        return;
+        limits.max_connections_per_user,
+        limits.max_connections,
+    ) {
+        Ok(slot) => slot,
+        Err(full) => {
+            let (code, reason) = match full {
+                Full::User => (
+                    CloseCode::TooManyConnections,
+                    format!("this user already has {} open connections", limits.max_connections_per_user),
+                ),
+                Full::Server => (
+                    CloseCode::TryAgainLater,
+                    format!("server is at its connection limit; retry_after_ms={}", super::OVERLOAD_RETRY_MS),
+                ),
+            };
+            tracing::info!(close_code = code.code(), close_reason = %reason, "connection refused");
+            finish(writer, &mut stream, End::Close(code, reason)).await;
+            return;
+        }
     };
 
     let mut session = match Session::start(&state, admitted, connection_id, &writer).await {
         Ok(s) => s,
         Err(end) => {
-            finish(&mut writer, &mut stream, end).await;
+            finish(writer, &mut stream, end).await;
             return;
         }
     };
@@ -145,12 +164,14 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
     let end = session.run(&mut stream).await;
     let (msgs_in, msgs_out) = (session.msgs_in, session.msgs_out);
     drop(session);
+    // The connection is over for the hub now, even while its close frame is on its way.
+    drop(slot);
     let (code, reason, closed_by) = match &end {
         End::Close(c, r) => (Some(c.code()), r.clone(), "server"),
         End::ClientClosed(c) => (*c, String::new(), "client"),
         End::Network(e) => (None, e.clone(), "network"),
     };
-    finish(&mut writer, &mut stream, end).await;
+    finish(writer, &mut stream, end).await;
     tracing::info!(
         duration_ms = started.elapsed().as_millis() as u64,
         close_code = ?code,
@@ -162,23 +183,35 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
     );
 }
 
-/// Sends the close (if the server is the one closing), waits briefly for the client's
-/// answer so the close frame is not lost to a TCP reset, and stops the writer.
-async fn finish(writer: &mut Writer, stream: &mut SplitStream<WebSocket>, end: End) {
-    if let End::Close(code, reason) = &end {
-        let urgent = *code == CloseCode::SlowConsumer;
-        writer.close(code.code(), close_reason(reason), urgent).await;
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            while let Some(Ok(msg)) = stream.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
-                }
+/// Sends the close (if the server is the one closing) and waits for it to be written — a
+/// slow client first has to read what is already buffered — then waits briefly for the
+/// client's answer, so the close frame is not lost to a TCP reset.
+async fn finish(mut writer: Writer, stream: &mut SplitStream<WebSocket>, end: End) {
+    match &end {
+        End::Close(code, reason) => {
+            let urgent = *code == CloseCode::SlowConsumer;
+            writer.close(code.code(), close_reason(reason), urgent).await;
+            if tokio::time::timeout(CLOSE_WRITE_WAIT, &mut writer.task).await.is_err() {
+                tracing::debug!("close frame not written in time; dropping the socket");
+                writer.task.abort();
+                return;
             }
-        })
-        .await;
-    }
-    if tokio::time::timeout(CLOSE_WAIT, &mut writer.task).await.is_err() {
-        writer.task.abort();
+            let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if matches!(msg, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        End::ClientClosed(_) => {
+            // Reading on lets the WebSocket layer send its reply to the client's close.
+            let _ = tokio::time::timeout(CLOSE_WAIT, stream.next()).await;
+            drop(writer.tx);
+            let _ = tokio::time::timeout(CLOSE_WAIT, &mut writer.task).await;
+        }
+        End::Network(_) => writer.task.abort(),
     }
 }
 
@@ -261,7 +294,8 @@ impl<'w> Session<'w> {
                 messages_per_second: limits.messages_per_second,
                 message_burst: limits.message_burst,
             },
-        })?;
+        })
+        .await?;
         if session.admitted.after_seq.is_some() {
             session.fill_to(i64::MAX).await?;
         }
@@ -284,7 +318,7 @@ impl<'w> Session<'w> {
                     self.on_frame(frame).await
                 }
                 event = self.sub.recv() => self.on_event(event).await,
-                _ = ping.tick() => self.push(Out::Ping),
+                _ = ping.tick() => self.push(Out::Ping).await,
                 _ = &mut idle => Err(End::Close(
                     CloseCode::HeartbeatTimeout,
                     format!("no traffic from the client for {} ms", (heartbeat * 2).as_millis()),
@@ -296,20 +330,27 @@ impl<'w> Session<'w> {
         }
     }
 
-    fn push(&mut self, out: Out) -> Result<(), End> {
-        match self.out.try_send(out) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(End::Close(
+    /// Queues a frame for the writer. A full queue gets [`SLOW_CONSUMER_WAIT`] to make room
+    /// (a burst or a replay is fine); a client that reads nothing in that time is closed 4409.
+    async fn push(&mut self, out: Out) -> Result<(), End> {
+        let out = match self.out.try_send(out) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Network("socket write failed".into())),
+            Err(mpsc::error::TrySendError::Full(out)) => out,
+        };
+        match tokio::time::timeout(SLOW_CONSUMER_WAIT, self.out.send(out)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Network("socket write failed".into())),
+            Err(_) => Err(End::Close(
                 CloseCode::SlowConsumer,
                 "outbound queue full: the client is not reading; reconnect with after_seq".into(),
             )),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(End::Network("socket write failed".into())),
         }
     }
 
-    fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
         self.msgs_out += 1;
-        self.push(Out::Text(frame.to_json().into()))
+        self.push(Out::Text(frame.to_json().into())).await
     }
 
     /// Sends every stored message with `delivered < seq <= upto`.
@@ -325,7 +366,7 @@ impl<'w> Session<'w> {
             let full = page.len() == CATCH_UP_PAGE as usize;
             for m in page.into_iter().take_while(|m| m.seq <= upto) {
                 self.delivered = m.seq;
-                self.send(&ServerFrame::Message { message: m })?;
+                self.send(&ServerFrame::Message { message: m }).await?;
             }
             if !full {
                 break;
@@ -340,7 +381,7 @@ impl<'w> Session<'w> {
         }
         self.fill_to(m.seq - 1).await?;
         self.delivered = m.seq;
-        self.send(&ServerFrame::Message { message: m.clone() })
+        self.send(&ServerFrame::Message { message: m.clone() }).await
     }
 
     async fn on_event(&mut self, event: Received) -> Result<(), End> {
@@ -351,14 +392,16 @@ impl<'w> Session<'w> {
                     message_id: *message_id,
                     in_reply_to: *in_reply_to,
                     delta: delta.clone(),
-                }),
+                })
+                .await,
                 ConvEvent::BotError { code, message, in_reply_to } => self.send(&ServerFrame::Error {
                     code: *code,
                     message: message.clone(),
                     client_id: None,
                     in_reply_to: Some(*in_reply_to),
                     retry_after_ms: None,
-                }),
+                })
+                .await,
             },
             Received::Lagged(n) => {
                 tracing::debug!(missed = n, "bus lagged; catching up from the store");
@@ -387,12 +430,13 @@ impl<'w> Session<'w> {
         match msg {
             Message::Text(t) => match ClientFrame::parse(t.as_str()) {
                 Ok(frame) => self.on_client_frame(frame).await,
-                Err(e) => self.send(&ServerFrame::error(e.code, e.message)),
+                Err(e) => self.send(&ServerFrame::error(e.code, e.message)).await,
             },
             Message::Binary(_) => self.send(&ServerFrame::error(
                 ErrorCode::BinaryNotSupported,
                 "binary frames are not part of the protocol; send JSON text frames",
-            )),
+            ))
+            .await,
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Close(c) => Err(End::ClientClosed(c.map(|c| c.code))),
         }
@@ -400,35 +444,37 @@ impl<'w> Session<'w> {
 
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
         match frame {
-            ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }),
+            ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
             ClientFrame::Cancel { message_id } => self.send(&ServerFrame::Error {
                 code: ErrorCode::UnknownMessage,
                 message: format!("no reply in progress has message_id {message_id}"),
                 client_id: None,
                 in_reply_to: None,
                 retry_after_ms: None,
-            }),
+            })
+            .await,
             ClientFrame::Message { client_id, content } => self.on_message(client_id, content).await,
         }
     }
 
-    fn reject(&mut self, code: ErrorCode, message: String, client_id: &str, retry_after_ms: Option<u64>) -> Result<(), End> {
+    async fn reject(&mut self, code: ErrorCode, message: String, client_id: &str, retry_after_ms: Option<u64>) -> Result<(), End> {
         self.send(&ServerFrame::Error { code, message, client_id: Some(client_id.to_owned()), in_reply_to: None, retry_after_ms })
+            .await
     }
 
     async fn on_message(&mut self, client_id: String, content: String) -> Result<(), End> {
         let limits = &self.state.config.limits;
         let id_len = client_id.chars().count();
         if !(1..=64).contains(&id_len) {
-            return self.reject(ErrorCode::InvalidClientId, format!("client_id must be 1 to 64 characters, got {id_len}"), &client_id, None);
+            return self.reject(ErrorCode::InvalidClientId, format!("client_id must be 1 to 64 characters, got {id_len}"), &client_id, None).await;
         }
         if content.trim().is_empty() {
-            return self.reject(ErrorCode::EmptyContent, "content is empty".into(), &client_id, None);
+            return self.reject(ErrorCode::EmptyContent, "content is empty".into(), &client_id, None).await;
         }
         let chars = content.chars().count();
         if chars > limits.max_content_chars {
             let max = limits.max_content_chars;
-            return self.reject(ErrorCode::ContentTooLong, format!("content is {chars} characters; the limit is {max}"), &client_id, None);
+            return self.reject(ErrorCode::ContentTooLong, format!("content is {chars} characters; the limit is {max}"), &client_id, None).await;
         }
         if let Err(wait) = self.bucket.take() {
             let ms = wait.as_millis() as u64 + 1;
@@ -437,7 +483,8 @@ impl<'w> Session<'w> {
                 format!("too many messages; wait {ms} ms before sending again"),
                 &client_id,
                 Some(ms),
-            );
+            )
+            .await;
         }
         let conv = self.admitted.conversation.id;
         let appended = self
@@ -458,7 +505,7 @@ impl<'w> Session<'w> {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
         }
-        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate })?;
+        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate }).await?;
         if !appended.duplicate {
             let message = appended.message;
             if let Err(e) = self.state.bus.publish(conv, ConvEvent::Message(message.clone())).await {

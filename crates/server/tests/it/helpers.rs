@@ -270,3 +270,34 @@ pub fn seq_of(f: &ServerFrame) -> Option<i64> {
         _ => None,
     }
 }
+
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every log line of this test process (nextest runs one test per process).
+pub fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_env_filter("debug,sqlx=warn,hyper=warn,tungstenite=warn,tokio_tungstenite=warn")
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .init();
+    });
+}
+
+/// Everything logged so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
