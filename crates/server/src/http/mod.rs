@@ -2,7 +2,7 @@
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use natter_proto::api::{Health, Ready};
 use natter_proto::ErrorCode;
@@ -43,7 +43,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
-    let mut app = Router::new().nest("/api", api).with_state(state.clone());
+    // `nest` leaves `/api/` itself to the outer fallback (the web app); it is an API path.
+    let mut app = Router::new().nest("/api", api).route("/api/", any(api_not_found)).with_state(state.clone());
     if !state.config.allowed_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
             .config

@@ -17,6 +17,15 @@ pub async fn run_all(store: Arc<dyn Store>) {
     messages(&*store).await;
     concurrent_appends_are_gap_free(store.clone()).await;
     tickets(&*store).await;
+    closed(&*store).await;
+}
+
+/// Last: a closed store refuses everything, and says so through `ping`.
+async fn closed(store: &dyn Store) {
+    store.ping().await.unwrap();
+    store.close().await;
+    assert!(matches!(store.ping().await, Err(StoreError::Backend(_))));
+    assert!(matches!(store.user_by_username("alice").await, Err(StoreError::Backend(_))));
 }
 
 async fn user(store: &dyn Store, name: &str) -> User {

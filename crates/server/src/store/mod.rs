@@ -145,6 +145,9 @@ pub enum RefreshUse {
 pub trait Store: Send + Sync + 'static {
     /// Cheap round trip, for `/api/ready`.
     async fn ping(&self) -> StoreResult<()>;
+    /// Closes the store: waits for work in flight, then every later call fails (and `ping`
+    /// with it, so `/api/ready` answers 503). For shutdown.
+    async fn close(&self);
 
     async fn create_user(&self, user: NewUser) -> StoreResult<User>;
     async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>>;

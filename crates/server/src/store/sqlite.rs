@@ -138,6 +138,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn close(&self) {
+        // Closing the writer last lets SQLite checkpoint the WAL into the main file.
+        self.read.close().await;
+        self.write.close().await;
+    }
+
     async fn create_user(&self, user: NewUser) -> StoreResult<User> {
         let id = Uuid::new_v4();
         let now = Utc::now();
