@@ -3,4 +3,5 @@
 
 mod helpers;
 mod gateway;
+mod transcript;
 mod rest;
