@@ -83,7 +83,15 @@ impl FromRequestParts<AppState> for AuthUser {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized(ErrorCode::MissingToken, "send an access token as Authorization: Bearer <token>")
         })?;
-        let Claims { sub, name, .. } = state.keys.verify(token).map_err(token_error)?;
-        Ok(AuthUser { id: sub, username: name })
+        let Claims { sub, .. } = state.keys.verify(token).map_err(token_error)?;
+        // A good signature says who the user was when the token was issued; the user may
+        // be gone since (deleted, or a fresh database under the same secret). Without this
+        // look-up such a token got as far as the store and failed there as a 500.
+        let user = state
+            .store
+            .user_by_id(sub)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidToken, "the token's user no longer exists"))?;
+        Ok(AuthUser { id: user.id, username: user.username })
     }
 }

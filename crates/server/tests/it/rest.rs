@@ -6,6 +6,7 @@
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use natter_proto::{MessageRole, MessageStatus, ServerFrame};
+use natter_server::config::Database;
 use natter_server::store::{NewMessage, Store};
 use reqwest::header::{HeaderMap, CONTENT_TYPE};
 use reqwest::Method;
@@ -41,18 +42,10 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
 #[track_caller]
 fn expect_error(res: &(u16, Value), status: u16, code: &str) {
     let (got_status, body) = res;
-    assert_eq!(
-        (*got_status, body["error"]["code"].as_str()),
-        (status, Some(code)),
-        "{body}"
-    );
+    assert_eq!((*got_status, body["error"]["code"].as_str()), (status, Some(code)), "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(!message.is_empty(), "an error carries a message: {body}");
-    assert_eq!(
-        body.as_object().map(|o| o.len()),
-        Some(1),
-        "only `error` at the top: {body}"
-    );
+    assert_eq!(body.as_object().map(|o| o.len()), Some(1), "only `error` at the top: {body}");
 }
 
 /// The error message of an error answer.
@@ -84,11 +77,7 @@ fn b64(s: &str) -> String {
 
 async fn add_member(app: &TestApp, by: &TestUser, bot: Uuid, username: &str, role: &str) {
     let res = app
-        .post(
-            &format!("/api/bots/{bot}/members"),
-            Some(&by.token),
-            json!({"username": username, "role": role}),
-        )
+        .post(&format!("/api/bots/{bot}/members"), Some(&by.token), json!({"username": username, "role": role}))
         .await;
     assert_eq!(res.0, 200, "{}", res.1);
 }
@@ -102,10 +91,7 @@ async fn health_is_ok_with_the_version() {
     let app = TestApp::spawn().await;
     let (status, body) = app.get("/api/health", None).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        body,
-        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")})
-    );
+    assert_eq!(body, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}));
 }
 
 #[tokio::test]
@@ -131,10 +117,7 @@ async fn openapi_document_lists_every_api_path() {
     let app = TestApp::spawn().await;
     let (status, doc) = app.get("/api/openapi.json", None).await;
     assert_eq!(status, 200);
-    assert!(
-        doc["openapi"].as_str().unwrap().starts_with("3."),
-        "an OpenAPI 3 document"
-    );
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "an OpenAPI 3 document");
     assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
     let expected: &[(&str, &[&str])] = &[
         ("/api/health", &["get"]),
@@ -157,17 +140,50 @@ async fn openapi_document_lists_every_api_path() {
         let item = &doc["paths"][path];
         assert!(item.is_object(), "{path} is missing from the OpenAPI paths");
         for m in *methods {
-            assert!(
-                item[m].is_object(),
-                "{m} {path} is missing from the OpenAPI document"
-            );
+            assert!(item[m].is_object(), "{m} {path} is missing from the OpenAPI document");
         }
     }
-    assert_eq!(
-        doc["components"]["securitySchemes"]["bearer"]["scheme"],
-        "bearer"
-    );
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
 }
+
+#[tokio::test]
+async fn codes_registry_documents_the_rest_error_codes() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.get("/api/ws/codes", None).await;
+    assert_eq!(status, 200);
+    assert!(!body["close_codes"].as_array().unwrap().is_empty());
+    let documented: Vec<&str> =
+        body["error_codes"].as_array().unwrap().iter().map(|c| c["code"].as_str().unwrap()).collect();
+    for code in REST_ERROR_CODES {
+        assert!(documented.contains(code), "{code} is not in /api/ws/codes");
+    }
+}
+
+/// Every error code these tests expect from the REST API.
+const REST_ERROR_CODES: &[&str] = &[
+    "invalid_body",
+    "invalid_id",
+    "invalid_username",
+    "invalid_password",
+    "invalid_bot",
+    "invalid_query",
+    "username_taken",
+    "registration_closed",
+    "invalid_credentials",
+    "missing_token",
+    "invalid_token",
+    "token_expired",
+    "invalid_refresh_token",
+    "refresh_token_reused",
+    "forbidden",
+    "not_found",
+    "user_not_found",
+    "conflict",
+    "method_not_allowed",
+    "payload_too_large",
+    "unsupported_media_type",
+    "internal",
+];
 
 // ---------------------------------------------------------------------------------------
 // Registration and request bodies
@@ -176,113 +192,71 @@ async fn openapi_document_lists_every_api_path() {
 #[tokio::test]
 async fn register_answers_201_with_the_user_and_no_secret() {
     let app = TestApp::spawn().await;
-    let (status, body) = app
-        .post("/api/auth/register", None, creds("alice", PASSWORD))
-        .await;
+    let (status, body) = app.post("/api/auth/register", None, creds("alice", PASSWORD)).await;
     assert_eq!(status, 201, "{body}");
-    let mut keys: Vec<&str> = body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(keys, ["created_at", "id", "is_admin", "username"]);
     assert_eq!(body["username"], "alice");
     assert_eq!(body["is_admin"], false);
     Uuid::parse_str(body["id"].as_str().unwrap()).expect("the id is a UUID");
     let text = body.to_string();
-    assert!(
-        !text.contains(PASSWORD) && !text.contains("argon2"),
-        "{text}"
-    );
+    assert!(!text.contains(PASSWORD) && !text.contains("argon2"), "{text}");
+    // Stored as an argon2id hash, never as the password.
+    let stored = app.state.store.user_by_username("alice").await.unwrap().unwrap();
+    assert!(stored.password_hash.starts_with("$argon2id$"), "{}", stored.password_hash);
+    assert!(!stored.password_hash.contains(PASSWORD));
 }
 
 #[tokio::test]
 async fn register_enforces_the_username_rules() {
     let app = TestApp::spawn().await;
     let too_long = "x".repeat(33);
-    for bad in [
-        "",
-        "ab",
-        too_long.as_str(),
-        "Alice",
-        "al ice",
-        "élan",
-        "bob!",
-        "a/b",
-    ] {
-        let res = app
-            .post("/api/auth/register", None, creds(bad, PASSWORD))
-            .await;
+    for bad in ["", "ab", too_long.as_str(), "Alice", "al ice", "élan", "bob!", "a/b"] {
+        let res = app.post("/api/auth/register", None, creds(bad, PASSWORD)).await;
         expect_error(&res, 400, "invalid_username");
     }
     let longest = "y".repeat(32);
     for good in ["abc", "a_b.c-d9", longest.as_str()] {
-        let (status, body) = app
-            .post("/api/auth/register", None, creds(good, PASSWORD))
-            .await;
+        let (status, body) = app.post("/api/auth/register", None, creds(good, PASSWORD)).await;
         assert_eq!(status, 201, "{good}: {body}");
     }
 }
 
 #[tokio::test]
-async fn register_wants_a_password_of_at_least_8_characters() {
+async fn register_wants_a_password_of_8_to_1024_characters() {
     let app = TestApp::spawn().await;
-    let res = app
-        .post("/api/auth/register", None, creds("alice", "1234567"))
-        .await;
+    let res = app.post("/api/auth/register", None, creds("alice", "1234567")).await;
     expect_error(&res, 400, "invalid_password");
-    let res = app
-        .post("/api/auth/register", None, creds("alice", ""))
-        .await;
+    let res = app.post("/api/auth/register", None, creds("alice", "")).await;
     expect_error(&res, 400, "invalid_password");
-    assert_eq!(
-        app.post("/api/auth/register", None, creds("alice", "12345678"))
-            .await
-            .0,
-        201
-    );
+    let res = app.post("/api/auth/register", None, creds("alice", &"p".repeat(1025))).await;
+    expect_error(&res, 400, "invalid_password");
+    assert_eq!(app.post("/api/auth/register", None, creds("alice", "12345678")).await.0, 201);
 }
 
 #[tokio::test]
 async fn register_twice_is_409_username_taken() {
     let app = TestApp::spawn().await;
     app.register("alice").await;
-    let res = app
-        .post(
-            "/api/auth/register",
-            None,
-            creds("alice", "another-password"),
-        )
-        .await;
+    let res = app.post("/api/auth/register", None, creds("alice", "another-password")).await;
     expect_error(&res, 409, "username_taken");
 }
 
 #[tokio::test]
 async fn register_is_403_when_registration_is_closed() {
     let app = TestApp::spawn_with(|cfg| cfg.registration_open = false).await;
-    let res = app
-        .post("/api/auth/register", None, creds("alice", PASSWORD))
-        .await;
+    let res = app.post("/api/auth/register", None, creds("alice", PASSWORD)).await;
     expect_error(&res, 403, "registration_closed");
     // Nobody was created.
-    expect_error(
-        &app.post("/api/auth/login", None, creds("alice", PASSWORD))
-            .await,
-        401,
-        "invalid_credentials",
-    );
+    expect_error(&app.post("/api/auth/login", None, creds("alice", PASSWORD)).await, 401, "invalid_credentials");
 }
 
 #[tokio::test]
 async fn bad_json_bodies_are_400_invalid_body_naming_the_field() {
     let app = TestApp::spawn().await;
     let raw = |body: &'static str| {
-        app.http
-            .post(app.url("/api/auth/register"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(body)
+        app.http.post(app.url("/api/auth/register")).header(CONTENT_TYPE, "application/json").body(body)
     };
 
     let res = send(raw(r#"{"username": "alice", "password": "#)).await;
@@ -290,19 +264,11 @@ async fn bad_json_bodies_are_400_invalid_body_naming_the_field() {
 
     let res = send(raw(r#"{"username": "alice"}"#)).await;
     expect_error(&res, 400, "invalid_body");
-    assert!(
-        message(&res).contains("password"),
-        "names the missing field: {}",
-        message(&res)
-    );
+    assert!(message(&res).contains("password"), "names the missing field: {}", message(&res));
 
     let res = send(raw(r#"{"username": 42, "password": "12345678"}"#)).await;
     expect_error(&res, 400, "invalid_body");
-    assert!(
-        message(&res).contains("username"),
-        "names the mistyped field: {}",
-        message(&res)
-    );
+    assert!(message(&res).contains("username"), "names the mistyped field: {}", message(&res));
 
     // serde would take an array for a struct, field by field; the API takes objects only.
     let res = send(raw(r#"["alice", "12345678"]"#)).await;
@@ -319,20 +285,13 @@ async fn bodies_over_1_mib_are_413() {
     let padding = "p".repeat(1024 * 1024 + 1 - envelope.len());
     let body = creds("alice", &padding).to_string();
     assert_eq!(body.len(), 1024 * 1024 + 1);
-    let res = send(
-        app.http
-            .post(app.url("/api/auth/register"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(body),
-    )
-    .await;
+    let res =
+        send(app.http.post(app.url("/api/auth/register")).header(CONTENT_TYPE, "application/json").body(body)).await;
     expect_error(&res, 413, "payload_too_large");
 
     // Just under the limit is parsed (and refused for what it says, not for its size).
     let padding = "p".repeat(1024 * 1024 - 1 - envelope.len());
-    let res = app
-        .post("/api/auth/register", None, creds("alice", &padding))
-        .await;
+    let res = app.post("/api/auth/register", None, creds("alice", &padding)).await;
     expect_error(&res, 400, "invalid_password");
 }
 
@@ -340,26 +299,14 @@ async fn bodies_over_1_mib_are_413() {
 async fn bodies_without_a_json_content_type_are_415() {
     let app = TestApp::spawn().await;
     let body = creds("alice", PASSWORD).to_string();
-    let res = send(
-        app.http
-            .post(app.url("/api/auth/register"))
-            .header(CONTENT_TYPE, "text/plain")
-            .body(body.clone()),
-    )
-    .await;
+    let res =
+        send(app.http.post(app.url("/api/auth/register")).header(CONTENT_TYPE, "text/plain").body(body.clone())).await;
     expect_error(&res, 415, "unsupported_media_type");
-    let res = send(
-        app.http
-            .post(app.url("/api/auth/register"))
-            .body(body.clone()),
-    )
-    .await;
+    let res = send(app.http.post(app.url("/api/auth/register")).body(body.clone())).await;
     expect_error(&res, 415, "unsupported_media_type");
     // Parameters of the media type are fine.
-    let with_charset = app
-        .http
-        .post(app.url("/api/auth/register"))
-        .header(CONTENT_TYPE, "application/json; charset=utf-8");
+    let with_charset =
+        app.http.post(app.url("/api/auth/register")).header(CONTENT_TYPE, "application/json; charset=utf-8");
     assert_eq!(send(with_charset.body(body)).await.0, 201);
 }
 
@@ -371,42 +318,40 @@ async fn bodies_without_a_json_content_type_are_415() {
 async fn login_returns_a_bearer_token_pair() {
     let app = TestApp::spawn().await;
     app.register("alice").await;
-    let (status, body) = app
-        .post("/api/auth/login", None, creds("alice", PASSWORD))
-        .await;
+    let (status, body) = app.post("/api/auth/login", None, creds("alice", PASSWORD)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["token_type"], "bearer");
     assert_eq!(body["expires_in"], 15 * 60);
-    assert_eq!(
-        body["access_token"].as_str().unwrap().split('.').count(),
-        3,
-        "a JWT"
-    );
+    assert_eq!(body["access_token"].as_str().unwrap().split('.').count(), 3, "a JWT");
     assert!(body["refresh_token"].as_str().unwrap().len() >= 32);
     let (status, me) = app.get("/api/auth/me", body["access_token"].as_str()).await;
     assert_eq!((status, me["username"].as_str()), (200, Some("alice")));
+
+    // An HS256 JWT with sub/iat/exp, valid for 15 minutes.
+    let part = |i: usize| -> Value {
+        use base64::Engine as _;
+        let segment = body["access_token"].as_str().unwrap().split('.').nth(i).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(segment).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    assert_eq!(part(0)["alg"], "HS256");
+    let claims = part(1);
+    assert_eq!(claims["sub"], me["id"]);
+    assert_eq!(claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(), 15 * 60);
 }
 
 #[tokio::test]
 async fn wrong_password_and_unknown_user_get_the_same_401() {
     let app = TestApp::spawn().await;
     app.register("alice").await;
-    let wrong_password = app
-        .post("/api/auth/login", None, creds("alice", "not-the-password"))
-        .await;
-    let unknown_user = app
-        .post("/api/auth/login", None, creds("nobody", PASSWORD))
-        .await;
+    let wrong_password = app.post("/api/auth/login", None, creds("alice", "not-the-password")).await;
+    let unknown_user = app.post("/api/auth/login", None, creds("nobody", PASSWORD)).await;
     expect_error(&wrong_password, 401, "invalid_credentials");
-    assert_eq!(
-        wrong_password, unknown_user,
-        "the answers must not tell the two apart"
-    );
+    assert_eq!(wrong_password, unknown_user, "the answers must not tell the two apart");
 }
 
 async fn refresh(app: &TestApp, token: &str) -> (u16, Value) {
-    app.post("/api/auth/refresh", None, json!({"refresh_token": token}))
-        .await
+    app.post("/api/auth/refresh", None, json!({"refresh_token": token})).await
 }
 
 #[tokio::test]
@@ -419,10 +364,7 @@ async fn refresh_rotates_the_token_pair() {
     let next = pair["refresh_token"].as_str().unwrap();
     assert_ne!(next, alice.refresh, "a new refresh token each time");
     let (status, me) = app.get("/api/auth/me", pair["access_token"].as_str()).await;
-    assert_eq!(
-        (status, me["id"].as_str()),
-        (200, Some(alice.id.to_string().as_str()))
-    );
+    assert_eq!((status, me["id"].as_str()), (200, Some(alice.id.to_string().as_str())));
     // The new one works in turn.
     assert_eq!(refresh(&app, next).await.0, 200);
 }
@@ -438,11 +380,7 @@ async fn reusing_a_refresh_token_revokes_its_whole_family() {
     let newest = second["refresh_token"].as_str().unwrap();
 
     // The first token, stolen and replayed:
-    expect_error(
-        &refresh(&app, &alice.refresh).await,
-        401,
-        "refresh_token_reused",
-    );
+    expect_error(&refresh(&app, &alice.refresh).await, 401, "refresh_token_reused");
     // ...so the legitimate newest token of that login is dead too.
     expect_error(&refresh(&app, newest).await, 401, "invalid_refresh_token");
     // Another login (another family) is untouched.
@@ -452,11 +390,7 @@ async fn reusing_a_refresh_token_revokes_its_whole_family() {
 #[tokio::test]
 async fn unknown_refresh_tokens_are_401() {
     let app = TestApp::spawn().await;
-    expect_error(
-        &refresh(&app, "no-such-token").await,
-        401,
-        "invalid_refresh_token",
-    );
+    expect_error(&refresh(&app, "no-such-token").await, 401, "invalid_refresh_token");
     expect_error(&refresh(&app, "").await, 401, "invalid_refresh_token");
     let res = app.post("/api/auth/refresh", None, json!({})).await;
     expect_error(&res, 400, "invalid_body");
@@ -467,51 +401,22 @@ async fn unknown_refresh_tokens_are_401() {
 async fn expired_refresh_tokens_are_401() {
     let app = TestApp::spawn_with(|cfg| cfg.refresh_token_ttl = std::time::Duration::ZERO).await;
     let alice = app.user("alice").await;
-    expect_error(
-        &refresh(&app, &alice.refresh).await,
-        401,
-        "invalid_refresh_token",
-    );
+    expect_error(&refresh(&app, &alice.refresh).await, 401, "invalid_refresh_token");
 }
 
 #[tokio::test]
 async fn logout_revokes_the_refresh_token() {
     let app = TestApp::spawn().await;
     let alice = app.user("alice").await;
-    let (status, body) = app
-        .post(
-            "/api/auth/logout",
-            None,
-            json!({"refresh_token": alice.refresh}),
-        )
-        .await;
+    let other_login = app.login("alice").await;
+    let (status, body) = app.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await;
     assert_eq!((status, body), (204, Value::Null));
-    expect_error(
-        &refresh(&app, &alice.refresh).await,
-        401,
-        "invalid_refresh_token",
-    );
+    expect_error(&refresh(&app, &alice.refresh).await, 401, "invalid_refresh_token");
     // Logging out again, or with a token the server never issued, is harmless.
-    assert_eq!(
-        app.post(
-            "/api/auth/logout",
-            None,
-            json!({"refresh_token": alice.refresh})
-        )
-        .await
-        .0,
-        204
-    );
-    assert_eq!(
-        app.post(
-            "/api/auth/logout",
-            None,
-            json!({"refresh_token": "never-issued"})
-        )
-        .await
-        .0,
-        204
-    );
+    assert_eq!(app.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await.0, 204);
+    assert_eq!(app.post("/api/auth/logout", None, json!({"refresh_token": "never-issued"})).await.0, 204);
+    // Other logins of the same user stay logged in.
+    assert_eq!(refresh(&app, &other_login.refresh_token).await.0, 200);
 }
 
 #[tokio::test]
@@ -531,10 +436,7 @@ async fn me_without_a_token_is_401_missing_token() {
     let alice = app.user("alice").await;
     expect_error(&app.get("/api/auth/me", None).await, 401, "missing_token");
     // A token in another scheme is no bearer token.
-    let basic = app
-        .http
-        .get(app.url("/api/auth/me"))
-        .header("authorization", format!("Basic {}", alice.token));
+    let basic = app.http.get(app.url("/api/auth/me")).header("authorization", format!("Basic {}", alice.token));
     expect_error(&send(basic).await, 401, "missing_token");
 }
 
@@ -545,30 +447,19 @@ async fn me_with_a_bad_token_is_401_invalid_token() {
     let secret = jwt_secret(&app);
 
     let mut tampered: Vec<String> = alice.token.split('.').map(str::to_owned).collect();
-    tampered[1] = b64(
-        &json!({"sub": Uuid::new_v4(), "name": "mallory", "iat": 0, "exp": 4_000_000_000_i64})
-            .to_string(),
-    );
+    tampered[1] =
+        b64(&json!({"sub": Uuid::new_v4(), "name": "mallory", "iat": 0, "exp": 4_000_000_000_i64}).to_string());
     let alg_none = format!(
         "{}.{}.",
         b64(r#"{"alg":"none","typ":"JWT"}"#),
-        b64(
-            &json!({"sub": alice.id, "name": "alice", "iat": 0, "exp": 4_000_000_000_i64})
-                .to_string()
-        )
+        b64(&json!({"sub": alice.id, "name": "alice", "iat": 0, "exp": 4_000_000_000_i64}).to_string())
     );
     let cases = [
         ("garbage", "not-a-jwt".to_owned()),
         ("three parts of garbage", "a.b.c".to_owned()),
         ("payload swapped, signature kept", tampered.join(".")),
-        (
-            "signed with another secret",
-            sign(&alice, Algorithm::HS256, b"not-the-server-secret", 600),
-        ),
-        (
-            "HS512 with the server's own secret",
-            sign(&alice, Algorithm::HS512, &secret, 600),
-        ),
+        ("signed with another secret", sign(&alice, Algorithm::HS256, b"not-the-server-secret", 600)),
+        ("HS512 with the server's own secret", sign(&alice, Algorithm::HS512, &secret, 600)),
         ("alg none", alg_none),
     ];
     for (what, token) in cases {
@@ -578,15 +469,7 @@ async fn me_with_a_bad_token_is_401_invalid_token() {
     }
     // Sanity: the same claims signed properly are accepted, so the cases above fail for
     // the reason they name.
-    assert_eq!(
-        app.get(
-            "/api/auth/me",
-            Some(&sign(&alice, Algorithm::HS256, &secret, 600))
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(app.get("/api/auth/me", Some(&sign(&alice, Algorithm::HS256, &secret, 600))).await.0, 200);
 }
 
 #[tokio::test]
@@ -595,14 +478,39 @@ async fn me_with_an_expired_token_is_401_token_expired() {
     let alice = app.user("alice").await;
     let secret = jwt_secret(&app);
     let expired = sign(&alice, Algorithm::HS256, &secret, -60);
-    expect_error(
-        &app.get("/api/auth/me", Some(&expired)).await,
-        401,
-        "token_expired",
-    );
+    expect_error(&app.get("/api/auth/me", Some(&expired)).await, 401, "token_expired");
     // Within the 5 s leeway for clock skew, a token is still good.
     let just_expired = sign(&alice, Algorithm::HS256, &secret, -2);
     assert_eq!(app.get("/api/auth/me", Some(&just_expired)).await.0, 200);
+}
+
+#[tokio::test]
+async fn tokens_of_users_that_no_longer_exist_are_401_invalid_token() {
+    // An in-memory database forgets its users on restart; the signing secret in the data
+    // dir survives, so the old access token still has a good signature.
+    let app = TestApp::spawn_with(|cfg| cfg.database = Database::Memory).await;
+    let alice = app.user("alice").await;
+    let dir = app.stop().await;
+    let app = TestApp::spawn_in(dir, |cfg| cfg.database = Database::Memory).await;
+
+    expect_error(&app.get("/api/auth/me", Some(&alice.token)).await, 401, "invalid_token");
+    expect_error(&app.get("/api/bots", Some(&alice.token)).await, 401, "invalid_token");
+    let res = app.post("/api/bots", Some(&alice.token), json!({"name": "Ghost"})).await;
+    expect_error(&res, 401, "invalid_token");
+}
+
+#[tokio::test]
+async fn store_failures_are_500_with_an_error_id_and_no_details() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    app.state.store.close().await;
+    let res = app.get("/api/bots", Some(&alice.token)).await;
+    expect_error(&res, 500, "internal");
+    let msg = message(&res).to_ascii_lowercase();
+    assert!(msg.contains("error id"), "{msg}");
+    for detail in ["pool", "sqlite", "sqlx", "closed"] {
+        assert!(!msg.contains(detail), "the cause stays in the log: {msg}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -613,9 +521,7 @@ async fn me_with_an_expired_token_is_401_token_expired() {
 async fn create_bot_defaults_to_private_echo() {
     let app = TestApp::spawn().await;
     let alice = app.user("alice").await;
-    let (status, bot) = app
-        .post("/api/bots", Some(&alice.token), json!({"name": "  Echo  "}))
-        .await;
+    let (status, bot) = app.post("/api/bots", Some(&alice.token), json!({"name": "  Echo  "})).await;
     assert_eq!(status, 201, "{bot}");
     assert_eq!(bot["name"], "Echo", "the name is trimmed");
     assert_eq!(bot["description"], "");
@@ -633,10 +539,7 @@ async fn create_bot_defaults_to_private_echo() {
         )
         .await;
     assert_eq!(status, 201, "{bot}");
-    assert_eq!(
-        (bot["description"].as_str(), bot["visibility"].as_str()),
-        (Some("repeats"), Some("public"))
-    );
+    assert_eq!((bot["description"].as_str(), bot["visibility"].as_str()), (Some("repeats"), Some("public")));
 }
 
 #[tokio::test]
@@ -651,38 +554,18 @@ async fn create_bot_refuses_invalid_fields() {
     let res = create(json!({"name": "B", "engine": {}})).await;
     expect_error(&res, 400, "invalid_bot");
     assert!(message(&res).contains("engine.kind"), "{}", message(&res));
-    expect_error(
-        &create(json!({"name": "B", "engine": "echo"})).await,
-        400,
-        "invalid_bot",
-    );
-    expect_error(
-        &create(json!({"name": "B", "engine": {"kind": "echo", "model": "x"}})).await,
-        400,
-        "invalid_bot",
-    );
+    expect_error(&create(json!({"name": "B", "engine": "echo"})).await, 400, "invalid_bot");
+    expect_error(&create(json!({"name": "B", "engine": {"kind": "echo", "model": "x"}})).await, 400, "invalid_bot");
 
     expect_error(&create(json!({"name": ""})).await, 400, "invalid_bot");
     expect_error(&create(json!({"name": "   "})).await, 400, "invalid_bot");
-    expect_error(
-        &create(json!({"name": "n".repeat(101)})).await,
-        400,
-        "invalid_bot",
-    );
+    expect_error(&create(json!({"name": "n".repeat(101)})).await, 400, "invalid_bot");
     assert_eq!(create(json!({"name": "n".repeat(100)})).await.0, 201);
-    expect_error(
-        &create(json!({"name": "B", "description": "d".repeat(2001)})).await,
-        400,
-        "invalid_bot",
-    );
+    expect_error(&create(json!({"name": "B", "description": "d".repeat(2001)})).await, 400, "invalid_bot");
 
     let res = create(json!({"name": "B", "colour": "blue"})).await;
     expect_error(&res, 400, "invalid_body");
-    assert!(
-        message(&res).contains("colour"),
-        "names the unknown field: {}",
-        message(&res)
-    );
+    assert!(message(&res).contains("colour"), "names the unknown field: {}", message(&res));
     let res = create(json!({"description": "no name"})).await;
     expect_error(&res, 400, "invalid_body");
     assert!(message(&res).contains("name"), "{}", message(&res));
@@ -690,11 +573,7 @@ async fn create_bot_refuses_invalid_fields() {
     expect_error(&res, 400, "invalid_body");
     assert!(message(&res).contains("visibility"), "{}", message(&res));
 
-    expect_error(
-        &app.post("/api/bots", None, json!({"name": "B"})).await,
-        401,
-        "missing_token",
-    );
+    expect_error(&app.post("/api/bots", None, json!({"name": "B"})).await, 401, "missing_token");
 }
 
 #[tokio::test]
@@ -706,12 +585,7 @@ async fn list_bots_shows_mine_shared_and_public_with_my_role() {
     let mine = app.bot(&alice, json!({"name": "Mine"})).await;
     let shared_chat = app.bot(&bob, json!({"name": "Bob chat"})).await;
     let shared_admin = app.bot(&bob, json!({"name": "Bob admin"})).await;
-    let public = app
-        .bot(
-            &carol,
-            json!({"name": "Carol public", "visibility": "public"}),
-        )
-        .await;
+    let public = app.bot(&carol, json!({"name": "Carol public", "visibility": "public"})).await;
     let _private = app.bot(&carol, json!({"name": "Carol private"})).await;
     add_member(&app, &bob, shared_chat.id, "alice", "chat").await;
     add_member(&app, &bob, shared_admin.id, "alice", "admin").await;
@@ -722,12 +596,7 @@ async fn list_bots_shows_mine_shared_and_public_with_my_role() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| {
-            (
-                b["id"].as_str().unwrap().to_owned(),
-                b["my_role"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|b| (b["id"].as_str().unwrap().to_owned(), b["my_role"].as_str().unwrap().to_owned()))
         .collect();
     seen.sort();
     let mut expected = vec![
@@ -756,62 +625,36 @@ async fn get_patch_and_delete_a_bot() {
 
     let (status, got) = app.get(&path, Some(&alice.token)).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        (got["name"].as_str(), got["my_role"].as_str()),
-        (Some("Echo"), Some("owner"))
-    );
+    assert_eq!((got["name"].as_str(), got["my_role"].as_str()), (Some("Echo"), Some("owner")));
 
     // An empty patch changes nothing.
     let (status, same) = app.patch(&path, Some(&alice.token), json!({})).await;
-    assert_eq!(
-        (status, &same["name"], &same["visibility"]),
-        (200, &got["name"], &got["visibility"])
-    );
+    assert_eq!((status, &same["name"], &same["visibility"]), (200, &got["name"], &got["visibility"]));
 
     let (status, patched) = app
-        .patch(&path, Some(&alice.token), json!({"name": "Echo 2", "description": "new", "visibility": "public", "engine": {"kind": "echo"}}))
+        .patch(
+            &path,
+            Some(&alice.token),
+            json!({"name": "Echo 2", "description": "new", "visibility": "public", "engine": {"kind": "echo"}}),
+        )
         .await;
     assert_eq!(status, 200, "{patched}");
     assert_eq!(patched["name"], "Echo 2");
     assert_eq!(patched["description"], "new");
     assert_eq!(patched["visibility"], "public");
     assert_eq!(patched["created_at"], got["created_at"]);
-    assert_eq!(
-        app.get(&path, Some(&alice.token)).await.1["name"],
-        "Echo 2",
-        "the change is stored"
-    );
+    assert_eq!(app.get(&path, Some(&alice.token)).await.1["name"], "Echo 2", "the change is stored");
 
-    expect_error(
-        &app.patch(&path, Some(&alice.token), json!({"name": ""}))
-            .await,
-        400,
-        "invalid_bot",
-    );
-    let res = app
-        .patch(
-            &path,
-            Some(&alice.token),
-            json!({"engine": {"kind": "nope"}}),
-        )
-        .await;
+    expect_error(&app.patch(&path, Some(&alice.token), json!({"name": ""})).await, 400, "invalid_bot");
+    let res = app.patch(&path, Some(&alice.token), json!({"engine": {"kind": "nope"}})).await;
     expect_error(&res, 400, "invalid_bot");
     assert!(message(&res).contains("engine.kind"), "{}", message(&res));
-    expect_error(
-        &app.patch(&path, Some(&alice.token), json!({"owner": "bob"}))
-            .await,
-        400,
-        "invalid_body",
-    );
+    expect_error(&app.patch(&path, Some(&alice.token), json!({"owner": "bob"})).await, 400, "invalid_body");
 
     let (status, body) = app.delete(&path, Some(&alice.token)).await;
     assert_eq!((status, body), (204, Value::Null));
     expect_error(&app.get(&path, Some(&alice.token)).await, 404, "not_found");
-    expect_error(
-        &app.delete(&path, Some(&alice.token)).await,
-        404,
-        "not_found",
-    );
+    expect_error(&app.delete(&path, Some(&alice.token)).await, 404, "not_found");
     assert_eq!(app.get("/api/bots", Some(&alice.token)).await.1, json!([]));
 }
 
@@ -824,18 +667,9 @@ async fn members_are_added_listed_changed_and_removed() {
     let bot = app.echo_bot(&alice).await;
     let members = format!("/api/bots/{}/members", bot.id);
 
-    let (status, added) = app
-        .post(
-            &members,
-            Some(&alice.token),
-            json!({"username": "bob", "role": "chat"}),
-        )
-        .await;
+    let (status, added) = app.post(&members, Some(&alice.token), json!({"username": "bob", "role": "chat"})).await;
     assert_eq!(status, 200, "{added}");
-    assert_eq!(
-        added,
-        json!({"user": {"id": bob.id, "username": "bob"}, "role": "chat"})
-    );
+    assert_eq!(added, json!({"user": {"id": bob.id, "username": "bob"}, "role": "chat"}));
     add_member(&app, &alice, bot.id, "carol", "chat").await;
     // Adding again changes the role.
     add_member(&app, &alice, bot.id, "bob", "admin").await;
@@ -846,67 +680,23 @@ async fn members_are_added_listed_changed_and_removed() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
-            (
-                m["user"]["username"].as_str().unwrap(),
-                m["role"].as_str().unwrap(),
-            )
-        })
+        .map(|m| (m["user"]["username"].as_str().unwrap(), m["role"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        roles,
-        [("bob", "admin"), ("carol", "chat")],
-        "the owner is not listed as a member"
-    );
-    assert_eq!(
-        app.get(&format!("/api/bots/{}", bot.id), Some(&bob.token))
-            .await
-            .1["my_role"],
-        "admin"
-    );
+    assert_eq!(roles, [("bob", "admin"), ("carol", "chat")], "the owner is not listed as a member");
+    assert_eq!(app.get(&format!("/api/bots/{}", bot.id), Some(&bob.token)).await.1["my_role"], "admin");
 
-    let res = app
-        .post(
-            &members,
-            Some(&alice.token),
-            json!({"username": "nobody", "role": "chat"}),
-        )
-        .await;
+    let res = app.post(&members, Some(&alice.token), json!({"username": "nobody", "role": "chat"})).await;
     expect_error(&res, 404, "user_not_found");
-    let res = app
-        .post(
-            &members,
-            Some(&alice.token),
-            json!({"username": "alice", "role": "admin"}),
-        )
-        .await;
+    let res = app.post(&members, Some(&alice.token), json!({"username": "alice", "role": "admin"})).await;
     expect_error(&res, 409, "conflict");
-    let res = app
-        .post(
-            &members,
-            Some(&alice.token),
-            json!({"username": "bob", "role": "owner"}),
-        )
-        .await;
+    let res = app.post(&members, Some(&alice.token), json!({"username": "bob", "role": "owner"})).await;
     expect_error(&res, 400, "invalid_body");
     assert!(message(&res).contains("role"), "{}", message(&res));
 
-    let (status, body) = app
-        .delete(&format!("{members}/carol"), Some(&alice.token))
-        .await;
+    let (status, body) = app.delete(&format!("{members}/carol"), Some(&alice.token)).await;
     assert_eq!((status, body), (204, Value::Null));
-    expect_error(
-        &app.delete(&format!("{members}/carol"), Some(&alice.token))
-            .await,
-        404,
-        "not_found",
-    );
-    expect_error(
-        &app.delete(&format!("{members}/nobody"), Some(&alice.token))
-            .await,
-        404,
-        "user_not_found",
-    );
+    expect_error(&app.delete(&format!("{members}/carol"), Some(&alice.token)).await, 404, "not_found");
+    expect_error(&app.delete(&format!("{members}/nobody"), Some(&alice.token)).await, 404, "user_not_found");
     let (_, list) = app.get(&members, Some(&alice.token)).await;
     assert_eq!(list.as_array().unwrap().len(), 1);
 }
@@ -927,14 +717,7 @@ async fn call(app: &TestApp, method: &str, path: &str, token: &str) -> (u16, Val
         "GET" => app.get(path, Some(token)).await,
         "DELETE" => app.delete(path, Some(token)).await,
         "PATCH" => app.patch(path, Some(token), json!({"name": "X"})).await,
-        "POST" => {
-            app.post(
-                path,
-                Some(token),
-                json!({"username": "bob", "role": "chat"}),
-            )
-            .await
-        }
+        "POST" => app.post(path, Some(token), json!({"username": "bob", "role": "chat"})).await,
         other => unreachable!("{other}"),
     }
 }
@@ -945,48 +728,16 @@ async fn malformed_bot_ids_are_400_and_unknown_ones_404() {
     let alice = app.user("alice").await;
     app.register("bob").await;
     for (method, template) in BOT_ID_ENDPOINTS {
-        let res = call(
-            &app,
-            method,
-            &template.replace("{id}", "not-a-uuid"),
-            &alice.token,
-        )
-        .await;
-        assert_eq!(
-            res.1["error"]["code"], "invalid_id",
-            "{method} {template}: {}",
-            res.1
-        );
+        let res = call(&app, method, &template.replace("{id}", "not-a-uuid"), &alice.token).await;
+        assert_eq!(res.1["error"]["code"], "invalid_id", "{method} {template}: {}", res.1);
         expect_error(&res, 400, "invalid_id");
-        let res = call(
-            &app,
-            method,
-            &template.replace("{id}", &Uuid::new_v4().to_string()),
-            &alice.token,
-        )
-        .await;
-        assert_eq!(
-            res.1["error"]["code"], "not_found",
-            "{method} {template}: {}",
-            res.1
-        );
+        let res = call(&app, method, &template.replace("{id}", &Uuid::new_v4().to_string()), &alice.token).await;
+        assert_eq!(res.1["error"]["code"], "not_found", "{method} {template}: {}", res.1);
         expect_error(&res, 404, "not_found");
     }
-    let res = app
-        .post(
-            "/api/ws/ticket",
-            Some(&alice.token),
-            json!({"bot_id": Uuid::new_v4()}),
-        )
-        .await;
+    let res = app.post("/api/ws/ticket", Some(&alice.token), json!({"bot_id": Uuid::new_v4()})).await;
     expect_error(&res, 404, "not_found");
-    let res = app
-        .post(
-            "/api/ws/ticket",
-            Some(&alice.token),
-            json!({"bot_id": "not-a-uuid"}),
-        )
-        .await;
+    let res = app.post("/api/ws/ticket", Some(&alice.token), json!({"bot_id": "not-a-uuid"})).await;
     expect_error(&res, 400, "invalid_body");
     assert!(message(&res).contains("bot_id"), "{}", message(&res));
 }
@@ -1007,14 +758,8 @@ enum Actor {
     PublicStranger,
 }
 
-const ACTORS: [Actor; 6] = [
-    Actor::Anonymous,
-    Actor::Stranger,
-    Actor::Chat,
-    Actor::Admin,
-    Actor::Owner,
-    Actor::PublicStranger,
-];
+const ACTORS: [Actor; 6] =
+    [Actor::Anonymous, Actor::Stranger, Actor::Chat, Actor::Admin, Actor::Owner, Actor::PublicStranger];
 
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
@@ -1071,73 +816,38 @@ impl Cast {
     }
 }
 
-async fn call_endpoint(
-    app: &TestApp,
-    cast: &Cast,
-    ep: Endpoint,
-    actor: Actor,
-    bot: Uuid,
-) -> (u16, Value) {
+async fn call_endpoint(app: &TestApp, cast: &Cast, ep: Endpoint, actor: Actor, bot: Uuid) -> (u16, Value) {
     let caller = cast.user(actor);
     let token = caller.map(|u| u.token.as_str());
     let bot_path = format!("/api/bots/{bot}");
     match ep {
         Endpoint::GetBot => app.get(&bot_path, token).await,
-        Endpoint::PatchBot => {
-            app.patch(&bot_path, token, json!({"name": "Renamed"}))
-                .await
-        }
+        Endpoint::PatchBot => app.patch(&bot_path, token, json!({"name": "Renamed"})).await,
         Endpoint::DeleteBot => app.delete(&bot_path, token).await,
         Endpoint::ListMembers => app.get(&format!("{bot_path}/members"), token).await,
         Endpoint::AddMember => {
-            app.post(
-                &format!("{bot_path}/members"),
-                token,
-                json!({"username": cast.target.username, "role": "admin"}),
-            )
-            .await
+            app.post(&format!("{bot_path}/members"), token, json!({"username": cast.target.username, "role": "admin"}))
+                .await
         }
-        Endpoint::RemoveMember => {
-            app.delete(
-                &format!("{bot_path}/members/{}", cast.target.username),
-                token,
-            )
-            .await
-        }
+        Endpoint::RemoveMember => app.delete(&format!("{bot_path}/members/{}", cast.target.username), token).await,
         Endpoint::Leave => {
             let me = caller.map_or(cast.target.username.as_str(), |u| u.username.as_str());
             app.delete(&format!("{bot_path}/members/{me}"), token).await
         }
         Endpoint::Messages => app.get(&format!("{bot_path}/messages"), token).await,
-        Endpoint::Ticket => {
-            app.post("/api/ws/ticket", token, json!({"bot_id": bot}))
-                .await
-        }
+        Endpoint::Ticket => app.post("/api/ws/ticket", token, json!({"bot_id": bot})).await,
     }
 }
 
 /// The bot as the owner sees it: (name, sorted member roles), to check refusals change nothing.
-async fn bot_state(
-    app: &TestApp,
-    owner: &TestUser,
-    bot: Uuid,
-) -> (u16, Value, Vec<(String, String)>) {
-    let (status, view) = app
-        .get(&format!("/api/bots/{bot}"), Some(&owner.token))
-        .await;
-    let (_, members) = app
-        .get(&format!("/api/bots/{bot}/members"), Some(&owner.token))
-        .await;
+async fn bot_state(app: &TestApp, owner: &TestUser, bot: Uuid) -> (u16, Value, Vec<(String, String)>) {
+    let (status, view) = app.get(&format!("/api/bots/{bot}"), Some(&owner.token)).await;
+    let (_, members) = app.get(&format!("/api/bots/{bot}/members"), Some(&owner.token)).await;
     let mut roles: Vec<(String, String)> = members
         .as_array()
         .map(|ms| {
             ms.iter()
-                .map(|m| {
-                    (
-                        m["user"]["username"].as_str().unwrap().to_owned(),
-                        m["role"].as_str().unwrap().to_owned(),
-                    )
-                })
+                .map(|m| (m["user"]["username"].as_str().unwrap().to_owned(), m["role"].as_str().unwrap().to_owned()))
                 .collect()
         })
         .unwrap_or_default();
@@ -1158,15 +868,8 @@ async fn matrix_of_who_may_do_what_to_a_bot() {
     let mut failures = Vec::new();
     for (ep, expected) in MATRIX {
         for (actor, want) in ACTORS.iter().zip(expected) {
-            let visibility = if matches!(actor, Actor::PublicStranger) {
-                "public"
-            } else {
-                "private"
-            };
-            let bot = app
-                .bot(&cast.owner, json!({"name": "M", "visibility": visibility}))
-                .await
-                .id;
+            let visibility = if matches!(actor, Actor::PublicStranger) { "public" } else { "private" };
+            let bot = app.bot(&cast.owner, json!({"name": "M", "visibility": visibility})).await.id;
             add_member(&app, &cast.owner, bot, &cast.admin.username, "admin").await;
             add_member(&app, &cast.owner, bot, &cast.chat.username, "chat").await;
             add_member(&app, &cast.owner, bot, &cast.target.username, "chat").await;
@@ -1174,9 +877,7 @@ async fn matrix_of_who_may_do_what_to_a_bot() {
 
             let (status, body) = call_endpoint(&app, &cast, *ep, *actor, bot).await;
             if status != *want {
-                failures.push(format!(
-                    "{ep:?} by {actor:?}: expected {want}, got {status} {body}"
-                ));
+                failures.push(format!("{ep:?} by {actor:?}: expected {want}, got {status} {body}"));
                 continue;
             }
             let want_code = match status {
@@ -1187,14 +888,13 @@ async fn matrix_of_who_may_do_what_to_a_bot() {
             };
             if let Some(code) = want_code {
                 if body["error"]["code"] != code || !body["error"]["message"].is_string() {
-                    failures.push(format!(
-                        "{ep:?} by {actor:?}: expected code {code}, got {body}"
-                    ));
+                    failures.push(format!("{ep:?} by {actor:?}: expected code {code}, got {body}"));
                 }
                 // A refused request changes nothing.
                 let after = bot_state(&app, &cast.owner, bot).await;
                 if after != before {
-                    failures.push(format!("{ep:?} by {actor:?} was refused but changed the bot: {before:?} -> {after:?}"));
+                    failures
+                        .push(format!("{ep:?} by {actor:?} was refused but changed the bot: {before:?} -> {after:?}"));
                 }
             }
             if let (Endpoint::GetBot, 200) = (ep, status) {
@@ -1205,18 +905,12 @@ async fn matrix_of_who_may_do_what_to_a_bot() {
                     _ => "public",
                 };
                 if body["my_role"] != role {
-                    failures.push(format!(
-                        "GetBot by {actor:?}: my_role should be {role}: {body}"
-                    ));
+                    failures.push(format!("GetBot by {actor:?}: my_role should be {role}: {body}"));
                 }
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "authorisation matrix:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "authorisation matrix:\n{}", failures.join("\n"));
 }
 
 #[tokio::test]
@@ -1231,76 +925,27 @@ async fn matrix_successes_do_what_they_say() {
 
     // An admin edits, and manages members.
     assert_eq!(
-        app.patch(
-            &format!("/api/bots/{bot}"),
-            Some(&admin.token),
-            json!({"name": "By admin"})
-        )
-        .await
-        .1["name"],
+        app.patch(&format!("/api/bots/{bot}"), Some(&admin.token), json!({"name": "By admin"})).await.1["name"],
         "By admin"
     );
-    assert_eq!(
-        app.delete(
-            &format!("/api/bots/{bot}/members/chatter"),
-            Some(&admin.token)
-        )
-        .await
-        .0,
-        204
-    );
-    expect_error(
-        &app.get(&format!("/api/bots/{bot}"), Some(&chat.token))
-            .await,
-        403,
-        "forbidden",
-    );
+    assert_eq!(app.delete(&format!("/api/bots/{bot}/members/chatter"), Some(&admin.token)).await.0, 204);
+    expect_error(&app.get(&format!("/api/bots/{bot}"), Some(&chat.token)).await, 403, "forbidden");
     add_member(&app, &admin, bot, "chatter", "chat").await;
-    assert_eq!(
-        app.get(&format!("/api/bots/{bot}"), Some(&chat.token))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(app.get(&format!("/api/bots/{bot}"), Some(&chat.token)).await.0, 200);
 
     // A member leaves and loses access.
-    assert_eq!(
-        app.delete(
-            &format!("/api/bots/{bot}/members/chatter"),
-            Some(&chat.token)
-        )
-        .await
-        .0,
-        204
-    );
-    expect_error(
-        &app.get(&format!("/api/bots/{bot}"), Some(&chat.token))
-            .await,
-        403,
-        "forbidden",
-    );
+    assert_eq!(app.delete(&format!("/api/bots/{bot}/members/chatter"), Some(&chat.token)).await.0, 204);
+    expect_error(&app.get(&format!("/api/bots/{bot}"), Some(&chat.token)).await, 403, "forbidden");
 
     // The ticket is a usable secret for this bot.
-    let (status, t) = app
-        .post("/api/ws/ticket", Some(&admin.token), json!({"bot_id": bot}))
-        .await;
+    let (status, t) = app.post("/api/ws/ticket", Some(&admin.token), json!({"bot_id": bot})).await;
     assert_eq!(status, 200, "{t}");
     assert!(t["ticket"].as_str().unwrap().len() >= 32);
     assert_eq!(t["expires_in"], 30);
 
     // The owner deletes.
-    assert_eq!(
-        app.delete(&format!("/api/bots/{bot}"), Some(&owner.token))
-            .await
-            .0,
-        204
-    );
-    expect_error(
-        &app.get(&format!("/api/bots/{bot}"), Some(&admin.token))
-            .await,
-        404,
-        "not_found",
-    );
+    assert_eq!(app.delete(&format!("/api/bots/{bot}"), Some(&owner.token)).await.0, 204);
+    expect_error(&app.get(&format!("/api/bots/{bot}"), Some(&admin.token)).await, 404, "not_found");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1313,13 +958,10 @@ async fn seed_messages(app: &TestApp, user: &TestUser, bot: Uuid, tag: &str, n: 
     let store: &dyn Store = &*app.state.store;
     let conv = store.conversation(user.id, bot).await.unwrap();
     for i in 1..=n {
-        let role = if i % 2 == 1 {
-            MessageRole::User
-        } else {
-            MessageRole::Bot
-        };
+        let role = if i % 2 == 1 { MessageRole::User } else { MessageRole::Bot };
         store
             .append_message(NewMessage {
+                id: Uuid::new_v4(),
                 conversation_id: conv.id,
                 role,
                 content: format!("{tag} {i}"),
@@ -1335,24 +977,10 @@ async fn seed_messages(app: &TestApp, user: &TestUser, bot: Uuid, tag: &str, n: 
 
 /// GETs a page of `user`'s history; returns (seqs, has_more, last_seq).
 async fn page(app: &TestApp, user: &TestUser, bot: Uuid, query: &str) -> (Vec<i64>, bool, i64) {
-    let (status, body) = app
-        .get(
-            &format!("/api/bots/{bot}/messages{query}"),
-            Some(&user.token),
-        )
-        .await;
+    let (status, body) = app.get(&format!("/api/bots/{bot}/messages{query}"), Some(&user.token)).await;
     assert_eq!(status, 200, "{query}: {body}");
-    let seqs = body["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_i64().unwrap())
-        .collect();
-    (
-        seqs,
-        body["has_more"].as_bool().unwrap(),
-        body["last_seq"].as_i64().unwrap(),
-    )
+    let seqs = body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    (seqs, body["has_more"].as_bool().unwrap(), body["last_seq"].as_i64().unwrap())
 }
 
 #[tokio::test]
@@ -1361,71 +989,30 @@ async fn messages_page_forwards_and_backwards() {
     let alice = app.user("alice").await;
     let bot = app.echo_bot(&alice).await.id;
 
-    assert_eq!(
-        page(&app, &alice, bot, "").await,
-        (vec![], false, 0),
-        "an empty conversation"
-    );
+    assert_eq!(page(&app, &alice, bot, "").await, (vec![], false, 0), "an empty conversation");
     let conv = seed_messages(&app, &alice, bot, "alice", 7).await;
 
-    let (status, body) = app
-        .get(&format!("/api/bots/{bot}/messages"), Some(&alice.token))
-        .await;
+    let (status, body) = app.get(&format!("/api/bots/{bot}/messages"), Some(&alice.token)).await;
     assert_eq!(status, 200);
     let first = &body["messages"][0];
     assert_eq!(first["conversation_id"], json!(conv));
     assert_eq!(
-        (
-            first["role"].as_str(),
-            first["content"].as_str(),
-            first["client_id"].as_str()
-        ),
+        (first["role"].as_str(), first["content"].as_str(), first["client_id"].as_str()),
         (Some("user"), Some("alice 1"), Some("c1"))
     );
     assert_eq!(body["messages"][1]["role"], "bot");
 
-    assert_eq!(
-        page(&app, &alice, bot, "").await,
-        (vec![1, 2, 3, 4, 5, 6, 7], false, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?after_seq=2&limit=3").await,
-        (vec![3, 4, 5], true, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?after_seq=5&limit=3").await,
-        (vec![6, 7], false, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?after_seq=4&limit=3").await,
-        (vec![5, 6, 7], false, 7),
-        "exactly the rest"
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?after_seq=7").await,
-        (vec![], false, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?after_seq=0&limit=1").await,
-        (vec![1], true, 7)
-    );
+    assert_eq!(page(&app, &alice, bot, "").await, (vec![1, 2, 3, 4, 5, 6, 7], false, 7));
+    assert_eq!(page(&app, &alice, bot, "?after_seq=2&limit=3").await, (vec![3, 4, 5], true, 7));
+    assert_eq!(page(&app, &alice, bot, "?after_seq=5&limit=3").await, (vec![6, 7], false, 7));
+    assert_eq!(page(&app, &alice, bot, "?after_seq=4&limit=3").await, (vec![5, 6, 7], false, 7), "exactly the rest");
+    assert_eq!(page(&app, &alice, bot, "?after_seq=7").await, (vec![], false, 7));
+    assert_eq!(page(&app, &alice, bot, "?after_seq=0&limit=1").await, (vec![1], true, 7));
     // Backwards: the newest messages before a seq, still in seq order.
-    assert_eq!(
-        page(&app, &alice, bot, "?before_seq=6&limit=2").await,
-        (vec![4, 5], true, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?before_seq=3&limit=5").await,
-        (vec![1, 2], false, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?before_seq=8").await,
-        (vec![1, 2, 3, 4, 5, 6, 7], false, 7)
-    );
-    assert_eq!(
-        page(&app, &alice, bot, "?before_seq=1").await,
-        (vec![], false, 7)
-    );
+    assert_eq!(page(&app, &alice, bot, "?before_seq=6&limit=2").await, (vec![4, 5], true, 7));
+    assert_eq!(page(&app, &alice, bot, "?before_seq=3&limit=5").await, (vec![1, 2], false, 7));
+    assert_eq!(page(&app, &alice, bot, "?before_seq=8").await, (vec![1, 2, 3, 4, 5, 6, 7], false, 7));
+    assert_eq!(page(&app, &alice, bot, "?before_seq=1").await, (vec![], false, 7));
     // The bounds of limit.
     assert_eq!(page(&app, &alice, bot, "?limit=500").await.0.len(), 7);
 }
@@ -1447,30 +1034,12 @@ async fn messages_refuses_bad_queries_with_400_invalid_query() {
         "before_seq=1.5",
         "after_seq=1&before_seq=5",
     ] {
-        let res = app
-            .get(
-                &format!("/api/bots/{bot}/messages?{query}"),
-                Some(&alice.token),
-            )
-            .await;
-        assert_eq!(
-            res.1["error"]["code"], "invalid_query",
-            "{query}: {}",
-            res.1
-        );
+        let res = app.get(&format!("/api/bots/{bot}/messages?{query}"), Some(&alice.token)).await;
+        assert_eq!(res.1["error"]["code"], "invalid_query", "{query}: {}", res.1);
         expect_error(&res, 400, "invalid_query");
     }
-    let res = app
-        .get(
-            &format!("/api/bots/{bot}/messages?limit=ten"),
-            Some(&alice.token),
-        )
-        .await;
-    assert!(
-        message(&res).contains("limit"),
-        "names the parameter: {}",
-        message(&res)
-    );
+    let res = app.get(&format!("/api/bots/{bot}/messages?limit=ten"), Some(&alice.token)).await;
+    assert!(message(&res).contains("limit"), "names the parameter: {}", message(&res));
 }
 
 #[tokio::test]
@@ -1479,32 +1048,20 @@ async fn messages_are_only_the_callers_own_conversation() {
     let owner = app.user("olga").await;
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
-    let bot = app
-        .bot(&owner, json!({"name": "Public", "visibility": "public"}))
-        .await
-        .id;
+    let bot = app.bot(&owner, json!({"name": "Public", "visibility": "public"})).await.id;
     let alice_conv = seed_messages(&app, &alice, bot, "from alice", 3).await;
     let bob_conv = seed_messages(&app, &bob, bot, "from bob", 2).await;
     assert_ne!(alice_conv, bob_conv);
 
-    for (user, conv, tag, n) in [
-        (&alice, alice_conv, "from alice", 3),
-        (&bob, bob_conv, "from bob", 2),
-    ] {
-        let (status, body) = app
-            .get(&format!("/api/bots/{bot}/messages"), Some(&user.token))
-            .await;
+    for (user, conv, tag, n) in [(&alice, alice_conv, "from alice", 3), (&bob, bob_conv, "from bob", 2)] {
+        let (status, body) = app.get(&format!("/api/bots/{bot}/messages"), Some(&user.token)).await;
         assert_eq!(status, 200);
         let msgs = body["messages"].as_array().unwrap();
         assert_eq!(msgs.len(), n, "{body}");
         assert_eq!(body["last_seq"], n, "{body}");
         for m in msgs {
             assert_eq!(m["conversation_id"], json!(conv));
-            assert!(
-                m["content"].as_str().unwrap().starts_with(tag),
-                "{} saw {m}",
-                user.username
-            );
+            assert!(m["content"].as_str().unwrap().starts_with(tag), "{} saw {m}", user.username);
         }
     }
     // The owner has a conversation of their own, empty: owning a bot shows no one else's.
@@ -1528,20 +1085,12 @@ async fn messages_sent_over_the_socket_show_up_in_the_history() {
     }
     ws.close().await;
 
-    let (status, body) = app
-        .get(&format!("/api/bots/{bot}/messages"), Some(&alice.token))
-        .await;
+    let (status, body) = app.get(&format!("/api/bots/{bot}/messages"), Some(&alice.token)).await;
     assert_eq!(status, 200);
     let msgs = body["messages"].as_array().unwrap();
     assert_eq!(msgs.len(), 2, "{body}");
-    assert_eq!(
-        (msgs[0]["role"].as_str(), msgs[0]["client_id"].as_str()),
-        (Some("user"), Some("hello-1"))
-    );
-    assert_eq!(
-        (msgs[1]["role"].as_str(), msgs[1]["content"].as_str()),
-        (Some("bot"), Some("hello there"))
-    );
+    assert_eq!((msgs[0]["role"].as_str(), msgs[0]["client_id"].as_str()), (Some("user"), Some("hello-1")));
+    assert_eq!((msgs[1]["role"].as_str(), msgs[1]["content"].as_str()), (Some("bot"), Some("hello there")));
     assert_eq!(msgs[1]["in_reply_to"], msgs[0]["id"]);
     assert_eq!(body["last_seq"], 2);
 }
@@ -1558,18 +1107,13 @@ async fn preflight(app: &TestApp, origin: &str) -> (u16, HeaderMap) {
         .request(Method::OPTIONS, app.url("/api/bots"))
         .header("origin", origin)
         .header("access-control-request-method", "POST")
-        .header(
-            "access-control-request-headers",
-            "authorization,content-type",
-        );
+        .header("access-control-request-headers", "authorization,content-type");
     let (status, headers, _) = send_raw(req).await;
     (status, headers)
 }
 
 fn allow_origin(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("access-control-allow-origin")
-        .and_then(|v| v.to_str().ok())
+    headers.get("access-control-allow-origin").and_then(|v| v.to_str().ok())
 }
 
 #[tokio::test]
@@ -1579,45 +1123,26 @@ async fn cors_admits_configured_origins_only() {
     let (status, headers) = preflight(&app, DEV_ORIGIN).await;
     assert!((200..300).contains(&status), "{status}");
     assert_eq!(allow_origin(&headers), Some(DEV_ORIGIN));
-    let methods = headers
-        .get("access-control-allow-methods")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_ascii_uppercase();
-    assert!(
-        methods.contains("POST") && methods.contains("PATCH") && methods.contains("DELETE"),
-        "{methods}"
-    );
-    let allowed_headers = headers
-        .get("access-control-allow-headers")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_ascii_lowercase();
-    assert!(
-        allowed_headers.contains("authorization") && allowed_headers.contains("content-type"),
-        "{allowed_headers}"
-    );
+    let methods = headers.get("access-control-allow-methods").unwrap().to_str().unwrap().to_ascii_uppercase();
+    assert!(methods.contains("POST") && methods.contains("PATCH") && methods.contains("DELETE"), "{methods}");
+    let allowed_headers = headers.get("access-control-allow-headers").unwrap().to_str().unwrap().to_ascii_lowercase();
+    assert!(allowed_headers.contains("authorization") && allowed_headers.contains("content-type"), "{allowed_headers}");
 
     let (_, headers) = preflight(&app, "http://evil.example").await;
     assert_eq!(allow_origin(&headers), None);
 
     // Simple requests too.
-    let (_, headers, _) = send_raw(
-        app.http
-            .get(app.url("/api/health"))
-            .header("origin", DEV_ORIGIN),
-    )
-    .await;
+    let (_, headers, _) = send_raw(app.http.get(app.url("/api/health")).header("origin", DEV_ORIGIN)).await;
     assert_eq!(allow_origin(&headers), Some(DEV_ORIGIN));
-    let (_, headers, _) = send_raw(
-        app.http
-            .get(app.url("/api/health"))
-            .header("origin", "http://evil.example"),
-    )
-    .await;
+    let (_, headers, _) = send_raw(app.http.get(app.url("/api/health")).header("origin", "http://evil.example")).await;
     assert_eq!(allow_origin(&headers), None);
+}
+
+#[tokio::test]
+async fn cors_origins_match_with_or_without_a_trailing_slash() {
+    let app = TestApp::spawn_with(|cfg| cfg.allowed_origins = vec![format!("{DEV_ORIGIN}/")]).await;
+    let (_, headers) = preflight(&app, DEV_ORIGIN).await;
+    assert_eq!(allow_origin(&headers), Some(DEV_ORIGIN));
 }
 
 #[tokio::test]
@@ -1625,12 +1150,7 @@ async fn cors_admits_no_other_origin_by_default() {
     let app = TestApp::spawn().await;
     let (_, headers) = preflight(&app, DEV_ORIGIN).await;
     assert_eq!(allow_origin(&headers), None);
-    let (_, headers, _) = send_raw(
-        app.http
-            .get(app.url("/api/health"))
-            .header("origin", DEV_ORIGIN),
-    )
-    .await;
+    let (_, headers, _) = send_raw(app.http.get(app.url("/api/health")).header("origin", DEV_ORIGIN)).await;
     assert_eq!(allow_origin(&headers), None);
 }
 
@@ -1643,41 +1163,17 @@ async fn unknown_api_paths_are_404_json() {
     expect_error(&app.get("/api/", None).await, 404, "not_found");
     expect_error(&app.get("/api", None).await, 404, "not_found");
     expect_error(&app.get("/api/auth", None).await, 404, "not_found");
-    expect_error(
-        &app.get(&format!("/api/bots/{bot}/nope"), Some(&alice.token))
-            .await,
-        404,
-        "not_found",
-    );
-    expect_error(
-        &app.post("/api/nope", None, json!({})).await,
-        404,
-        "not_found",
-    );
+    expect_error(&app.get(&format!("/api/bots/{bot}/nope"), Some(&alice.token)).await, 404, "not_found");
+    expect_error(&app.post("/api/nope", None, json!({})).await, 404, "not_found");
 }
 
 #[tokio::test]
 async fn wrong_methods_are_405_json() {
     let app = TestApp::spawn().await;
-    expect_error(
-        &app.get("/api/auth/login", None).await,
-        405,
-        "method_not_allowed",
-    );
-    expect_error(
-        &app.delete("/api/health", None).await,
-        405,
-        "method_not_allowed",
-    );
-    expect_error(
-        &app.patch("/api/bots", None, json!({})).await,
-        405,
-        "method_not_allowed",
-    );
-    let put = app
-        .http
-        .put(app.url(&format!("/api/bots/{}", Uuid::new_v4())))
-        .json(&json!({}));
+    expect_error(&app.get("/api/auth/login", None).await, 405, "method_not_allowed");
+    expect_error(&app.delete("/api/health", None).await, 405, "method_not_allowed");
+    expect_error(&app.patch("/api/bots", None, json!({})).await, 405, "method_not_allowed");
+    let put = app.http.put(app.url(&format!("/api/bots/{}", Uuid::new_v4()))).json(&json!({}));
     expect_error(&send(put).await, 405, "method_not_allowed");
 }
 
@@ -1708,125 +1204,52 @@ async fn no_answer_reveals_a_password_hash_or_refresh_token() {
     };
     let get = |path: &str, token: &str| app.http.get(app.url(path)).bearer_auth(token);
 
-    record!(
-        "register",
-        post("/api/auth/register", None, creds("alice", PASSWORD))
-    );
-    record!(
-        "register bob",
-        post("/api/auth/register", None, creds("bob", other_password))
-    );
-    record!(
-        "register again",
-        post("/api/auth/register", None, creds("alice", PASSWORD))
-    );
-    record!(
-        "register short password",
-        post("/api/auth/register", None, creds("carol", "short"))
-    );
-    record!(
-        "bad login",
-        post("/api/auth/login", None, creds("alice", "wrong-password"))
-    );
+    record!("register", post("/api/auth/register", None, creds("alice", PASSWORD)));
+    record!("register bob", post("/api/auth/register", None, creds("bob", other_password)));
+    record!("register again", post("/api/auth/register", None, creds("alice", PASSWORD)));
+    record!("register short password", post("/api/auth/register", None, creds("carol", "short")));
+    record!("bad login", post("/api/auth/login", None, creds("alice", "wrong-password")));
     let (_, _, login) = send_raw(post("/api/auth/login", None, creds("alice", PASSWORD))).await;
     token_answers.push(login.clone());
     let login: Value = serde_json::from_str(&login).unwrap();
     let access = login["access_token"].as_str().unwrap().to_owned();
     let first_refresh = login["refresh_token"].as_str().unwrap().to_owned();
-    let (_, _, refreshed) = send_raw(post(
-        "/api/auth/refresh",
-        None,
-        json!({"refresh_token": first_refresh}),
-    ))
-    .await;
+    let (_, _, refreshed) = send_raw(post("/api/auth/refresh", None, json!({"refresh_token": first_refresh}))).await;
     token_answers.push(refreshed.clone());
-    let second_refresh = serde_json::from_str::<Value>(&refreshed).unwrap()["refresh_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    record!(
-        "refresh reuse",
-        post(
-            "/api/auth/refresh",
-            None,
-            json!({"refresh_token": first_refresh})
-        )
-    );
-    record!(
-        "refresh revoked",
-        post(
-            "/api/auth/refresh",
-            None,
-            json!({"refresh_token": second_refresh})
-        )
-    );
+    let second_refresh =
+        serde_json::from_str::<Value>(&refreshed).unwrap()["refresh_token"].as_str().unwrap().to_owned();
+    record!("refresh reuse", post("/api/auth/refresh", None, json!({"refresh_token": first_refresh})));
+    record!("refresh revoked", post("/api/auth/refresh", None, json!({"refresh_token": second_refresh})));
     record!("me", get("/api/auth/me", &access));
-    let bot = record!(
-        "create bot",
-        post("/api/bots", Some(&access), json!({"name": "B"}))
-    );
+    let bot = record!("create bot", post("/api/bots", Some(&access), json!({"name": "B"})));
     let bot: Value = serde_json::from_str(&bot).unwrap();
     let id = bot["id"].as_str().unwrap();
     record!(
         "add member",
-        post(
-            &format!("/api/bots/{id}/members"),
-            Some(&access),
-            json!({"username": "bob", "role": "chat"})
-        )
+        post(&format!("/api/bots/{id}/members"), Some(&access), json!({"username": "bob", "role": "chat"}))
     );
     record!("members", get(&format!("/api/bots/{id}/members"), &access));
     record!("bots", get("/api/bots", &access));
     record!("bot", get(&format!("/api/bots/{id}"), &access));
-    record!(
-        "messages",
-        get(&format!("/api/bots/{id}/messages"), &access)
-    );
-    record!(
-        "logout",
-        post(
-            "/api/auth/logout",
-            None,
-            json!({"refresh_token": second_refresh})
-        )
-    );
+    record!("messages", get(&format!("/api/bots/{id}/messages"), &access));
+    record!("logout", post("/api/auth/logout", None, json!({"refresh_token": second_refresh})));
     record!("openapi", app.http.get(app.url("/api/openapi.json")));
 
     let mut hashes = Vec::new();
     for name in ["alice", "bob"] {
-        let user = app
-            .state
-            .store
-            .user_by_username(name)
-            .await
-            .unwrap()
-            .unwrap();
+        let user = app.state.store.user_by_username(name).await.unwrap().unwrap();
         hashes.push(user.password_hash);
     }
     for (what, text) in &answers {
-        for secret in [
-            PASSWORD,
-            other_password,
-            first_refresh.as_str(),
-            second_refresh.as_str(),
-        ] {
+        for secret in [PASSWORD, other_password, first_refresh.as_str(), second_refresh.as_str()] {
             assert!(!text.contains(secret), "{what} reveals a secret: {text}");
         }
         for hash in &hashes {
-            assert!(
-                !text.contains(hash.as_str()),
-                "{what} reveals a password hash: {text}"
-            );
+            assert!(!text.contains(hash.as_str()), "{what} reveals a password hash: {text}");
         }
-        assert!(
-            !text.contains("$argon2"),
-            "{what} reveals a password hash: {text}"
-        );
+        assert!(!text.contains("$argon2"), "{what} reveals a password hash: {text}");
     }
     for text in &token_answers {
-        assert!(
-            !text.contains(PASSWORD) && !text.contains("$argon2"),
-            "{text}"
-        );
+        assert!(!text.contains(PASSWORD) && !text.contains("$argon2"), "{text}");
     }
 }
