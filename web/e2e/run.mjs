@@ -1,0 +1,451 @@
+// Browser tests of the client library (issue 5) and the web app (issue 6) against real natter
+// servers, in Debian's headless chromium. Needs web/dist built and target/debug/natter.
+// Usage: node e2e/run.mjs [name-filter]. Prints "N passed, N failed" last; exits 1 on failure.
+
+import {
+  api,
+  assert,
+  checkPrerequisites,
+  launchBrowser,
+  login,
+  loginPage,
+  registerAndLogin,
+  sendMessage,
+  shownMessages,
+  sleep,
+  startServer,
+  stopAll,
+  waitState,
+  watchStates,
+} from './harness.mjs';
+
+const SCENARIO_TIMEOUT_MS = Number(process.env.E2E_TIMEOUT_MS ?? 90_000);
+const filter = process.argv[2] ?? '';
+const scenarios = [];
+const scenario = (name, fn) => scenarios.push({ name, fn });
+
+let browser;
+/** A fresh browser context per scenario: its own localStorage and sessionStorage. */
+async function newPage(ctxOpts = {}) {
+  const ctx = await browser.newContext({ viewport: { width: 1000, height: 760 }, ...ctxOpts });
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => console.log(`    [page error] ${e.message}`));
+  return { ctx, page };
+}
+
+async function demoBotId(srv, token) {
+  const bots = await api(srv.url, '/api/bots', { token });
+  const echo = bots.find((b) => b.name === 'Echo');
+  assert(echo, 'the demo server has an Echo bot');
+  return echo.id;
+}
+
+/** Counts sockets and selected requests a page makes. */
+function countTraffic(page) {
+  const c = { sockets: [], health: 0, refresh: 0, ticket: 0 };
+  page.on('websocket', (ws) => c.sockets.push(ws.url()));
+  page.on('request', (r) => {
+    const u = r.url();
+    if (u.endsWith('/api/health')) c.health++;
+    if (u.endsWith('/api/auth/refresh')) c.refresh++;
+    if (u.endsWith('/api/ws/ticket')) c.ticket++;
+  });
+  return c;
+}
+
+// ---- issue 5: the library ---------------------------------------------------------------
+
+scenario('connect and chat (log in through the form)', async () => {
+  const srv = await startServer();
+  const { page } = await newPage();
+  await page.goto(`${srv.url}/`);
+  await page.fill('[data-testid=username]', 'demo');
+  await page.fill('[data-testid=password]', 'demo-password');
+  await page.click('[data-testid=auth-submit]');
+  await page.click('[data-testid=chat-link] >> text=Echo');
+  await waitState(page, 'open');
+  await page.waitForSelector('[data-testid=status-label]:text-is("Connected")');
+  const traffic = countTraffic(page);
+  await sendMessage(page, 'hello natter');
+  await page.waitForSelector('.msg.bot .body:text-is("hello natter")', { timeout: 10_000 });
+  await page.waitForSelector('.msg.user[data-status=sent] .body:text-is("hello natter")');
+  const shown = await shownMessages(page);
+  assert(shown.length === 2, `two messages shown, got ${JSON.stringify(shown)}`);
+  assert(shown[0].seq === 1 && shown[1].seq === 2, 'seqs 1 and 2');
+  // The token never appears in a socket URL: the library uses a ticket.
+  const urls = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'ws_connect').map((e) => e.url));
+  assert(urls.length >= 1 && urls.every((u) => u.includes('ticket=<redacted>') && !u.includes('token=')), `socket URLs use tickets: ${urls}`);
+  assert(traffic.sockets.length === 0, 'no new socket for sending');
+});
+
+scenario('server killed and restarted: reconnects, nothing lost or doubled', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  await watchStates(page);
+  for (const m of ['one', 'two']) {
+    await sendMessage(page, m);
+    await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+  }
+  await srv.kill('SIGKILL');
+  await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, { timeout: 10_000 });
+  // Typed while the server is down: queued, then sent on reconnect.
+  await sendMessage(page, 'three (typed while down)');
+  await page.waitForSelector('.msg.user[data-status=pending] .body:text-is("three (typed while down)")');
+  await sleep(1500);
+  await srv.start();
+  await waitState(page, 'open', 40_000);
+  await page.waitForSelector('.msg.bot .body:text-is("three (typed while down)")', { timeout: 10_000 });
+  await sendMessage(page, 'four');
+  await page.waitForSelector('.msg.bot .body:text-is("four")');
+  const labels = await page.evaluate(() => window.__labels);
+  const iRe = labels.findIndex((l) => /^Reconnecting|^Server unavailable/.test(l));
+  assert(iRe >= 0, `indicator showed Reconnecting: ${JSON.stringify(labels)}`);
+  assert(labels.some((l) => /^Reconnecting/.test(l)), `indicator said "Reconnecting": ${JSON.stringify(labels)}`);
+  assert(labels.slice(iRe).includes('Connected'), `then Connected: ${JSON.stringify(labels)}`);
+  const shown = await shownMessages(page);
+  const server = await api(srv.url, `/api/bots/${botId}/messages?limit=100`, { token: t.access_token });
+  assert(server.messages.length === 8, `server stored 8 messages, got ${server.messages.length}`);
+  assert(JSON.stringify(shown.map((m) => m.seq)) === JSON.stringify(server.messages.map((m) => m.seq)), `shown seqs ${shown.map((m) => m.seq)} = stored ${server.messages.map((m) => m.seq)}`);
+  assert(JSON.stringify(shown.map((m) => m.text)) === JSON.stringify(server.messages.map((m) => m.content)), 'shown texts = stored texts');
+  const outbox = await page.evaluate(() => sessionStorage.getItem('natter.outbox'));
+  assert(outbox === null, 'outbox empty');
+});
+
+scenario('4401: one token refresh, then success (library, token in URL)', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await page.goto(`${srv.url}/#/login`);
+  const result = await page.evaluate(
+    async ({ botId, good }) => {
+      let token = 'not-a-valid-token';
+      let refreshes = 0;
+      const s = new window.natter.ChatSocket({
+        useTicket: false,
+        storage: null,
+        getToken: () => token,
+        refreshToken: async () => {
+          refreshes++;
+          token = good;
+          return good;
+        },
+      });
+      const states = [];
+      s.on('state', (st) => states.push(st.kind));
+      s.connect(botId);
+      const t0 = Date.now();
+      while (s.state.kind !== 'open' && s.state.kind !== 'failed' && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 50));
+      const closes = JSON.parse(s.exportFlightRecorder()).events.filter((e) => e.type === 'close');
+      const out = { refreshes, states, closes, final: s.state.kind, exported: s.exportFlightRecorder() };
+      s.destroy();
+      return out;
+    },
+    { botId, good: t.access_token },
+  );
+  assert(result.final === 'open', `ended open: ${JSON.stringify(result.states)}`);
+  assert(result.refreshes === 1, `one refresh, got ${result.refreshes}`);
+  assert(result.closes.length === 1 && result.closes[0].code === 4401, `one 4401 close: ${JSON.stringify(result.closes)}`);
+  assert(!result.exported.includes(t.access_token), 'the flight recorder holds no token');
+});
+
+scenario('expired access token in the app: silent refresh, then chat', async () => {
+  const srv = await startServer({ args: ['--access-token-ttl-secs', '2'] });
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  await sleep(3500); // the access token is now expired
+  const traffic = countTraffic(page);
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  await sendMessage(page, 'after refresh');
+  await page.waitForSelector('.msg.bot .body:text-is("after refresh")');
+  assert(traffic.refresh === 1, `exactly one refresh request, got ${traffic.refresh}`);
+  // Kill the login: the refresh token is revoked server-side → "Session expired, log in again".
+  const rt = await page.evaluate(() => localStorage.getItem('refresh_token'));
+  await api(srv.url, '/api/auth/logout', { method: 'POST', body: { refresh_token: rt } });
+  await sleep(2500); // access token expired again
+  await page.goto(`${srv.url}/#/bots`);
+  await page.waitForSelector('[data-testid=auth-notice]:text("Session expired, log in again")', { timeout: 10_000 });
+  const before = traffic.refresh;
+  await sleep(2000);
+  assert(traffic.refresh - before <= 1, 'no refresh loop');
+});
+
+scenario('4404: failed with advice, no retry loop', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  const missing = '11111111-2222-4333-8444-555555555555';
+  // The library with the token in the URL, so the socket itself closes with 4404.
+  const lib = await page.evaluate(async (botId) => {
+    const s = new window.natter.ChatSocket({ useTicket: false, storage: null, getToken: () => localStorage.getItem('access_token') });
+    let sockets = 0;
+    const Orig = window.WebSocket;
+    s.on('state', (st) => st.kind === 'connecting' && sockets++);
+    s.connect(botId);
+    const t0 = Date.now();
+    while (s.state.kind !== 'failed' && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 50));
+    await new Promise((r) => setTimeout(r, 4000));
+    const st = s.state;
+    s.destroy();
+    return { st, sockets, ws: typeof Orig };
+  }, missing);
+  assert(lib.st.kind === 'failed' && lib.st.code === 4404, `failed 4404: ${JSON.stringify(lib.st)}`);
+  assert(/no bot/.test(lib.st.reason) && /bot id/i.test(lib.st.advice), `reason and advice: ${JSON.stringify(lib.st)}`);
+  assert(lib.sockets === 1, `one socket, no retry loop (got ${lib.sockets})`);
+  // The app: the indicator says Failed with the reason; nothing retries.
+  const traffic = countTraffic(page);
+  await page.goto(`${srv.url}/#/chat/${missing}`);
+  await waitState(page, 'failed');
+  const label = await page.textContent('[data-testid=status-label]');
+  const detail = await page.textContent('[data-testid=status-detail]');
+  assert(/^Failed: .*no bot/.test(label), `label: ${label}`);
+  assert(/Check the bot id/.test(detail), `advice shown: ${detail}`);
+  const n = traffic.ticket + traffic.sockets.length;
+  await sleep(4000);
+  assert(traffic.ticket + traffic.sockets.length === n, 'no retries after failing');
+});
+
+scenario('offline emulation pauses retries; back online reconnects at once', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { ctx, page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  const traffic = countTraffic(page);
+  await ctx.setOffline(true);
+  await waitState(page, 'offline', 5000);
+  await page.waitForSelector('[data-testid=status-label]:text-is("Offline")');
+  await sendMessage(page, 'typed offline');
+  await page.waitForSelector('.msg.user[data-status=pending] .msg-status:text("Queued")');
+  await sleep(5000);
+  assert(traffic.sockets.length === 0 && traffic.health === 0, `no attempts while offline: ${JSON.stringify(traffic)}`);
+  const t0 = Date.now();
+  await ctx.setOffline(false);
+  await waitState(page, 'open', 5000);
+  const took = Date.now() - t0;
+  assert(took < 3000, `reconnected at once (${took} ms)`);
+  await page.waitForSelector('.msg.bot .body:text-is("typed offline")');
+});
+
+scenario('diagnostics name the failing step: bad token, missing bot, stopped server', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/bots`);
+  const run = (b, tok) => page.evaluate(([b, tok]) => window.runWebSocketDiagnostics(b, tok), [b, tok]);
+  const good = await run(botId, t.access_token);
+  assert(good.summary.status !== 'fail', `all good: ${JSON.stringify(good.steps.filter((s) => s.status === 'fail'))}`);
+  for (const id of ['api', 'token_accepted', 'bot', 'preflight', 'handshake', 'established', 'ping', 'stability']) {
+    assert(good.steps.find((s) => s.id === id)?.status === 'ok', `step ${id} ok: ${JSON.stringify(good.steps.find((s) => s.id === id))}`);
+  }
+  const badToken = await run(botId, 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.bad-signature-here');
+  assert(badToken.summary.failing_step === 'token_accepted', `bad token → token_accepted: ${badToken.summary.failing_step}`);
+  assert(!JSON.stringify(badToken).includes('bad-signature-here'), 'the report holds no token');
+  const noBot = await run('11111111-2222-4333-8444-555555555555', t.access_token);
+  assert(noBot.summary.failing_step === 'bot', `missing bot → bot: ${noBot.summary.failing_step}`);
+  assert(!JSON.stringify(good).includes(t.access_token), 'no token in the report');
+  await srv.kill();
+  const down = await run(botId, t.access_token);
+  assert(down.summary.failing_step === 'api', `stopped server → api: ${down.summary.failing_step}`);
+  assert(/Start the server/.test(down.steps.find((s) => s.id === 'api').fix), 'suggests starting the server');
+  // testWebSocket, as the seed's console snippet calls it.
+  await srv.start();
+  const quick = await page.evaluate((b) => window.testWebSocket(b, localStorage.getItem('access_token')), botId);
+  assert(quick.ok && quick.steps.map((s) => s.step).join() === 'health,ticket,open,connection_established,ping,close', `testWebSocket: ${JSON.stringify(quick)}`);
+});
+
+// ---- issue 6: the app -------------------------------------------------------------------
+
+scenario('register → create bot → chat', async () => {
+  const srv = await startServer({ demo: false });
+  const { page } = await newPage();
+  await page.goto(`${srv.url}/`);
+  await page.click('[data-testid=to-register]');
+  await page.fill('[data-testid=username]', 'newcomer');
+  await page.fill('[data-testid=password]', 'short');
+  await page.click('[data-testid=auth-submit]');
+  await page.waitForSelector('[data-testid=auth-error]:text("8")'); // server's validation message
+  await page.fill('[data-testid=password]', 'long-enough-password');
+  await page.click('[data-testid=auth-submit]');
+  await page.waitForSelector('[data-testid=new-bot]');
+  await page.click('[data-testid=new-bot]');
+  await page.fill('[data-testid=bot-name]', 'Parrot');
+  await page.fill('[data-testid=bot-description]', 'says it back');
+  await page.fill('[data-testid=bot-engine-settings]', '{"voice": "loud"}');
+  await page.click('[data-testid=bot-save]');
+  await page.waitForSelector('[data-testid=bot-error]:text("engine.voice")'); // server validation shown
+  await page.fill('[data-testid=bot-engine-settings]', '');
+  await page.click('[data-testid=bot-save]');
+  await page.waitForSelector('text=Share');
+  await page.click('a:text("Cancel")');
+  await page.click('[data-testid=chat-link] >> text=Parrot');
+  await waitState(page, 'open');
+  await sendMessage(page, 'polly wants a test');
+  await page.waitForSelector('.msg.bot .body:text-is("polly wants a test")');
+  assert((await page.textContent('[data-testid=chat-title]')) === 'Parrot', 'title');
+  await page.click('[data-testid=logout]');
+  await page.waitForSelector('[data-testid=auth-submit]');
+});
+
+scenario('revoke access: Failed with a readable reason, no retry loop', async () => {
+  const srv = await startServer();
+  const owner = await login(srv.url, 'demo', 'demo-password');
+  const bot = await api(srv.url, '/api/bots', { method: 'POST', token: owner.access_token, body: { name: 'Secret', visibility: 'private', engine: { kind: 'echo' } } });
+  const guest = await registerAndLogin(srv.url, 'guest');
+  await api(srv.url, `/api/bots/${bot.id}/members`, { method: 'POST', token: owner.access_token, body: { username: 'guest', role: 'chat' } });
+  const { page } = await newPage();
+  await loginPage(page, srv, guest, 'guest');
+  await page.goto(`${srv.url}/#/chat/${bot.id}`);
+  await waitState(page, 'open');
+  await sendMessage(page, 'hi');
+  await page.waitForSelector('.msg.bot .body:text-is("hi")');
+  await api(srv.url, `/api/bots/${bot.id}/members/guest`, { method: 'DELETE', token: owner.access_token });
+  // The next connection is refused: restart the server so the socket reconnects.
+  await srv.restart();
+  await waitState(page, 'failed', 30_000);
+  const label = await page.textContent('[data-testid=status-label]');
+  assert(/^Failed: .*not shared with you/.test(label), `readable reason: ${label}`);
+  const traffic = countTraffic(page);
+  await sleep(4000);
+  assert(traffic.sockets.length === 0 && traffic.ticket === 0, `no retry loop: ${JSON.stringify(traffic)}`);
+  // Retry tries exactly once more and fails the same way.
+  await page.click('[data-testid=retry]');
+  await waitState(page, 'failed');
+  await sleep(1500);
+  assert(traffic.ticket === 1, `Retry made one attempt (${traffic.ticket})`);
+});
+
+scenario('Diagnose on a broken setup shows the failing step and copies the report', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const { ctx, page } = await newPage();
+  await ctx.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: srv.url });
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/11111111-2222-4333-8444-555555555555`);
+  await waitState(page, 'failed');
+  await page.click('[data-testid=diagnose]');
+  await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
+  const failing = await page.getAttribute('[data-testid=diag-steps] li[data-status=fail]', 'data-step');
+  assert(failing === 'bot', `first failing step is bot: ${failing}`);
+  const text = await page.textContent('[data-testid=diag-steps] li[data-step=bot]');
+  assert(text.includes('✗') && /No bot has the id/.test(text) && /Fix:/.test(text), `shows ✗, explanation and fix: ${text}`);
+  const okText = await page.textContent('[data-testid=diag-steps] li[data-step=api]');
+  assert(okText.includes('✓'), 'api step ✓');
+  await page.click('[data-testid=copy-report]');
+  await page.waitForSelector('.copied:text("Copied")');
+  const clip = await page.evaluate(() => navigator.clipboard.readText());
+  assert(clip.includes('✗ Bot exists and is allowed') && clip.includes('flight recorder') && !clip.includes(t.access_token), 'copied report has steps and no token');
+});
+
+scenario('two tabs on the same conversation stay in step', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { ctx, page: a } = await newPage();
+  await loginPage(a, srv, t, 'demo');
+  await a.goto(`${srv.url}/#/chat/${botId}`);
+  const b = await ctx.newPage();
+  await b.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(a, 'open');
+  await waitState(b, 'open');
+  await sendMessage(a, 'from tab A');
+  await b.waitForSelector('.msg.user .body:text-is("from tab A")');
+  await b.waitForSelector('.msg.bot .body:text-is("from tab A")');
+  await sendMessage(b, 'from tab B');
+  await a.waitForSelector('.msg.bot .body:text-is("from tab B")');
+  await b.waitForSelector('.msg.bot .body:text-is("from tab B")');
+  await sleep(300);
+  const sa = (await shownMessages(a)).map((m) => `${m.seq}:${m.role}:${m.text}`);
+  const sb = (await shownMessages(b)).map((m) => `${m.seq}:${m.role}:${m.text}`);
+  assert(JSON.stringify(sa) === JSON.stringify(sb), `same transcript:\n${sa.join('\n')}\nvs\n${sb.join('\n')}`);
+  assert(sa.length === 4, `four messages: ${sa}`);
+});
+
+scenario('history: older messages load on scroll up', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  // 60 messages → 120 stored with the replies: more than one page of 50.
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  await page.evaluate(async () => {
+    for (let i = 1; i <= 60; i++) {
+      await window.chatWebSocketService.send(`m${i}`);
+      await new Promise((r) => setTimeout(r, 210)); // within 5 messages/s
+    }
+  });
+  await page.waitForSelector('.msg.bot .body:text-is("m60")');
+  await page.reload();
+  await waitState(page, 'open');
+  let shown = await shownMessages(page);
+  assert(shown.length === 50 && shown[0].seq === 71 && shown.at(-1).seq === 120, `latest page: ${shown.length} from ${shown[0]?.seq}`);
+  await page.$eval('[data-testid=messages]', (el) => (el.scrollTop = 0));
+  await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 100);
+  await page.$eval('[data-testid=messages]', (el) => (el.scrollTop = 0));
+  await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 120);
+  shown = await shownMessages(page);
+  assert(shown.every((m, i) => m.seq === i + 1), 'all 120 in order, none twice');
+});
+
+// ---- runner -----------------------------------------------------------------------------
+
+async function main() {
+  const missing = checkPrerequisites();
+  if (missing.length) {
+    console.error(`missing: ${missing.join('; ')}`);
+    console.log('0 passed, 1 failed');
+    process.exit(1);
+  }
+  browser = await launchBrowser();
+  let passed = 0;
+  let failed = 0;
+  const started = Date.now();
+  for (const s of scenarios) {
+    if (filter && !s.name.includes(filter)) continue;
+    const t0 = Date.now();
+    let timer;
+    try {
+      await Promise.race([
+        s.fn(),
+        new Promise((_, rej) => {
+          timer = setTimeout(() => rej(new Error(`timed out after ${SCENARIO_TIMEOUT_MS} ms`)), SCENARIO_TIMEOUT_MS);
+        }),
+      ]);
+      passed++;
+      console.log(`✓ ${s.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+    } catch (e) {
+      failed++;
+      console.log(`✗ ${s.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n    ${String(e?.stack ?? e).split('\n').slice(0, 6).join('\n    ')}`);
+    } finally {
+      clearTimeout(timer);
+      for (const ctx of browser.contexts()) await ctx.close().catch(() => {});
+      await stopAll();
+    }
+  }
+  await browser.close();
+  console.log(`browser tests took ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+}
+
+main().catch(async (e) => {
+  console.error(e);
+  await stopAll();
+  console.log('0 passed, 1 failed');
+  process.exit(1);
+});

@@ -1,0 +1,155 @@
+/**
+ * The login session: tokens in `localStorage` (under `access_token`, the key the seed's
+ * console snippets read, and `refresh_token`), a REST wrapper that refreshes the access token
+ * silently on a 401, and one refresh at a time across tabs (refresh tokens rotate: two tabs
+ * refreshing with the same one would revoke the whole login).
+ */
+
+import { http, type HttpResult } from '../lib/http';
+import type { TokenPair, UserView } from '../lib/protocol';
+import { resolveEndpoints } from '../lib/config';
+
+const ACCESS = 'access_token';
+const REFRESH = 'refresh_token';
+const USER = 'natter.user';
+
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'ApiError';
+  }
+}
+
+export class SessionExpired extends Error {
+  constructor() {
+    super('Session expired, log in again');
+    this.name = 'SessionExpired';
+  }
+}
+
+type Listener = (reason: 'login' | 'logout' | 'expired') => void;
+
+export class Session {
+  readonly apiUrl: string;
+  private listeners = new Set<Listener>();
+  private inflight: Promise<string | null> | null = null;
+
+  constructor(apiUrl = resolveEndpoints().apiUrl) {
+    this.apiUrl = apiUrl;
+    // Another tab logged out (or its refresh failed): follow it.
+    window.addEventListener('storage', (e) => {
+      if (e.key === ACCESS && !e.newValue && e.oldValue) this.emit('logout');
+    });
+  }
+
+  onChange(fn: Listener): () => void {
+    this.listeners.add(fn);
+    return () => this.listeners.delete(fn);
+  }
+  private emit(r: 'login' | 'logout' | 'expired'): void {
+    for (const l of this.listeners) l(r);
+  }
+
+  get accessToken(): string | null {
+    return localStorage.getItem(ACCESS);
+  }
+  get user(): UserView | null {
+    try {
+      return JSON.parse(localStorage.getItem(USER) ?? 'null');
+    } catch {
+      return null;
+    }
+  }
+  get loggedIn(): boolean {
+    return !!this.accessToken && !!localStorage.getItem(REFRESH);
+  }
+
+  private store(p: TokenPair): void {
+    localStorage.setItem(ACCESS, p.access_token);
+    localStorage.setItem(REFRESH, p.refresh_token);
+  }
+  private clear(): void {
+    localStorage.removeItem(ACCESS);
+    localStorage.removeItem(REFRESH);
+    localStorage.removeItem(USER);
+  }
+
+  async register(username: string, password: string): Promise<void> {
+    const r = await http<UserView>(this.apiUrl, '/api/auth/register', { method: 'POST', body: { username, password } });
+    if (!r.ok) throw new ApiError(r.status, r.code, r.message);
+  }
+
+  async login(username: string, password: string): Promise<void> {
+    const r = await http<TokenPair>(this.apiUrl, '/api/auth/login', { method: 'POST', body: { username, password } });
+    if (!r.ok) throw new ApiError(r.status, r.code, r.message);
+    this.store(r.body);
+    const me = await http<UserView>(this.apiUrl, '/api/auth/me', { token: r.body.access_token });
+    if (me.ok) localStorage.setItem(USER, JSON.stringify(me.body));
+    this.emit('login');
+  }
+
+  async logout(): Promise<void> {
+    const rt = localStorage.getItem(REFRESH);
+    this.clear();
+    if (rt) await http(this.apiUrl, '/api/auth/logout', { method: 'POST', body: { refresh_token: rt } });
+    this.emit('logout');
+  }
+
+  /**
+   * A fresh access token, or null when the login is over (then listeners hear 'expired').
+   * `stale` is the token the caller saw refused: if another tab already replaced it, that
+   * one is returned without spending the refresh token.
+   */
+  refresh(stale: string | null = this.accessToken): Promise<string | null> {
+    if (this.inflight) return this.inflight;
+    const run = async (): Promise<string | null> => {
+      const current = this.accessToken;
+      if (current && current !== stale) return current;
+      const rt = localStorage.getItem(REFRESH);
+      if (!rt) return this.expire();
+      const r = await http<TokenPair>(this.apiUrl, '/api/auth/refresh', { method: 'POST', body: { refresh_token: rt } });
+      if (r.ok) {
+        this.store(r.body);
+        return r.body.access_token;
+      }
+      if (r.status === 401 || r.status === 400) return this.expire();
+      // Server unreachable: keep the login; the caller fails this time and retries later.
+      return null;
+    };
+    const locks = (navigator as Navigator & { locks?: LockManager }).locks;
+    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', run) as unknown as Promise<string | null>) : run()).finally(() => {
+      this.inflight = null;
+    });
+    this.inflight = p;
+    return p;
+  }
+
+  private expire(): null {
+    const had = this.loggedIn;
+    this.clear();
+    if (had) this.emit('expired');
+    return null;
+  }
+
+  /** Calls the API with the access token, refreshing it once on a 401. */
+  async api<T>(path: string, opts: { method?: string; body?: unknown } = {}): Promise<T> {
+    let token = this.accessToken;
+    if (!token) throw new SessionExpired();
+    let r: HttpResult<T> = await http<T>(this.apiUrl, path, { ...opts, token });
+    if (!r.ok && r.status === 401) {
+      token = await this.refresh(token);
+      if (!token) throw new SessionExpired();
+      r = await http<T>(this.apiUrl, path, { ...opts, token });
+      if (!r.ok && r.status === 401) {
+        this.expire();
+        throw new SessionExpired();
+      }
+    }
+    if (!r.ok) throw new ApiError(r.status, r.code, r.message);
+    return r.body;
+  }
+}
