@@ -103,6 +103,14 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_OUTBOUND_QUEUE", value_name = "N")]
     pub outbound_queue: Option<usize>,
 
+    /// Bot replies generated at once per bot [default: 4]
+    #[arg(long, env = "NATTER_BOT_CONCURRENCY", value_name = "N")]
+    pub bot_concurrency: Option<usize>,
+
+    /// Bot replies waiting per bot beyond those; more get a bot_busy error [default: 64]
+    #[arg(long, env = "NATTER_BOT_QUEUE", value_name = "N")]
+    pub bot_queue: Option<usize>,
+
     /// Serve the web app from this directory (e.g. web/dist).
     #[arg(long, env = "NATTER_WEB_DIR", value_name = "DIR")]
     pub web_dir: Option<PathBuf>,
@@ -119,7 +127,7 @@ impl ServeArgs {
         macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
         fill!(bind, data_dir, database_url, heartbeat_interval_ms, log_format, registration, access_token_ttl_secs,
               refresh_token_ttl_secs, max_frame_bytes, max_content_chars, max_connections_per_user, max_connections,
-              messages_per_second, message_burst, outbound_queue, web_dir);
+              messages_per_second, message_burst, outbound_queue, bot_concurrency, bot_queue, web_dir);
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
         }
@@ -198,6 +206,13 @@ impl ServeArgs {
         if let Some(v) = args.outbound_queue {
             positive("outbound-queue", v as u128)?;
             l.outbound_queue = v;
+        }
+        if let Some(v) = args.bot_concurrency {
+            positive("bot-concurrency", v as u128)?;
+            l.bot_concurrency = v;
+        }
+        if let Some(v) = args.bot_queue {
+            l.bot_queue = v;
         }
         if let Some(dir) = &args.web_dir {
             if !dir.join("index.html").is_file() {

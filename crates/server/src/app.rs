@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, TokenKeys};
-use crate::bots::{EngineSpec, Replier};
+use crate::bots::{EngineSpec, Replier, ReplierLimits};
 use crate::bus::{Bus, LocalBus};
 use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
@@ -82,7 +82,12 @@ impl Server {
         let tasks = TaskTracker::new();
         let state = AppState(Arc::new(Inner {
             keys: TokenKeys::new(&secret, config.access_token_ttl),
-            replier: Replier::new(store.clone(), bus.clone(), tasks.clone()),
+            replier: Replier::new(
+                store.clone(),
+                bus.clone(),
+                tasks.clone(),
+                ReplierLimits { concurrency: config.limits.bot_concurrency, queue: config.limits.bot_queue },
+            ),
             hub: Arc::new(Hub::default()),
             shutdown: CancellationToken::new(),
             tasks,
@@ -159,7 +164,7 @@ async fn seed_demo(state: &AppState) -> Result<(), StartError> {
                 name: "Echo".into(),
                 description: "Replies with what you say.".into(),
                 visibility: natter_proto::api::Visibility::Private,
-                engine: EngineSpec::Echo.to_stored(),
+                engine: EngineSpec::Echo(Default::default()).to_stored(),
             })
             .await?;
     }

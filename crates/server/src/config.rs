@@ -35,6 +35,10 @@ pub struct Limits {
     /// Token bucket per connection for `message` frames.
     pub messages_per_second: u32,
     pub message_burst: u32,
+    /// Bot replies generated at once per bot.
+    pub bot_concurrency: usize,
+    /// Bot replies waiting per bot beyond those; more get a `bot_busy` error.
+    pub bot_queue: usize,
     /// Frames waiting to be written to one socket; a client that lets it fill is closed
     /// with 4409 (slow consumer) and resumes with `after_seq`.
     pub outbound_queue: usize,
@@ -50,6 +54,8 @@ impl Default for Limits {
             messages_per_second: 5,
             message_burst: 20,
             outbound_queue: 256,
+            bot_concurrency: 4,
+            bot_queue: 64,
         }
     }
 }

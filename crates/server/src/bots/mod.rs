@@ -1,82 +1,40 @@
-//! Bot engines: what produces a bot's reply. An engine knows nothing of HTTP or WebSocket;
-//! it gets the user's message and pushes the reply's text, piece by piece, into a sink.
-//! [`Replier`] runs engines off the connection, stores the reply and publishes it on the bus,
-//! so a reply completes even when the socket that asked for it is gone.
+//! Bot engines: what produces a bot's reply. An engine knows nothing of HTTP servers or
+//! WebSockets; it gets the user's message (and some history) and pushes the reply's text,
+//! piece by piece, into a sink.
+//!
+//! [`Replier`] runs engines off the connection — a reply completes and is stored even when the
+//! socket that asked for it is gone — announces deltas and the final message on the bus, keeps
+//! what is generated so far for sockets that join mid-reply, and bounds the work per bot.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use natter_proto::{ErrorCode, MessageRole, MessageStatus, WireMessage};
-use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::bus::{Bus, ConvEvent};
-use crate::domain::Invalid;
 use crate::store::{NewMessage, Store};
 
 mod echo;
+mod openai;
+mod rules;
+pub mod spec;
+pub mod webhook;
 
-/// A validated engine configuration, as stored in a bot's `engine` field.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EngineSpec {
-    Echo,
-}
-
-pub const ENGINE_KINDS: &[&str] = &["echo"];
-
-impl EngineSpec {
-    /// Validates a bot's `engine` object. Errors name the field.
-    pub fn parse(v: &Value) -> Result<EngineSpec, Invalid> {
-        let bad = |m: String| Invalid { code: ErrorCode::InvalidBot, message: m };
-        let obj = v.as_object().ok_or_else(|| bad("engine must be an object like {\"kind\": \"echo\"}".into()))?;
-        let kind = match obj.get("kind") {
-            Some(Value::String(k)) => k.as_str(),
-            Some(_) => return Err(bad("engine.kind must be a string".into())),
-            None => return Err(bad("engine.kind is missing".into())),
-        };
-        match kind {
-            "echo" => {
-                if let Some(extra) = obj.keys().find(|k| *k != "kind") {
-                    return Err(bad(format!("engine.{extra}: the echo engine takes no settings")));
-                }
-                Ok(EngineSpec::Echo)
-            }
-            other => Err(bad(format!("engine.kind: unknown engine kind {other:?}; expected one of {}", ENGINE_KINDS.join(", ")))),
-        }
-    }
-
-    /// The settings as stored.
-    pub fn to_stored(&self) -> Value {
-        match self {
-            EngineSpec::Echo => serde_json::json!({"kind": "echo"}),
-        }
-    }
-
-    /// The settings as the API shows them: secrets left out.
-    pub fn public_view(stored: &Value) -> Value {
-        let mut v = stored.clone();
-        if let Some(obj) = v.as_object_mut() {
-            for secret in ["api_key", "secret"] {
-                if obj.remove(secret).is_some() {
-                    obj.insert(format!("{secret}_set"), Value::Bool(true));
-                }
-            }
-        }
-        v
-    }
-
-    fn engine(&self) -> Arc<dyn BotEngine> {
-        match self {
-            EngineSpec::Echo => Arc::new(echo::Echo),
-        }
-    }
-}
+pub use spec::{EngineSpec, ENGINE_KINDS};
 
 /// What an engine is asked to answer.
 #[derive(Debug, Clone)]
 pub struct ReplyRequest {
     pub bot_id: Uuid,
+    pub bot_name: String,
+    /// Earlier messages of the conversation, oldest first (as many as the engine asked for).
+    pub history: Vec<WireMessage>,
     pub message: WireMessage,
 }
 
@@ -96,8 +54,40 @@ pub struct EngineError {
 
 #[async_trait]
 pub trait BotEngine: Send + Sync {
-    /// Produces the reply, pushing pieces into `sink`. Returns the whole reply text.
+    /// Produces the reply, pushing pieces into `sink` as they come. Returns the whole text.
     async fn reply(&self, req: &ReplyRequest, sink: &mut dyn DeltaSink) -> Result<String, EngineError>;
+}
+
+/// Bounds on bot work.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplierLimits {
+    /// Replies generated at once per bot.
+    pub concurrency: usize,
+    /// Replies waiting per bot beyond those; more get `bot_busy`.
+    pub queue: usize,
+}
+
+/// A reply being generated.
+struct Generation {
+    conversation_id: Uuid,
+    in_reply_to: Uuid,
+    text: String,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Registry {
+    generations: HashMap<Uuid, Generation>,
+    /// Per bot: replies running or waiting, and the permits for running.
+    load: HashMap<Uuid, (usize, Arc<Semaphore>)>,
+}
+
+/// A reply in progress, as a socket joining mid-reply needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InProgress {
+    pub message_id: Uuid,
+    pub in_reply_to: Uuid,
+    pub text: String,
 }
 
 /// Runs bot replies in the background, stores them and publishes them.
@@ -106,99 +96,187 @@ pub struct Replier {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     tasks: TaskTracker,
+    http: reqwest::Client,
+    limits: ReplierLimits,
+    /// Plain mutex: held for map updates only, never across an await.
+    registry: Arc<Mutex<Registry>>,
 }
 
-struct BusSink {
-    bus: Arc<dyn Bus>,
+struct Sink {
+    replier: Replier,
     conversation_id: Uuid,
     message_id: Uuid,
     in_reply_to: Uuid,
-    text: String,
 }
 
 #[async_trait]
-impl DeltaSink for BusSink {
+impl DeltaSink for Sink {
     async fn delta(&mut self, text: &str) {
-        self.text.push_str(text);
-        let _ = self
-            .bus
-            .publish(
-                self.conversation_id,
-                ConvEvent::Delta { message_id: self.message_id, in_reply_to: self.in_reply_to, delta: text.to_owned() },
-            )
-            .await;
+        let offset = {
+            let mut reg = self.replier.registry.lock().unwrap();
+            match reg.generations.get_mut(&self.message_id) {
+                Some(g) => {
+                    let offset = g.text.len();
+                    g.text.push_str(text);
+                    offset
+                }
+                None => return,
+            }
+        };
+        let event = ConvEvent::Delta { message_id: self.message_id, in_reply_to: self.in_reply_to, offset, delta: text.to_owned() };
+        if let Err(e) = self.replier.bus.publish(self.conversation_id, event).await {
+            tracing::debug!(error = %e, "publishing a delta failed");
+        }
     }
 }
 
 impl Replier {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, tasks: TaskTracker) -> Self {
-        Replier { store, bus, tasks }
+    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, tasks: TaskTracker, limits: ReplierLimits) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("natter/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client");
+        Replier { store, bus, tasks, http, limits, registry: Arc::default() }
     }
 
-    /// Starts the bot's reply to `message`. Returns at once; the reply arrives on the bus.
-    pub fn spawn_reply(&self, spec: &EngineSpec, bot_id: Uuid, message: WireMessage) {
-        let engine = spec.engine();
+    fn engine(&self, spec: &EngineSpec) -> Arc<dyn BotEngine> {
+        match spec {
+            EngineSpec::Echo(_) => Arc::new(echo::Echo),
+            EngineSpec::Rules(r) => Arc::new(rules::Rules::new(r)),
+            EngineSpec::Openai(o) => Arc::new(openai::OpenAi { spec: o.clone(), http: self.http.clone() }),
+            EngineSpec::Webhook(w) => Arc::new(webhook::Webhook { spec: w.clone(), http: self.http.clone() }),
+        }
+    }
+
+    /// Replies being generated in a conversation, with the text so far.
+    pub fn in_progress(&self, conversation_id: Uuid) -> Vec<InProgress> {
+        let reg = self.registry.lock().unwrap();
+        reg.generations
+            .iter()
+            .filter(|(_, g)| g.conversation_id == conversation_id)
+            .map(|(id, g)| InProgress { message_id: *id, in_reply_to: g.in_reply_to, text: g.text.clone() })
+            .collect()
+    }
+
+    /// The text generated so far of one reply, if it is still in progress.
+    pub fn text_so_far(&self, message_id: Uuid) -> Option<String> {
+        self.registry.lock().unwrap().generations.get(&message_id).map(|g| g.text.clone())
+    }
+
+    /// Stops a reply of this conversation. False if no such reply is in progress.
+    pub fn cancel(&self, conversation_id: Uuid, message_id: Uuid) -> bool {
+        let reg = self.registry.lock().unwrap();
+        match reg.generations.get(&message_id) {
+            Some(g) if g.conversation_id == conversation_id => {
+                g.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts the bot's reply to `message`. Returns at once; the reply arrives on the bus —
+    /// or a `bot_busy` error, when the bot already has its fill of replies running and waiting.
+    pub async fn spawn_reply(&self, spec: &EngineSpec, bot_id: Uuid, bot_name: &str, message: WireMessage) {
+        let conversation_id = message.conversation_id;
+        let permits = {
+            let mut reg = self.registry.lock().unwrap();
+            let (count, sem) = reg.load.entry(bot_id).or_insert_with(|| (0, Arc::new(Semaphore::new(self.limits.concurrency))));
+            if *count >= self.limits.concurrency + self.limits.queue {
+                None
+            } else {
+                *count += 1;
+                Some(sem.clone())
+            }
+        };
+        let Some(permits) = permits else {
+            tracing::warn!(%bot_id, "bot busy: reply refused");
+            let event = ConvEvent::BotError {
+                code: ErrorCode::BotBusy,
+                message: "the bot has too many replies in progress; try again shortly".into(),
+                in_reply_to: message.id,
+            };
+            let _ = self.bus.publish(conversation_id, event).await;
+            return;
+        };
+        let engine = self.engine(spec);
+        let context = spec.context_messages();
         let this = self.clone();
-        self.tasks.spawn(async move { this.run(engine, bot_id, message).await });
+        let bot_name = bot_name.to_owned();
+        self.tasks.spawn(async move {
+            let permit = permits.acquire_owned().await;
+            this.run(engine, context, bot_id, bot_name, message).await;
+            drop(permit);
+            let mut reg = this.registry.lock().unwrap();
+            if let Some((count, _)) = reg.load.get_mut(&bot_id) {
+                *count -= 1;
+                if *count == 0 {
+                    reg.load.remove(&bot_id);
+                }
+            }
+        });
     }
 
-    async fn run(&self, engine: Arc<dyn BotEngine>, bot_id: Uuid, message: WireMessage) {
+    async fn run(&self, engine: Arc<dyn BotEngine>, context: u32, bot_id: Uuid, bot_name: String, message: WireMessage) {
         let conversation_id = message.conversation_id;
         let in_reply_to = message.id;
-        let mut sink = BusSink { bus: self.bus.clone(), conversation_id, message_id: Uuid::new_v4(), in_reply_to, text: String::new() };
-        let req = ReplyRequest { bot_id, message };
-        let (content, status, failure) = match engine.reply(&req, &mut sink).await {
-            Ok(text) => (text, MessageStatus::Complete, None),
-            Err(e) => (sink.text.clone(), MessageStatus::Incomplete, Some(e)),
-        };
-        if let Some(e) = &failure {
-            tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
-            let _ = self
-                .bus
-                .publish(conversation_id, ConvEvent::BotError { code: e.code, message: e.message.clone(), in_reply_to })
-                .await;
-            if content.is_empty() {
-                return;
-            }
-        }
-        let stored = self
-            .store
-            .append_message(NewMessage {
-                conversation_id,
-                role: MessageRole::Bot,
-                content,
-                client_id: None,
-                in_reply_to: Some(in_reply_to),
-                status,
+        let message_id = Uuid::new_v4();
+        let history = if context > 0 {
+            self.store.messages_before(conversation_id, message.seq, context).await.unwrap_or_else(|e| {
+                tracing::warn!(%bot_id, error = %e, "reading history for the bot failed; answering without it");
+                Vec::new()
             })
-            .await;
-        match stored {
-            Ok(a) => {
-                let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+        } else {
+            Vec::new()
+        };
+        let cancel = CancellationToken::new();
+        self.registry.lock().unwrap().generations.insert(
+            message_id,
+            Generation { conversation_id, in_reply_to, text: String::new(), cancel: cancel.clone() },
+        );
+        let req = ReplyRequest { bot_id, bot_name, history, message };
+        let mut sink = Sink { replier: self.clone(), conversation_id, message_id, in_reply_to };
+        let outcome = tokio::select! {
+            r = engine.reply(&req, &mut sink) => Some(r),
+            _ = cancel.cancelled() => None,
+        };
+        let so_far = self.text_so_far(message_id).unwrap_or_default();
+        let (content, status) = match outcome {
+            Some(Ok(text)) => (text, MessageStatus::Complete),
+            Some(Err(e)) => {
+                tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
+                let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
+                let _ = self.bus.publish(conversation_id, event).await;
+                (so_far, MessageStatus::Incomplete)
             }
-            Err(e) => tracing::error!(%bot_id, %conversation_id, error = %e, "storing a bot reply failed"),
+            None => {
+                tracing::info!(%bot_id, %conversation_id, %message_id, "bot reply cancelled");
+                (so_far, MessageStatus::Cancelled)
+            }
+        };
+        // A failure before any text leaves nothing to store; a cancel is stored either way so
+        // the client sees the reply end.
+        if !(status == MessageStatus::Incomplete && content.is_empty()) {
+            let stored = self
+                .store
+                .append_message(NewMessage {
+                    id: message_id,
+                    conversation_id,
+                    role: MessageRole::Bot,
+                    content,
+                    client_id: None,
+                    in_reply_to: Some(in_reply_to),
+                    status,
+                })
+                .await;
+            match stored {
+                Ok(a) => {
+                    let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+                }
+                Err(e) => tracing::error!(%bot_id, %conversation_id, error = %e, "storing a bot reply failed"),
+            }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn engine_specs_validate() {
-        assert_eq!(EngineSpec::parse(&json!({"kind": "echo"})).unwrap(), EngineSpec::Echo);
-        let e = EngineSpec::parse(&json!({"kind": "telepathy"})).unwrap_err();
-        assert!(e.message.contains("telepathy") && e.message.contains("engine.kind"), "{}", e.message);
-        assert!(EngineSpec::parse(&json!({})).unwrap_err().message.contains("engine.kind"));
-        assert!(EngineSpec::parse(&json!("echo")).is_err());
-        assert!(EngineSpec::parse(&json!({"kind": "echo", "x": 1})).unwrap_err().message.contains("engine.x"));
-    }
-
-    #[test]
-    fn public_view_hides_secrets() {
-        let v = EngineSpec::public_view(&json!({"kind": "openai", "api_key": "sk-123", "model": "m"}));
-        assert_eq!(v, json!({"kind": "openai", "api_key_set": true, "model": "m"}));
+        self.registry.lock().unwrap().generations.remove(&message_id);
     }
 }

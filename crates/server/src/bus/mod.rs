@@ -19,7 +19,9 @@ pub enum ConvEvent {
     /// A message is committed to the store with this seq.
     Message(WireMessage),
     /// A piece of a bot reply in progress (not stored; the final `Message` carries it all).
-    Delta { message_id: Uuid, in_reply_to: Uuid, delta: String },
+    /// `offset` is where `delta` starts in the reply's text (bytes), so a subscriber that
+    /// joined mid-reply or lagged can tell what it already has.
+    Delta { message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: String },
     /// A bot reply failed; `in_reply_to` is the user message.
     BotError { code: ErrorCode, message: String, in_reply_to: Uuid },
 }
@@ -135,7 +137,7 @@ pub(crate) mod conformance {
     use std::time::Duration;
 
     fn delta(s: &str) -> ConvEvent {
-        ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), delta: s.into() }
+        ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), offset: 0, delta: s.into() }
     }
 
     async fn next(sub: &mut Subscription) -> ConvEvent {
@@ -193,7 +195,7 @@ mod tests {
         let conv = Uuid::new_v4();
         let mut sub = bus.subscribe(conv).await.unwrap();
         for i in 0..10 {
-            bus.publish(conv, ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), delta: i.to_string() })
+            bus.publish(conv, ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), offset: 0, delta: i.to_string() })
                 .await
                 .unwrap();
         }

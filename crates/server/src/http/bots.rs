@@ -65,7 +65,7 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<Js
 pub async fn create(State(state): State<AppState>, user: AuthUser, ApiJson(body): ApiJson<CreateBot>) -> ApiResult<(StatusCode, Json<BotView>)> {
     let engine = match &body.engine {
         Some(e) => parse_engine(e)?,
-        None => EngineSpec::Echo.to_stored(),
+        None => EngineSpec::Echo(Default::default()).to_stored(),
     };
     let bot = state
         .store
@@ -96,12 +96,17 @@ pub async fn update(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(body): ApiJson<UpdateBot>,
 ) -> ApiResult<Json<BotView>> {
-    let (_, role) = bot_with_role(&state, id, &user, BotRole::Admin, "edit").await?;
+    let (current, role) = bot_with_role(&state, id, &user, BotRole::Admin, "edit").await?;
+    // Secrets are write-only: an engine update that leaves them out keeps the stored ones.
+    let engine = body.engine.map(|mut e| {
+        EngineSpec::keep_secrets(&mut e, &current.engine);
+        e
+    });
     let changes = BotChanges {
         name: body.name.as_deref().map(bot_name).transpose()?,
         description: body.description.as_deref().map(bot_description).transpose()?,
         visibility: body.visibility,
-        engine: body.engine.as_ref().map(parse_engine).transpose()?,
+        engine: engine.as_ref().map(parse_engine).transpose()?,
     };
     let bot = state.store.update_bot(id, changes).await?;
     Ok(Json(bot_view(&bot, role)))

@@ -152,6 +152,7 @@ async fn chat_setup(store: &dyn Store, name: &str) -> Conversation {
 
 fn user_msg(conv: Uuid, client_id: &str, content: &str) -> NewMessage {
     NewMessage {
+        id: Uuid::new_v4(),
         conversation_id: conv,
         role: MessageRole::User,
         content: content.into(),
@@ -172,6 +173,7 @@ async fn messages(store: &dyn Store) {
     assert_eq!(a.message.seq, 1);
     let reply = store
         .append_message(NewMessage {
+            id: Uuid::new_v4(),
             conversation_id: conv.id,
             role: MessageRole::Bot,
             content: "hello".into(),

@@ -103,6 +103,9 @@ pub struct Conversation {
 
 #[derive(Debug, Clone)]
 pub struct NewMessage {
+    /// The message's id, chosen by the writer (a streamed bot reply is announced under its
+    /// id before it is stored).
+    pub id: Uuid,
     pub conversation_id: Uuid,
     pub role: MessageRole,
     pub content: String,

@@ -419,7 +419,7 @@ impl Store for SqliteStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         let message = WireMessage {
-            id: Uuid::new_v4(),
+            id: m.id,
             conversation_id: m.conversation_id,
             seq,
             role: m.role,

@@ -9,6 +9,7 @@
 //! out of order by different writers) is filled from the store, which holds every message
 //! before it is announced.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -249,9 +250,28 @@ struct Session<'w> {
     /// Highest seq sent; every seq below it has been sent too.
     delivered: i64,
     bucket: TokenBucket,
+    /// Bot replies being streamed to this socket.
+    streams: HashMap<Uuid, Stream>,
+    /// The latest bot replies delivered whole, so a late delta for them is ignored.
+    finished: VecDeque<Uuid>,
     msgs_in: u64,
     msgs_out: u64,
 }
+
+/// One bot reply being streamed to this socket.
+struct Stream {
+    in_reply_to: Uuid,
+    /// Bytes of the reply's text this socket has been sent or has waiting in `pending`.
+    have: usize,
+    /// Text not yet sent because the outbound queue was full: it goes out as one coalesced
+    /// delta when there is room, so a slow reader gets fewer, larger frames instead of a close.
+    pending: String,
+}
+
+/// How many finished replies a socket remembers.
+const FINISHED_MEMORY: usize = 64;
+/// How often coalesced deltas are retried while the queue is full.
+const DELTA_FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 impl<'w> Session<'w> {
     async fn start(state: &AppState, admitted: Admitted, connection_id: Uuid, writer: &'w Writer) -> Result<Session<'w>, End> {
@@ -274,6 +294,8 @@ impl<'w> Session<'w> {
             out: &writer.tx,
             sub,
             bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+            streams: HashMap::new(),
+            finished: VecDeque::new(),
             msgs_in: 0,
             msgs_out: 0,
             admitted,
@@ -299,6 +321,15 @@ impl<'w> Session<'w> {
         if session.admitted.after_seq.is_some() {
             session.fill_to(i64::MAX).await?;
         }
+        // Replies being generated right now: what exists so far, then the rest live.
+        for p in state.replier.in_progress(conv_id) {
+            if p.text.is_empty() || session.finished.contains(&p.message_id) {
+                continue;
+            }
+            let have = p.text.len();
+            session.streams.insert(p.message_id, Stream { in_reply_to: p.in_reply_to, have, pending: p.text });
+        }
+        session.flush_deltas()?;
         Ok(session)
     }
 
@@ -309,6 +340,7 @@ impl<'w> Session<'w> {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle = tokio::time::sleep(heartbeat * 2);
         tokio::pin!(idle);
+        let mut flush = tokio::time::interval(DELTA_FLUSH_EVERY);
         loop {
             let step = tokio::select! {
                 biased;
@@ -319,6 +351,7 @@ impl<'w> Session<'w> {
                 }
                 event = self.sub.recv() => self.on_event(event).await,
                 _ = ping.tick() => self.push(Out::Ping).await,
+                _ = flush.tick(), if self.streams.values().any(|s| !s.pending.is_empty()) => self.flush_deltas(),
                 _ = &mut idle => Err(End::Close(
                     CloseCode::HeartbeatTimeout,
                     format!("no traffic from the client for {} ms", (heartbeat * 2).as_millis()),
@@ -366,7 +399,7 @@ impl<'w> Session<'w> {
             let full = page.len() == CATCH_UP_PAGE as usize;
             for m in page.into_iter().take_while(|m| m.seq <= upto) {
                 self.delivered = m.seq;
-                self.send(&ServerFrame::Message { message: m }).await?;
+                self.send_message(m).await?;
             }
             if !full {
                 break;
@@ -381,19 +414,80 @@ impl<'w> Session<'w> {
         }
         self.fill_to(m.seq - 1).await?;
         self.delivered = m.seq;
-        self.send(&ServerFrame::Message { message: m.clone() }).await
+        self.send_message(m.clone()).await
+    }
+
+    async fn send_message(&mut self, m: WireMessage) -> Result<(), End> {
+        if m.role == MessageRole::Bot {
+            // The whole reply supersedes whatever deltas of it are still pending.
+            self.streams.remove(&m.id);
+            if self.finished.len() == FINISHED_MEMORY {
+                self.finished.pop_front();
+            }
+            self.finished.push_back(m.id);
+        }
+        self.send(&ServerFrame::Message { message: m }).await
+    }
+
+    /// Takes a piece of a streamed reply, dropping what this socket already has and filling
+    /// what it missed (a lagging bus) from the reply's text so far.
+    fn on_delta(&mut self, message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: &str) -> Result<(), End> {
+        if self.finished.contains(&message_id) {
+            return Ok(());
+        }
+        let stream = self.streams.entry(message_id).or_insert(Stream { in_reply_to, have: 0, pending: String::new() });
+        let end = offset + delta.len();
+        if end <= stream.have {
+            return Ok(());
+        }
+        if offset > stream.have {
+            match self.state.replier.text_so_far(message_id) {
+                Some(text) if text.len() >= end && text.is_char_boundary(stream.have) && text.is_char_boundary(end) => {
+                    stream.pending.push_str(&text[stream.have..end]);
+                }
+                // The reply is already over; its final message is on the way.
+                _ => return Ok(()),
+            }
+        } else if delta.is_char_boundary(stream.have - offset) {
+            stream.pending.push_str(&delta[stream.have - offset..]);
+        } else {
+            return Ok(());
+        }
+        stream.have = end;
+        self.flush_deltas()
+    }
+
+    /// Sends pending deltas while the queue has room; what does not fit waits, coalesced.
+    fn flush_deltas(&mut self) -> Result<(), End> {
+        for (id, stream) in self.streams.iter_mut() {
+            if stream.pending.is_empty() {
+                continue;
+            }
+            let frame = ServerFrame::MessageDelta {
+                message_id: *id,
+                in_reply_to: stream.in_reply_to,
+                delta: std::mem::take(&mut stream.pending),
+            };
+            match self.out.try_send(Out::Text(frame.to_json().into())) {
+                Ok(()) => self.msgs_out += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    let ServerFrame::MessageDelta { delta, .. } = frame else { unreachable!() };
+                    stream.pending = delta;
+                    return Ok(());
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Network("socket write failed".into())),
+            }
+        }
+        Ok(())
     }
 
     async fn on_event(&mut self, event: Received) -> Result<(), End> {
         match event {
             Received::Event(e) => match &*e {
                 ConvEvent::Message(m) => self.deliver(m).await,
-                ConvEvent::Delta { message_id, in_reply_to, delta } => self.send(&ServerFrame::MessageDelta {
-                    message_id: *message_id,
-                    in_reply_to: *in_reply_to,
-                    delta: delta.clone(),
-                })
-                .await,
+                ConvEvent::Delta { message_id, in_reply_to, offset, delta } => {
+                    self.on_delta(*message_id, *in_reply_to, *offset, delta)
+                }
                 ConvEvent::BotError { code, message, in_reply_to } => self.send(&ServerFrame::Error {
                     code: *code,
                     message: message.clone(),
@@ -445,6 +539,7 @@ impl<'w> Session<'w> {
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
         match frame {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
+            ClientFrame::Cancel { message_id } if self.state.replier.cancel(self.admitted.conversation.id, message_id) => Ok(()),
             ClientFrame::Cancel { message_id } => self.send(&ServerFrame::Error {
                 code: ErrorCode::UnknownMessage,
                 message: format!("no reply in progress has message_id {message_id}"),
@@ -491,6 +586,7 @@ impl<'w> Session<'w> {
             .state
             .store
             .append_message(NewMessage {
+                id: Uuid::new_v4(),
                 conversation_id: conv,
                 role: MessageRole::User,
                 content,
@@ -511,7 +607,8 @@ impl<'w> Session<'w> {
             if let Err(e) = self.state.bus.publish(conv, ConvEvent::Message(message.clone())).await {
                 tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
             }
-            self.state.replier.spawn_reply(&self.admitted.engine, self.admitted.bot.id, message);
+            let bot = &self.admitted.bot;
+            self.state.replier.spawn_reply(&self.admitted.engine, bot.id, &bot.name, message).await;
         }
         Ok(())
     }

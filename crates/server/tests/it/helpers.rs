@@ -189,6 +189,16 @@ impl WsClient {
         WsClient { ws }
     }
 
+    /// Connects with a tiny TCP receive buffer, so a client that stops reading backs the
+    /// server up quickly (loopback buffers otherwise grow to tens of MB).
+    pub async fn connect_small_buffer(url: &str, addr: SocketAddr) -> WsClient {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("upgrade accepted");
+        WsClient { ws }
+    }
+
     pub async fn connect_with(req: tokio_tungstenite::tungstenite::handshake::client::Request) -> WsClient {
         let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("upgrade accepted");
         WsClient { ws }

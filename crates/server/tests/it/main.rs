@@ -2,6 +2,7 @@
 //! and real WebSocket connections.
 
 mod helpers;
+mod bots;
 mod gateway;
 mod transcript;
 mod rest;
