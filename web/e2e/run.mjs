@@ -155,12 +155,12 @@ scenario('4401: one token refresh, then success (library, token in URL)', async 
 });
 
 scenario('expired access token in the app: silent refresh, then chat', async () => {
-  const srv = await startServer({ args: ['--access-token-ttl-secs', '2'] });
+  const srv = await startServer({ args: ['--access-token-ttl-secs', '1'] });
   const t = await login(srv.url, 'demo', 'demo-password');
   const botId = await demoBotId(srv, t.access_token);
   const { page } = await newPage();
   await loginPage(page, srv, t, 'demo');
-  await sleep(3500); // the access token is now expired
+  await sleep(7000); // the access token is now expired (the server allows 5 s of leeway)
   const traffic = countTraffic(page);
   await page.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(page, 'open');
@@ -170,7 +170,7 @@ scenario('expired access token in the app: silent refresh, then chat', async () 
   // Kill the login: the refresh token is revoked server-side → "Session expired, log in again".
   const rt = await page.evaluate(() => localStorage.getItem('refresh_token'));
   await api(srv.url, '/api/auth/logout', { method: 'POST', body: { refresh_token: rt } });
-  await sleep(2500); // access token expired again
+  await page.evaluate(() => localStorage.setItem('access_token', 'no-longer-valid'));
   await page.goto(`${srv.url}/#/bots`);
   await page.waitForSelector('[data-testid=auth-notice]:text("Session expired, log in again")', { timeout: 10_000 });
   const before = traffic.refresh;
@@ -271,6 +271,7 @@ scenario('diagnostics name the failing step: bad token, missing bot, stopped ser
 
 scenario('register → create bot → chat', async () => {
   const srv = await startServer({ demo: false });
+  const friend = await registerAndLogin(srv.url, 'friend');
   const { page } = await newPage();
   await page.goto(`${srv.url}/`);
   await page.click('[data-testid=to-register]');
@@ -286,10 +287,19 @@ scenario('register → create bot → chat', async () => {
   await page.fill('[data-testid=bot-description]', 'says it back');
   await page.fill('[data-testid=bot-engine-settings]', '{"voice": "loud"}');
   await page.click('[data-testid=bot-save]');
-  await page.waitForSelector('[data-testid=bot-error]:text("engine.voice")'); // server validation shown
+  await page.waitForSelector('[data-testid=bot-error]:text("voice")'); // server validation shown
   await page.fill('[data-testid=bot-engine-settings]', '');
   await page.click('[data-testid=bot-save]');
-  await page.waitForSelector('text=Share');
+  await page.waitForSelector('h2:text-is("Share")');
+  // Share it: an unknown user is refused with the server's message, a real one is listed.
+  await page.fill('[data-testid=share-username]', 'nobody-here');
+  await page.click('[data-testid=share-submit]');
+  await page.waitForSelector('[data-testid=share-error]:not(:empty)');
+  await page.fill('[data-testid=share-username]', 'friend');
+  await page.click('[data-testid=share-submit]');
+  await page.waitForSelector('[data-testid=members] li[data-member=friend]');
+  const friendBots = await api(srv.url, '/api/bots', { token: friend.access_token });
+  assert(friendBots.some((b) => b.name === 'Parrot' && b.my_role === 'chat'), 'the friend sees the shared bot');
   await page.click('a:text("Cancel")');
   await page.click('[data-testid=chat-link] >> text=Parrot');
   await waitState(page, 'open');

@@ -207,7 +207,8 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     try {
       const page = await session.api<MessagesPage>(`/api/bots/${botId}/messages?before_seq=${oldestSeq}&limit=${PAGE}`);
       if (disposed) return;
-      for (const m of page.messages) if (!byId.has(m.id)) upsertQuiet(m);
+      const anchor = list.querySelector('.msg');
+      for (const m of page.messages) if (!byId.has(m.id)) upsertQuiet(m, anchor);
       if (page.messages.length) oldestSeq = page.messages[0].seq;
       hasMore = page.has_more;
       older.hidden = !hasMore;
@@ -220,7 +221,7 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
   }
 
   // Older rows must not scroll the view to the bottom.
-  function upsertQuiet(m: WireMessage): void {
+  function upsertQuiet(m: WireMessage, anchor: Element | null): void {
     const r = makeRow(m.role, m.content, m.role === 'user' ? 'sent' : 'received');
     if (m.client_id) {
       r.clientId = m.client_id;
@@ -232,8 +233,7 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     r.el.dataset.seq = String(m.seq);
     r.el.dataset.time = m.created_at;
     byId.set(m.id, r);
-    const first = list.querySelector('.msg');
-    list.insertBefore(r.el, first);
+    list.insertBefore(r.el, anchor);
     renderMeta(r);
   }
 

@@ -261,7 +261,7 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
       });
   } else if (health.network) {
     add('api', 'fail', `The API at ${apiUrl} did not answer: ${health.message}.`, {
-      fix: 'The backend is down or unreachable: start the server (natter serve), check VITE_API_URL and any proxy in between.',
+      fix: 'The backend is down or unreachable. Start the server (natter serve), check VITE_API_URL and any proxy in between.',
       ms: health.ms,
     });
   } else {
