@@ -503,6 +503,31 @@ describe('nothing lost, nothing doubled', () => {
     await expect(s.send('3')).rejects.toMatchObject({ code: 'outbox_full' });
   });
 
+  it('starts over once without after_seq when the server no longer has the resume point', async () => {
+    const { s } = setup();
+    s.connect('b1', { afterSeq: 40 });
+    await flush();
+    FakeWebSocket.last.serverClose(4400, "after_seq 40 is beyond the conversation's last seq 3");
+    await flush();
+    await vi.advanceTimersByTimeAsync(0);
+    await flush();
+    expect(FakeWebSocket.instances).toHaveLength(2);
+    expect(FakeWebSocket.last.query.has('after_seq')).toBe(false);
+    FakeWebSocket.last.serverClose(4400, 'after_seq 40 is beyond');
+    await flush();
+    expect(s.state).toMatchObject({ kind: 'failed', code: 4400 });
+  });
+
+  it('sends cancel for a streaming reply', async () => {
+    const { s } = setup();
+    s.connect('b1');
+    await flush();
+    expect(s.cancel('m9')).toBe(false); // not open yet
+    FakeWebSocket.last.establish();
+    expect(s.cancel('m9')).toBe(true);
+    expect(FakeWebSocket.last.frames.at(-1)).toEqual({ type: 'cancel', message_id: 'm9' });
+  });
+
   it('passes deltas through', async () => {
     const { s } = setup();
     s.connect('b1');

@@ -77,6 +77,14 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     if (t) r.meta.append(t);
     const s = statusText(r);
     if (s) r.meta.append(h('span', { class: 'msg-status', 'data-testid': 'msg-status' }, `${t ? ' · ' : ''}${s}`));
+    if (r.status === 'streaming' && r.id) {
+      const id = r.id;
+      r.meta.append(' ', h('button', { type: 'button', class: 'link', 'data-testid': 'msg-stop', onclick: () => socket.cancel(id) }, 'Stop'));
+    }
+    const stored = r.el.dataset.msgStatus;
+    if (r.status === 'received' && stored) {
+      r.meta.append(h('span', { class: 'msg-status' }, stored === 'cancelled' ? ' · stopped' : ' · incomplete'));
+    }
     if (r.status === 'failed') {
       if (failure) r.meta.append(h('span', { class: 'msg-error' }, ` — ${failure}`));
       r.meta.append(
@@ -285,6 +293,15 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
       r.body.textContent = r.content;
       renderMeta(r);
       if (nearBottom()) scrollToEnd();
+    }),
+    socket.on('established', () => {
+      // A reply still streaming is resent from its start in the first delta after a reconnect.
+      for (const r of byId.values()) {
+        if (r.status === 'streaming') {
+          r.content = '';
+          r.body.textContent = '';
+        }
+      }
     }),
     socket.on('rejected', ({ client_id, error }) => {
       const r = byClient.get(client_id);

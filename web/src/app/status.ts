@@ -110,8 +110,8 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
     h('h2', { id: 'diag-title' }, 'Connection diagnostics'),
     h('p', { class: 'muted' }, `Bot ${botId}`),
     summary,
-    list,
     h('div', { class: 'row' }, copyBtn, close, copied),
+    list,
   );
   dialog.addEventListener('close', () => dialog.remove());
   document.body.appendChild(dialog);

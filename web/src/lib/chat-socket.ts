@@ -339,6 +339,14 @@ export class ChatSocket {
     return this.outbox.forBot(botId);
   }
 
+  /** Asks the server to stop a bot reply that is streaming (`message_delta`s with this id). */
+  cancel(messageId: string): boolean {
+    if (!this.ws || this.ws.readyState !== OPEN || this._state.kind !== 'open') return false;
+    this.ws.send(encodeClientFrame({ type: 'cancel', message_id: messageId }));
+    this.recorder.record('cancel', { message_id: messageId });
+    return true;
+  }
+
   /** Drops an unsent message from the outbox (the user gave up on it). */
   discard(clientId: string): void {
     const e = this.outbox.remove(clientId);

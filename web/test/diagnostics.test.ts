@@ -1,0 +1,126 @@
+import { beforeEach, describe, expect, it } from 'vitest';
+import { decodeJwt, formatReport, runWebSocketDiagnostics } from '../src/lib/diagnostics';
+import { FakeWebSocket, established, fakeFetch, happyRoutes, type Route } from './fakes';
+
+const TOKEN = `eyJhbGciOiJIUzI1NiJ9.${Buffer.from(JSON.stringify({ sub: 'u1', name: 'alice', exp: Math.floor(Date.now() / 1000) + 900, iat: Math.floor(Date.now() / 1000) })).toString('base64url')}.SIGNATURE-SECRET`;
+const BOT = '00000000-0000-0000-0000-00000000000b';
+
+/** A socket whose server opens, says connection_established and answers pings. */
+function autoSocket(behaviour: { closeWith?: [number, string]; afterEstablished?: [number, string]; never?: boolean } = {}) {
+  return class extends FakeWebSocket {
+    constructor(url: string) {
+      super(url);
+      if (behaviour.never) return;
+      setTimeout(() => {
+        if (behaviour.closeWith) return this.serverClose(...behaviour.closeWith);
+        this.open();
+        this.receive(established());
+        if (behaviour.afterEstablished) setTimeout(() => this.serverClose(...behaviour.afterEstablished!), 5);
+      }, 1);
+    }
+    send(data: string): void {
+      super.send(data);
+      const f = JSON.parse(data);
+      if (f.type === 'ping') setTimeout(() => this.receive({ type: 'pong', id: f.id, server_time: new Date().toISOString() }), 1);
+    }
+  };
+}
+
+const okRoutes: Route = (r) => {
+  if (r.path === '/api/auth/me') return r.headers.Authorization === `Bearer ${TOKEN}` ? { status: 200, body: { id: 'u1', username: 'alice', is_admin: false, created_at: '' } } : { status: 401, body: { error: { code: 'invalid_token', message: 'bad signature' } } };
+  if (r.path === `/api/bots/${BOT}`) return { status: 200, body: { id: BOT, name: 'Echo', my_role: 'owner' } };
+  if (r.path.startsWith('/api/bots/')) return { status: 404, body: { error: { code: 'not_found', message: 'no bot' } } };
+  return undefined;
+};
+
+async function diag(o: { token?: string | null; bot?: string; routes?: Route; ws?: ReturnType<typeof autoSocket> } = {}) {
+  return runWebSocketDiagnostics(o.bot ?? BOT, o.token === undefined ? TOKEN : o.token, {
+    apiUrl: 'http://api.test',
+    fetch: fakeFetch(happyRoutes((r) => o.routes?.(r) ?? okRoutes(r))),
+    WebSocket: (o.ws ?? autoSocket()) as unknown as typeof WebSocket,
+    stabilityMs: 30,
+    pingSamples: 3,
+    connectTimeoutMs: 200,
+  });
+}
+
+beforeEach(() => FakeWebSocket.reset());
+
+describe('runWebSocketDiagnostics', () => {
+  it('passes every layer on a healthy setup, and holds no token', async () => {
+    const r = await diag();
+    const by = Object.fromEntries(r.steps.map((s) => [s.id, s.status]));
+    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'skip' });
+    expect(r.summary).toMatchObject({ status: 'ok', failing_step: null });
+    expect(r.steps.find((s) => s.id === 'ping')?.data?.samples_ms).toHaveLength(3);
+    // The socket used a ticket, and nothing in the report or its text gives the token away.
+    expect(FakeWebSocket.last.query.get('ticket')).toMatch(/^tkt-/);
+    const text = JSON.stringify(r) + formatReport(r);
+    expect(text).not.toContain('SIGNATURE-SECRET');
+    expect(text).not.toContain(FakeWebSocket.last.query.get('ticket'));
+  });
+
+  it('names the token for a bad token', async () => {
+    const bad = TOKEN.replace('SIGNATURE-SECRET', 'forged');
+    const r = await diag({ token: bad });
+    expect(r.summary.failing_step).toBe('token_accepted');
+    expect(r.steps.find((s) => s.id === 'token_accepted')?.detail).toMatch(/invalid_token/);
+    expect(r.steps.find((s) => s.id === 'bot')?.status).toBe('skip');
+  });
+
+  it('names an expired token before asking the server', async () => {
+    const expired = `eyJhbGciOiJIUzI1NiJ9.${Buffer.from(JSON.stringify({ sub: 'u1', exp: 1000 })).toString('base64url')}.sig`;
+    const r = await diag({ token: expired });
+    expect(r.summary.failing_step).toBe('token_decoded');
+    expect(r.steps[4].fix).toMatch(/log in again/i);
+  });
+
+  it('names the bot for a missing bot', async () => {
+    const r = await diag({ bot: '11111111-2222-4333-8444-555555555555', routes: (q) => (q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4404, reason: 'no bot' } } : undefined) });
+    expect(r.summary.failing_step).toBe('bot');
+    expect(r.steps.find((s) => s.id === 'preflight')).toMatchObject({ status: 'fail', value: '4404' });
+  });
+
+  it('names the API for a stopped server', async () => {
+    const r = await diag({ routes: () => 'network_error' });
+    expect(r.summary.failing_step).toBe('api');
+    expect(r.steps.find((s) => s.id === 'api')?.fix).toMatch(/Start the server/);
+    expect(FakeWebSocket.instances).toHaveLength(0);
+  });
+
+  it('names the handshake when the API works but sockets are blocked', async () => {
+    const r = await diag({ ws: autoSocket({ closeWith: [1006, ''] }) });
+    expect(r.summary.failing_step).toBe('handshake');
+    expect(r.steps.find((s) => s.id === 'handshake')?.fix).toMatch(/proxy, firewall/);
+  });
+
+  it('names a server error after connect', async () => {
+    const r = await diag({ ws: autoSocket({ afterEstablished: [1011, 'internal error (error id 42)'] }) });
+    const failing = r.steps.find((s) => s.status === 'fail')!;
+    expect(['ping', 'stability']).toContain(failing.id);
+    expect(JSON.stringify(r.steps)).toMatch(/1011/);
+  });
+
+  it('reports a close before connection_established with its code', async () => {
+    const ws = class extends FakeWebSocket {
+      constructor(url: string) {
+        super(url);
+        setTimeout(() => {
+          this.open();
+          this.serverClose(4403, 'this bot is private and not shared with you');
+        }, 1);
+      }
+    };
+    const r = await diag({ ws: ws as unknown as ReturnType<typeof autoSocket> });
+    expect(r.summary.failing_step).toBe('established');
+    expect(r.steps.find((s) => s.id === 'established')?.detail).toMatch(/4403 forbidden: this bot is private/);
+  });
+});
+
+describe('decodeJwt', () => {
+  it('reads the payload, and refuses what is not a JWT', () => {
+    expect(decodeJwt(TOKEN)).toMatchObject({ sub: 'u1', name: 'alice' });
+    expect(decodeJwt('opaque')).toBeNull();
+    expect(decodeJwt('a.###.c')).toBeNull();
+  });
+});
