@@ -2,8 +2,10 @@
 // servers, in Debian's headless chromium. Needs web/dist built and target/debug/natter.
 // Usage: node e2e/run.mjs [name-filter]. Prints "N passed, N failed" last; exits 1 on failure.
 
+import { createServer as createHttpServer } from 'node:http';
 import {
   api,
+  freePort,
   assert,
   checkPrerequisites,
   launchBrowser,
@@ -308,6 +310,60 @@ scenario('register → create bot → chat', async () => {
   assert((await page.textContent('[data-testid=chat-title]')) === 'Parrot', 'title');
   await page.click('[data-testid=logout]');
   await page.waitForSelector('[data-testid=auth-submit]');
+});
+
+scenario('streamed reply grows token by token; Stop cancels a reply', async () => {
+  // A webhook bot whose endpoint streams NDJSON deltas slowly.
+  const hookPort = await freePort();
+  const hook = createHttpServer(async (req, res) => {
+    let body = '';
+    for await (const c of req) body += c;
+    const content = JSON.parse(body).message.content;
+    res.writeHead(200, { 'Content-Type': 'application/x-ndjson' });
+    const pieces = content === 'long one' ? Array.from({ length: 30 }, (_, i) => `w${i} `) : ['Stream', 'ing ', 'reply ', 'to: ', content];
+    for (const p of pieces) {
+      if (res.destroyed) break;
+      res.write(JSON.stringify({ delta: p }) + '\n');
+      await sleep(350);
+    }
+    res.end();
+  });
+  await new Promise((r) => hook.listen(hookPort, '127.0.0.1', r));
+  try {
+    const srv = await startServer();
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const bot = await api(srv.url, '/api/bots', {
+      method: 'POST',
+      token: t.access_token,
+      body: { name: 'Streamer', engine: { kind: 'webhook', url: `http://127.0.0.1:${hookPort}/hook`, secret: '0123456789abcdef0123' } },
+    });
+    const { page } = await newPage();
+    await loginPage(page, srv, t, 'demo');
+    await page.goto(`${srv.url}/#/chat/${bot.id}`);
+    await waitState(page, 'open');
+    await page.evaluate(() => {
+      window.__partials = [];
+      new MutationObserver(() => {
+        const el = document.querySelector('.msg.bot[data-status=streaming] .body');
+        if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
+      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
+    });
+    await sendMessage(page, 'hi');
+    await page.waitForSelector('.msg.bot[data-status=received] .body:text-is("Streaming reply to: hi")', { timeout: 15_000 });
+    const partials = await page.evaluate(() => window.__partials);
+    assert(partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply '), `grew token by token: ${JSON.stringify(partials)}`);
+    assert((await page.$$('.msg.bot')).length === 1, 'one reply bubble (deltas and final merged)');
+    // Stop a long reply part-way.
+    await sendMessage(page, 'long one');
+    await page.waitForSelector('.msg.bot[data-status=streaming] [data-testid=msg-stop]', { timeout: 10_000 }).catch(async (e) => { console.log(await page.innerHTML('[data-testid=messages]')); console.log(await page.evaluate(() => window.chatWebSocketService.exportFlightRecorder())); throw e; });
+    await page.click('.msg.bot[data-status=streaming] [data-testid=msg-stop]');
+    await page.waitForSelector('.msg.bot[data-status=received] .msg-status:text("stopped")', { timeout: 10_000 });
+    const stopped = await page.textContent('.msg.bot:last-child .body');
+    assert(stopped.startsWith('w0') && !stopped.includes('w29'), `cut short: ${stopped}`);
+  } finally {
+    hook.closeAllConnections?.();
+    hook.close();
+  }
 });
 
 scenario('revoke access: Failed with a readable reason, no retry loop', async () => {
