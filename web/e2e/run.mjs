@@ -366,6 +366,26 @@ scenario('streamed reply grows token by token; Stop cancels a reply', async () =
   }
 });
 
+scenario('a refused message shows Not sent with the reason, Retry and Discard', async () => {
+  const srv = await startServer({ args: ['--max-content-chars', '20'] });
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  await sendMessage(page, 'this message is longer than twenty characters');
+  await page.waitForSelector('.msg.user[data-status=failed] .msg-error:text("the limit is 20")');
+  await page.click('.msg.user[data-status=failed] [data-testid=msg-retry]');
+  await page.waitForSelector('.msg.user[data-status=failed] .msg-error:text("the limit is 20")');
+  await page.click('.msg.user[data-status=failed] button:text("Discard")');
+  await sendMessage(page, 'short one');
+  await page.waitForSelector('.msg.bot .body:text-is("short one")');
+  const shown = await shownMessages(page);
+  assert(shown.length === 2 && shown.every((m) => m.status !== 'failed'), `failed one discarded: ${JSON.stringify(shown)}`);
+  assert((await page.evaluate(() => window.chatWebSocketService.state.kind)) === 'open', 'the socket stayed up');
+});
+
 scenario('revoke access: Failed with a readable reason, no retry loop', async () => {
   const srv = await startServer();
   const owner = await login(srv.url, 'demo', 'demo-password');

@@ -4,6 +4,17 @@ import type { BotView, MemberView, Visibility } from '../lib/protocol';
 import { h } from './dom';
 import { ApiError, SessionExpired, type Session } from './session';
 
+/** Engine kinds (docs/bots.md), with an example of each one's settings. */
+const ENGINES: Record<string, { label: string; example?: Record<string, unknown> }> = {
+  echo: { label: 'replies with your text' },
+  rules: {
+    label: 'FAQ answers from keyword/regex rules',
+    example: { rules: [{ keywords: ['price', 'cost'], reply: 'Plans start at 10 EUR a month.' }], fallback: "I don't know that one yet." },
+  },
+  openai: { label: 'any OpenAI-compatible model (Ollama, OpenAI, vLLM)', example: { base_url: 'http://localhost:11434/v1', model: 'llama3.2' } },
+  webhook: { label: 'your own HTTP endpoint answers', example: { url: 'https://example.com/natter-hook', secret: 'at-least-16-characters' } },
+};
+
 export function errorText(e: unknown): string {
   if (e instanceof ApiError) return e.message;
   if (e instanceof SessionExpired) return e.message;
@@ -100,7 +111,12 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
   const name = h('input', { id: 'bot-name', required: true, maxlength: 100, 'data-testid': 'bot-name' });
   const description = h('textarea', { id: 'bot-desc', rows: 2, 'data-testid': 'bot-description' });
   const visibility = h('select', { id: 'bot-vis', 'data-testid': 'bot-visibility' }, h('option', { value: 'private' }, 'Private (only people you share it with)'), h('option', { value: 'public' }, 'Public (every user)'));
-  const kind = h('select', { id: 'bot-kind', 'data-testid': 'bot-engine-kind' }, h('option', { value: 'echo' }, 'echo — replies with your text'));
+  const kind = h(
+    'select',
+    { id: 'bot-kind', 'data-testid': 'bot-engine-kind' },
+    ...Object.entries(ENGINES).map(([k, e]) => h('option', { value: k }, `${k} — ${e.label}`)),
+  );
+  const secretsNote = h('p', { class: 'muted small', 'data-testid': 'secrets-note' });
   const settings = h('textarea', { id: 'bot-settings', rows: 3, class: 'mono', 'data-testid': 'bot-engine-settings', placeholder: '{}' });
   const submit = h('button', { type: 'submit', 'data-testid': 'bot-save' }, botId ? 'Save' : 'Create bot');
   const form = h(
@@ -143,11 +159,19 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
     visibility,
     h('label', { for: 'bot-kind' }, 'Engine'),
     kind,
-    h('label', { for: 'bot-settings' }, 'Engine settings (JSON, optional)'),
+    h('label', { for: 'bot-settings' }, 'Engine settings (JSON, without "kind")'),
     settings,
+    secretsNote,
     err,
     h('div', { class: 'row' }, submit, h('a', { class: 'button secondary', href: '#/bots' }, 'Cancel')),
   );
+  // A new bot gets an example of the chosen engine's settings.
+  kind.addEventListener('change', () => {
+    const example = ENGINES[kind.value]?.example;
+    if (!settings.value.trim() || Object.values(ENGINES).some((e) => e.example && settings.value === JSON.stringify(e.example, null, 2))) {
+      settings.value = example ? JSON.stringify(example, null, 2) : '';
+    }
+  });
   const main = h('main', null, form);
   if (botId) {
     session
@@ -156,9 +180,14 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
         name.value = b.name;
         description.value = b.description;
         visibility.value = b.visibility;
-        const { kind: k, ...rest } = b.engine as { kind?: string };
+        const { kind: k, ...rest } = b.engine as { kind?: string } & Record<string, unknown>;
         if (k && ![...kind.options].some((o) => o.value === k)) kind.appendChild(h('option', { value: k }, k));
         kind.value = k ?? 'echo';
+        // Secrets are write-only: the server shows `api_key_set: true` and keeps the secret when
+        // an update leaves it out.
+        const set = Object.keys(rest).filter((x) => x.endsWith('_set') && rest[x] === true);
+        for (const x of set) delete rest[x];
+        secretsNote.textContent = set.length ? `${set.map((x) => x.replace(/_set$/, '')).join(', ')} is set and kept unless you enter a new one.` : '';
         settings.value = Object.keys(rest).length ? JSON.stringify(rest, null, 2) : '';
         main.appendChild(shareView(session, b, onError));
       })
