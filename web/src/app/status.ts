@@ -52,9 +52,12 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
     },
     'Diagnose',
   );
-  const bar = h('div', { class: 'status', role: 'status', 'aria-live': 'polite', 'data-testid': 'status' }, dot, h('span', { class: 'status-text' }, label, detail), retry, diagnose);
+  // Screen readers hear state changes, not every tick of a countdown.
+  const announce = h('span', { class: 'sr-only', role: 'status', 'aria-live': 'polite' });
+  const bar = h('div', { class: 'status', 'data-testid': 'status' }, dot, h('span', { class: 'status-text' }, label, detail), retry, diagnose, announce);
   root.appendChild(bar);
   let lastBot: string | null = null;
+  let announced = '';
 
   const render = () => {
     const s = socket.state;
@@ -67,6 +70,10 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
     retry.disabled = !socket.getCurrentBotId() || s.kind === 'open' || s.kind === 'connecting' || s.kind === 'checking';
     diagnose.disabled = !(socket.getCurrentBotId() ?? lastBot);
     bar.title = d.detail ?? d.label;
+    if (announced !== s.kind) {
+      announced = s.kind;
+      announce.textContent = `Connection: ${d.label.replace(/ in \d+ s/, '')}`;
+    }
   };
   socket.on('state', render);
   // Countdowns tick.
