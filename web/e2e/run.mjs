@@ -80,7 +80,7 @@ scenario('connect and chat (log in through the form)', async () => {
   assert(traffic.sockets.length === 0, 'no new socket for sending');
 });
 
-scenario('server killed and restarted: reconnects, nothing lost or doubled', async () => {
+async function restartScenario(signal) {
   const srv = await startServer();
   const t = await login(srv.url, 'demo', 'demo-password');
   const botId = await demoBotId(srv, t.access_token);
@@ -93,7 +93,7 @@ scenario('server killed and restarted: reconnects, nothing lost or doubled', asy
     await sendMessage(page, m);
     await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
   }
-  await srv.kill('SIGKILL');
+  await srv.kill(signal);
   await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, { timeout: 10_000 });
   // Typed while the server is down: queued, then sent on reconnect.
   await sendMessage(page, 'three (typed while down)');
@@ -116,7 +116,12 @@ scenario('server killed and restarted: reconnects, nothing lost or doubled', asy
   assert(JSON.stringify(shown.map((m) => m.text)) === JSON.stringify(server.messages.map((m) => m.content)), 'shown texts = stored texts');
   const outbox = await page.evaluate(() => sessionStorage.getItem('natter.outbox'));
   assert(outbox === null, 'outbox empty');
-});
+  const closes = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'close').map((e) => e.code));
+  assert(closes[0] === (signal === 'SIGTERM' ? 1012 : 1006), `first close ${closes[0]} for ${signal}`);
+}
+
+scenario('server killed (SIGKILL) and restarted: reconnects, nothing lost or doubled', () => restartScenario('SIGKILL'));
+scenario('server stopped (SIGTERM, 1012) and restarted: reconnects, nothing lost or doubled', () => restartScenario('SIGTERM'));
 
 scenario('4401: one token refresh, then success (library, token in URL)', async () => {
   const srv = await startServer();

@@ -494,6 +494,20 @@ describe('nothing lost, nothing doubled', () => {
     await expect(limited).resolves.toMatchObject({ client_id: cid2 });
   });
 
+  it('refuses a message too big for a frame instead of looping on 1009', async () => {
+    const { s } = setup();
+    s.connect('b1');
+    await flush();
+    const ws = FakeWebSocket.last;
+    ws.establish({ limits: { max_frame_bytes: 100, max_content_chars: 16384, max_connections_per_user: 20, messages_per_second: 5, message_burst: 20 } });
+    const rejected: string[] = [];
+    s.on('rejected', (r) => rejected.push(r.error.code));
+    await expect(s.send('😀'.repeat(30))).rejects.toMatchObject({ code: 'content_too_long' });
+    expect(ws.frames.filter((f) => f.type === 'message')).toHaveLength(0);
+    expect(s.outboxFor('b1')).toHaveLength(0);
+    expect(rejected).toEqual(['content_too_long']);
+  });
+
   it('bounds the outbox', async () => {
     const { s } = setup({ socket: { outboxLimit: 2 } });
     s.connect('b1');

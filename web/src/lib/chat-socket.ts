@@ -686,7 +686,21 @@ export class ChatSocket {
   private writeMessage(client_id: string, content: string): void {
     const ws = this.ws;
     if (!ws || ws.readyState !== OPEN) return;
-    ws.send(encodeClientFrame({ type: 'message', client_id, content }));
+    const frame = encodeClientFrame({ type: 'message', client_id, content });
+    // A frame over the server's limit would close the socket with 1009, and resending it after
+    // the reconnect would close it again: refuse it here instead of looping.
+    const limits = this.established?.limits;
+    const bytes = new TextEncoder().encode(frame).length;
+    if (limits && bytes > limits.max_frame_bytes) {
+      this.onErrorFrame({
+        type: 'error',
+        code: 'content_too_long',
+        message: `the message is ${bytes} bytes as a frame; the server's limit is ${limits.max_frame_bytes}`,
+        client_id,
+      });
+      return;
+    }
+    ws.send(frame);
     this.outbox.markSent(client_id);
     log.outbox('→ message %s', client_id);
   }
