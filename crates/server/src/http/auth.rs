@@ -21,15 +21,22 @@ pub fn user_view(u: &User) -> UserView {
 
 /// Creates a user with a hashed password (the hashing runs off the async threads).
 pub async fn create_user(state: &AppState, username: Username, password: Password, is_admin: bool) -> ApiResult<User> {
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(password.expose())).await.map_err(ApiError::internal)?;
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(password.expose()))
+        .await
+        .map_err(ApiError::internal)?;
     Ok(state.store.create_user(NewUser { username: username.into_inner(), password_hash: hash, is_admin }).await?)
 }
 
 #[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = Credentials,
     responses((status = 201, body = UserView), (status = 400, body = natter_proto::api::ErrorBody), (status = 409, body = natter_proto::api::ErrorBody)))]
-pub async fn register(State(state): State<AppState>, ApiJson(body): ApiJson<Credentials>) -> ApiResult<(StatusCode, Json<UserView>)> {
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Credentials>,
+) -> ApiResult<(StatusCode, Json<UserView>)> {
     if !state.config.registration_open {
-        return Err(ApiError::forbidden("registration is closed on this server").with_code(ErrorCode::RegistrationClosed));
+        return Err(
+            ApiError::forbidden("registration is closed on this server").with_code(ErrorCode::RegistrationClosed)
+        );
     }
     let username = Username::parse(&body.username)?;
     let password = Password::parse(&body.password)?;
@@ -67,7 +74,9 @@ pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credent
     let user = state.store.user_by_username(&body.username).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| auth::dummy_hash().to_owned());
     let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash)).await.map_err(ApiError::internal)?;
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(ApiError::internal)?;
     let user = match (user, ok) {
         (Some(u), true) => u,
         _ => {
@@ -81,14 +90,15 @@ pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credent
 
 #[utoipa::path(post, path = "/api/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses((status = 200, body = TokenPair), (status = 401, body = natter_proto::api::ErrorBody)))]
-pub async fn refresh(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshRequest>) -> ApiResult<Json<TokenPair>> {
+pub async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<RefreshRequest>,
+) -> ApiResult<Json<TokenPair>> {
     match state.store.use_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await? {
         RefreshUse::Valid { user_id, family_id } => {
-            let user = state
-                .store
-                .user_by_id(user_id)
-                .await?
-                .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidRefreshToken, "the refresh token's user no longer exists"))?;
+            let user = state.store.user_by_id(user_id).await?.ok_or_else(|| {
+                ApiError::unauthorized(ErrorCode::InvalidRefreshToken, "the refresh token's user no longer exists")
+            })?;
             Ok(Json(issue_pair(&state, user.id, &user.username, family_id).await?))
         }
         RefreshUse::Reused => {

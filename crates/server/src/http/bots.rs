@@ -39,7 +39,13 @@ pub fn bot_ref(bot: &Bot) -> BotRef {
 
 /// Loads a bot and the caller's role: 404 if it does not exist, 403 if the caller has no role
 /// or less than `needed`.
-async fn bot_with_role(state: &AppState, id: Uuid, user: &AuthUser, needed: BotRole, action: &str) -> ApiResult<(Bot, BotRole)> {
+async fn bot_with_role(
+    state: &AppState,
+    id: Uuid,
+    user: &AuthUser,
+    needed: BotRole,
+    action: &str,
+) -> ApiResult<(Bot, BotRole)> {
     let bot = state.store.bot(id).await?.ok_or_else(|| ApiError::not_found(format!("no bot with id {id}")))?;
     let role = state.store.bot_role(&bot, user.id).await?;
     match role {
@@ -62,7 +68,11 @@ pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<Js
 
 #[utoipa::path(post, path = "/api/bots", tag = "bots", security(("bearer" = [])), request_body = CreateBot,
     responses((status = 201, body = BotView), (status = 400, body = natter_proto::api::ErrorBody)))]
-pub async fn create(State(state): State<AppState>, user: AuthUser, ApiJson(body): ApiJson<CreateBot>) -> ApiResult<(StatusCode, Json<BotView>)> {
+pub async fn create(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<CreateBot>,
+) -> ApiResult<(StatusCode, Json<BotView>)> {
     let engine = match &body.engine {
         Some(e) => parse_engine(e)?,
         None => EngineSpec::Echo(Default::default()).to_stored(),
@@ -83,7 +93,11 @@ pub async fn create(State(state): State<AppState>, user: AuthUser, ApiJson(body)
 
 #[utoipa::path(get, path = "/api/bots/{id}", tag = "bots", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = BotView), (status = 403, body = natter_proto::api::ErrorBody), (status = 404, body = natter_proto::api::ErrorBody)))]
-pub async fn get(State(state): State<AppState>, user: AuthUser, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<BotView>> {
+pub async fn get(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<BotView>> {
     let (bot, role) = bot_with_role(&state, id, &user, BotRole::Public, "view").await?;
     Ok(Json(bot_view(&bot, role)))
 }
@@ -114,7 +128,11 @@ pub async fn update(
 
 #[utoipa::path(delete, path = "/api/bots/{id}", tag = "bots", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 204, description = "Deleted, with its conversations"), (status = 403, body = natter_proto::api::ErrorBody)))]
-pub async fn delete(State(state): State<AppState>, user: AuthUser, ApiPath(id): ApiPath<Uuid>) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<StatusCode> {
     bot_with_role(&state, id, &user, BotRole::Owner, "delete").await?;
     state.store.delete_bot(id).await?;
     tracing::info!(bot_id = %id, user_id = %user.id, "bot deleted");
@@ -123,7 +141,11 @@ pub async fn delete(State(state): State<AppState>, user: AuthUser, ApiPath(id): 
 
 #[utoipa::path(get, path = "/api/bots/{id}/members", tag = "bots", security(("bearer" = [])), params(("id" = Uuid, Path)),
     responses((status = 200, body = Vec<MemberView>)))]
-pub async fn members(State(state): State<AppState>, user: AuthUser, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<Vec<MemberView>>> {
+pub async fn members(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<Vec<MemberView>>> {
     bot_with_role(&state, id, &user, BotRole::Admin, "see the members of").await?;
     let members = state.store.members(id).await?;
     Ok(Json(
@@ -147,7 +169,11 @@ pub async fn add_member(
         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::UserNotFound, format!("no user named {:?}", body.username))
     })?;
     if member.id == bot.owner_id {
-        return Err(ApiError::new(StatusCode::CONFLICT, ErrorCode::Conflict, "the owner already has every right on the bot"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            "the owner already has every right on the bot",
+        ));
     }
     state.store.upsert_member(id, member.id, body.role).await?;
     Ok(Json(MemberView { user: UserRef { id: member.id, username: member.username }, role: body.role }))

@@ -43,7 +43,11 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         let error_id = uuid::Uuid::new_v4();
         tracing::error!(%error_id, error = %cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, format!("internal error (error id {error_id})"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("internal error (error id {error_id})"),
+        )
     }
 }
 
@@ -63,7 +67,9 @@ impl From<Invalid> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::UsernameTaken => ApiError::new(StatusCode::CONFLICT, ErrorCode::UsernameTaken, "that username is already registered"),
+            StoreError::UsernameTaken => {
+                ApiError::new(StatusCode::CONFLICT, ErrorCode::UsernameTaken, "that username is already registered")
+            }
             StoreError::NotFound => ApiError::not_found("not found"),
             StoreError::Backend(_) => ApiError::internal(e),
         }
@@ -78,9 +84,11 @@ impl From<JsonRejection> for ApiError {
                 ErrorCode::UnsupportedMediaType,
                 "expected a body with Content-Type: application/json",
             ),
-            JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, "request body is larger than 1 MiB")
-            }
+            JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::PayloadTooLarge,
+                "request body is larger than 1 MiB",
+            ),
             // serde's message names the field: "missing field `username`", "username: invalid type…"
             other => ApiError::bad_request(ErrorCode::InvalidBody, other.body_text()),
         }

@@ -5,8 +5,8 @@ use axum::extract::rejection::{JsonRejection, MissingJsonContentType};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
-use serde::de::DeserializeOwned;
 use natter_proto::ErrorCode;
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -71,8 +71,12 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
 
 pub fn token_error(e: TokenError) -> ApiError {
     match e {
-        TokenError::Expired => ApiError::unauthorized(ErrorCode::TokenExpired, "the access token has expired; refresh it"),
-        TokenError::Invalid => ApiError::unauthorized(ErrorCode::InvalidToken, "the access token is malformed or its signature is wrong"),
+        TokenError::Expired => {
+            ApiError::unauthorized(ErrorCode::TokenExpired, "the access token has expired; refresh it")
+        }
+        TokenError::Invalid => {
+            ApiError::unauthorized(ErrorCode::InvalidToken, "the access token is malformed or its signature is wrong")
+        }
     }
 }
 

@@ -1,12 +1,15 @@
 //! The HTTP surface: the router, with one module per area.
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use natter_proto::api::{Health, Ready};
 use natter_proto::ErrorCode;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
 use utoipa::OpenApi;
 
 use crate::app::AppState;
@@ -14,6 +17,7 @@ use error::ApiError;
 
 pub mod auth;
 pub mod bots;
+pub mod connections;
 pub mod error;
 pub mod extract;
 
@@ -39,12 +43,18 @@ pub fn router(state: AppState) -> Router {
         .route("/ws/codes", get(crate::ws::codes))
         .route("/ws/preflight/{bot_id}", get(crate::ws::preflight))
         .route("/ws/chat/{bot_id}", get(crate::ws::chat))
+        .route("/connections", get(connections::list))
+        .route("/connections/{attempt_id}", get(connections::get))
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
 
     // `nest` leaves `/api/` itself to the outer fallback (the web app); it is an API path.
-    let mut app = Router::new().nest("/api", api).route("/api/", any(api_not_found)).with_state(state.clone());
+    let mut app = Router::new().nest("/api", api).route("/api/", any(api_not_found));
+    if state.config.metrics_bind.is_none() {
+        app = app.route("/metrics", get(metrics));
+    }
+    let mut app = app.layer(axum::middleware::from_fn_with_state(state.clone(), observe)).with_state(state.clone());
     if !state.config.allowed_origins.is_empty() {
         let origins: Vec<HeaderValue> = state
             .config
@@ -63,12 +73,54 @@ pub fn router(state: AppState) -> Router {
     app
 }
 
+/// `/metrics` alone, for `--metrics-bind`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
+}
+
+/// A request id taken from a proxy's `x-request-id` when it looks like one, else made here.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Every request: a span with its request id (echoed in `x-request-id`), an access log line
+/// and the request counter. Paths are logged without their query, where tokens may be.
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let path = req.uri().path().to_owned();
+    let span = tracing::info_span!("http", request_id = %id, %method, %path);
+    let started = std::time::Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let status = res.status().as_u16();
+    span.in_scope(|| tracing::info!(status, elapsed_ms = started.elapsed().as_millis() as u64, "request"));
+    state.metrics.http_requests.get_or_create(&crate::metrics::HttpLabels { method: method.to_string(), route, status }).inc();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
 async fn api_not_found() -> ApiError {
     ApiError::not_found("no such API endpoint")
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, "this endpoint does not accept that method")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        "this endpoint does not accept that method",
+    )
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = Health)))]
@@ -100,6 +152,7 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
         bots::list, bots::create, bots::get, bots::update, bots::delete,
         bots::members, bots::add_member, bots::remove_member, bots::messages,
         crate::ws::ticket, crate::ws::codes, crate::ws::preflight,
+        connections::list, connections::get,
     ),
     modifiers(&BearerAuth),
 )]
@@ -111,7 +164,10 @@ impl utoipa::Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
     }
 }
 

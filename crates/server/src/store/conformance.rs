@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
-use natter_proto::api::{BotRole, MemberRole, Visibility};
+use natter_proto::api::{BotRole, ConnectionRecord, MemberRole, Visibility};
 use natter_proto::{MessageRole, MessageStatus};
 use uuid::Uuid;
 
@@ -17,6 +17,8 @@ pub async fn run_all(store: Arc<dyn Store>) {
     messages(&*store).await;
     concurrent_appends_are_gap_free(store.clone()).await;
     tickets(&*store).await;
+    connection_slots(store.clone()).await;
+    generations(&*store).await;
     closed(&*store).await;
 }
 
@@ -41,9 +43,7 @@ async fn users(store: &dyn Store) {
     assert_eq!(alice.username, "alice");
     assert!(!alice.is_admin);
     assert!(matches!(
-        store
-            .create_user(NewUser { username: "alice".into(), password_hash: "x".into(), is_admin: false })
-            .await,
+        store.create_user(NewUser { username: "alice".into(), password_hash: "x".into(), is_admin: false }).await,
         Err(StoreError::UsernameTaken)
     ));
     assert_eq!(store.user_by_username("alice").await.unwrap().unwrap(), alice);
@@ -59,13 +59,23 @@ async fn refresh_tokens(store: &dyn Store) {
     let u = user(store, "refresher").await;
     let family = Uuid::new_v4();
     let now = Utc::now();
-    for (hash, expires) in [("t1", now + Duration::days(1)), ("t2", now + Duration::days(1)), ("old", now - Duration::seconds(1))] {
+    for (hash, expires) in
+        [("t1", now + Duration::days(1)), ("t2", now + Duration::days(1)), ("old", now - Duration::seconds(1))]
+    {
         store
-            .insert_refresh_token(NewRefreshToken { token_hash: hash.into(), user_id: u.id, family_id: family, expires_at: expires })
+            .insert_refresh_token(NewRefreshToken {
+                token_hash: hash.into(),
+                user_id: u.id,
+                family_id: family,
+                expires_at: expires,
+            })
             .await
             .unwrap();
     }
-    assert_eq!(store.use_refresh_token("t1", now).await.unwrap(), RefreshUse::Valid { user_id: u.id, family_id: family });
+    assert_eq!(
+        store.use_refresh_token("t1", now).await.unwrap(),
+        RefreshUse::Valid { user_id: u.id, family_id: family }
+    );
     assert_eq!(store.use_refresh_token("nope", now).await.unwrap(), RefreshUse::Invalid);
     assert_eq!(store.use_refresh_token("old", now).await.unwrap(), RefreshUse::Invalid, "expired");
     // Reuse of t1 revokes the family, so t2 (unused) no longer works either.
@@ -74,7 +84,12 @@ async fn refresh_tokens(store: &dyn Store) {
 
     let fam2 = Uuid::new_v4();
     store
-        .insert_refresh_token(NewRefreshToken { token_hash: "t3".into(), user_id: u.id, family_id: fam2, expires_at: now + Duration::days(1) })
+        .insert_refresh_token(NewRefreshToken {
+            token_hash: "t3".into(),
+            user_id: u.id,
+            family_id: fam2,
+            expires_at: now + Duration::days(1),
+        })
         .await
         .unwrap();
     store.revoke_refresh_token("t3", now).await.unwrap();
@@ -117,7 +132,10 @@ async fn bots_and_roles(store: &dyn Store) {
     assert!(store.bots_for_user(stranger.id).await.unwrap().iter().all(|(b, _)| b.id != bot.id));
 
     let updated = store
-        .update_bot(bot.id, BotChanges { visibility: Some(Visibility::Public), name: Some("Helper 2".into()), ..Default::default() })
+        .update_bot(
+            bot.id,
+            BotChanges { visibility: Some(Visibility::Public), name: Some("Helper 2".into()), ..Default::default() },
+        )
         .await
         .unwrap();
     assert_eq!(updated.name, "Helper 2");
@@ -248,4 +266,169 @@ async fn tickets(store: &dyn Store) {
     assert_eq!(store.consume_ticket("h1", now).await.unwrap(), None, "single use");
     assert_eq!(store.consume_ticket("h2", now).await.unwrap(), None, "expired");
     assert_eq!(store.consume_ticket("zz", now).await.unwrap(), None);
+}
+
+fn record(user: Option<Uuid>, bot: Option<Uuid>, started: chrono::DateTime<Utc>) -> ConnectionRecord {
+    let id = Uuid::new_v4();
+    ConnectionRecord {
+        attempt_id: id,
+        connection_id: id,
+        user_id: user,
+        bot_id: bot,
+        remote_addr: Some("127.0.0.1:5555".into()),
+        user_agent: Some("test".into()),
+        origin: None,
+        upgrade: Some("websocket".into()),
+        connection: Some("Upgrade".into()),
+        sec_websocket_version: Some("13".into()),
+        forwarded_for: None,
+        started_at: super::from_millis(started.timestamp_millis()),
+        established: false,
+        ended_at: None,
+        close_code: None,
+        close_reason: None,
+        closed_by: None,
+        msgs_in: 0,
+        msgs_out: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+    }
+}
+
+async fn ledger(store: &dyn Store) {
+    let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let now = Utc::now();
+    let mut a = record(Some(u1), Some(bot), now - Duration::seconds(3));
+    let b = record(Some(u2), Some(bot), now - Duration::seconds(2));
+    let c = record(None, None, now - Duration::seconds(1));
+    store.record_connections(&[a.clone(), b.clone(), c.clone()]).await.unwrap();
+    // The end of `a` replaces its row.
+    a.established = true;
+    a.ended_at = Some(super::from_millis(now.timestamp_millis()));
+    a.close_code = Some(4408);
+    a.close_reason = Some("no traffic".into());
+    a.closed_by = Some(natter_proto::api::ClosedBy::Server);
+    a.msgs_in = 3;
+    a.bytes_out = 1234;
+    store.record_connections(std::slice::from_ref(&a)).await.unwrap();
+    assert_eq!(store.connections(Some(u1), None, 10).await.unwrap(), vec![a.clone()]);
+    assert_eq!(store.connection(a.attempt_id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.connections(None, Some(bot), 10).await.unwrap(), vec![b.clone(), a.clone()], "newest first");
+    assert_eq!(store.connections(None, None, 2).await.unwrap(), vec![c.clone(), b.clone()]);
+    assert!(store.connection(Uuid::new_v4()).await.unwrap().is_none());
+    // Retention: by age, then by count.
+    let old = record(Some(u1), None, now - Duration::days(30));
+    store.record_connections(std::slice::from_ref(&old)).await.unwrap();
+    assert_eq!(store.prune_connections(now - Duration::days(7), 100).await.unwrap(), 1);
+    assert!(store.connection(old.attempt_id).await.unwrap().is_none());
+    assert_eq!(store.prune_connections(now - Duration::days(7), 2).await.unwrap(), 1);
+    assert_eq!(store.connections(None, None, 10).await.unwrap(), vec![c, b], "the oldest went");
+}
+
+/// Runs one test body against a fresh store of each kind: `$name::sqlite` (in memory) and
+/// `$name::postgres` (a schema of its own in `NATTER_TEST_DATABASE_URL`, skipped loudly when
+/// that is not set).
+macro_rules! test_both_stores {
+    ($name:ident, $body:path) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let store = crate::store::SqliteStore::memory().await.unwrap();
+                $body(std::sync::Arc::new(store)).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let Some(schema) = crate::store::postgres::TestSchema::from_env(concat!(module_path!(), "::postgres")).await
+                else {
+                    return;
+                };
+                let store = crate::store::PostgresStore::connect(&schema.url).await.unwrap();
+                $body(std::sync::Arc::new(store)).await;
+            }
+        }
+    };
+}
+
+test_both_stores!(conformance, super::run_all);
+
+async fn connection_slots(store: Arc<dyn Store>) {
+    let (user, other, node) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let now = Utc::now();
+    let slot = |user_id, expires_at| SlotClaim { connection_id: Uuid::new_v4(), user_id, node_id: node, expires_at };
+    let a = slot(user, now + Duration::seconds(10));
+    assert!(store.claim_slot(a, 2, now).await.unwrap());
+    assert!(store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap());
+    assert!(!store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(), "third is over the limit");
+    assert!(store.claim_slot(slot(other, now + Duration::seconds(10)), 2, now).await.unwrap(), "limits are per user");
+    store.release_slot(a.connection_id).await.unwrap();
+    store.release_slot(Uuid::new_v4()).await.unwrap();
+    assert!(store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(), "a released slot is free");
+
+    // A dead node's slots stop counting when their lease ends; a live node renews its own.
+    let later = now + Duration::seconds(20);
+    assert!(store.claim_slot(slot(user, later + Duration::seconds(10)), 2, later).await.unwrap());
+    assert!(store.claim_slot(slot(user, later + Duration::seconds(10)), 2, later).await.unwrap());
+    store.renew_node(node, later + Duration::seconds(60)).await.unwrap();
+    let much_later = later + Duration::seconds(30);
+    assert!(!store.claim_slot(slot(user, much_later), 2, much_later).await.unwrap(), "renewed slots still count");
+
+    // Concurrent claims never overshoot the limit.
+    let racer = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let store = store.clone();
+        let claim = slot(racer, now + Duration::seconds(10));
+        tasks.push(tokio::spawn(async move { store.claim_slot(claim, 3, now).await.unwrap() }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap() as usize;
+    }
+    assert_eq!(won, 3);
+}
+
+async fn generations(store: &dyn Store) {
+    let conv = chat_setup(store, "generator").await;
+    let asked = store.append_message(user_msg(conv.id, "q1", "tell me")).await.unwrap().message;
+    let node = Uuid::new_v4();
+    let now = Utc::now();
+    let lease = |message_id| GenerationLease {
+        message_id,
+        conversation_id: conv.id,
+        in_reply_to: asked.id,
+        node_id: node,
+        lease_until: now + Duration::seconds(10),
+    };
+    let (cut, finished, stored) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for id in [cut, finished, stored] {
+        store.begin_generation(&lease(id)).await.unwrap();
+    }
+    store.checkpoint_generation(cut, "half a rep").await.unwrap();
+    store.end_generation(finished).await.unwrap();
+    // `stored` was stored, but its node died before forgetting the lease.
+    store
+        .append_message(NewMessage {
+            id: stored,
+            conversation_id: conv.id,
+            role: MessageRole::Bot,
+            content: "whole".into(),
+            client_id: None,
+            in_reply_to: Some(asked.id),
+            status: MessageStatus::Complete,
+        })
+        .await
+        .unwrap();
+    assert!(store.recover_generations(now).await.unwrap().is_empty(), "leases still run");
+    store.renew_node(node, now + Duration::seconds(30)).await.unwrap();
+    assert!(store.recover_generations(now + Duration::seconds(20)).await.unwrap().is_empty(), "renewed");
+
+    let recovered = store.recover_generations(now + Duration::seconds(31)).await.unwrap();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    let m = &recovered[0];
+    assert_eq!((m.id, m.seq, m.role, m.status), (cut, 3, MessageRole::Bot, MessageStatus::Incomplete));
+    assert_eq!((m.content.as_str(), m.in_reply_to), ("half a rep", Some(asked.id)));
+    assert_eq!(store.messages_after(conv.id, 2, 10).await.unwrap(), recovered, "stored as returned");
+    assert!(store.recover_generations(now + Duration::seconds(60)).await.unwrap().is_empty(), "once");
+    assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 3, "no seq taken for the rest");
 }

@@ -5,15 +5,19 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use natter_proto::api::{BotRole, MemberRole, Visibility};
+use natter_proto::api::{BotRole, ConnectionRecord, MemberRole, Visibility};
 use natter_proto::{MessageRole, MessageStatus, WireMessage};
 use uuid::Uuid;
 
+mod coordination;
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
+pub use coordination::{Coordination, GenerationLease, SlotClaim};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// What can go wrong in a store. Constraint violations that the API turns into 4xx
@@ -145,7 +149,7 @@ pub enum RefreshUse {
 
 /// The persistent state of natter.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: Coordination + Send + Sync + 'static {
     /// Cheap round trip, for `/api/ready`.
     async fn ping(&self) -> StoreResult<()>;
     /// Closes the store: waits for work in flight, then every later call fails (and `ping`
@@ -184,13 +188,35 @@ pub trait Store: Send + Sync + 'static {
     /// Messages with seq > `after_seq`, oldest first, at most `limit`.
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;
     /// Messages with seq < `before_seq`, the newest `limit` of them, oldest first.
-    async fn messages_before(&self, conversation_id: Uuid, before_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;
+    async fn messages_before(
+        &self,
+        conversation_id: Uuid,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<WireMessage>>;
 
-    async fn create_ticket(&self, ticket_hash: &str, user_id: Uuid, bot_id: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()>;
+    async fn create_ticket(
+        &self,
+        ticket_hash: &str,
+        user_id: Uuid,
+        bot_id: Uuid,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()>;
     /// Consumes a ticket: it works once, before it expires. Returns (user, bot).
     async fn consume_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>>;
     /// Looks a ticket up without consuming it (for the preflight check).
     async fn peek_ticket(&self, ticket_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<(Uuid, Uuid)>>;
+
+    /// Writes connection ledger rows, replacing rows with the same `connection_id`.
+    async fn record_connections(&self, rows: &[ConnectionRecord]) -> StoreResult<()>;
+    /// The newest ledger rows, newest first: of one user (or everyone's with `None`), of one
+    /// bot if given.
+    async fn connections(&self, user_id: Option<Uuid>, bot_id: Option<Uuid>, limit: u32) -> StoreResult<Vec<ConnectionRecord>>;
+    /// The newest ledger row with this attempt id (or connection id).
+    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>>;
+    /// Deletes rows started before `older_than`, and the oldest beyond `keep` rows. Returns
+    /// how many were deleted.
+    async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64>;
 }
 
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {

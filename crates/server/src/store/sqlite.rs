@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use natter_proto::api::{BotRole, MemberRole, Visibility};
+use natter_proto::api::{BotRole, ClosedBy, ConnectionRecord, MemberRole, Visibility};
 use natter_proto::{MessageRole, MessageStatus, WireMessage};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -33,18 +33,9 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await?;
-        MIGRATOR
-            .run(&write)
-            .await
-            .map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
-        let read = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts.read_only(true))
-            .await?;
+        let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
+        MIGRATOR.run(&write).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts.read_only(true)).await?;
         Ok(SqliteStore { write, read })
     }
 
@@ -62,10 +53,7 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(opts)
             .await?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
+        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
         Ok(SqliteStore { write: pool.clone(), read: pool })
     }
 }
@@ -77,8 +65,7 @@ fn uuid_col(row: &SqliteRow, col: &str) -> StoreResult<Uuid> {
 
 fn opt_uuid_col(row: &SqliteRow, col: &str) -> StoreResult<Option<Uuid>> {
     let s: Option<String> = row.try_get(col)?;
-    s.map(|s| Uuid::parse_str(&s).map_err(|e| StoreError::Backend(format!("bad uuid in {col}: {e}"))))
-        .transpose()
+    s.map(|s| Uuid::parse_str(&s).map_err(|e| StoreError::Backend(format!("bad uuid in {col}: {e}")))).transpose()
 }
 
 fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
@@ -147,14 +134,15 @@ impl Store for SqliteStore {
     async fn create_user(&self, user: NewUser) -> StoreResult<User> {
         let id = Uuid::new_v4();
         let now = Utc::now();
-        let res = sqlx::query("INSERT INTO users (id, username, password_hash, is_admin, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(id.to_string())
-            .bind(&user.username)
-            .bind(&user.password_hash)
-            .bind(user.is_admin as i64)
-            .bind(millis(now))
-            .execute(&self.write)
-            .await;
+        let res =
+            sqlx::query("INSERT INTO users (id, username, password_hash, is_admin, created_at) VALUES (?, ?, ?, ?, ?)")
+                .bind(id.to_string())
+                .bind(&user.username)
+                .bind(&user.password_hash)
+                .bind(user.is_admin as i64)
+                .bind(millis(now))
+                .execute(&self.write)
+                .await;
         match res {
             Ok(_) => Ok(User {
                 id,
@@ -169,18 +157,14 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE username = ?")
-            .bind(username)
-            .fetch_optional(&self.read)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM users WHERE username = ?").bind(username).fetch_optional(&self.read).await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.read)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM users WHERE id = ?").bind(id.to_string()).fetch_optional(&self.read).await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -210,10 +194,12 @@ impl Store for SqliteStore {
 
     async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse> {
         let mut tx = self.write.begin().await?;
-        let row = sqlx::query("SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?")
-            .bind(token_hash)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row = sqlx::query(
+            "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else { return Ok(RefreshUse::Invalid) };
         let family_id = uuid_col(&row, "family_id")?;
         let used: Option<i64> = row.try_get("used_at")?;
@@ -293,10 +279,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_bot(&self, id: Uuid) -> StoreResult<()> {
-        let res = sqlx::query("DELETE FROM bots WHERE id = ?")
-            .bind(id.to_string())
-            .execute(&self.write)
-            .await?;
+        let res = sqlx::query("DELETE FROM bots WHERE id = ?").bind(id.to_string()).execute(&self.write).await?;
         if res.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -325,11 +308,12 @@ impl Store for SqliteStore {
         if bot.owner_id == user_id {
             return Ok(Some(BotRole::Owner));
         }
-        let member: Option<String> = sqlx::query_scalar("SELECT role FROM bot_members WHERE bot_id = ? AND user_id = ?")
-            .bind(bot.id.to_string())
-            .bind(user_id.to_string())
-            .fetch_optional(&self.read)
-            .await?;
+        let member: Option<String> =
+            sqlx::query_scalar("SELECT role FROM bot_members WHERE bot_id = ? AND user_id = ?")
+                .bind(bot.id.to_string())
+                .bind(user_id.to_string())
+                .fetch_optional(&self.read)
+                .await?;
         Ok(role_of(bot, user_id, member.as_deref()))
     }
 
@@ -404,20 +388,22 @@ impl Store for SqliteStore {
         let conv = m.conversation_id.to_string();
         let mut tx = self.write.begin().await?;
         if let Some(client_id) = &m.client_id {
-            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
-                .bind(&conv)
-                .bind(client_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let row =
+                sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
+                    .bind(&conv)
+                    .bind(client_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if let Some(row) = row {
                 return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
             }
         }
-        let seq: i64 = sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
-            .bind(&conv)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let seq: i64 =
+            sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
+                .bind(&conv)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or(StoreError::NotFound)?;
         let message = WireMessage {
             id: m.id,
             conversation_id: m.conversation_id,
@@ -457,7 +443,12 @@ impl Store for SqliteStore {
         rows.iter().map(message_from_row).collect()
     }
 
-    async fn messages_before(&self, conversation_id: Uuid, before_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
+    async fn messages_before(
+        &self,
+        conversation_id: Uuid,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<WireMessage>> {
         let rows = sqlx::query(&format!(
             "SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
         ))
@@ -471,13 +462,16 @@ impl Store for SqliteStore {
         Ok(msgs)
     }
 
-    async fn create_ticket(&self, ticket_hash: &str, user_id: Uuid, bot_id: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()> {
+    async fn create_ticket(
+        &self,
+        ticket_hash: &str,
+        user_id: Uuid,
+        bot_id: Uuid,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.write.begin().await?;
         // Expired tickets are swept as new ones are made, so the table stays small.
-        sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= ?")
-            .bind(millis(Utc::now()))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= ?").bind(millis(Utc::now())).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO ws_tickets (ticket_hash, user_id, bot_id, expires_at) VALUES (?, ?, ?, ?)")
             .bind(ticket_hash)
             .bind(user_id.to_string())
@@ -510,20 +504,125 @@ impl Store for SqliteStore {
             .await?;
         row.map(|row| Ok((uuid_col(&row, "user_id")?, uuid_col(&row, "bot_id")?))).transpose()
     }
+
+    async fn record_connections(&self, rows: &[ConnectionRecord]) -> StoreResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write.begin().await?;
+        for r in rows {
+            sqlx::query(&format!("INSERT OR REPLACE INTO connections ({LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+                .bind(r.connection_id.to_string())
+                .bind(r.attempt_id.to_string())
+                .bind(r.user_id.map(|u| u.to_string()))
+                .bind(r.bot_id.map(|u| u.to_string()))
+                .bind(&r.remote_addr)
+                .bind(&r.user_agent)
+                .bind(&r.origin)
+                .bind(&r.upgrade)
+                .bind(&r.connection)
+                .bind(&r.sec_websocket_version)
+                .bind(&r.forwarded_for)
+                .bind(millis(r.started_at))
+                .bind(r.established as i64)
+                .bind(r.ended_at.map(millis))
+                .bind(r.close_code.map(i64::from))
+                .bind(&r.close_reason)
+                .bind(r.closed_by.map(|c| c.as_str()))
+                .bind(r.msgs_in as i64)
+                .bind(r.msgs_out as i64)
+                .bind(r.bytes_in as i64)
+                .bind(r.bytes_out as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn connections(&self, user_id: Option<Uuid>, bot_id: Option<Uuid>, limit: u32) -> StoreResult<Vec<ConnectionRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {LEDGER_COLS} FROM connections WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR bot_id = ?2) \
+             ORDER BY started_at DESC, connection_id LIMIT ?3"
+        ))
+        .bind(user_id.map(|u| u.to_string()))
+        .bind(bot_id.map(|u| u.to_string()))
+        .bind(limit as i64)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(ledger_from_row).collect()
+    }
+
+    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {LEDGER_COLS} FROM connections WHERE attempt_id = ?1 OR connection_id = ?1 ORDER BY started_at DESC LIMIT 1"
+        ))
+        .bind(attempt_id.to_string())
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(ledger_from_row).transpose()
+    }
+
+    async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
+        let mut tx = self.write.begin().await?;
+        let old = sqlx::query("DELETE FROM connections WHERE started_at < ?").bind(millis(older_than)).execute(&mut *tx).await?;
+        let over = sqlx::query(
+            "DELETE FROM connections WHERE connection_id IN \
+             (SELECT connection_id FROM connections ORDER BY started_at DESC, connection_id LIMIT -1 OFFSET ?)",
+        )
+        .bind(keep as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(old.rows_affected() + over.rows_affected())
+    }
+}
+
+const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id, remote_addr, user_agent, origin, upgrade, connection_hdr, \
+    ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out";
+
+fn ledger_from_row(row: &SqliteRow) -> StoreResult<ConnectionRecord> {
+    let closed_by: Option<String> = row.try_get("closed_by")?;
+    let code: Option<i64> = row.try_get("close_code")?;
+    let ended: Option<i64> = row.try_get("ended_at")?;
+    Ok(ConnectionRecord {
+        attempt_id: uuid_col(row, "attempt_id")?,
+        connection_id: uuid_col(row, "connection_id")?,
+        user_id: opt_uuid_col(row, "user_id")?,
+        bot_id: opt_uuid_col(row, "bot_id")?,
+        remote_addr: row.try_get("remote_addr")?,
+        user_agent: row.try_get("user_agent")?,
+        origin: row.try_get("origin")?,
+        upgrade: row.try_get("upgrade")?,
+        connection: row.try_get("connection_hdr")?,
+        sec_websocket_version: row.try_get("ws_version")?,
+        forwarded_for: row.try_get("forwarded_for")?,
+        started_at: from_millis(row.try_get("started_at")?),
+        established: row.try_get::<i64, _>("established")? != 0,
+        ended_at: ended.map(from_millis),
+        close_code: code.map(|c| c as u16),
+        close_reason: row.try_get("close_reason")?,
+        closed_by: closed_by.as_deref().and_then(ClosedBy::parse),
+        msgs_in: row.try_get::<i64, _>("msgs_in")? as u64,
+        msgs_out: row.try_get::<i64, _>("msgs_out")? as u64,
+        bytes_in: row.try_get::<i64, _>("bytes_in")? as u64,
+        bytes_out: row.try_get::<i64, _>("bytes_out")? as u64,
+    })
 }
 
 impl SqliteStore {
     async fn bot_in(&self, pool: &SqlitePool, id: Uuid) -> StoreResult<Option<Bot>> {
-        let row = sqlx::query(&format!("SELECT {BOT_COLS} FROM bots b JOIN users u ON u.id = b.owner_id WHERE b.id = ?"))
-            .bind(id.to_string())
-            .fetch_optional(pool)
-            .await?;
+        let row =
+            sqlx::query(&format!("SELECT {BOT_COLS} FROM bots b JOIN users u ON u.id = b.owner_id WHERE b.id = ?"))
+                .bind(id.to_string())
+                .fetch_optional(pool)
+                .await?;
         row.as_ref().map(bot_from_row).transpose()
     }
 }
 
 /// The role a user has on a bot, from ownership, membership and visibility.
-fn role_of(bot: &Bot, user_id: Uuid, member_role: Option<&str>) -> Option<BotRole> {
+pub(super) fn role_of(bot: &Bot, user_id: Uuid, member_role: Option<&str>) -> Option<BotRole> {
     if bot.owner_id == user_id {
         return Some(BotRole::Owner);
     }
@@ -532,6 +631,130 @@ fn role_of(bot: &Bot, user_id: Uuid, member_role: Option<&str>) -> Option<BotRol
         Some(_) => Some(BotRole::Chat),
         None if bot.visibility == Visibility::Public => Some(BotRole::Public),
         None => None,
+    }
+}
+
+/// On SQLite the single writer connection already serialises every claim and sweep.
+#[async_trait]
+impl Coordination for SqliteStore {
+    async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query("DELETE FROM connection_slots WHERE user_id = ? AND expires_at <= ?")
+            .bind(slot.user_id.to_string())
+            .bind(millis(now))
+            .execute(&mut *tx)
+            .await?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM connection_slots WHERE user_id = ?")
+            .bind(slot.user_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        if count as usize >= max {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO connection_slots (connection_id, user_id, node_id, expires_at) VALUES (?, ?, ?, ?)")
+            .bind(slot.connection_id.to_string())
+            .bind(slot.user_id.to_string())
+            .bind(slot.node_id.to_string())
+            .bind(millis(slot.expires_at))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
+        sqlx::query("DELETE FROM connection_slots WHERE connection_id = ?")
+            .bind(connection_id.to_string())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn renew_node(&self, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<()> {
+        let mut tx = self.write.begin().await?;
+        for table in ["UPDATE connection_slots SET expires_at = ?", "UPDATE generations SET lease_until = ?"] {
+            sqlx::query(&format!("{table} WHERE node_id = ?"))
+                .bind(millis(until))
+                .bind(node_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn begin_generation(&self, g: &GenerationLease) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO generations (message_id, conversation_id, in_reply_to, node_id, text, lease_until) \
+             VALUES (?, ?, ?, ?, '', ?)",
+        )
+        .bind(g.message_id.to_string())
+        .bind(g.conversation_id.to_string())
+        .bind(g.in_reply_to.to_string())
+        .bind(g.node_id.to_string())
+        .bind(millis(g.lease_until))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn checkpoint_generation(&self, message_id: Uuid, text: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE generations SET text = ? WHERE message_id = ?")
+            .bind(text)
+            .bind(message_id.to_string())
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
+        sqlx::query("DELETE FROM generations WHERE message_id = ?").bind(message_id.to_string()).execute(&self.write).await?;
+        Ok(())
+    }
+
+    async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>> {
+        let mut tx = self.write.begin().await?;
+        let rows = sqlx::query(
+            "DELETE FROM generations WHERE lease_until <= ? RETURNING message_id, conversation_id, in_reply_to, text",
+        )
+        .bind(millis(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut recovered = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("message_id")?;
+            let conv: String = row.try_get("conversation_id")?;
+            // The node may have stored the reply and died before forgetting its lease.
+            let stored: Option<String> =
+                sqlx::query_scalar("SELECT id FROM messages WHERE id = ?").bind(&id).fetch_optional(&mut *tx).await?;
+            if stored.is_some() {
+                continue;
+            }
+            let Some(seq) =
+                sqlx::query_scalar::<_, i64>("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
+                    .bind(&conv)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            else {
+                continue;
+            };
+            let created = millis(Utc::now());
+            let text: String = row.try_get("text")?;
+            let in_reply_to: String = row.try_get("in_reply_to")?;
+            sqlx::query(&format!("INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, 'bot', ?, NULL, ?, 'incomplete', ?)"))
+                .bind(&id)
+                .bind(&conv)
+                .bind(seq)
+                .bind(&text)
+                .bind(&in_reply_to)
+                .bind(created)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE id = ?")).bind(&id).fetch_one(&mut *tx).await?;
+            recovered.push(message_from_row(&row)?);
+        }
+        tx.commit().await?;
+        Ok(recovered)
     }
 }
 
