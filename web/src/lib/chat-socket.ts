@@ -419,7 +419,8 @@ export class ChatSocket {
       ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
       try {
         // Browsers only let a page close with 1000 or 3000–4999.
-        ws.close(code === 1000 || (code >= 3000 && code <= 4999) ? code : 1000, reason);
+        // …and a reason of at most 123 bytes, or close() throws and the socket stays open.
+        ws.close(code === 1000 || (code >= 3000 && code <= 4999) ? code : 1000, reason.slice(0, 60));
       } catch {
         // Already closed.
       }
