@@ -9,7 +9,7 @@
  */
 
 import { resolveEndpoints } from './config';
-import { http, now as monoNow } from './http';
+import { http, now as monoNow, uuid } from './http';
 import { log, redact } from './log';
 import { ClosePolicy } from './policy';
 import { decodeCodeRegistry, parseServerFrame, PROTOCOL_VERSION, type BotView, type Preflight, type ServerFrame, type TicketResponse, type UserView } from './protocol';
@@ -391,7 +391,8 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
       const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', { method: 'POST', token: token!, body: { bot_id: botId }, timeoutMs, fetch: f });
       if (t.ok) query = `ticket=${encodeURIComponent(t.body.ticket)}`;
     }
-    const url = `${wsUrl}/api/ws/chat/${encodeURIComponent(botId)}?${query}`;
+    const attemptId = uuid();
+    const url = `${wsUrl}/api/ws/chat/${encodeURIComponent(botId)}?${query}&attempt_id=${attemptId}`;
     const connectTimeout = options.connectTimeoutMs ?? 10_000;
     const { live, opened, handshakeMs, error } = await openSocket(Ctor!, url, connectTimeout);
     if (!opened) {
@@ -402,10 +403,11 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
           ? 'The API works but WebSockets do not get through: a proxy, firewall, VPN or browser extension is blocking them, or VITE_WS_URL is wrong.'
           : 'Fix the failing step above first.',
         ms: handshakeMs,
+        data: { attempt_id: attemptId },
       });
       for (const id of socketSteps.slice(1)) skip(id);
     } else {
-      add('handshake', handshakeMs > 2000 ? 'warn' : 'ok', `The socket opened in ${fmtMs(handshakeMs)}.`, { value: fmtMs(handshakeMs), ms: handshakeMs });
+      add('handshake', handshakeMs > 2000 ? 'warn' : 'ok', `The socket opened in ${fmtMs(handshakeMs)}.`, { value: fmtMs(handshakeMs), ms: handshakeMs, data: { attempt_id: attemptId } });
       const t0 = monoNow();
       const est = await live.waitFor((fr) => (fr.type === 'connection_established' ? fr : undefined), connectTimeout);
       if (!est) {
