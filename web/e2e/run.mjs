@@ -274,6 +274,32 @@ scenario('diagnostics name the failing step: bad token, missing bot, stopped ser
   assert(quick.ok && quick.steps.map((s) => s.step).join() === 'health,ticket,open,connection_established,ping,close', `testWebSocket: ${JSON.stringify(quick)}`);
 });
 
+scenario('cross-origin API: a CORS refusal is named; an allowed origin works', async () => {
+  const page0 = await startServer({ demo: false }); // serves the page only
+  const refusing = await startServer();
+  const allowing = await startServer({ args: ['--allowed-origin', page0.url] });
+  const { page } = await newPage();
+  await page.goto(`${page0.url}/#/login`);
+  for (const [srv, expectOk] of [
+    [refusing, false],
+    [allowing, true],
+  ]) {
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const botId = await demoBotId(srv, t.access_token);
+    const r = await page.evaluate(
+      ([api, bot, tok]) => window.natter.runWebSocketDiagnostics(bot, tok, { apiUrl: api, stabilityMs: 500 }),
+      [srv.url, botId, t.access_token],
+    );
+    if (expectOk) {
+      assert(r.summary.status !== 'fail', `allowed origin works: ${JSON.stringify(r.steps.filter((x) => x.status === 'fail'))}`);
+      assert(r.steps.find((x) => x.id === 'cors').status === 'ok' && r.steps.find((x) => x.id === 'established').status === 'ok', 'cors ok, socket ok');
+    } else {
+      assert(r.summary.failing_step === 'cors', `CORS named: ${r.summary.failing_step} ${r.summary.headline}`);
+      assert(r.steps.find((x) => x.id === 'cors').fix.includes(`--allowed-origin ${page0.url}`), 'suggests --allowed-origin');
+    }
+  }
+});
+
 // ---- issue 6: the app -------------------------------------------------------------------
 
 scenario('register → create bot → chat', async () => {
