@@ -13,6 +13,9 @@ use natter_proto::{ErrorCode, WireMessage};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+pub mod nats;
+pub use nats::NatsBus;
+
 /// Something that happened in a conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConvEvent {
@@ -66,6 +69,11 @@ impl Subscription {
 pub trait Bus: Send + Sync + 'static {
     async fn publish(&self, conversation_id: Uuid, event: ConvEvent) -> Result<(), BusError>;
     async fn subscribe(&self, conversation_id: Uuid) -> Result<Subscription, BusError>;
+    /// Whether the bus can deliver right now, without waiting (for `/api/ready` and the
+    /// dependency watch). The in-process bus always can.
+    fn health(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 }
 
 /// The in-process bus: one broadcast channel per watched conversation, created on first
