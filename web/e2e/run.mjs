@@ -343,7 +343,7 @@ scenario('register → create bot → chat', async () => {
   await page.waitForSelector('[data-testid=auth-submit]');
 });
 
-scenario('streamed reply grows token by token; Stop cancels a reply', async () => {
+scenario('streamed reply grows token by token, survives a reconnect mid-reply; Stop cancels one', async () => {
   // A webhook bot whose endpoint streams NDJSON deltas slowly.
   const hookPort = await freePort();
   const hook = createHttpServer(async (req, res) => {
@@ -391,6 +391,18 @@ scenario('streamed reply grows token by token; Stop cancels a reply', async () =
     await page.waitForSelector('.msg.bot[data-status=received] .msg-status:text("stopped")', { timeout: 10_000 });
     const stopped = await page.textContent('.msg.bot:last-child .body');
     assert(stopped.startsWith('w0') && !stopped.includes('w29'), `cut short: ${stopped}`);
+    // Reconnect mid-reply: the stream resumes from its start, shown once, never doubled.
+    await page.evaluate(() => (window.__partials = []));
+    await sendMessage(page, 'long one');
+    await page.waitForFunction(() => (document.querySelector('.msg.bot[data-status=streaming] .body')?.textContent ?? '').includes('w3 '));
+    await page.evaluate(() => window.chatWebSocketService.retryNow());
+    await page.waitForSelector('.msg.bot[data-status=received] .body:has-text("w29")', { timeout: 20_000 });
+    const full = Array.from({ length: 30 }, (_, i) => `w${i} `).join('');
+    const partials2 = await page.evaluate(() => window.__partials);
+    const bad = partials2.filter((p) => p && !full.startsWith(p));
+    assert(bad.length === 0 && partials2.length > 5, `every partial is a prefix of the reply: ${JSON.stringify(bad)}`);
+    const bodies = await page.$$eval('.msg.bot .body', (els) => els.map((e) => e.textContent));
+    assert(bodies.at(-1) === full && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
   } finally {
     hook.closeAllConnections?.();
     hook.close();
