@@ -269,3 +269,63 @@ pub struct Preflight {
     pub close_code: Option<u16>,
     pub reason: Option<String>,
 }
+
+/// Who ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ClosedBy {
+    Client,
+    Server,
+    /// The connection broke without a close frame.
+    Network,
+}
+
+impl ClosedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Client => "client",
+            ClosedBy::Server => "server",
+            ClosedBy::Network => "network",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "client" => Some(ClosedBy::Client),
+            "server" => Some(ClosedBy::Server),
+            "network" => Some(ClosedBy::Network),
+            _ => None,
+        }
+    }
+}
+
+/// One WebSocket attempt in the connection ledger (`GET /api/connections`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConnectionRecord {
+    /// The client's `?attempt_id=`, or the connection id when it gave none.
+    pub attempt_id: Uuid,
+    pub connection_id: Uuid,
+    /// Known when the credentials identified a user, even if the attempt was then refused.
+    pub user_id: Option<Uuid>,
+    pub bot_id: Option<Uuid>,
+    pub remote_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub origin: Option<String>,
+    /// The upgrade headers as the server received them (a proxy may have changed them).
+    pub upgrade: Option<String>,
+    pub connection: Option<String>,
+    pub sec_websocket_version: Option<String>,
+    pub forwarded_for: Option<String>,
+    pub started_at: DateTime<Utc>,
+    /// Whether `connection_established` was sent.
+    pub established: bool,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub close_code: Option<u16>,
+    pub close_reason: Option<String>,
+    pub closed_by: Option<ClosedBy>,
+    pub msgs_in: u64,
+    pub msgs_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
