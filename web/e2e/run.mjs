@@ -60,6 +60,10 @@ function countTraffic(page) {
 scenario('connect and chat (log in through the form)', async () => {
   const srv = await startServer();
   const { page } = await newPage();
+  // Verbose logs on, as the debugging guide says; every console line is kept.
+  await page.addInitScript(() => localStorage.setItem('debug', 'websocket:*'));
+  const consoleLines = [];
+  page.on('console', (m) => consoleLines.push(m.text()));
   await page.goto(`${srv.url}/`);
   await page.fill('[data-testid=username]', 'demo');
   await page.fill('[data-testid=password]', 'demo-password');
@@ -78,6 +82,12 @@ scenario('connect and chat (log in through the form)', async () => {
   const urls = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'ws_connect').map((e) => e.url));
   assert(urls.length >= 1 && urls.every((u) => u.includes('ticket=<redacted>') && !u.includes('token=')), `socket URLs use tickets: ${urls}`);
   assert(traffic.sockets.length === 0, 'no new socket for sending');
+  // The logs say what happened, and never give a credential away.
+  const logs = consoleLines.join('\n');
+  assert(/websocket:state/.test(logs) && /Attempting to connect to chat WebSocket/.test(logs) && /connection established/.test(logs), `verbose logs present: ${logs.slice(0, 500)}`);
+  const secrets = await page.evaluate(() => [localStorage.getItem('access_token'), localStorage.getItem('refresh_token')]);
+  assert(secrets.every((x) => x && !logs.includes(x)), 'no token in the console');
+  assert(!/ticket=(?!<redacted>)/.test(logs), 'no ticket in the console');
 });
 
 async function restartScenario(signal) {
@@ -501,6 +511,57 @@ scenario('two tabs on the same conversation stay in step', async () => {
   const sb = (await shownMessages(b)).map((m) => `${m.seq}:${m.role}:${m.text}`);
   assert(JSON.stringify(sa) === JSON.stringify(sb), `same transcript:\n${sa.join('\n')}\nvs\n${sb.join('\n')}`);
   assert(sa.length === 4, `four messages: ${sa}`);
+});
+
+scenario('two tabs with an expired token refresh once between them (rotating refresh tokens)', async () => {
+  const srv = await startServer({ args: ['--access-token-ttl-secs', '1'] });
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const { ctx, page: a } = await newPage();
+  await loginPage(a, srv, t, 'demo');
+  const b = await ctx.newPage();
+  await Promise.all([a.goto(`${srv.url}/#/bots`), b.goto(`${srv.url}/#/bots`)]);
+  await a.waitForSelector('[data-testid=chat-link]');
+  await sleep(7000); // expired, beyond the server's 5 s leeway
+  let refreshes = 0;
+  ctx.on('request', (r) => r.url().endsWith('/api/auth/refresh') && refreshes++);
+  await Promise.all([a.reload(), b.reload()]);
+  await Promise.all([a.waitForSelector('[data-testid=chat-link]'), b.waitForSelector('[data-testid=chat-link]')]);
+  assert(refreshes === 1, `one refresh for both tabs, got ${refreshes}`);
+  // Both tabs go on working with the new pair (a reused refresh token would have revoked it).
+  const rt = await a.evaluate(() => localStorage.getItem('refresh_token'));
+  const again = await api(srv.url, '/api/auth/refresh', { method: 'POST', body: { refresh_token: rt } });
+  assert(again.access_token, 'the stored refresh token is still good');
+});
+
+scenario('keyboard only: log in, open a chat, send, open Diagnose', async () => {
+  const srv = await startServer();
+  const { page } = await newPage();
+  await page.goto(`${srv.url}/#/login`);
+  await page.waitForSelector('[data-testid=username]:focus');
+  await page.keyboard.type('demo');
+  await page.keyboard.press('Tab');
+  await page.keyboard.type('demo-password');
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('[data-testid=chat-link]');
+  const tabTo = async (pred, what) => {
+    for (let i = 0; i < 30; i++) {
+      await page.keyboard.press('Tab');
+      if (await page.evaluate(pred)) return;
+    }
+    throw new Error(`could not Tab to ${what}`);
+  };
+  await tabTo(() => document.activeElement?.textContent === 'Echo', 'the Echo link');
+  await page.keyboard.press('Enter');
+  await waitState(page, 'open');
+  await page.waitForSelector('[data-testid=composer]:focus');
+  await page.keyboard.type('typed with keys');
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('.msg.bot .body:text-is("typed with keys")');
+  await tabTo(() => document.activeElement?.dataset.testid === 'diagnose', 'Diagnose');
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
+  await page.keyboard.press('Escape');
+  await page.waitForSelector('[data-testid=diagnose-dialog]', { state: 'detached' });
 });
 
 scenario('history: older messages load on scroll up', async () => {
