@@ -839,7 +839,7 @@ async fn call_endpoint(app: &TestApp, cast: &Cast, ep: Endpoint, actor: Actor, b
     }
 }
 
-/// The bot as the owner sees it: (name, sorted member roles), to check refusals change nothing.
+/// The bot as the owner sees it: (status, name, sorted member roles), to check refusals change nothing.
 async fn bot_state(app: &TestApp, owner: &TestUser, bot: Uuid) -> (u16, Value, Vec<(String, String)>) {
     let (status, view) = app.get(&format!("/api/bots/{bot}"), Some(&owner.token)).await;
     let (_, members) = app.get(&format!("/api/bots/{bot}/members"), Some(&owner.token)).await;
