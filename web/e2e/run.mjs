@@ -265,7 +265,7 @@ scenario('diagnostics name the failing step: bad token, missing bot, stopped ser
   const run = (b, tok) => page.evaluate(([b, tok]) => window.runWebSocketDiagnostics(b, tok), [b, tok]);
   const good = await run(botId, t.access_token);
   assert(good.summary.status !== 'fail', `all good: ${JSON.stringify(good.steps.filter((s) => s.status === 'fail'))}`);
-  for (const id of ['api', 'token_accepted', 'bot', 'preflight', 'handshake', 'established', 'ping', 'stability']) {
+  for (const id of ['api', 'ready', 'token_accepted', 'bot', 'preflight', 'handshake', 'established', 'ping', 'stability']) {
     assert(good.steps.find((s) => s.id === id)?.status === 'ok', `step ${id} ok: ${JSON.stringify(good.steps.find((s) => s.id === id))}`);
   }
   const badToken = await run(botId, 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4IiwiZXhwIjo5OTk5OTk5OTk5fQ.bad-signature-here');

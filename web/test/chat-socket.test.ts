@@ -341,6 +341,35 @@ describe('state machine', () => {
     expect(s.state).toMatchObject({ kind: 'reconnecting', lastClose: { code: 4003 } });
   });
 
+  it('gives up after 10 server errors in a row, without a stable connection between', async () => {
+    const { s } = setup({ socket: { connectTimeoutMs: 3_600_000 } });
+    s.connect('b1');
+    await flush();
+    for (let i = 1; i <= 10; i++) {
+      FakeWebSocket.last.establish();
+      FakeWebSocket.last.serverClose(1011, `internal error (error id e${i})`);
+      await flush();
+      if (i < 10) {
+        expect(s.state.kind).toBe('reconnecting');
+        await vi.advanceTimersByTimeAsync(30_000);
+        await flush();
+      }
+    }
+    expect(s.state).toMatchObject({ kind: 'failed', code: 1011 });
+    expect((s.state as { reason: string }).reason).toMatch(/10 times in a row: internal error \(error id e10\)/);
+    expect((s.state as { advice: string }).advice).toMatch(/Diagnose/);
+    const n = FakeWebSocket.instances.length;
+    await vi.advanceTimersByTimeAsync(10 * 60_000);
+    expect(FakeWebSocket.instances.length).toBe(n);
+    // Retry starts a fresh count.
+    s.retryNow();
+    await flush();
+    FakeWebSocket.last.establish();
+    FakeWebSocket.last.serverClose(1011, 'again');
+    await flush();
+    expect(s.state.kind).toBe('reconnecting');
+  });
+
   it('Retry skips the backoff wait', async () => {
     const { s } = setup();
     s.connect('b1');

@@ -50,7 +50,7 @@ describe('runWebSocketDiagnostics', () => {
   it('passes every layer on a healthy setup, and holds no token', async () => {
     const r = await diag();
     const by = Object.fromEntries(r.steps.map((s) => [s.id, s.status]));
-    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'skip' });
+    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', ready: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'skip' });
     expect(r.summary).toMatchObject({ status: 'ok', failing_step: null });
     expect(r.steps.find((s) => s.id === 'ping')?.data?.samples_ms).toHaveLength(3);
     // The socket used a ticket, and nothing in the report or its text gives the token away.
@@ -72,7 +72,13 @@ describe('runWebSocketDiagnostics', () => {
     const expired = `eyJhbGciOiJIUzI1NiJ9.${Buffer.from(JSON.stringify({ sub: 'u1', exp: 1000 })).toString('base64url')}.sig`;
     const r = await diag({ token: expired });
     expect(r.summary.failing_step).toBe('token_decoded');
-    expect(r.steps[4].fix).toMatch(/log in again/i);
+    expect(r.steps.find((s) => s.id === 'token_decoded')?.fix).toMatch(/log in again/i);
+  });
+
+  it('names readiness when the database is down', async () => {
+    const r = await diag({ routes: (q) => (q.path === '/api/ready' ? { status: 503, body: { status: 'unavailable', failed: ['store: disk I/O error'] } } : undefined) });
+    expect(r.summary.failing_step).toBe('ready');
+    expect(r.steps.find((s) => s.id === 'ready')?.detail).toMatch(/store: disk I\/O error/);
   });
 
   it('names the bot for a missing bot', async () => {

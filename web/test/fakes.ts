@@ -122,6 +122,7 @@ export function happyRoutes(extra: Route = () => undefined): Route {
     const r = extra(req);
     if (r !== undefined) return r;
     if (req.path === '/api/health') return { status: 200, body: { status: 'ok', version: 'test' } };
+    if (req.path === '/api/ready') return { status: 200, body: { status: 'ok' } };
     if (req.path === '/api/ws/ticket') return { status: 200, body: { ticket: 'tkt-' + Math.random().toString(36).slice(2), expires_in: 30 } };
     if (req.path.startsWith('/api/ws/preflight/')) return { status: 200, body: { ok: true, close_code: null, reason: null } };
     return { status: 404, body: { error: { code: 'not_found', message: 'no such API endpoint' } } };

@@ -136,6 +136,11 @@ export interface ChatSocketOptions {
   pingIntervalMs?: number;
   /** How long a hidden-then-visible tab waits for a pong before reconnecting. Default 5 000 ms. */
   livenessTimeoutMs?: number;
+  /**
+   * Consecutive 1011 closes (server errors) before giving up with `failed`, so a server that
+   * crashes on every connection is not hammered forever. Default 10.
+   */
+  maxServerErrors?: number;
   /** Most unsent messages kept. Default 100. */
   outboxLimit?: number;
   /** Where the outbox persists. Default `sessionStorage`; null keeps it in memory. */
@@ -191,6 +196,8 @@ export class ChatSocket {
   private attempt = 0;
   private reauthUsed = false;
   private afterSeqResetUsed = false;
+  /** Consecutive 1011 closes since the last stable connection. */
+  private serverErrors = 0;
   private codesLoaded = false;
   private _lastSeq: number | null = null;
   private established: ConnectionEstablishedFrame | null = null;
@@ -286,6 +293,7 @@ export class ChatSocket {
     this.attempt = 0;
     this.reauthUsed = false;
     this.afterSeqResetUsed = false;
+    this.serverErrors = 0;
     this.lastClose = null;
     this.recorder.record('connect', { bot_id: botId, after_seq: this._lastSeq });
     void this.startAttempt();
@@ -308,6 +316,7 @@ export class ChatSocket {
     this.attempt = 0;
     this.reauthUsed = false;
     this.afterSeqResetUsed = false;
+    this.serverErrors = 0;
     void this.startAttempt();
   }
 
@@ -597,6 +606,7 @@ export class ChatSocket {
     this.stableTimer = setTimeout(() => {
       if (gen !== this.gen) return;
       this.attempt = 0;
+      this.serverErrors = 0;
       this.recorder.record('stable', { after_ms: this.opts.stableAfterMs });
     }, this.opts.stableAfterMs);
     this.armWatchdog(gen);
@@ -791,6 +801,13 @@ export class ChatSocket {
       this.recorder.record('resume_reset', { reason: info.reason });
       this.scheduleRetry('reconnecting', 0);
       return;
+    }
+    if (info.code === 1011) {
+      this.serverErrors += 1;
+      const max = this.opts.maxServerErrors ?? 10;
+      if (this.serverErrors >= max) {
+        return this.fail(info.code, `the server failed ${this.serverErrors} times in a row: ${info.reason}`, `${v.description} Run Diagnose and send the report (with the error id) to the server's operator.`);
+      }
     }
     switch (v.retry) {
       case 'stop':

@@ -66,6 +66,7 @@ const TITLES: Record<string, string> = {
   network: 'Network',
   api: 'API reachable',
   cors: 'CORS',
+  ready: 'Server ready (database, message bus)',
   token_decoded: 'Token readable',
   token_accepted: 'Token accepted',
   bot: 'Bot exists and is allowed',
@@ -279,6 +280,23 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   } else if (!crossOrigin) add('cors', 'ok', 'The page and the API share an origin: no CORS needed.');
   else if (health.ok) add('cors', 'ok', `Cross-origin (${pageOrigin} → ${originOf(apiUrl)}) and allowed.`);
   else skip('cors');
+
+  // Ready: up is not enough when the database or the bus is down.
+  if (health.ok) {
+    const ready = await http<{ status: string; failed?: string[] }>(apiUrl, '/api/ready', { timeoutMs, fetch: f });
+    if (ready.ok) add('ready', 'ok', 'The server and its dependencies are ready.', { ms: ready.ms });
+    else if (ready.status === 503) {
+      let failed: string[] = [];
+      try {
+        failed = (JSON.parse(ready.message) as { failed?: string[] }).failed ?? [];
+      } catch {
+        failed = [];
+      }
+      add('ready', 'fail', `The server is up but not ready: ${failed.join('; ') || ready.message}.`, {
+        fix: 'A dependency of the server (its database or message bus) is down: check the server log; sockets will be refused with 1013 until it is back.',
+      });
+    } else add('ready', 'warn', `GET /api/ready answered ${ready.status}: ${ready.message}.`);
+  } else skip('ready');
 
   // Registry, for naming close codes below.
   const codes = await http<unknown>(apiUrl, '/api/ws/codes', { timeoutMs, fetch: f });
