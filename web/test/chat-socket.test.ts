@@ -370,6 +370,20 @@ describe('state machine', () => {
     expect(s.state.kind).toBe('reconnecting');
   });
 
+  it('runs an overdue retry when a throttled background tab becomes visible', async () => {
+    const { s, env } = setup();
+    s.connect('b1');
+    await flush();
+    FakeWebSocket.last.serverClose(1012, 'restarting');
+    await flush();
+    expect(s.state.kind).toBe('reconnecting');
+    // The clock moves on but the (throttled) timer has not fired.
+    vi.setSystemTime(Date.now() + 60_000);
+    env.becomeVisible();
+    await flush();
+    expect(FakeWebSocket.instances).toHaveLength(2);
+  });
+
   it('Retry skips the backoff wait', async () => {
     const { s } = setup();
     s.connect('b1');

@@ -890,7 +890,14 @@ export class ChatSocket {
   }
 
   private onVisible(): void {
-    if (this._state.kind !== 'open') return;
+    const st = this._state;
+    if ((st.kind === 'reconnecting' || st.kind === 'backend_unavailable') && st.retryAt <= Date.now()) {
+      // Background tabs throttle timers: a retry that is already due goes now.
+      this.recorder.record('visible_retry', { late_ms: Date.now() - st.retryAt });
+      void this.startAttempt();
+      return;
+    }
+    if (st.kind !== 'open') return;
     const gen = this.gen;
     this.recorder.record('visible_check', {});
     void this.ping(this.opts.livenessTimeoutMs).then((rtt) => {
