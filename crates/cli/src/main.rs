@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod serve;
+mod user;
 
 #[derive(Parser)]
 #[command(name = "natter", version, about = "Self-hosted real-time chat server for bots")]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the server: REST API, chat gateway and web app.
     Serve(Box<serve::ServeArgs>),
+    /// Manage accounts: create users, make admins.
+    User(user::UserArgs),
 }
 
 fn main() -> ExitCode {
@@ -24,11 +27,12 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::run(*args).await,
+            Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
+            Command::User(args) => user::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("natter: {e:#}");
             ExitCode::from(1)

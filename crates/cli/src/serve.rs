@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, ValueEnum};
-use natter_server::config::{Database, LogFormat};
+use natter_server::config::{BusConfig, Database, LogFormat};
 use natter_server::{Config, Server};
 use serde::Deserialize;
 
@@ -43,10 +43,21 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Where to store data: "sqlite" (a file in the data dir, the default) or "memory:"
-    /// (nothing kept after exit; for tests and benchmarks).
+    /// Where to store data: "sqlite" (a file in the data dir, the default), "sqlite://PATH",
+    /// "memory:" (nothing kept after exit; for tests and benchmarks), or a PostgreSQL URL,
+    /// postgres://user@host:5432/db, shared by several nodes.
     #[arg(long, env = "NATTER_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+
+    /// How nodes announce new messages to each other: "local" (in-process, one node; the
+    /// default) or a NATS URL, nats://host:4222, shared by several nodes.
+    #[arg(long, env = "NATTER_BUS", value_name = "URL")]
+    pub bus: Option<String>,
+
+    /// How long a node's leases (its sockets' places in the per-user count, its bot replies in
+    /// progress) outlive it if it dies [default: 15000]
+    #[arg(long, env = "NATTER_NODE_LEASE_MS", value_name = "MS")]
+    pub node_lease_ms: Option<u64>,
 
     /// A browser origin besides the server's own that may use the API and open sockets,
     /// e.g. http://localhost:5173. Repeatable; comma-separated in NATTER_ALLOWED_ORIGIN.
@@ -111,6 +122,18 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_BOT_QUEUE", value_name = "N")]
     pub bot_queue: Option<usize>,
 
+    /// Serve /metrics on this address only (e.g. 127.0.0.1:9100) instead of the main one.
+    #[arg(long, env = "NATTER_METRICS_BIND", value_name = "ADDR")]
+    pub metrics_bind: Option<SocketAddr>,
+
+    /// Keep connection ledger rows this many days [default: 7]
+    #[arg(long, env = "NATTER_LEDGER_MAX_AGE_DAYS", value_name = "DAYS")]
+    pub ledger_max_age_days: Option<u64>,
+
+    /// Keep at most this many connection ledger rows [default: 100000]
+    #[arg(long, env = "NATTER_LEDGER_MAX_ROWS", value_name = "N")]
+    pub ledger_max_rows: Option<u64>,
+
     /// Serve the web app from this directory (e.g. web/dist).
     #[arg(long, env = "NATTER_WEB_DIR", value_name = "DIR")]
     pub web_dir: Option<PathBuf>,
@@ -125,9 +148,31 @@ impl ServeArgs {
     /// Fills what flags and variables left unset from the file.
     fn merge(mut self, file: ServeArgs) -> ServeArgs {
         macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
-        fill!(bind, data_dir, database_url, heartbeat_interval_ms, log_format, registration, access_token_ttl_secs,
-              refresh_token_ttl_secs, max_frame_bytes, max_content_chars, max_connections_per_user, max_connections,
-              messages_per_second, message_burst, outbound_queue, bot_concurrency, bot_queue, web_dir);
+        fill!(
+            bind,
+            data_dir,
+            database_url,
+            bus,
+            node_lease_ms,
+            heartbeat_interval_ms,
+            log_format,
+            registration,
+            access_token_ttl_secs,
+            refresh_token_ttl_secs,
+            max_frame_bytes,
+            max_content_chars,
+            max_connections_per_user,
+            max_connections,
+            messages_per_second,
+            message_burst,
+            outbound_queue,
+            bot_concurrency,
+            bot_queue,
+            metrics_bind,
+            ledger_max_age_days,
+            ledger_max_rows,
+            web_dir
+        );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
         }
@@ -152,11 +197,31 @@ impl ServeArgs {
         c.database = match args.database_url.as_deref() {
             None | Some("sqlite") | Some("") => Database::SqliteFile(data_dir.join("natter.db")),
             Some("memory:") => Database::Memory,
-            Some(other) if other.starts_with("sqlite://") => Database::SqliteFile(PathBuf::from(&other["sqlite://".len()..])),
-            Some(other) => bail!("database-url: unsupported value {other:?}; use \"sqlite\", \"sqlite://PATH\" or \"memory:\""),
+            Some(other) if other.starts_with("sqlite://") => {
+                Database::SqliteFile(PathBuf::from(&other["sqlite://".len()..]))
+            }
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres(url.to_owned())
+            }
+            Some(other) => {
+                bail!("database-url: unsupported value {other:?}; use \"sqlite\", \"sqlite://PATH\", \"memory:\" or \"postgres://…\"")
+            }
         };
+        c.bus = match args.bus.as_deref() {
+            None | Some("") | Some("local") => BusConfig::Local,
+            Some(url) if url.starts_with("nats://") || url.starts_with("tls://") => BusConfig::Nats(url.to_owned()),
+            Some(other) => bail!("bus: unsupported value {other:?}; use \"local\" or \"nats://HOST:PORT\""),
+        };
+        if let Some(ms) = args.node_lease_ms {
+            if !(300..=600_000).contains(&ms) {
+                bail!("node-lease-ms: {ms} is out of range (300 to 600000)");
+            }
+            c.node_lease = Duration::from_millis(ms);
+        }
         for o in &args.allowed_origin {
-            if !(o.starts_with("http://") || o.starts_with("https://")) || o.trim_end_matches('/').matches('/').count() != 2 {
+            if !(o.starts_with("http://") || o.starts_with("https://"))
+                || o.trim_end_matches('/').matches('/').count() != 2
+            {
                 bail!("allowed-origin: {o:?} is not an origin like http://localhost:5173 (scheme, host, optional port; no path)");
             }
         }
@@ -213,6 +278,15 @@ impl ServeArgs {
         }
         if let Some(v) = args.bot_queue {
             l.bot_queue = v;
+        }
+        c.metrics_bind = args.metrics_bind;
+        if let Some(days) = args.ledger_max_age_days {
+            positive("ledger-max-age-days", days as u128)?;
+            c.ledger_retention.max_age = Duration::from_secs(days * 24 * 3600);
+        }
+        if let Some(n) = args.ledger_max_rows {
+            positive("ledger-max-rows", n as u128)?;
+            c.ledger_retention.max_rows = n;
         }
         if let Some(dir) = &args.web_dir {
             if !dir.join("index.html").is_file() {
@@ -318,6 +392,19 @@ mod tests {
     }
 
     #[test]
+    fn several_nodes() {
+        let (c, _) = parse(&["--database-url", "postgres://natter@db:5432/natter", "--bus", "nats://nats:4222"]).resolve().unwrap();
+        assert_eq!(c.database, Database::Postgres("postgres://natter@db:5432/natter".into()));
+        assert_eq!(c.bus, BusConfig::Nats("nats://nats:4222".into()));
+        let (c, _) = parse(&["--node-lease-ms", "3000"]).resolve().unwrap();
+        assert_eq!((c.bus, c.node_lease), (BusConfig::Local, Duration::from_millis(3000)), "local bus by default");
+        let e = parse(&["--bus", "redis://x"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("bus:"), "{e}");
+        let e = parse(&["--node-lease-ms", "10"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("node-lease-ms:"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let e = parse(&["--heartbeat-interval-ms", "5"]).resolve().unwrap_err().to_string();
         assert!(e.starts_with("heartbeat-interval-ms:"), "{e}");
@@ -334,7 +421,11 @@ mod tests {
     fn file_fills_in_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("natter.toml");
-        std::fs::write(&path, "bind = \"127.0.0.1:9000\"\nheartbeat_interval_ms = 1000\nallowed_origin = [\"http://localhost:5173\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "bind = \"127.0.0.1:9000\"\nheartbeat_interval_ms = 1000\nallowed_origin = [\"http://localhost:5173\"]\n",
+        )
+        .unwrap();
         let (c, _) = parse(&["--config", path.to_str().unwrap(), "--heartbeat-interval-ms", "2000"]).resolve().unwrap();
         assert_eq!(c.bind.to_string(), "127.0.0.1:9000", "from the file");
         assert_eq!(c.heartbeat_interval, Duration::from_millis(2000), "flag wins");

@@ -13,10 +13,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, TokenKeys};
 use crate::bots::{EngineSpec, Replier, ReplierLimits};
-use crate::bus::{Bus, LocalBus};
+use crate::bus::{Bus, BusError};
+use crate::cluster::Cluster;
 use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
-use crate::store::{NewBot, SqliteStore, Store, StoreError};
+use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
+use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -34,6 +37,10 @@ pub struct Inner {
     pub shutdown: CancellationToken,
     /// Sockets and bot replies; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// This node's leases, sweeps and dependency watch (see `cluster.rs`).
+    pub cluster: Arc<Cluster>,
+    pub metrics: Arc<Metrics>,
+    pub ledger: Ledger,
 }
 
 impl Deref for AppState {
@@ -52,6 +59,8 @@ pub enum StartError {
     Secret { path: PathBuf, source: std::io::Error },
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot connect to the message bus: {0}")]
+    Bus(#[from] BusError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
@@ -74,12 +83,13 @@ impl Server {
     pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let secret = auth::load_or_create_secret(&config.data_dir).map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
-        let store: Arc<dyn Store> = match &config.database {
-            Database::SqliteFile(path) => Arc::new(SqliteStore::open(path).await?),
-            Database::Memory => Arc::new(SqliteStore::memory().await?),
-        };
-        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(1024));
+        let store = open_store(&config).await?;
+        let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let cluster = Cluster::start(store.clone(), bus.clone(), config.node_lease, shutdown.clone());
+        let metrics = Arc::new(Metrics::default());
+        let ledger = Ledger::spawn(store.clone(), config.ledger_retention);
         let state = AppState(Arc::new(Inner {
             keys: TokenKeys::new(&secret, config.access_token_ttl),
             replier: Replier::new(
@@ -87,9 +97,14 @@ impl Server {
                 bus.clone(),
                 tasks.clone(),
                 ReplierLimits { concurrency: config.limits.bot_concurrency, queue: config.limits.bot_queue },
-            ),
+                metrics.clone(),
+            )
+            .with_node(cluster.node()),
+            metrics,
+            ledger,
             hub: Arc::new(Hub::default()),
-            shutdown: CancellationToken::new(),
+            shutdown,
+            cluster: cluster.clone(),
             tasks,
             store,
             bus,
@@ -119,6 +134,14 @@ impl Server {
             shutdown.await;
             stop.cancel();
         });
+        if let Some(addr) = state.config.metrics_bind {
+            let listener = TcpListener::bind(addr).await?;
+            let metrics = crate::http::metrics_router(state.clone());
+            let stop = state.shutdown.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            });
+        }
         let stopping = state.shutdown.clone();
         let serve = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { stopping.cancelled().await });
@@ -131,11 +154,27 @@ impl Server {
         if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
             tracing::warn!(open_sockets = state.hub.len(), "shutdown grace period over; dropping what is left");
         }
+        // The sockets' last ledger rows are queued; write them before exiting.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.ledger.flush()).await;
         match tokio::time::timeout(std::time::Duration::from_secs(1), http).await {
             Ok(Ok(r)) => r,
             _ => Ok(()),
         }
     }
+}
+
+/// Opens (and migrates) the store the configuration names. Also used by admin commands.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    Ok(match &config.database {
+        Database::SqliteFile(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.to_path_buf(), source })?;
+            }
+            Arc::new(SqliteStore::open(path).await?)
+        }
+        Database::Memory => Arc::new(SqliteStore::memory().await?),
+        Database::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
+    })
 }
 
 pub const DEMO_USER: &str = "demo";

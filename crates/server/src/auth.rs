@@ -62,6 +62,14 @@ impl TokenKeys {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing cannot fail")
     }
 
+    /// The user an expired (but genuinely signed) token belongs to, so a refused attempt can
+    /// still be shown to its user in the connection ledger.
+    pub fn identify_expired(&self, token: &str) -> Option<Uuid> {
+        let mut v = self.validation.clone();
+        v.validate_exp = false;
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).ok().map(|d| d.claims.sub)
+    }
+
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)

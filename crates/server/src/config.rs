@@ -12,6 +12,18 @@ pub enum Database {
     SqliteFile(PathBuf),
     /// A private in-memory SQLite database, lost on exit (`--database-url memory:`).
     Memory,
+    /// A PostgreSQL database shared by every node (`--database-url postgres://…`).
+    Postgres(String),
+}
+
+/// How nodes tell each other that something happened in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BusConfig {
+    /// In-process (the default): one node.
+    #[default]
+    Local,
+    /// NATS at this URL (`--bus nats://…`): several nodes.
+    Nats(String),
 }
 
 /// Log line format.
@@ -78,6 +90,13 @@ pub struct Config {
     pub web_dir: Option<PathBuf>,
     /// How long graceful shutdown may take before connections are dropped.
     pub shutdown_grace: Duration,
+    pub bus: BusConfig,
+    /// How long this node's leases (connection slots, replies in progress) outlive it.
+    pub node_lease: Duration,
+    /// How long and how many connection ledger rows are kept.
+    pub ledger_retention: crate::ledger::Retention,
+    /// Serve `/metrics` on this address only, instead of on the main one.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl Config {
@@ -95,6 +114,10 @@ impl Config {
             demo: false,
             web_dir: None,
             shutdown_grace: Duration::from_secs(10),
+            bus: BusConfig::Local,
+            node_lease: Duration::from_secs(15),
+            ledger_retention: Default::default(),
+            metrics_bind: None,
         }
     }
 

@@ -18,6 +18,9 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::bus::{Bus, ConvEvent};
+use crate::cluster::NodeLease;
+use crate::metrics::{CodeLabel, Metrics};
+use tokio::time::Instant;
 use crate::store::{NewMessage, Store};
 
 mod echo;
@@ -98,8 +101,11 @@ pub struct Replier {
     tasks: TaskTracker,
     http: reqwest::Client,
     limits: ReplierLimits,
+    metrics: Arc<Metrics>,
     /// Plain mutex: held for map updates only, never across an await.
     registry: Arc<Mutex<Registry>>,
+    /// On a server, replies in progress are leased in the store under this node.
+    node: Option<NodeLease>,
 }
 
 struct Sink {
@@ -107,11 +113,16 @@ struct Sink {
     conversation_id: Uuid,
     message_id: Uuid,
     in_reply_to: Uuid,
+    /// When the user's message arrived; taken at the first token.
+    received: Option<Instant>,
 }
 
 #[async_trait]
 impl DeltaSink for Sink {
     async fn delta(&mut self, text: &str) {
+        if let Some(received) = self.received.take() {
+            self.replier.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
+        }
         let offset = {
             let mut reg = self.replier.registry.lock().unwrap();
             match reg.generations.get_mut(&self.message_id) {
@@ -131,13 +142,58 @@ impl DeltaSink for Sink {
 }
 
 impl Replier {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, tasks: TaskTracker, limits: ReplierLimits) -> Self {
+    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, tasks: TaskTracker, limits: ReplierLimits, metrics: Arc<Metrics>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("natter/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("HTTP client");
-        Replier { store, bus, tasks, http, limits, registry: Arc::default() }
+        Replier { store, bus, tasks, http, limits, metrics, registry: Arc::default(), node: None }
+    }
+
+    /// Leases replies in progress in the store under `node` and checkpoints their text, so a
+    /// reply cut off when this node dies is stored as `incomplete` by another node (or by this
+    /// one, restarted).
+    pub fn with_node(mut self, node: NodeLease) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    /// Records a reply in progress; false when there is no node to lease it or the store failed.
+    async fn lease(&self, message_id: Uuid, conversation_id: Uuid, in_reply_to: Uuid) -> bool {
+        let Some(node) = self.node else { return false };
+        let lease = crate::store::GenerationLease {
+            message_id,
+            conversation_id,
+            in_reply_to,
+            node_id: node.node_id,
+            lease_until: node.until(),
+        };
+        match self.store.begin_generation(&lease).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%message_id, error = %e, "leasing a reply failed; a crash would leave it unmarked");
+                false
+            }
+        }
+    }
+
+    /// Saves the text so far every third of the lease, for as long as the reply runs.
+    async fn checkpoints(&self, message_id: Uuid, leased: bool) {
+        let Some(node) = self.node.filter(|_| leased) else { return std::future::pending().await };
+        let mut saved = 0;
+        let mut every = tokio::time::interval(node.renew_every().min(Duration::from_secs(1)));
+        loop {
+            every.tick().await;
+            let text = self.text_so_far(message_id).unwrap_or_default();
+            if text.len() != saved {
+                if let Err(e) = self.store.checkpoint_generation(message_id, &text).await {
+                    tracing::debug!(%message_id, error = %e, "checkpointing a reply failed");
+                } else {
+                    saved = text.len();
+                }
+            }
+        }
     }
 
     fn engine(&self, spec: &EngineSpec) -> Arc<dyn BotEngine> {
@@ -178,7 +234,8 @@ impl Replier {
 
     /// Starts the bot's reply to `message`. Returns at once; the reply arrives on the bus —
     /// or a `bot_busy` error, when the bot already has its fill of replies running and waiting.
-    pub async fn spawn_reply(&self, spec: &EngineSpec, bot_id: Uuid, bot_name: &str, message: WireMessage) {
+    /// `received` is when the user's message arrived, for the time-to-first-token metric.
+    pub async fn spawn_reply(&self, spec: &EngineSpec, bot_id: Uuid, bot_name: &str, message: WireMessage, received: Instant) {
         let conversation_id = message.conversation_id;
         let permits = {
             let mut reg = self.registry.lock().unwrap();
@@ -192,6 +249,7 @@ impl Replier {
         };
         let Some(permits) = permits else {
             tracing::warn!(%bot_id, "bot busy: reply refused");
+            self.metrics.bot_errors.get_or_create(&CodeLabel { code: ErrorCode::BotBusy.as_str() }).inc();
             let event = ConvEvent::BotError {
                 code: ErrorCode::BotBusy,
                 message: "the bot has too many replies in progress; try again shortly".into(),
@@ -206,7 +264,7 @@ impl Replier {
         let bot_name = bot_name.to_owned();
         self.tasks.spawn(async move {
             let permit = permits.acquire_owned().await;
-            this.run(engine, context, bot_id, bot_name, message).await;
+            this.run(engine, context, bot_id, bot_name, message, received).await;
             drop(permit);
             let mut reg = this.registry.lock().unwrap();
             if let Some((count, _)) = reg.load.get_mut(&bot_id) {
@@ -218,7 +276,7 @@ impl Replier {
         });
     }
 
-    async fn run(&self, engine: Arc<dyn BotEngine>, context: u32, bot_id: Uuid, bot_name: String, message: WireMessage) {
+    async fn run(&self, engine: Arc<dyn BotEngine>, context: u32, bot_id: Uuid, bot_name: String, message: WireMessage, received: Instant) {
         let conversation_id = message.conversation_id;
         let in_reply_to = message.id;
         let message_id = Uuid::new_v4();
@@ -235,17 +293,20 @@ impl Replier {
             message_id,
             Generation { conversation_id, in_reply_to, text: String::new(), cancel: cancel.clone() },
         );
+        let leased = self.lease(message_id, conversation_id, in_reply_to).await;
         let req = ReplyRequest { bot_id, bot_name, history, message };
-        let mut sink = Sink { replier: self.clone(), conversation_id, message_id, in_reply_to };
+        let mut sink = Sink { replier: self.clone(), conversation_id, message_id, in_reply_to, received: Some(received) };
         let outcome = tokio::select! {
             r = engine.reply(&req, &mut sink) => Some(r),
             _ = cancel.cancelled() => None,
+            () = self.checkpoints(message_id, leased) => unreachable!("checkpoints run until the reply ends"),
         };
         let so_far = self.text_so_far(message_id).unwrap_or_default();
         let (content, status) = match outcome {
             Some(Ok(text)) => (text, MessageStatus::Complete),
             Some(Err(e)) => {
                 tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
+                self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
                 let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
                 let _ = self.bus.publish(conversation_id, event).await;
                 (so_far, MessageStatus::Incomplete)
@@ -255,6 +316,10 @@ impl Replier {
                 (so_far, MessageStatus::Cancelled)
             }
         };
+        if let Some(received) = sink.received.take() {
+            // No delta came: the whole reply is the first token.
+            self.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
+        }
         // A failure before any text leaves nothing to store; a cancel is stored either way so
         // the client sees the reply end.
         if !(status == MessageStatus::Incomplete && content.is_empty()) {
@@ -278,5 +343,9 @@ impl Replier {
             }
         }
         self.registry.lock().unwrap().generations.remove(&message_id);
+        if leased {
+            // If this fails the lease expires and the sweep finds the reply already stored.
+            let _ = self.store.end_generation(message_id).await;
+        }
     }
 }

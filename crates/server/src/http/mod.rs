@@ -136,6 +136,10 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
         tracing::warn!(error = %e, "readiness: store unreachable");
         failed.push(format!("store: {e}"));
     }
+    if let Err(e) = state.bus.health() {
+        tracing::warn!(error = %e, "readiness: bus unreachable");
+        failed.push(format!("bus: {e}"));
+    }
     if failed.is_empty() {
         (StatusCode::OK, Json(Ready { status: "ok".into(), failed }))
     } else {

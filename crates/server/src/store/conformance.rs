@@ -17,6 +17,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     messages(&*store).await;
     concurrent_appends_are_gap_free(store.clone()).await;
     tickets(&*store).await;
+    ledger(&*store).await;
     connection_slots(store.clone()).await;
     generations(&*store).await;
     closed(&*store).await;

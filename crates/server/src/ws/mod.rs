@@ -48,6 +48,11 @@ pub struct ConnectRequest {
     pub host: Option<String>,
     pub user_agent: Option<String>,
     pub remote: Option<SocketAddr>,
+    /// Upgrade headers as received: a proxy that drops them is a classic cause of failures.
+    pub upgrade: Option<String>,
+    pub connection: Option<String>,
+    pub ws_version: Option<String>,
+    pub forwarded_for: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectRequest {
@@ -78,6 +83,10 @@ impl ConnectRequest {
             host: header(header::HOST),
             user_agent: header(header::USER_AGENT),
             remote,
+            upgrade: header(header::UPGRADE),
+            connection: header(header::CONNECTION),
+            ws_version: header(header::SEC_WEBSOCKET_VERSION),
+            forwarded_for: header(header::HeaderName::from_static("x-forwarded-for")),
         }
     }
 }
@@ -126,6 +135,11 @@ fn origin_allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
 /// The checks of the socket, in order: origin, request shape, credentials, bot, permission,
 /// resume point, connection limit.
 pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result<Admitted, Refusal> {
+    // A node that lost its database or bus would serve stale data: it sends clients elsewhere.
+    if let Some(reason) = state.cluster.unavailable() {
+        let retry = crate::cluster::DEPENDENCY_RETRY_MS;
+        return Err(refuse(CloseCode::TryAgainLater, format!("{reason}; retry_after_ms={retry}")));
+    }
     if let Some(origin) = &req.origin {
         if !origin_allowed(state, origin, req.host.as_deref()) {
             return Err(refuse(CloseCode::OriginNotAllowed, format!("origin {origin} is not allowed")));
@@ -207,7 +221,10 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
     };
     match state.keys.verify(token) {
         Ok(claims) => Ok(UserRef { id: claims.sub, username: claims.name }),
-        Err(TokenError::Expired) => Err(refuse(CloseCode::Unauthorized, "token expired: refresh it and reconnect")),
+        Err(TokenError::Expired) => Err(Refusal {
+            user_id: state.keys.identify_expired(token),
+            ..refuse(CloseCode::Unauthorized, "token expired: refresh it and reconnect")
+        }),
         Err(TokenError::Invalid) => Err(refuse(CloseCode::Unauthorized, "invalid token: malformed or bad signature")),
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use natter_proto::api::BotRef;
+use natter_proto::api::{BotRef, ClosedBy, ConnectionRecord};
 use natter_proto::frames::Limits as WireLimits;
 use natter_proto::{ClientFrame, CloseCode, ErrorCode, MessageRole, MessageStatus, ServerFrame, WireMessage};
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +27,7 @@ use super::hub::Full;
 use super::{admit, close_reason, Admitted, ConnectRequest, Mode};
 use crate::app::AppState;
 use crate::bus::{ConvEvent, Received, Subscription};
+use crate::metrics::{DirectionLabel, OutcomeLabel};
 use crate::store::NewMessage;
 
 /// Messages read from the store per query while catching up.
@@ -58,7 +59,8 @@ enum End {
 struct Writer {
     tx: mpsc::Sender<Out>,
     urgent: Option<oneshot::Sender<(u16, String)>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Ends with the number of frames it never wrote.
+    task: tokio::task::JoinHandle<usize>,
 }
 
 impl Writer {
@@ -84,6 +86,7 @@ impl Writer {
                     break;
                 }
             }
+            rx.len()
         });
         Writer { tx, urgent: Some(urgent_tx), task }
     }
@@ -112,8 +115,40 @@ pub async fn run(state: AppState, socket: WebSocket, req: ConnectRequest) {
 
 async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, connection_id: Uuid) {
     let started = Instant::now();
+    let mut rec = ConnectionRecord {
+        attempt_id: req.attempt_id.as_deref().and_then(|a| Uuid::parse_str(a).ok()).unwrap_or(connection_id),
+        connection_id,
+        user_id: None,
+        bot_id: Uuid::parse_str(&req.bot_id).ok(),
+        remote_addr: req.remote.map(|r| r.to_string()),
+        user_agent: req.user_agent.clone(),
+        origin: req.origin.clone(),
+        upgrade: req.upgrade.clone(),
+        connection: req.connection.clone(),
+        sec_websocket_version: req.ws_version.clone(),
+        forwarded_for: req.forwarded_for.clone(),
+        started_at: chrono::Utc::now(),
+        established: false,
+        ended_at: None,
+        close_code: None,
+        close_reason: None,
+        closed_by: None,
+        msgs_in: 0,
+        msgs_out: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
     let (sink, mut stream) = socket.split();
     let writer = Writer::spawn(sink, state.config.limits.outbound_queue);
+    let metrics = &state.metrics;
+
+    let refused = |rec: &mut ConnectionRecord, code: CloseCode, reason: &str| {
+        tracing::info!(close_code = code.code(), close_reason = %reason, remote = ?req.remote, "connection refused");
+        metrics.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
+        rec.close_code = Some(code.code());
+        rec.close_reason = Some(close_reason(reason));
+        rec.closed_by = Some(ClosedBy::Server);
+    };
 
     let admitted = match admit(&state, &req, Mode::Connect).await {
         Ok(a) => a,
@@ -121,12 +156,19 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
             if let Some(u) = refusal.user_id {
                 tracing::Span::current().record("user_id", tracing::field::display(u));
             }
-            tracing::info!(close_code = refusal.code.code(), close_reason = %refusal.reason, remote = ?req.remote, "connection refused");
-            finish(writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
+            // An attempt is its user's as soon as its credentials name them, whatever failed.
+            rec.user_id = refusal.user_id.or_else(|| {
+                let token = req.token.as_deref()?;
+                state.keys.verify(token).map(|c| c.sub).ok().or_else(|| state.keys.identify_expired(token))
+            });
+            refused(&mut rec, refusal.code, &refusal.reason);
+            let dropped = finish(writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
+            conclude(&state, rec, Some(refusal.code.code()), "server", dropped);
             return;
         }
     };
     tracing::Span::current().record("user_id", tracing::field::display(admitted.user.id));
+    rec.user_id = Some(admitted.user.id);
 
     let limits = &state.config.limits;
     let slot = match state.hub.try_register(
@@ -148,8 +190,9 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
                     format!("server is at its connection limit; retry_after_ms={}", super::OVERLOAD_RETRY_MS),
                 ),
             };
-            tracing::info!(close_code = code.code(), close_reason = %reason, "connection refused");
-            finish(writer, &mut stream, End::Close(code, reason)).await;
+            refused(&mut rec, code, &reason);
+            let dropped = finish(writer, &mut stream, End::Close(code, reason)).await;
+            conclude(&state, rec, Some(code.code()), "server", dropped);
             return;
         }
     };
@@ -157,46 +200,86 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
     let mut session = match Session::start(&state, admitted, connection_id, &writer).await {
         Ok(s) => s,
         Err(end) => {
-            finish(writer, &mut stream, end).await;
+            drop(slot);
+            let (code, reason, by) = end.describe();
+            if let Some(c) = code.and_then(CloseCode::from_code) {
+                refused(&mut rec, c, &reason);
+            }
+            let dropped = finish(writer, &mut stream, end).await;
+            conclude(&state, rec, code, by, dropped);
             return;
         }
     };
+    metrics.attempts.get_or_create(&OutcomeLabel { outcome: "established" }).inc();
+    metrics.handshake_seconds.observe(started.elapsed().as_secs_f64());
+    metrics.connections_active.inc();
+    rec.established = true;
+    // Visible in the ledger while it is open, not only once it has ended.
+    state.ledger.record(rec.clone());
     tracing::info!(remote = ?req.remote, resume_from = ?session.admitted.after_seq, "connection established");
     let end = session.run(&mut stream).await;
-    let (msgs_in, msgs_out) = (session.msgs_in, session.msgs_out);
+    let c = session.counters;
+    if let Some(slot) = session.shared_slot.take() {
+        state.cluster.release(slot).await;
+    }
     drop(session);
     // The connection is over for the hub now, even while its close frame is on its way.
     drop(slot);
-    let (code, reason, closed_by) = match &end {
-        End::Close(c, r) => (Some(c.code()), r.clone(), "server"),
-        End::ClientClosed(c) => (*c, String::new(), "client"),
-        End::Network(e) => (None, e.clone(), "network"),
-    };
-    finish(writer, &mut stream, end).await;
+    metrics.connections_active.dec();
+    let (code, reason, closed_by) = end.describe();
+    (rec.msgs_in, rec.msgs_out, rec.bytes_in, rec.bytes_out) = (c.msgs_in, c.msgs_out, c.bytes_in, c.bytes_out);
+    rec.close_code = code;
+    rec.close_reason = Some(close_reason(&reason));
+    rec.closed_by = ClosedBy::parse(closed_by);
+    let dropped = finish(writer, &mut stream, end).await;
     tracing::info!(
         duration_ms = started.elapsed().as_millis() as u64,
         close_code = ?code,
         close_reason = %reason,
         closed_by,
-        msgs_in,
-        msgs_out,
+        msgs_in = c.msgs_in,
+        msgs_out = c.msgs_out,
         "connection closed"
     );
+    conclude(&state, rec, code, closed_by, dropped);
+}
+
+/// The last word on an attempt: its ledger row and the close metrics.
+fn conclude(state: &AppState, mut rec: ConnectionRecord, code: Option<u16>, initiator: &'static str, dropped: usize) {
+    rec.ended_at = Some(chrono::Utc::now());
+    state.metrics.close(code, initiator);
+    state.metrics.frames_dropped.inc_by(dropped as u64);
+    state.ledger.record(rec);
+}
+
+impl End {
+    /// (close code, reason, who closed) for logs, ledger and metrics.
+    fn describe(&self) -> (Option<u16>, String, &'static str) {
+        match self {
+            End::Close(c, r) => (Some(c.code()), r.clone(), "server"),
+            End::ClientClosed(c) => (*c, String::new(), "client"),
+            End::Network(e) => (None, e.clone(), "network"),
+        }
+    }
 }
 
 /// Sends the close (if the server is the one closing) and waits for it to be written — a
 /// slow client first has to read what is already buffered — then waits briefly for the
-/// client's answer, so the close frame is not lost to a TCP reset.
-async fn finish(mut writer: Writer, stream: &mut SplitStream<WebSocket>, end: End) {
+/// client's answer, so the close frame is not lost to a TCP reset. Returns how many queued
+/// frames were never written.
+async fn finish(mut writer: Writer, stream: &mut SplitStream<WebSocket>, end: End) -> usize {
     match &end {
         End::Close(code, reason) => {
             let urgent = *code == CloseCode::SlowConsumer;
             writer.close(code.code(), close_reason(reason), urgent).await;
-            if tokio::time::timeout(CLOSE_WRITE_WAIT, &mut writer.task).await.is_err() {
-                tracing::debug!("close frame not written in time; dropping the socket");
-                writer.task.abort();
-                return;
-            }
+            let dropped = match tokio::time::timeout(CLOSE_WRITE_WAIT, &mut writer.task).await {
+                Ok(r) => r.unwrap_or(0),
+                Err(_) => {
+                    tracing::debug!("close frame not written in time; dropping the socket");
+                    writer.task.abort();
+                    return writer.tx.max_capacity() - writer.tx.capacity();
+                }
+            };
             let _ = tokio::time::timeout(CLOSE_WAIT, async {
                 while let Some(Ok(msg)) = stream.next().await {
                     if matches!(msg, Message::Close(_)) {
@@ -205,15 +288,28 @@ async fn finish(mut writer: Writer, stream: &mut SplitStream<WebSocket>, end: En
                 }
             })
             .await;
+            dropped
         }
         End::ClientClosed(_) => {
             // Reading on lets the WebSocket layer send its reply to the client's close.
             let _ = tokio::time::timeout(CLOSE_WAIT, stream.next()).await;
             drop(writer.tx);
-            let _ = tokio::time::timeout(CLOSE_WAIT, &mut writer.task).await;
+            tokio::time::timeout(CLOSE_WAIT, &mut writer.task).await.ok().and_then(Result::ok).unwrap_or(0)
         }
-        End::Network(_) => writer.task.abort(),
+        End::Network(_) => {
+            writer.task.abort();
+            writer.tx.max_capacity() - writer.tx.capacity()
+        }
     }
+}
+
+/// What a session counted, for the ledger.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    msgs_in: u64,
+    msgs_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 struct TokenBucket {
@@ -247,6 +343,8 @@ struct Session<'w> {
     admitted: Admitted,
     out: &'w mpsc::Sender<Out>,
     sub: Subscription,
+    /// This socket's place in the per-user count shared by every node.
+    shared_slot: Option<crate::cluster::Slot>,
     /// Highest seq sent; every seq below it has been sent too.
     delivered: i64,
     bucket: TokenBucket,
@@ -254,8 +352,7 @@ struct Session<'w> {
     streams: HashMap<Uuid, Stream>,
     /// The latest bot replies delivered whole, so a late delta for them is ignored.
     finished: VecDeque<Uuid>,
-    msgs_in: u64,
-    msgs_out: u64,
+    counters: Counters,
 }
 
 /// One bot reply being streamed to this socket.
@@ -276,6 +373,9 @@ const DELTA_FLUSH_EVERY: Duration = Duration::from_millis(50);
 impl<'w> Session<'w> {
     async fn start(state: &AppState, admitted: Admitted, connection_id: Uuid, writer: &'w Writer) -> Result<Session<'w>, End> {
         let conv_id = admitted.conversation.id;
+        // The per-user limit across every node (the hub counts this node's sockets only).
+        let max = state.config.limits.max_connections_per_user;
+        let shared_slot = state.cluster.claim_slot(connection_id, admitted.user.id, max).await.map_err(|(c, r)| End::Close(c, r))?;
         // Subscribe before reading last_seq: whatever is committed after this is on the bus.
         let sub = state.bus.subscribe(conv_id).await.map_err(|e| {
             tracing::warn!(error = %e, "bus unavailable");
@@ -293,11 +393,11 @@ impl<'w> Session<'w> {
             delivered: admitted.after_seq.unwrap_or(last_seq),
             out: &writer.tx,
             sub,
+            shared_slot: Some(shared_slot),
             bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
             streams: HashMap::new(),
             finished: VecDeque::new(),
-            msgs_in: 0,
-            msgs_out: 0,
+            counters: Counters::default(),
             admitted,
         };
         session.send(&ServerFrame::ConnectionEstablished {
@@ -336,6 +436,7 @@ impl<'w> Session<'w> {
     async fn run(&mut self, stream: &mut SplitStream<WebSocket>) -> End {
         let heartbeat = self.state.config.heartbeat_interval;
         let shutdown = self.state.shutdown.clone();
+        let cluster = self.state.cluster.clone();
         let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle = tokio::time::sleep(heartbeat * 2);
@@ -345,6 +446,7 @@ impl<'w> Session<'w> {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
+                reason = cluster.lost() => Err(End::Close(CloseCode::TryAgainLater, reason)),
                 frame = stream.next() => {
                     idle.as_mut().reset(Instant::now() + heartbeat * 2);
                     self.on_frame(frame).await
@@ -366,6 +468,7 @@ impl<'w> Session<'w> {
     /// Queues a frame for the writer. A full queue gets [`SLOW_CONSUMER_WAIT`] to make room
     /// (a burst or a replay is fine); a client that reads nothing in that time is closed 4409.
     async fn push(&mut self, out: Out) -> Result<(), End> {
+        self.state.metrics.outbound_queue_depth.observe((self.out.max_capacity() - self.out.capacity()) as f64);
         let out = match self.out.try_send(out) {
             Ok(()) => return Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Network("socket write failed".into())),
@@ -382,8 +485,13 @@ impl<'w> Session<'w> {
     }
 
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        self.msgs_out += 1;
-        self.push(Out::Text(frame.to_json().into())).await
+        let json = frame.to_json();
+        self.counters.msgs_out += 1;
+        self.counters.bytes_out += json.len() as u64;
+        if matches!(frame, ServerFrame::Message { .. }) {
+            self.state.metrics.messages.get_or_create(&DirectionLabel { direction: "out" }).inc();
+        }
+        self.push(Out::Text(json.into())).await
     }
 
     /// Sends every stored message with `delivered < seq <= upto`.
@@ -468,11 +576,17 @@ impl<'w> Session<'w> {
                 in_reply_to: stream.in_reply_to,
                 delta: std::mem::take(&mut stream.pending),
             };
-            match self.out.try_send(Out::Text(frame.to_json().into())) {
-                Ok(()) => self.msgs_out += 1,
+            let json = frame.to_json();
+            let len = json.len() as u64;
+            match self.out.try_send(Out::Text(json.into())) {
+                Ok(()) => {
+                    self.counters.msgs_out += 1;
+                    self.counters.bytes_out += len;
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     let ServerFrame::MessageDelta { delta, .. } = frame else { unreachable!() };
                     stream.pending = delta;
+                    self.state.metrics.deltas_coalesced.inc();
                     return Ok(());
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Network("socket write failed".into())),
@@ -520,7 +634,12 @@ impl<'w> Session<'w> {
             }
             Some(Ok(m)) => m,
         };
-        self.msgs_in += 1;
+        self.counters.msgs_in += 1;
+        self.counters.bytes_in += match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        } as u64;
         match msg {
             Message::Text(t) => match ClientFrame::parse(t.as_str()) {
                 Ok(frame) => self.on_client_frame(frame).await,
@@ -558,6 +677,8 @@ impl<'w> Session<'w> {
     }
 
     async fn on_message(&mut self, client_id: String, content: String) -> Result<(), End> {
+        let received = Instant::now();
+        self.state.metrics.messages.get_or_create(&DirectionLabel { direction: "in" }).inc();
         let limits = &self.state.config.limits;
         let id_len = client_id.chars().count();
         if !(1..=64).contains(&id_len) {
@@ -602,13 +723,14 @@ impl<'w> Session<'w> {
             self.delivered = seq;
         }
         self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate }).await?;
+        self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
             let message = appended.message;
             if let Err(e) = self.state.bus.publish(conv, ConvEvent::Message(message.clone())).await {
                 tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
             }
             let bot = &self.admitted.bot;
-            self.state.replier.spawn_reply(&self.admitted.engine, bot.id, &bot.name, message).await;
+            self.state.replier.spawn_reply(&self.admitted.engine, bot.id, &bot.name, message, received).await;
         }
         Ok(())
     }

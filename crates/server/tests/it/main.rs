@@ -4,5 +4,7 @@
 mod helpers;
 mod bots;
 mod gateway;
+mod multinode;
+mod observability;
 mod transcript;
 mod rest;

@@ -1,0 +1,87 @@
+//! `natter user`: account administration straight on the store (no server needed).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use natter_server::domain::{Password, Username};
+use natter_server::store::{NewUser, StoreError};
+
+use crate::serve::ServeArgs;
+
+#[derive(Args, Debug)]
+pub struct UserArgs {
+    /// TOML config file (as for `natter serve`).
+    #[arg(long, env = "NATTER_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (as for `natter serve`) [default: ./natter-data]
+    #[arg(long, env = "NATTER_DATA_DIR", value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Database (as for `natter serve`).
+    #[arg(long, env = "NATTER_DATABASE_URL", value_name = "URL", global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    action: UserAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserAction {
+    /// Create a user. The password is read from NATTER_PASSWORD, or from standard input.
+    Create {
+        username: String,
+        /// Make the user an admin (sees everyone's connection ledger).
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Make an existing user an admin.
+    Promote { username: String },
+    /// Take admin rights away from a user.
+    Demote { username: String },
+}
+
+fn read_password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("NATTER_PASSWORD") {
+        return Ok(p);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprint!("password: ");
+        std::io::stderr().flush().ok();
+    }
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line).context("reading the password from standard input")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+pub async fn run(args: UserArgs) -> anyhow::Result<()> {
+    let serve = ServeArgs { config: args.config, data_dir: args.data_dir, database_url: args.database_url, ..Default::default() };
+    let (config, _) = serve.resolve()?;
+    let store = natter_server::app::open_store(&config).await?;
+    match args.action {
+        UserAction::Create { username, admin } => {
+            let name = Username::parse(&username).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let password = Password::parse(&read_password()?).map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let hash = tokio::task::spawn_blocking(move || natter_server::auth::hash_password(password.expose())).await?;
+            match store.create_user(NewUser { username: name.into_inner(), password_hash: hash, is_admin: admin }).await {
+                Ok(u) => println!("created {}{} ({})", u.username, if admin { ", an admin" } else { "" }, u.id),
+                Err(StoreError::UsernameTaken) => bail!("a user named {username:?} already exists"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        UserAction::Promote { username } => set_admin(&*store, &username, true).await?,
+        UserAction::Demote { username } => set_admin(&*store, &username, false).await?,
+    }
+    Ok(())
+}
+
+async fn set_admin(store: &dyn natter_server::store::Store, username: &str, admin: bool) -> anyhow::Result<()> {
+    match store.set_admin(username, admin).await {
+        Ok(()) => {
+            println!("{username} is {}an admin", if admin { "now " } else { "no longer " });
+            Ok(())
+        }
+        Err(StoreError::NotFound) => bail!("no user named {username:?}"),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,190 @@
+//! What makes several identical nodes safe to run side by side: a node id, the leases it
+//! holds in the store (connection slots, bot replies in progress) and renews while it lives,
+//! a sweep that stores the replies of nodes that died as `incomplete`, and a watch on the
+//! dependencies (store and bus) so that a node that lost one refuses and closes sockets with
+//! 1013 instead of serving stale data, and takes them again when the dependency is back.
+//!
+//! One node on SQLite runs the same code: its leases make a reply cut off by a crash end as
+//! `incomplete` when it restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use natter_proto::CloseCode;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::bus::{Bus, BusError, ConvEvent, LocalBus, NatsBus};
+use crate::config::BusConfig;
+use crate::store::{SlotClaim, Store};
+
+/// The retry hint sent with 1013 while a dependency is down.
+pub const DEPENDENCY_RETRY_MS: u64 = 2_000;
+
+/// Events a subscriber may fall behind before it lags (and catches up from the store).
+const BUS_CAPACITY: usize = 1024;
+
+/// Opens the bus the configuration names.
+pub async fn open_bus(config: &BusConfig) -> Result<Arc<dyn Bus>, BusError> {
+    Ok(match config {
+        BusConfig::Local => Arc::new(LocalBus::new(BUS_CAPACITY)),
+        BusConfig::Nats(url) => Arc::new(NatsBus::connect(url, BUS_CAPACITY).await?),
+    })
+}
+
+/// Who holds a lease, and for how long one lasts without renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeLease {
+    pub node_id: Uuid,
+    /// How long a lease outlives its node's last renewal: the longest a dead node's slots keep
+    /// counting, and how long a reply cut off by a crash may stay open.
+    pub lease: Duration,
+}
+
+impl NodeLease {
+    /// How often leases are renewed and expired ones swept (a third of the lease).
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 3
+    }
+
+    pub fn until(&self) -> chrono::DateTime<Utc> {
+        Utc::now() + chrono::Duration::from_std(self.lease).unwrap_or(chrono::Duration::seconds(15))
+    }
+}
+
+pub struct Cluster {
+    node: NodeLease,
+    store: Arc<dyn Store>,
+    /// `Some(reason)` while a dependency is down.
+    health: watch::Sender<Option<String>>,
+}
+
+/// A socket's slot in the per-user count shared by every node. Released by
+/// [`Cluster::release`]; if the session ends some other way, dropping releases it in the
+/// background, and a slot never released expires with its node's lease.
+pub struct Slot {
+    connection_id: Option<Uuid>,
+    store: Arc<dyn Store>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(id) = self.connection_id.take() {
+            let store = self.store.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = store.release_slot(id).await;
+                });
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts the node's background work (renewals, sweeps, dependency checks) until `stop`.
+    pub fn start(store: Arc<dyn Store>, bus: Arc<dyn Bus>, lease: Duration, stop: CancellationToken) -> Arc<Cluster> {
+        let node = NodeLease { node_id: Uuid::new_v4(), lease };
+        let cluster = Arc::new(Cluster { node, store: store.clone(), health: watch::channel(None).0 });
+        tracing::info!(node_id = %node.node_id, lease_ms = lease.as_millis() as u64, "node started");
+        let this = cluster.clone();
+        tokio::spawn(async move {
+            let check_every = (lease / 4).min(Duration::from_secs(1));
+            let mut check = tokio::time::interval(check_every);
+            let mut renew = tokio::time::interval(node.renew_every());
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = check.tick() => this.check(&*bus).await,
+                    _ = renew.tick() => this.renew_and_sweep(&*bus).await,
+                }
+            }
+        });
+        cluster
+    }
+
+    pub fn node(&self) -> NodeLease {
+        self.node
+    }
+
+    /// Why the node cannot serve sockets right now, if it cannot.
+    pub fn unavailable(&self) -> Option<String> {
+        self.health.borrow().clone()
+    }
+
+    /// Resolves (with the close reason) when a dependency goes down.
+    pub async fn lost(&self) -> String {
+        let mut rx = self.health.subscribe();
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(r) => r.clone(),
+            Err(_) => None,
+        };
+        let Some(reason) = reason else { return std::future::pending().await };
+        format!("{reason}; retry_after_ms={DEPENDENCY_RETRY_MS}")
+    }
+
+    async fn check(&self, bus: &dyn Bus) {
+        let store = match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("database unavailable ({e})")),
+            Err(_) => Some("database unavailable (no answer in 2 s)".into()),
+        };
+        let problem = store.or_else(|| bus.health().err().map(|e| format!("message {e}")));
+        self.health.send_if_modified(|current| {
+            if *current == problem {
+                return false;
+            }
+            match &problem {
+                Some(p) => tracing::warn!(problem = %p, "dependency lost: refusing and closing sockets with 1013"),
+                None => tracing::info!("dependencies back: accepting sockets again"),
+            }
+            *current = problem.clone();
+            true
+        });
+    }
+
+    async fn renew_and_sweep(&self, bus: &dyn Bus) {
+        if let Err(e) = self.store.renew_node(self.node.node_id, self.node.until()).await {
+            tracing::warn!(error = %e, "renewing this node's leases failed");
+            return;
+        }
+        match self.store.recover_generations(Utc::now()).await {
+            Ok(recovered) => {
+                for m in recovered {
+                    tracing::warn!(message_id = %m.id, conversation_id = %m.conversation_id, "a reply cut off by a node that died is stored as incomplete");
+                    let conversation_id = m.conversation_id;
+                    let _ = bus.publish(conversation_id, ConvEvent::Message(m)).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "sweeping expired replies failed"),
+        }
+    }
+
+    /// Takes one of the user's `max` slots across every node, or says how to close.
+    pub async fn claim_slot(&self, connection_id: Uuid, user_id: Uuid, max: usize) -> Result<Slot, (CloseCode, String)> {
+        let claim = SlotClaim { connection_id, user_id, node_id: self.node.node_id, expires_at: self.node.until() };
+        match self.store.claim_slot(claim, max, Utc::now()).await {
+            Ok(true) => Ok(Slot { connection_id: Some(connection_id), store: self.store.clone() }),
+            Ok(false) => Err((CloseCode::TooManyConnections, format!("this user already has {max} open connections"))),
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming a connection slot failed");
+                Err((
+                    CloseCode::TryAgainLater,
+                    format!("database unavailable; retry_after_ms={DEPENDENCY_RETRY_MS}"),
+                ))
+            }
+        }
+    }
+
+    /// Frees a slot now (so the user's next socket, on any node, may take it).
+    pub async fn release(&self, mut slot: Slot) {
+        if let Some(id) = slot.connection_id.take() {
+            if let Err(e) = self.store.release_slot(id).await {
+                tracing::warn!(error = %e, "releasing a connection slot failed; it expires with the lease");
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! Several nodes sharing PostgreSQL and NATS, driven by real WebSocket clients: fan-out and
+//! resume across nodes, concurrent writers, the per-user limit across nodes, losing NATS or
+//! PostgreSQL (through a TCP proxy the test cuts) and recovering, and nginx in front of two
+//! nodes configured as docs/deploy.md says.
+//!
+//! Needs `NATTER_TEST_DATABASE_URL` and `NATTER_TEST_NATS_URL` (`make test` sets them when the
+//! services answer); without them each test prints a SKIPPED line and passes.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use natter_proto::{ServerFrame, WireMessage};
+use natter_server::config::{BusConfig, Database};
+use natter_server::store::postgres::TestSchema;
+use natter_server::Config;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+/// PostgreSQL (a schema of this test's own) and NATS, from the environment.
+pub struct Services {
+    pub schema: TestSchema,
+    pub nats: String,
+}
+
+impl Services {
+    pub async fn from_env(test: &str) -> Option<Services> {
+        let nats = match std::env::var("NATTER_TEST_NATS_URL") {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                eprintln!("SKIPPED: {test} needs NATS: NATTER_TEST_NATS_URL not set");
+                return None;
+            }
+        };
+        let schema = TestSchema::from_env(test).await?;
+        Some(Services { schema, nats })
+    }
+
+    /// A node on a loopback port, on these services, with the signing secret of `first` (all
+    /// nodes must share it) or a new one.
+    pub async fn node(&self, first: Option<&TestApp>, f: impl FnOnce(&mut Config)) -> TestApp {
+        let db = self.schema.url.clone();
+        let nats = self.nats.clone();
+        self.node_via(first, db, nats, f).await
+    }
+
+    /// Like [`Services::node`] with explicit database and NATS URLs (through a proxy).
+    pub async fn node_via(&self, first: Option<&TestApp>, db: String, nats: String, f: impl FnOnce(&mut Config)) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(first) = first {
+            std::fs::copy(first.dir.path().join("jwt-secret"), dir.path().join("jwt-secret")).unwrap();
+        }
+        TestApp::spawn_in(dir, move |c| {
+            c.database = Database::Postgres(db);
+            c.bus = BusConfig::Nats(nats);
+            c.node_lease = Duration::from_millis(1500);
+            c.limits.messages_per_second = 1000;
+            c.limits.message_burst = 1000;
+            f(c);
+        })
+        .await
+    }
+}
+
+/// Reads frames until one carries `seq` (an ack or a message); returns the seqs of acks and
+/// messages seen on the way, in order. Deltas are skipped.
+pub async fn seqs_until(ws: &mut WsClient, seq: i64) -> Vec<i64> {
+    let mut seen = Vec::new();
+    loop {
+        let f = ws.frame().await;
+        match seq_of(&f) {
+            Some(s) => {
+                seen.push(s);
+                if s >= seq {
+                    return seen;
+                }
+            }
+            None => match f {
+                ServerFrame::MessageDelta { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            },
+        }
+    }
+}
+
+/// Sends a ping and expects its pong as the very next frame: nothing else was queued.
+pub async fn nothing_more(ws: &mut WsClient) {
+    ws.send_json(json!({"type": "ping", "id": 99})).await;
+    match ws.frame().await {
+        ServerFrame::Pong { .. } => {}
+        other => panic!("expected only the pong, got {other:?}"),
+    }
+}
+
+async fn established_last_seq(ws: &mut WsClient) -> i64 {
+    match ws.established().await {
+        ServerFrame::ConnectionEstablished { last_seq, .. } => last_seq,
+        _ => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn a_tab_on_each_node_sees_every_message_and_the_bot_reply() {
+    let Some(svc) = Services::from_env("multinode::a_tab_on_each_node_sees_every_message_and_the_bot_reply").await else {
+        return;
+    };
+    let a = svc.node(None, |_| {}).await;
+    let b = svc.node(Some(&a), |_| {}).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut on_a = a.ws(bot.id, &alice.token, "").await;
+    let mut on_b = b.ws(bot.id, &alice.token, "").await;
+    on_a.established().await;
+    on_b.established().await;
+
+    on_a.say("c1", "hello from A").await;
+    assert_eq!(seqs_until(&mut on_a, 2).await, vec![1, 2], "ack, then the bot reply made on A");
+    assert_eq!(seqs_until(&mut on_b, 2).await, vec![1, 2], "B sees the message and the reply");
+    on_b.say("c2", "hello from B").await;
+    assert_eq!(seqs_until(&mut on_b, 4).await, vec![3, 4]);
+    assert_eq!(seqs_until(&mut on_a, 4).await, vec![3, 4], "and the other way round");
+    nothing_more(&mut on_a).await;
+    nothing_more(&mut on_b).await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
+    let Some(svc) = Services::from_env("multinode::a_client_resumes_on_another_node_with_exactly_what_it_missed").await
+    else {
+        return;
+    };
+    let a = svc.node(None, |_| {}).await;
+    let b = svc.node(Some(&a), |_| {}).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut first = a.ws(bot.id, &alice.token, "").await;
+    first.established().await;
+    first.say("c1", "one").await;
+    assert_eq!(seqs_until(&mut first, 2).await, vec![1, 2]);
+    first.close().await;
+
+    // While it is away, another tab on A goes on.
+    let mut other = a.ws(bot.id, &alice.token, "").await;
+    other.established().await;
+    for i in 2..=3 {
+        other.say(&format!("c{i}"), "more").await;
+    }
+    seqs_until(&mut other, 6).await;
+
+    let mut resumed = b.ws(bot.id, &alice.token, "&after_seq=2").await;
+    assert_eq!(established_last_seq(&mut resumed).await, 6);
+    let replayed: Vec<WireMessage> = {
+        let mut v = Vec::new();
+        while v.len() < 4 {
+            match resumed.frame().await {
+                ServerFrame::Message { message } => v.push(message),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        v
+    };
+    assert_eq!(replayed.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
+    nothing_more(&mut resumed).await;
+}
+
+#[tokio::test]
+async fn concurrent_writers_on_two_nodes_get_gap_free_unique_seqs() {
+    let Some(svc) = Services::from_env("multinode::concurrent_writers_on_two_nodes_get_gap_free_unique_seqs").await else {
+        return;
+    };
+    let roomy = |c: &mut Config| c.limits.bot_queue = 1000;
+    let a = svc.node(None, roomy).await;
+    let b = svc.node(Some(&a), roomy).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let (mut on_a, mut on_b) = (a.ws(bot.id, &alice.token, "").await, b.ws(bot.id, &alice.token, "").await);
+    on_a.established().await;
+    on_b.established().await;
+    const EACH: usize = 40;
+    // Each user message gets an echo: 4 × EACH messages in all, written by both nodes at once.
+    let total = 4 * EACH as i64;
+    let run = |mut ws: WsClient, tag: &'static str| async move {
+        for i in 0..EACH {
+            ws.say(&format!("{tag}{i}"), "x").await;
+        }
+        let seen = seqs_until(&mut ws, total).await;
+        (ws, seen)
+    };
+    let ((mut on_a, seen_a), (mut on_b, seen_b)) = tokio::join!(run(on_a, "a"), run(on_b, "b"));
+    let every: Vec<i64> = (1..=total).collect();
+    assert_eq!(seen_a, every, "tab on A: every seq once, in order");
+    assert_eq!(seen_b, every, "tab on B: every seq once, in order");
+    nothing_more(&mut on_a).await;
+    nothing_more(&mut on_b).await;
+
+    let (status, body) = a.get(&format!("/api/bots/{}/messages?limit=500", bot.id), Some(&alice.token)).await;
+    assert_eq!(status, 200, "{body}");
+    let msgs: Vec<WireMessage> = serde_json::from_value(body["messages"].clone()).unwrap();
+    assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), every, "stored gap-free and unique");
+    let mut client_ids: Vec<_> = msgs.iter().filter_map(|m| m.client_id.clone()).collect();
+    client_ids.sort();
+    client_ids.dedup();
+    assert_eq!(client_ids.len(), 2 * EACH, "every user message once");
+}
+
+#[tokio::test]
+async fn the_per_user_connection_limit_holds_across_nodes() {
+    let Some(svc) = Services::from_env("multinode::the_per_user_connection_limit_holds_across_nodes").await else {
+        return;
+    };
+    let limit = |c: &mut Config| c.limits.max_connections_per_user = 2;
+    let a = svc.node(None, limit).await;
+    let b = svc.node(Some(&a), limit).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut one = a.ws(bot.id, &alice.token, "").await;
+    one.established().await;
+    let mut two = b.ws(bot.id, &alice.token, "").await;
+    two.established().await;
+    for node in [&a, &b] {
+        let mut third = node.ws(bot.id, &alice.token, "").await;
+        let (code, reason) = third.close_code().await;
+        assert_eq!(code, 4429, "{reason}");
+    }
+    // A closed socket frees its place for the other node at once.
+    one.close().await;
+    let mut again = b.ws(bot.id, &alice.token, "").await;
+    again.established().await;
+}
+
+/// A TCP proxy the test can cut (every connection dropped, new ones refused) and restore.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<Mutex<CancellationToken>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(Mutex::new(CancellationToken::new()));
+        let state = up.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else { return };
+                let token = state.lock().unwrap().clone();
+                if token.is_cancelled() {
+                    continue; // cut: drop the connection
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, up }
+    }
+
+    pub fn cut(&self) {
+        self.up.lock().unwrap().cancel();
+    }
+
+    pub fn restore(&self) {
+        *self.up.lock().unwrap() = CancellationToken::new();
+    }
+}
+
+fn host_port(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let hostport = if hostport.contains(':') { hostport.to_owned() } else { format!("{hostport}:5432") };
+    use std::net::ToSocketAddrs;
+    hostport.replace("localhost", "127.0.0.1").to_socket_addrs().unwrap().next().unwrap()
+}
+
+/// `url` with its host and port replaced by `proxy`'s.
+fn via(url: &str, proxy: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let authority = rest.split(['/', '?']).next().unwrap();
+    let userinfo = authority.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+    format!("{scheme}://{userinfo}{proxy}{}", &rest[authority.len()..])
+}
+
+/// Polls `/api/ready` until its status is `want`; returns the body.
+async fn ready_becomes(app: &TestApp, want: u16) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = app.get("/api/ready", None).await;
+        if status == want {
+            return body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "/api/ready stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A node that loses a dependency closes its sockets with 1013, says so in /api/ready, and
+/// serves again once the dependency is back; the other node is unaffected throughout.
+async fn lose_and_recover(test: &str, cut_database: bool) {
+    let Some(svc) = Services::from_env(test).await else { return };
+    let a = svc.node(None, |_| {}).await;
+    let upstream = if cut_database { host_port(&svc.schema.url) } else { host_port(&svc.nats) };
+    let proxy = Proxy::start(upstream).await;
+    let (db, nats) = if cut_database {
+        (via(&svc.schema.url, proxy.addr), svc.nats.clone())
+    } else {
+        (svc.schema.url.clone(), via(&svc.nats, proxy.addr))
+    };
+    let b = svc.node_via(Some(&a), db, nats, |_| {}).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut on_b = b.ws(bot.id, &alice.token, "").await;
+    on_b.established().await;
+    assert_eq!(b.get("/api/ready", None).await.0, 200);
+
+    proxy.cut();
+    let (code, reason) = tokio::time::timeout(Duration::from_secs(10), on_b.close_code()).await.expect("closed in time");
+    assert_eq!(code, 1013, "{reason}");
+    let hint: u64 = reason.rsplit_once("retry_after_ms=").expect("a retry hint").1.parse().unwrap();
+    assert!(hint > 0);
+    let body = ready_becomes(&b, 503).await;
+    let failed = body["failed"].to_string();
+    assert!(failed.contains(if cut_database { "store" } else { "bus" }), "{body}");
+    let mut refused = b.ws(bot.id, &alice.token, "").await;
+    assert_eq!(refused.close_code().await.0, 1013, "no new sockets either");
+    assert_eq!(a.get("/api/ready", None).await.0, 200, "the other node is fine");
+
+    proxy.restore();
+    ready_becomes(&b, 200).await;
+    // Serving again, and fan-out between the nodes works again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut on_b = loop {
+        let mut ws = b.ws(bot.id, &alice.token, "").await;
+        match ws.next().await {
+            Next::Frame(ServerFrame::ConnectionEstablished { .. }) => break ws,
+            other => assert!(tokio::time::Instant::now() < deadline, "not serving again: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut on_a = a.ws(bot.id, &alice.token, "").await;
+    on_a.established().await;
+    on_a.say("after", "back?").await;
+    assert_eq!(seqs_until(&mut on_a, 2).await, vec![1, 2]);
+    assert_eq!(seqs_until(&mut on_b, 2).await, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_node_that_loses_nats_closes_with_1013_and_recovers() {
+    lose_and_recover("multinode::a_node_that_loses_nats_closes_with_1013_and_recovers", false).await;
+}
+
+#[tokio::test]
+async fn a_node_that_loses_postgres_closes_with_1013_and_recovers() {
+    lose_and_recover("multinode::a_node_that_loses_postgres_closes_with_1013_and_recovers", true).await;
+}
