@@ -127,12 +127,18 @@ impl Cluster {
     }
 
     async fn check(&self, bus: &dyn Bus) {
-        let store = match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("database unavailable ({e})")),
-            Err(_) => Some("database unavailable (no answer in 2 s)".into()),
+        // Short reasons: they end up in close frames (123 bytes at most), with a retry hint.
+        let problem = match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
+            Ok(Ok(())) => bus.health().err().map(|e| {
+                tracing::debug!(error = %e, "dependency check: bus");
+                "message bus unavailable".to_owned()
+            }),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "dependency check: database");
+                Some("database unavailable".to_owned())
+            }
+            Err(_) => Some("database unavailable".to_owned()),
         };
-        let problem = store.or_else(|| bus.health().err().map(|e| format!("message {e}")));
         self.health.send_if_modified(|current| {
             if *current == problem {
                 return false;
