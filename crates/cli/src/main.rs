@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod doctor;
 mod serve;
 mod user;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the server: REST API, chat gateway and web app.
     Serve(Box<serve::ServeArgs>),
+    /// Find out why a chat connection fails: check every layer and name the broken one.
+    Doctor(Box<doctor::DoctorArgs>),
     /// Manage accounts: create users, make admins.
     User(user::UserArgs),
 }
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
+            Command::Doctor(args) => Ok(doctor::run(*args).await),
             Command::User(args) => user::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     });

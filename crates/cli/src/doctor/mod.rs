@@ -1,0 +1,337 @@
+//! `natter doctor`: the seed's debugging steps as one command. It walks the layers a chat
+//! connection goes through — URL, DNS, TCP, TLS, the HTTP API, CORS, the token, the bot,
+//! the WebSocket upgrade, admission, pings, idling, a message round trip, the server's
+//! connection ledger — and names the first one that is broken, with the likely cause and
+//! the fix. `--json` prints the same report as one document.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use tokio_tungstenite::WebSocketStream;
+use uuid::Uuid;
+
+mod handshake;
+mod jwt;
+mod net;
+mod report;
+mod socket;
+mod steps;
+
+use net::{BoxIo, Target, Tls};
+use report::{Report, Step, STEPS};
+
+/// Check every layer between this machine and a natter server's chat socket, and name the
+/// one that is broken. Exit status: 0 all passed (warnings allowed), 1 a step failed,
+/// 2 bad usage.
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// The server's base URL as a browser reaches it: http(s)://host[:port][/prefix]
+    /// (ws:// and wss:// work too).
+    #[arg(value_name = "BASE_URL")]
+    pub base_url: String,
+
+    /// The bot to chat with (its id). Without it, the first bot this user can chat with.
+    #[arg(long, value_name = "ID")]
+    pub bot: Option<String>,
+
+    /// An access token (from POST /api/auth/login). It is never printed.
+    #[arg(long, value_name = "T", conflicts_with_all = ["username", "password"])]
+    pub token: Option<String>,
+
+    /// Log in with this username first (with --password).
+    #[arg(long, value_name = "U", requires = "password")]
+    pub username: Option<String>,
+
+    /// The password for --username. It is never printed.
+    #[arg(long, value_name = "P", requires = "username")]
+    pub password: Option<String>,
+
+    /// The web page's origin (e.g. https://app.example.com): is it allowed for the API and
+    /// the socket?
+    #[arg(long, value_name = "O")]
+    pub origin: Option<String>,
+
+    /// Hold the socket idle this long and report if and when it dies (proxy idle timeouts).
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<u64>,
+
+    /// Send a test message and wait for the ack and the bot's reply (it stays in the history).
+    #[arg(long)]
+    pub send: bool,
+
+    /// Print the report as one JSON document: {"ok", "steps": [{"name", "status", "detail",
+    /// "cause", "fix"}]}.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seconds to wait for each network answer.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub timeout: u64,
+
+    /// Also trust the CA certificates in this PEM file (a private CA, a self-signed server).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// One row of the server's close-code registry (`GET /api/ws/codes`).
+#[derive(Debug, Clone, Deserialize)]
+struct CloseInfo {
+    code: u16,
+    name: String,
+    #[serde(default)]
+    retry: String,
+    description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ErrorInfo {
+    code: String,
+    description: String,
+}
+
+/// The server's code registry: close codes and error codes with their explanations.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct Registry {
+    #[serde(default)]
+    close_codes: Vec<CloseInfo>,
+    #[serde(default)]
+    error_codes: Vec<ErrorInfo>,
+    /// True when this came from the server, false for the doctor's built-in copy.
+    #[serde(skip)]
+    from_server: bool,
+}
+
+impl Registry {
+    /// The copy compiled into this binary, for servers that do not serve one.
+    fn builtin() -> Registry {
+        let r = natter_proto::codes::CodeRegistry::build();
+        let retry = |p: natter_proto::RetryPolicy| {
+            serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+        };
+        Registry {
+            close_codes: r
+                .close_codes
+                .iter()
+                .map(|c| CloseInfo {
+                    code: c.code,
+                    name: c.name.to_owned(),
+                    retry: retry(c.retry),
+                    description: c.description.to_owned(),
+                })
+                .collect(),
+            error_codes: r
+                .error_codes
+                .iter()
+                .map(|e| ErrorInfo { code: e.code.to_owned(), description: e.description.to_owned() })
+                .collect(),
+            from_server: false,
+        }
+    }
+
+    fn close(&self, code: u16) -> Option<&CloseInfo> {
+        self.close_codes.iter().find(|c| c.code == code)
+    }
+
+    fn error(&self, code: &str) -> Option<&ErrorInfo> {
+        self.error_codes.iter().find(|c| c.code == code)
+    }
+
+    /// `4403 forbidden` (or just the number for a code the registry does not know).
+    fn close_name(&self, code: u16) -> String {
+        match self.close(code) {
+            Some(c) => format!("{code} {}", c.name),
+            None => code.to_string(),
+        }
+    }
+
+    /// The cause and the fix for a close code, from the registry's description: its first
+    /// sentence says what happened, the rest what to do.
+    fn explain_close(&self, code: u16, reason: &str) -> (String, String) {
+        let said = if reason.is_empty() { String::new() } else { format!(" The server said: \"{reason}\".") };
+        match self.close(code) {
+            Some(info) => {
+                let (what, todo) = split_advice(&info.description);
+                let retry =
+                    if info.retry.is_empty() { String::new() } else { format!(" (retry policy: {})", info.retry) };
+                (format!("{what}{said}"), format!("{todo}{retry}").trim().to_owned())
+            }
+            None => (
+                format!("close code {code} is not in the server's code registry.{said}"),
+                "see docs/protocol.md, or the server log around this time".to_owned(),
+            ),
+        }
+    }
+}
+
+/// Splits "What happened. What to do." at the first sentence end.
+fn split_advice(description: &str) -> (String, String) {
+    match description.find(". ") {
+        Some(i) => (description[..=i].trim().to_owned(), description[i + 1..].trim().to_owned()),
+        None => (description.trim().to_owned(), String::new()),
+    }
+}
+
+/// Everything the steps learn and hand on to later steps.
+struct Doctor {
+    args: DoctorArgs,
+    timeout: Duration,
+    report: Report,
+    progress: bool,
+    /// Set when a step failed in a way that makes the following network steps pointless.
+    blocked: Option<String>,
+    target: Option<Target>,
+    addrs: Vec<SocketAddr>,
+    /// The connection the tcp step opened, for the tls step.
+    first_tcp: Option<tokio::net::TcpStream>,
+    tls: Option<Tls>,
+    tls_error: Option<String>,
+    http: Option<reqwest::Client>,
+    /// Server clock minus local clock, in seconds (from the Date header).
+    skew: Option<f64>,
+    server_version: Option<String>,
+    registry: Registry,
+    token: Option<String>,
+    token_ok: bool,
+    username: Option<String>,
+    bot_id: Option<Uuid>,
+    bot_ok: bool,
+    /// The connection after a good 101, and the bytes read past the answer's head.
+    upgraded: Option<(BoxIo, Vec<u8>)>,
+    ws: Option<WebSocketStream<BoxIo>>,
+    heartbeat: Option<Duration>,
+    /// Sent as `attempt_id`, so this run's attempt can be found in the ledger.
+    attempt_id: Uuid,
+    /// Why the socket is gone, when a step lost it.
+    socket_gone: Option<String>,
+}
+
+impl Doctor {
+    fn push(&mut self, step: Step) {
+        self.report.push(step);
+    }
+
+    fn show_progress(&self, index: usize, name: &str) {
+        if self.progress {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K[{}/{}] {name}…", index + 1, STEPS.len());
+            let _ = err.flush();
+        }
+    }
+
+    fn clear_progress(&self) {
+        if self.progress {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[K");
+            let _ = err.flush();
+        }
+    }
+}
+
+/// Runs every step and prints the report. Returns the process's exit status.
+pub async fn run(args: DoctorArgs) -> ExitCode {
+    let extra_ca = match &args.ca_file {
+        None => None,
+        Some(path) => match std::fs::read(path) {
+            Ok(pem) => Some(pem),
+            Err(e) => {
+                eprintln!("natter doctor: cannot read --ca-file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let (tls, tls_error) = match Tls::new(extra_ca.as_deref()) {
+        Ok(t) => (Some(t), None),
+        Err(e) if args.ca_file.is_some() => {
+            eprintln!("natter doctor: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => (None, Some(e)),
+    };
+    let secrets: Vec<String> = [args.token.clone(), args.password.clone()].into_iter().flatten().collect();
+    let json = args.json;
+    let mut d = Doctor {
+        timeout: Duration::from_secs(args.timeout),
+        args,
+        report: Report::new(),
+        progress: std::io::stderr().is_terminal(),
+        blocked: None,
+        target: None,
+        addrs: Vec::new(),
+        first_tcp: None,
+        tls,
+        tls_error,
+        http: None,
+        skew: None,
+        server_version: None,
+        registry: Registry::builtin(),
+        token: None,
+        token_ok: false,
+        username: None,
+        bot_id: None,
+        bot_ok: false,
+        upgraded: None,
+        ws: None,
+        heartbeat: None,
+        attempt_id: Uuid::new_v4(),
+        socket_gone: None,
+    };
+    for (i, name) in STEPS.iter().enumerate() {
+        d.show_progress(i, name);
+        let step = d.run_step(name).await;
+        d.push(step);
+    }
+    d.finish().await;
+    d.clear_progress();
+
+    let mut report = d.report;
+    let mut secrets = secrets;
+    if let Some(t) = d.token {
+        secrets.push(t);
+    }
+    report.redact(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", report.to_json());
+    } else {
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        let mut title = d.target.as_ref().map(|t| t.http_base()).unwrap_or_else(|| d.args.base_url.clone());
+        if let Some(bot) = d.bot_id {
+            title.push_str(&format!(" (bot {bot})"));
+        }
+        let _ = write!(out, "{}", report.render_text(&title, colour));
+    }
+    let _ = out.flush();
+    ExitCode::from(report.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_are_explained_from_the_registry() {
+        let r = Registry::builtin();
+        let (cause, fix) = r.explain_close(4403, "this bot is private and not shared with you");
+        assert!(cause.starts_with("This user is not allowed to chat with this bot."), "{cause}");
+        assert!(cause.contains("The server said: \"this bot is private and not shared with you\""), "{cause}");
+        assert!(fix.starts_with("Ask the bot's owner to share it."), "{fix}");
+        assert!(fix.contains("retry policy: stop"), "{fix}");
+        assert_eq!(r.close_name(4401), "4401 unauthorized");
+        assert_eq!(r.close_name(4999), "4999");
+        let (cause, _) = r.explain_close(4999, "");
+        assert!(cause.contains("not in the server's code registry"));
+    }
+
+    #[test]
+    fn advice_splits_after_the_first_sentence() {
+        assert_eq!(
+            split_advice("No bot has this id. Check the bot id."),
+            ("No bot has this id.".into(), "Check the bot id.".into())
+        );
+        assert_eq!(split_advice("Just one"), ("Just one".into(), String::new()));
+    }
+}

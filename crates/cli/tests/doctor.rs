@@ -1,0 +1,479 @@
+//! `natter doctor` against the real server on port 0, healthy and with the faults people
+//! meet: no server, the wrong port, bad tokens, bots they may not use, and proxies that do
+//! not pass WebSockets or cut idle connections. Each case runs the real binary with `--json`
+//! and checks the step that fails and the cause it names.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter_server::{Config, Server};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PASSWORD: &str = "correct-horse-battery";
+
+struct App {
+    addr: SocketAddr,
+    base: String,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl App {
+    async fn spawn() -> App {
+        Self::spawn_with(|_| {}).await
+    }
+
+    async fn spawn_with(f: impl FnOnce(&mut Config)) -> App {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::for_tests(dir.path().to_path_buf());
+        f(&mut config);
+        let server = Server::build(config).await.expect("server starts");
+        let addr = server.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(server.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        App {
+            addr,
+            base: format!("http://{addr}"),
+            dir,
+            http: reqwest::Client::new(),
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.handle.take().unwrap()).await;
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Value {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let res = req.send().await.unwrap();
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    /// Registers and logs in; returns (user id, access token).
+    async fn user(&self, name: &str) -> (String, String) {
+        let u = self.post("/api/auth/register", None, json!({"username": name, "password": PASSWORD})).await;
+        let t = self.post("/api/auth/login", None, json!({"username": name, "password": PASSWORD})).await;
+        (u["id"].as_str().unwrap().to_owned(), t["access_token"].as_str().unwrap().to_owned())
+    }
+
+    async fn echo_bot(&self, token: &str) -> String {
+        let b = self.post("/api/bots", Some(token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
+        b["id"].as_str().unwrap().to_owned()
+    }
+
+    /// A token signed with this server's secret, with the given `exp` offset from now.
+    fn token_expiring_in(&self, user_id: &str, secs: i64) -> String {
+        let secret = hex::decode(std::fs::read_to_string(self.dir.path().join("jwt-secret")).unwrap().trim()).unwrap();
+        sign(&secret, user_id, secs)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+fn sign(secret: &[u8], user_id: &str, exp_in: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": user_id, "name": "alice", "iat": now - 900, "exp": now + exp_in});
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+        .unwrap()
+}
+
+/// Runs `natter doctor <args>`; returns the exit code and stdout.
+async fn run(args: Vec<String>) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_natter"))
+            .arg("doctor")
+            .args(&args)
+            .output()
+            .expect("natter runs");
+        (out.status.code().unwrap_or(-1), String::from_utf8(out.stdout).unwrap())
+    })
+    .await
+    .unwrap()
+}
+
+/// Runs `natter doctor <args> --json --timeout 5`; returns the exit code and the parsed report.
+async fn doctor(args: &[&str]) -> (i32, Value) {
+    let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    all.extend(["--json".into(), "--timeout".into(), "5".into()]);
+    let (code, out) = run(all).await;
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("--json output does not parse ({e}):\n{out}"));
+    assert_eq!(v["ok"], code == 0, "ok matches the exit code: {v:#}");
+    let names: Vec<&str> = v["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "url",
+            "dns",
+            "tcp",
+            "tls",
+            "health",
+            "cors",
+            "token",
+            "bot",
+            "handshake",
+            "established",
+            "ping",
+            "watch",
+            "send",
+            "ledger"
+        ]
+    );
+    for s in v["steps"].as_array().unwrap() {
+        let status = s["status"].as_str().unwrap();
+        assert!(["ok", "warn", "fail", "skipped"].contains(&status), "{s}");
+        if status == "fail" {
+            assert!(s["cause"].is_string() && s["fix"].is_string(), "a failure names a cause and a fix: {s}");
+        }
+    }
+    (code, v)
+}
+
+fn step<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()
+}
+
+fn first_failure(v: &Value) -> &Value {
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["status"] == "fail")
+        .unwrap_or_else(|| panic!("no failing step: {v:#}"))
+}
+
+/// Asserts that `name` is the first failing step and that its cause mentions `cause`.
+#[track_caller]
+fn assert_fails_at(v: &Value, name: &str, cause: &str) {
+    let f = first_failure(v);
+    assert_eq!(f["name"], name, "first failure: {v:#}");
+    let text = f["cause"].as_str().unwrap();
+    assert!(text.to_lowercase().contains(&cause.to_lowercase()), "cause {text:?} should mention {cause:?}");
+}
+
+fn status<'a>(v: &'a Value, name: &str) -> &'a str {
+    step(v, name)["status"].as_str().unwrap()
+}
+
+/// What a test proxy in front of the server does wrong.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Drops the `Upgrade` header of every request, as a proxy without WebSocket settings does.
+    StripUpgrade,
+    /// Answers WebSocket upgrades itself with nginx's HTML 502 page; passes everything else.
+    Html502OnUpgrade,
+    /// Closes a connection when nothing has passed either way for this long.
+    CutIdleAfter(Duration),
+    /// Not natter at all: an HTML 404 for every request (the wrong port).
+    NotNatter,
+}
+
+const HTML_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n";
+const HTML_404: &str =
+    "<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>It works, but not here.</body></html>";
+
+/// Starts a proxy with a fault in front of `upstream`; returns its address.
+async fn proxy(upstream: SocketAddr, fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(relay(client, upstream, fault));
+        }
+    });
+    addr
+}
+
+async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
+    // The first request's head; the rest of the connection is piped as is.
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let is_upgrade = head.to_ascii_lowercase().contains("\r\nupgrade: websocket");
+    let answer = |status: &str, body: &str| {
+        format!("HTTP/1.1 {status}\r\nServer: nginx/1.24.0\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+    };
+    let head = match fault {
+        Fault::NotNatter => {
+            let _ = client.write_all(answer("404 Not Found", HTML_404).as_bytes()).await;
+            return;
+        }
+        Fault::Html502OnUpgrade if is_upgrade => {
+            let _ = client.write_all(answer("502 Bad Gateway", HTML_502).as_bytes()).await;
+            return;
+        }
+        Fault::StripUpgrade => head
+            .split("\r\n")
+            .filter(|l| !l.to_ascii_lowercase().starts_with("upgrade:"))
+            .collect::<Vec<_>>()
+            .join("\r\n"),
+        _ => head,
+    };
+    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+    if server.write_all(head.as_bytes()).await.is_err() || server.write_all(&buf[end..]).await.is_err() {
+        return;
+    }
+    match fault {
+        Fault::CutIdleAfter(idle) => {
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let (mut a, mut b) = ([0u8; 8192], [0u8; 8192]);
+            loop {
+                tokio::select! {
+                    n = cr.read(&mut a) => match n { Ok(n) if n > 0 => { if sw.write_all(&a[..n]).await.is_err() { return } } _ => return },
+                    n = sr.read(&mut b) => match n { Ok(n) if n > 0 => { if cw.write_all(&b[..n]).await.is_err() { return } } _ => return },
+                    // Nothing either way for `idle`: drop both connections, as an idle timeout does.
+                    _ = tokio::time::sleep(idle) => return,
+                }
+            }
+        }
+        _ => {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_green_against_the_real_server_with_send_and_watch() {
+    // A short heartbeat, so that the watch sees pings and proves the doctor answers them
+    // (without pongs the server would close with 4408 after 2 s).
+    let app = App::spawn_with(|c| c.heartbeat_interval = Duration::from_millis(700)).await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let (code, v) = doctor(&[&app.base, "--token", &token, "--bot", &bot, "--send", "--watch", "2"]).await;
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["ok"], true);
+    for name in ["url", "dns", "tcp", "health", "token", "bot", "handshake", "established", "ping", "watch", "send"] {
+        assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
+    }
+    assert_eq!(status(&v, "tls"), "skipped");
+    assert_eq!(status(&v, "cors"), "skipped");
+    assert!(step(&v, "handshake")["detail"].as_str().unwrap().contains("101 Switching Protocols"));
+    assert!(step(&v, "established")["detail"].as_str().unwrap().contains("connection_established"));
+    let ping = step(&v, "ping")["detail"].as_str().unwrap();
+    assert!(ping.contains("min") && ping.contains("median") && ping.contains("max"), "{ping}");
+    let watch = step(&v, "watch")["detail"].as_str().unwrap();
+    assert!(watch.contains("still open") && !watch.contains(" 0 server pings"), "{watch}");
+    assert!(step(&v, "send")["detail"].as_str().unwrap().contains("bot reply"));
+    // The ledger is another issue: either the server has none yet, or it lists attempts.
+    let ledger = step(&v, "ledger");
+    match ledger["status"].as_str().unwrap() {
+        "skipped" => {
+            assert!(ledger["detail"].as_str().unwrap().contains("server has no connection ledger"), "{ledger}")
+        }
+        s => assert_eq!(s, "ok", "{ledger}"),
+    }
+    // Never print the token.
+    let text = v.to_string();
+    assert!(!text.contains(&token) && !text.contains("eyJ"), "the token leaked: {text}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_report_after_a_login_shows_symbols_and_never_the_password_or_token() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("carol").await;
+    app.echo_bot(&token).await;
+    let (code, out) =
+        run(vec![app.base.clone(), "--username".into(), "carol".into(), "--password".into(), PASSWORD.into()]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("✓ token") && out.contains("user carol"), "{out}");
+    assert!(out.contains("✓ established"), "{out}");
+    assert!(out.contains("– send") && out.contains("pass --send"), "{out}");
+    assert!(out.contains("All checks passed"), "{out}");
+    assert!(!out.contains('\x1b'), "no colour when stdout is not a terminal: {out}");
+    assert!(!out.contains(PASSWORD) && !out.contains("eyJ"), "a secret leaked: {out}");
+
+    // A wrong password is the token step's failure, and the password stays out of the output.
+    let wrong = "not-the-password-123";
+    let (code, v) = doctor(&[&app.base, "--username", "carol", "--password", wrong]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "token", "wrong username or password");
+    assert!(!v.to_string().contains(wrong));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_not_running_is_a_refused_tcp_connection() {
+    let app = App::spawn().await;
+    let base = app.base.clone();
+    app.stop().await;
+    let (code, v) = doctor(&[&base, "--token", "x.y.z"]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "tcp", "connection refused: nothing listens on");
+    assert!(step(&v, "tcp")["fix"].as_str().unwrap().contains("natter serve"));
+    for name in ["health", "token", "handshake", "ledger"] {
+        assert_eq!(status(&v, name), "skipped", "{name}");
+        assert!(step(&v, name)["detail"].as_str().unwrap().contains("tcp failed"), "{name} says why");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_port_answers_but_is_not_natter() {
+    // Something else listens there: a web server that answers every request with a 404 page.
+    let other = proxy("127.0.0.1:9".parse().unwrap(), Fault::NotNatter).await;
+    let (code, v) = doctor(&[&format!("http://{other}")]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "health", "not natter's API");
+    let detail = step(&v, "health")["detail"].as_str().unwrap();
+    assert!(detail.contains("404") && detail.contains("HTML page titled \"404 Not Found\""), "{detail}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_expired_and_malformed_tokens_name_what_is_wrong() {
+    let app = App::spawn().await;
+    let (id, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+
+    let (code, v) = doctor(&[&app.base, "--token", &sign(b"some-other-servers-secret", &id, 600), "--bot", &bot]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "token", "does not accept the token's signature");
+    // The socket says the same, explained from the server's code registry.
+    assert_eq!(status(&v, "handshake"), "ok");
+    let est = step(&v, "established");
+    assert_eq!(est["status"], "fail");
+    assert!(est["detail"].as_str().unwrap().contains("4401 unauthorized"), "{est}");
+
+    let expired = app.token_expiring_in(&id, -120);
+    let (code, v) = doctor(&[&app.base, "--token", &expired, "--bot", &bot]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "token", "the access token expired");
+    assert!(step(&v, "token")["cause"].as_str().unwrap().contains(" ago"));
+    assert!(step(&v, "token")["fix"].as_str().unwrap().contains("/api/auth/refresh"));
+    assert!(!v.to_string().contains(&expired));
+
+    let (code, v) = doctor(&[&app.base, "--token", "not-a-jwt", "--bot", &bot]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "token", "malformed: it has 1 dot-separated part");
+    assert_eq!(status(&v, "bot"), "skipped");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_bot_and_bot_without_permission_fail_at_the_bot_step() {
+    let app = App::spawn().await;
+    let (_, alice) = app.user("alice").await;
+    let (_, bob) = app.user("bob").await;
+    let private = app.echo_bot(&alice).await;
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (code, v) = doctor(&[&app.base, "--token", &alice, "--bot", &unknown]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "bot", "No bot has this id");
+    assert!(step(&v, "bot")["detail"].as_str().unwrap().contains("4404 bot_not_found"));
+    assert!(step(&v, "established")["detail"].as_str().unwrap().contains("4404"));
+
+    let (code, v) = doctor(&[&app.base, "--token", &bob, "--bot", &private]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "bot", "not allowed to chat with this bot");
+    let bot = step(&v, "bot");
+    assert!(bot["cause"].as_str().unwrap().contains("private and not shared with you"), "{bot}");
+    assert!(bot["fix"].as_str().unwrap().contains("owner can share it with POST /api/bots/"), "{bot}");
+    assert_eq!(status(&v, "ping"), "skipped");
+
+    // An origin the server does not allow: CORS fails, and the socket closes with 1008.
+    let (code, v) =
+        doctor(&[&app.base, "--token", &alice, "--bot", &private, "--origin", "https://evil.example"]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "cors", "not allowed");
+    assert!(step(&v, "established")["detail"].as_str().unwrap().contains("1008 origin_not_allowed"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_strips_upgrade_is_named_with_the_nginx_and_caddy_fix() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let via = proxy(app.addr, Fault::StripUpgrade).await;
+    let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
+    assert_eq!(code, 1);
+    assert_eq!(status(&v, "health"), "ok", "plain requests pass the proxy");
+    assert_eq!(status(&v, "bot"), "ok");
+    assert_fails_at(&v, "handshake", "a proxy in between does not pass WebSockets");
+    let fix = step(&v, "handshake")["fix"].as_str().unwrap();
+    for line in [
+        "proxy_http_version 1.1;",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection \"upgrade\";",
+        "Caddy",
+    ] {
+        assert!(fix.contains(line), "{fix}");
+    }
+    assert_eq!(status(&v, "established"), "skipped");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_html_502_answer_to_the_upgrade_is_named() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let via = proxy(app.addr, Fault::Html502OnUpgrade).await;
+    let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "handshake", "a proxy in between does not pass WebSockets");
+    let detail = step(&v, "handshake")["detail"].as_str().unwrap();
+    assert!(detail.contains("502 Bad Gateway instead of 101"), "{detail}");
+    assert!(detail.contains("an HTML page titled \"502 Bad Gateway\""), "{detail}");
+    assert!(step(&v, "handshake")["fix"].as_str().unwrap().contains("proxy_read_timeout 3600s;"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_cuts_idle_connections_is_found_by_watch() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let via = proxy(app.addr, Fault::CutIdleAfter(Duration::from_secs(2))).await;
+    let (code, v) =
+        doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot, "--watch", "5", "--send"]).await;
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(status(&v, "ping"), "ok");
+    assert_fails_at(&v, "watch", "closes idle connections after about 2 s");
+    let watch = step(&v, "watch");
+    assert!(watch["detail"].as_str().unwrap().contains("without a close frame"), "{watch}");
+    let fix = watch["fix"].as_str().unwrap();
+    assert!(fix.contains("--heartbeat-interval-ms") && fix.contains("proxy_read_timeout"), "{fix}");
+    assert_eq!(status(&v, "send"), "skipped");
+    assert!(step(&v, "send")["detail"].as_str().unwrap().contains("died"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_usage_exits_2() {
+    let (code, _) =
+        run(vec!["http://127.0.0.1:1".into(), "--token".into(), "t".into(), "--username".into(), "u".into()]).await;
+    assert_eq!(code, 2);
+    let (code, _) = run(vec![]).await;
+    assert_eq!(code, 2);
+    let (code, _) = run(vec!["http://127.0.0.1:1".into(), "--username".into(), "u".into()]).await;
+    assert_eq!(code, 2, "--username needs --password");
+}
