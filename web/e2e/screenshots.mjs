@@ -29,6 +29,12 @@ async function main() {
     await page.waitForSelector('[data-testid=chat-link]');
     await page.screenshot({ path: join(OUT, 'bots.png') });
 
+    await api(srv.url, '/api/auth/register', { method: 'POST', body: { username: 'alice', password: 'alice-password' } });
+    await api(srv.url, `/api/bots/${echo.id}/members`, { method: 'POST', token: t.access_token, body: { username: 'alice', role: 'chat' } });
+    await page.goto(`${srv.url}/#/bots/${echo.id}/edit`);
+    await page.waitForSelector('[data-testid=members] li[data-member=alice]');
+    await page.screenshot({ path: join(OUT, 'bot-edit.png'), fullPage: true });
+
     await page.goto(`${srv.url}/#/chat/${echo.id}`);
     await waitState(page, 'open');
     for (const m of ['Hello! Are you there?', 'Tell me about reconnects.', 'Thanks — see you.']) {

@@ -199,7 +199,7 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
 function shareView(session: Session, bot: BotView, onError: (e: unknown) => void): HTMLElement {
   const list = h('ul', { class: 'members', 'data-testid': 'members' });
   const err = h('p', { class: 'error', role: 'alert', 'data-testid': 'share-error' });
-  const username = h('input', { id: 'share-user', required: true, autocomplete: 'off', 'data-testid': 'share-username' });
+  const username = h('input', { id: 'share-user', required: true, autocomplete: 'off', placeholder: 'username', 'data-testid': 'share-username' });
   const role = h('select', { id: 'share-role', 'data-testid': 'share-role' }, h('option', { value: 'chat' }, 'may chat'), h('option', { value: 'admin' }, 'may chat and edit'));
   const load = async () => {
     try {
