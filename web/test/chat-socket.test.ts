@@ -472,6 +472,7 @@ describe('nothing lost, nothing doubled', () => {
     ws.receive({ type: 'ack', client_id: cid, duplicate: true, message: wireMessage(4, { role: 'user', client_id: cid }) });
     expect(s.outboxFor('b1')).toHaveLength(0);
     expect(messages).toEqual([4]);
+    expect(acks).toHaveLength(1); // settled once, by the replay
   });
 
   it('drops frames whose seq it already has, and resumes from the highest seq', async () => {

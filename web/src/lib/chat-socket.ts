@@ -633,10 +633,13 @@ export class ChatSocket {
     const entry = this.outbox.remove(client_id);
     const p = this.pending.get(client_id);
     this.pending.delete(client_id);
-    if (entry || p) {
-      this.recorder.record('ack', { client_id, seq: ack.message.seq, duplicate: ack.duplicate });
-      log.outbox('acked %s as seq %d%s', client_id, ack.message.seq, ack.duplicate ? ' (duplicate)' : '');
+    if (!entry && !p) {
+      // Already settled (e.g. by a replayed copy): a second ack changes nothing.
+      this.recorder.record('ack_again', { client_id, seq: ack.message.seq });
+      return;
     }
+    this.recorder.record('ack', { client_id, seq: ack.message.seq, duplicate: ack.duplicate });
+    log.outbox('acked %s as seq %d%s', client_id, ack.message.seq, ack.duplicate ? ' (duplicate)' : '');
     p?.resolve(ack);
     this.events.emit('ack', ack);
     if (entry) this.events.emit('outbox', this.outbox.forBot(entry.bot_id));
