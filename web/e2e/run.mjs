@@ -439,6 +439,35 @@ scenario('a refused message shows Not sent with the reason, Retry and Discard', 
   assert((await page.evaluate(() => window.chatWebSocketService.state.kind)) === 'open', 'the socket stayed up');
 });
 
+scenario('logging out drops unsent messages: they never go out as the next user', async () => {
+  const srv = await startServer();
+  const demo = await login(srv.url, 'demo', 'demo-password');
+  const pub = await api(srv.url, '/api/bots', { method: 'POST', token: demo.access_token, body: { name: 'Lobby', visibility: 'public', engine: { kind: 'echo' } } });
+  await api(srv.url, '/api/auth/register', { method: 'POST', body: { username: 'bob', password: 'bob-password' } });
+  const { ctx, page } = await newPage();
+  await loginPage(page, srv, demo, 'demo');
+  await page.goto(`${srv.url}/#/chat/${pub.id}`);
+  await waitState(page, 'open');
+  await ctx.setOffline(true);
+  await waitState(page, 'offline');
+  await sendMessage(page, 'queued by demo');
+  await page.waitForSelector('.msg.user[data-status=pending]');
+  await page.click('[data-testid=logout]');
+  await page.waitForSelector('[data-testid=auth-submit]');
+  await ctx.setOffline(false);
+  await page.fill('[data-testid=username]', 'bob');
+  await page.fill('[data-testid=password]', 'bob-password');
+  await page.click('[data-testid=auth-submit]');
+  await page.waitForSelector('[data-testid=chat-link]');
+  await page.goto(`${srv.url}/#/chat/${pub.id}`);
+  await waitState(page, 'open');
+  await sleep(1000);
+  const bob = await login(srv.url, 'bob', 'bob-password');
+  const bobs = await api(srv.url, `/api/bots/${pub.id}/messages`, { token: bob.access_token });
+  assert(bobs.messages.every((m) => m.content !== 'queued by demo'), `nothing sent as bob: ${JSON.stringify(bobs.messages)}`);
+  assert((await shownMessages(page)).length === 0, 'bob sees an empty conversation');
+});
+
 scenario('revoke access: Failed with a readable reason, no retry loop', async () => {
   const srv = await startServer();
   const owner = await login(srv.url, 'demo', 'demo-password');

@@ -552,6 +552,18 @@ describe('nothing lost, nothing doubled', () => {
     expect(rejected).toEqual(['content_too_long']);
   });
 
+  it('clears the outbox on request (logout), rejecting what was waiting', async () => {
+    const { s, storage } = setup();
+    s.connect('b1');
+    await flush();
+    const p = s.send('not for the next user');
+    s.clearOutbox();
+    await expect(p).rejects.toMatchObject({ code: 'discarded' });
+    expect(storage.getItem('natter.outbox')).toBeNull();
+    FakeWebSocket.last.establish();
+    expect(FakeWebSocket.last.frames.filter((f) => f.type === 'message')).toHaveLength(0);
+  });
+
   it('bounds the outbox', async () => {
     const { s } = setup({ socket: { outboxLimit: 2 } });
     s.connect('b1');

@@ -41,9 +41,19 @@ app.append(header, view);
 mountStatus(statusBox, socket, () => session.accessToken);
 
 let dispose: (() => void) | null = null;
+/** Whose messages the tab's outbox holds (kept across a "Session expired" re-login). */
+const OUTBOX_OWNER = 'natter.outbox_owner';
+if (session.user && !sessionStorage.getItem(OUTBOX_OWNER)) sessionStorage.setItem(OUTBOX_OWNER, session.user.username);
 let notice: string | null = null;
 
 session.onChange((why) => {
+  // Unsent messages belong to the user who typed them: never send them as someone else.
+  if (why === 'logout') socket.clearOutbox();
+  if (why === 'login') {
+    const user = session.user?.username ?? '';
+    if (sessionStorage.getItem(OUTBOX_OWNER) !== user) socket.clearOutbox();
+    sessionStorage.setItem(OUTBOX_OWNER, user);
+  }
   if (why === 'expired') notice = 'Session expired, log in again';
   if (why === 'expired' || why === 'logout') {
     if (!location.hash.startsWith('#/login')) location.hash = '#/login';

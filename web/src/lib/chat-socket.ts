@@ -348,6 +348,15 @@ export class ChatSocket {
     return this.outbox.forBot(botId);
   }
 
+  /** Drops every unsent message, of every bot (call it on logout). */
+  clearOutbox(): void {
+    const bots = new Set(this.outbox.all().map((e) => e.bot_id));
+    this.outbox.clear();
+    this.rejectPending(new ChatError('discarded', 'the outbox was cleared'));
+    this.events.emit('outbox', []);
+    this.recorder.record('outbox_cleared', { bots: bots.size });
+  }
+
   /** Asks the server to stop a bot reply that is streaming (`message_delta`s with this id). */
   cancel(messageId: string): boolean {
     if (!this.ws || this.ws.readyState !== OPEN || this._state.kind !== 'open') return false;

@@ -83,6 +83,12 @@ export class Outbox {
     return e;
   }
 
+  /** Forgets every entry (e.g. when the user logs out: they must not go out as someone else). */
+  clear(): void {
+    this.entries = [];
+    this.write();
+  }
+
   has(client_id: string): boolean {
     return this.entries.some((x) => x.client_id === client_id);
   }
