@@ -6,8 +6,9 @@ WEB_DEPS := web/node_modules/.package-lock.json
 
 .PHONY: run test deps lint rust-test web web-test browser-test clean-data
 
+# The release binary carries web/dist inside it, so `web` comes first.
 run: web
-	$(CARGO) run --release -p natter -- serve --demo --web-dir web/dist
+	$(CARGO) run --release -p natter -- serve --demo
 
 $(WEB_DEPS): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund
@@ -26,7 +27,8 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-rust-test:
+# The Rust tests check that the built web app is served from the binary.
+rust-test: web
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 web-test: web

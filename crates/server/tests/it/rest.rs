@@ -1182,7 +1182,7 @@ async fn wrong_methods_are_405_json() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn no_answer_reveals_a_password_hash_or_refresh_token() {
+async fn no_answer_reveals_a_password_hash_refresh_token_or_engine_secret() {
     let app = TestApp::spawn().await;
     let other_password = "bobs-own-password";
     let mut answers: Vec<(String, String)> = Vec::new();
@@ -1232,6 +1232,31 @@ async fn no_answer_reveals_a_password_hash_or_refresh_token() {
     record!("bots", get("/api/bots", &access));
     record!("bot", get(&format!("/api/bots/{id}"), &access));
     record!("messages", get(&format!("/api/bots/{id}/messages"), &access));
+    // Engine secrets are write-only too.
+    let api_key = "sk-never-in-an-answer-0123456789";
+    let hook_secret = "whsec-never-in-an-answer-0123456789";
+    let rotated_key = "sk-rotated-never-in-an-answer-0123";
+    let openai = json!({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": api_key});
+    let llm = record!("create openai bot", post("/api/bots", Some(&access), json!({"name": "L", "engine": openai})));
+    let llm = serde_json::from_str::<Value>(&llm).unwrap()["id"].as_str().unwrap().to_owned();
+    let webhook = json!({"kind": "webhook", "url": "http://127.0.0.1:9/hook", "secret": hook_secret});
+    let hook = record!("create webhook bot", post("/api/bots", Some(&access), json!({"name": "W", "engine": webhook})));
+    let hook = serde_json::from_str::<Value>(&hook).unwrap()["id"].as_str().unwrap().to_owned();
+    let patch =
+        |id: &str, body: Value| app.http.patch(app.url(&format!("/api/bots/{id}"))).bearer_auth(&access).json(&body);
+    record!("patch keeping the key", patch(&llm, json!({"name": "L2"})));
+    let engine = json!({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m2"});
+    record!("patch engine without the key", patch(&llm, json!({"engine": engine})));
+    let engine = json!({"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m2", "api_key": rotated_key});
+    record!("patch a new key", patch(&llm, json!({"engine": engine})));
+    record!("patch webhook", patch(&hook, json!({"description": "d"})));
+    let view = record!("openai bot", get(&format!("/api/bots/{llm}"), &access));
+    let view: Value = serde_json::from_str(&view).unwrap();
+    assert_eq!((&view["name"], &view["engine"]["model"]), (&json!("L2"), &json!("m2")), "the patches applied");
+    assert_eq!(view["engine"]["api_key_set"], true, "{view}");
+    record!("webhook bot", get(&format!("/api/bots/{hook}"), &access));
+    record!("bots with engines", get("/api/bots", &access));
+
     record!("logout", post("/api/auth/logout", None, json!({"refresh_token": second_refresh})));
     record!("openapi", app.http.get(app.url("/api/openapi.json")));
 
@@ -1241,7 +1266,7 @@ async fn no_answer_reveals_a_password_hash_or_refresh_token() {
         hashes.push(user.password_hash);
     }
     for (what, text) in &answers {
-        for secret in [PASSWORD, other_password, first_refresh.as_str(), second_refresh.as_str()] {
+        for secret in [PASSWORD, other_password, &first_refresh, &second_refresh, api_key, hook_secret, rotated_key] {
             assert!(!text.contains(secret), "{what} reveals a secret: {text}");
         }
         for hash in &hashes {
