@@ -7,4 +7,5 @@ mod gateway;
 mod multinode;
 mod observability;
 mod transcript;
+mod web;
 mod rest;
