@@ -4,6 +4,7 @@
 //! and checks the step that fails and the cause it names.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use natter_server::{Config, Server};
@@ -476,4 +477,118 @@ async fn bad_usage_exits_2() {
     assert_eq!(code, 2);
     let (code, _) = run(vec!["http://127.0.0.1:1".into(), "--username".into(), "u".into()]).await;
     assert_eq!(code, 2, "--username needs --password");
+}
+
+/// A test CA and a certificate for `localhost` it signed, expiring on `not_after` (y, m, d).
+struct TestPki {
+    ca_pem: String,
+    server: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+fn pki(not_after: Option<(i32, u8, u8)>) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use tokio_rustls::rustls;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "natter doctor test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    if let Some((y, m, d)) = not_after {
+        leaf.not_after = rcgen::date_time_ymd(y, m, d);
+    }
+    let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), ca_cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    TestPki { ca_pem: ca_cert.pem(), server: Arc::new(server) }
+}
+
+/// A TLS-terminating proxy in front of `upstream`, as a real deployment has.
+async fn tls_proxy(upstream: SocketAddr, config: Arc<tokio_rustls::rustls::ServerConfig>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(client).await else { return };
+                let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_works_end_to_end_and_warns_about_a_certificate_expiring_soon() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let soon = chrono::Utc::now().date_naive() + chrono::Days::new(10);
+    use chrono::Datelike;
+    let pki = pki(Some((soon.year(), soon.month() as u8, soon.day() as u8)));
+    let ca = app.dir.path().join("ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let via = tls_proxy(app.addr, pki.server.clone()).await;
+    let url = format!("wss://localhost:{}", via.port());
+    let (code, v) =
+        doctor(&[&url, "--token", &token, "--bot", &bot, "--send", "--ca-file", ca.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "warnings do not fail: {v:#}");
+    let tls = step(&v, "tls");
+    assert_eq!(tls["status"], "warn", "{tls}");
+    assert!(tls["detail"].as_str().unwrap().contains("chain trusted"), "{tls}");
+    assert!(tls["cause"].as_str().unwrap().contains("expires in"), "{tls}");
+    for name in ["health", "token", "bot", "handshake", "established", "ping", "send"] {
+        assert_eq!(status(&v, name), "ok", "{name} over TLS: {v:#}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_faults_untrusted_wrong_name_expired_and_plain_http() {
+    let app = App::spawn().await;
+    let good = pki(None);
+    let ca = app.dir.path().join("ca.pem");
+    std::fs::write(&ca, &good.ca_pem).unwrap();
+    let via = tls_proxy(app.addr, good.server.clone()).await;
+
+    // A private CA the doctor was not told about.
+    let (code, v) = doctor(&[&format!("https://localhost:{}", via.port())]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "tls", "does not lead to a trusted root");
+    assert!(step(&v, "tls")["fix"].as_str().unwrap().contains("--ca-file"));
+    assert!(step(&v, "health")["detail"].as_str().unwrap().contains("TLS failed"));
+
+    // Trusted, but the URL names a host the certificate is not for.
+    let (code, v) = doctor(&[&format!("https://127.0.0.1:{}", via.port()), "--ca-file", ca.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "tls", "not valid for the name 127.0.0.1");
+
+    // Expired.
+    let old = pki(Some((2020, 1, 1)));
+    let old_ca = app.dir.path().join("old-ca.pem");
+    std::fs::write(&old_ca, &old.ca_pem).unwrap();
+    let via_old = tls_proxy(app.addr, old.server.clone()).await;
+    let (code, v) =
+        doctor(&[&format!("https://localhost:{}", via_old.port()), "--ca-file", old_ca.to_str().unwrap()]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "tls", "has expired");
+    assert!(step(&v, "tls")["detail"].as_str().unwrap().contains("expired 2020-01-01"), "{v:#}");
+
+    // https:// to a port that speaks plain HTTP.
+    let (code, v) = doctor(&[&format!("https://127.0.0.1:{}", app.addr.port())]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "tls", "did not answer with TLS");
+    app.stop().await;
 }

@@ -95,7 +95,9 @@ impl Doctor {
             );
         }
         if self.bot_id.is_none() {
-            return Step::skipped("established", "no bot to chat with (pass --bot ID)");
+            let why =
+                if self.args.bot.is_some() { "--bot is not a bot id" } else { "no bot to chat with (pass --bot ID)" };
+            return Step::skipped("established", why);
         }
         let started = Instant::now();
         let mut ws = WebSocketStream::from_partially_read(io, leftover, Role::Client, None).await;

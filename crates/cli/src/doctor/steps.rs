@@ -678,6 +678,14 @@ impl Doctor {
     }
 
     async fn bot(&mut self) -> Step {
+        if let Some(raw) = self.args.bot.as_deref().filter(|b| Uuid::parse_str(b.trim()).is_err()) {
+            return Step::fail(
+                "bot",
+                format!("{raw:?} is not a bot id"),
+                "bot ids are UUIDs; the socket would close with 4400 bad_request",
+                "copy the id from GET /api/bots or from the web app's address bar",
+            );
+        }
         // The socket steps use a given bot id even when this step cannot check it.
         self.bot_id = self.args.bot.as_deref().and_then(|b| Uuid::parse_str(b.trim()).ok());
         if !self.token_ok {
