@@ -360,3 +360,98 @@ async fn a_node_that_loses_nats_closes_with_1013_and_recovers() {
 async fn a_node_that_loses_postgres_closes_with_1013_and_recovers() {
     lose_and_recover("multinode::a_node_that_loses_postgres_closes_with_1013_and_recovers", true).await;
 }
+
+/// nginx, run as a child process with a config built from docs/deploy.md; killed on drop.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The ```nginx block of docs/deploy.md.
+fn documented_nginx_config() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/deploy.md")).unwrap();
+    let start = doc.find("```nginx\n").expect("docs/deploy.md has an nginx block") + "```nginx\n".len();
+    doc[start..][..doc[start..].find("```").unwrap()].to_owned()
+}
+
+impl Nginx {
+    /// Starts nginx in front of `upstreams` with the documented configuration, changing only
+    /// the addresses; None (after a SKIPPED line) when nginx is not installed.
+    async fn start(test: &str, upstreams: &[SocketAddr]) -> Option<Nginx> {
+        let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists()) else {
+            eprintln!("SKIPPED: {test} needs nginx (apt-get install nginx): not installed");
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let documented = documented_nginx_config();
+        let servers: Vec<&str> = documented.lines().filter(|l| l.trim_start().starts_with("server 10.")).collect();
+        assert_eq!(servers.len(), 2, "the documented upstream has two nodes");
+        let mut conf = documented.replace("listen 80;", &format!("listen {addr};"));
+        for (line, up) in servers.iter().zip(upstreams) {
+            conf = conf.replace(line, &format!("    server {up};"));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().display();
+        let full = format!(
+            "daemon off;\nmaster_process off;\npid {p}/nginx.pid;\nerror_log {p}/error.log warn;\nevents {{}}\n\
+             http {{\n    access_log off;\n    client_body_temp_path {p}/body;\n    proxy_temp_path {p}/proxy;\n\
+             fastcgi_temp_path {p}/fastcgi;\n    uwsgi_temp_path {p}/uwsgi;\n    scgi_temp_path {p}/scgi;\n{conf}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), full).unwrap();
+        let child = std::process::Command::new(bin)
+            .args(["-p", &p.to_string(), "-c", &format!("{p}/nginx.conf")])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let nginx = Nginx { child, addr, _dir: dir };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "nginx listens within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some(nginx)
+    }
+}
+
+#[tokio::test]
+async fn nginx_in_front_of_two_nodes() {
+    const TEST: &str = "multinode::nginx_in_front_of_two_nodes";
+    let Some(svc) = Services::from_env(TEST).await else { return };
+    let a = svc.node(None, |_| {}).await;
+    let b = svc.node(Some(&a), |_| {}).await;
+    let Some(nginx) = Nginx::start(TEST, &[a.addr, b.addr]).await else { return };
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+
+    // Browsers send an Origin; it matches the Host nginx passes on, so natter accepts it.
+    let url = format!("ws://{}/api/ws/chat/{}?token={}", nginx.addr, bot.id, alice.token);
+    let connect = || async {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.as_str().into_client_request().unwrap();
+        req.headers_mut().insert("origin", format!("http://{}", nginx.addr).parse().unwrap());
+        let mut ws = WsClient::connect_with(req).await;
+        ws.established().await;
+        ws
+    };
+    let mut one = connect().await;
+    let mut two = connect().await;
+    // nginx spreads the two sockets over both nodes (round robin).
+    assert_eq!((a.state.hub.len(), b.state.hub.len()), (1, 1));
+    one.say("c1", "through nginx").await;
+    assert_eq!(seqs_until(&mut one, 2).await, vec![1, 2]);
+    assert_eq!(seqs_until(&mut two, 2).await, vec![1, 2], "across nodes, through the proxy");
+    nothing_more(&mut two).await;
+
+    // REST goes through the same proxy.
+    let res = reqwest::get(format!("http://{}/api/ready", nginx.addr)).await.unwrap();
+    assert_eq!(res.status(), 200);
+}
