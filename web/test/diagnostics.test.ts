@@ -29,6 +29,7 @@ function autoSocket(behaviour: { closeWith?: [number, string]; afterEstablished?
 const okRoutes: Route = (r) => {
   if (r.path === '/api/auth/me') return r.headers.Authorization === `Bearer ${TOKEN}` ? { status: 200, body: { id: 'u1', username: 'alice', is_admin: false, created_at: '' } } : { status: 401, body: { error: { code: 'invalid_token', message: 'bad signature' } } };
   if (r.path === `/api/bots/${BOT}`) return { status: 200, body: { id: BOT, name: 'Echo', my_role: 'owner' } };
+  if (r.path.startsWith('/api/connections')) return { status: 200, body: [{ attempt_id: 'a1', established: true, close_code: 1000, close_reason: '', closed_by: 'client', ended_at: '2026-01-01T00:00:00Z' }] };
   if (r.path.startsWith('/api/bots/')) return { status: 404, body: { error: { code: 'not_found', message: 'no bot' } } };
   return undefined;
 };
@@ -47,10 +48,24 @@ async function diag(o: { token?: string | null; bot?: string; routes?: Route; ws
 beforeEach(() => FakeWebSocket.reset());
 
 describe('runWebSocketDiagnostics', () => {
+  it('reports the server’s record of recent attempts, warning when the latest was refused', async () => {
+    const refused = await diag({
+      routes: (r) =>
+        r.path.startsWith('/api/connections')
+          ? { status: 200, body: [{ attempt_id: 'a2', established: false, close_code: 4403, close_reason: 'this bot is private and not shared with you', closed_by: 'server', ended_at: '2026-01-01T00:00:01Z' }] }
+          : undefined,
+    });
+    const step = refused.steps.find((s) => s.id === 'attempts')!;
+    expect(step.status).toBe('warn');
+    expect(step.detail).toContain('4403');
+    const none = await diag({ routes: (r) => (r.path.startsWith('/api/connections') ? { status: 404, body: { error: { code: 'not_found', message: 'no' } } } : undefined) });
+    expect(none.steps.find((s) => s.id === 'attempts')?.status).toBe('skip');
+  });
+
   it('passes every layer on a healthy setup, and holds no token', async () => {
     const r = await diag();
     const by = Object.fromEntries(r.steps.map((s) => [s.id, s.status]));
-    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', ready: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'skip' });
+    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', ready: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'ok' });
     expect(r.summary).toMatchObject({ status: 'ok', failing_step: null });
     expect(r.steps.find((s) => s.id === 'ping')?.data?.samples_ms).toHaveLength(3);
     // The socket used a ticket, and nothing in the report or its text gives the token away.

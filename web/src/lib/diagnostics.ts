@@ -504,9 +504,20 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
 
   // 13. The server's record of recent attempts (an observability endpoint, when it exists).
   if ((health.ok || corsSuspect) && tokenOk) {
-    const a = await http<unknown>(apiUrl, `/api/ws/attempts?bot_id=${encodeURIComponent(botId)}`, { token: token!, timeoutMs, fetch: f });
-    if (a.ok) add('attempts', 'ok', 'The server reports this client’s recent connection attempts (see data).', { data: { attempts: a.body } });
-    else add('attempts', 'skip', 'This server does not report connection attempts yet.');
+    const a = await http<unknown>(apiUrl, `/api/connections?bot_id=${encodeURIComponent(botId)}&limit=10`, { token: token!, timeoutMs, fetch: f });
+    if (a.ok && Array.isArray(a.body)) {
+      const rows = a.body as Array<{ attempt_id: string; established: boolean; close_code: number | null; close_reason: string | null; closed_by: string | null; ended_at: string | null }>;
+      const ended = rows.filter((r) => r.ended_at);
+      const refused = ended.filter((r) => r.closed_by === 'server' && r.close_code !== 1012);
+      const last = ended[0];
+      const lastText = last ? `latest: ${last.close_code ?? 'no close code'}${last.close_reason ? ` (${last.close_reason})` : ''}, closed by ${last.closed_by ?? 'unknown'}` : 'none ended yet';
+      if (refused.length > 0 && refused[0] === last) {
+        add('attempts', 'warn', `The server recorded ${rows.length} recent attempt(s); ${lastText}.`, { fix: 'See the close code’s meaning in the report above; the server’s record says why it ended.', data: { attempts: rows } });
+      } else {
+        add('attempts', 'ok', `The server recorded ${rows.length} recent attempt(s); ${lastText}.`, { data: { attempts: rows } });
+      }
+    } else if (a.status === 404) add('attempts', 'skip', 'This server does not keep a connection ledger.');
+    else add('attempts', 'warn', `Could not read the server’s record of attempts (HTTP ${a.status}).`);
   } else skip('attempts');
 
   const firstFail = steps.find((s) => s.status === 'fail');
