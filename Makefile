@@ -22,13 +22,23 @@ deps:
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
 	@command -v node >/dev/null 2>&1 || { echo "make test needs Node.js 20 and npm"; exit 1; }
 	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
+	@test -x /usr/sbin/nginx || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The Rust tests check that the built web app is served from the binary.
+# The PostgreSQL, NATS and multi-node tests use the services named by NATTER_TEST_DATABASE_URL
+# and NATTER_TEST_NATS_URL. Unset, they are set to the local services when those answer;
+# otherwise those tests print SKIPPED (CI sets them, so there they must answer).
 rust-test: web
+	@if [ -z "$$NATTER_TEST_DATABASE_URL" ]; then \
+	  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then export NATTER_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test; \
+	  else echo "*** SKIPPED: PostgreSQL does not answer on 127.0.0.1:5432: the PostgreSQL and multi-node tests will not run ***"; fi; fi; \
+	if [ -z "$$NATTER_TEST_NATS_URL" ]; then \
+	  if timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/4222' 2>/dev/null; then export NATTER_TEST_NATS_URL=nats://127.0.0.1:4222; \
+	  else echo "*** SKIPPED: NATS does not answer on 127.0.0.1:4222: the NATS and multi-node tests will not run ***"; fi; fi; \
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 web-test: web

@@ -170,17 +170,19 @@ impl Cluster {
     }
 
     /// Takes one of the user's `max` slots across every node, or says how to close.
-    pub async fn claim_slot(&self, connection_id: Uuid, user_id: Uuid, max: usize) -> Result<Slot, (CloseCode, String)> {
+    pub async fn claim_slot(
+        &self,
+        connection_id: Uuid,
+        user_id: Uuid,
+        max: usize,
+    ) -> Result<Slot, (CloseCode, String)> {
         let claim = SlotClaim { connection_id, user_id, node_id: self.node.node_id, expires_at: self.node.until() };
         match self.store.claim_slot(claim, max, Utc::now()).await {
             Ok(true) => Ok(Slot { connection_id: Some(connection_id), store: self.store.clone() }),
             Ok(false) => Err((CloseCode::TooManyConnections, format!("this user already has {max} open connections"))),
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a connection slot failed");
-                Err((
-                    CloseCode::TryAgainLater,
-                    format!("database unavailable; retry_after_ms={DEPENDENCY_RETRY_MS}"),
-                ))
+                Err((CloseCode::TryAgainLater, format!("database unavailable; retry_after_ms={DEPENDENCY_RETRY_MS}")))
             }
         }
     }

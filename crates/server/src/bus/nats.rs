@@ -168,7 +168,8 @@ impl Bus for NatsBus {
                     let sender = tx.clone();
                     let pump = tokio::spawn(async move {
                         while let Some(msg) = nats.next().await {
-                            match serde_json::from_slice::<WireEvent>(&msg.payload).ok().and_then(WireEvent::into_event) {
+                            match serde_json::from_slice::<WireEvent>(&msg.payload).ok().and_then(WireEvent::into_event)
+                            {
                                 Some(event) => {
                                     let _ = sender.send(Arc::new(event));
                                 }
@@ -218,7 +219,8 @@ mod tests {
 
     #[tokio::test]
     async fn events_cross_nodes_and_topics_go_with_their_last_subscriber() {
-        let Some(url) = test_url("bus::nats::tests::events_cross_nodes_and_topics_go_with_their_last_subscriber") else {
+        let Some(url) = test_url("bus::nats::tests::events_cross_nodes_and_topics_go_with_their_last_subscriber")
+        else {
             return;
         };
         let (a, b) = (NatsBus::connect(&url, 64).await.unwrap(), NatsBus::connect(&url, 64).await.unwrap());
@@ -228,7 +230,9 @@ mod tests {
         assert_eq!(b.topic_count(), 1, "one NATS subscription per conversation");
         let events = [
             ConvEvent::BotError { code: ErrorCode::BotBusy, message: "busy".into(), in_reply_to: Uuid::new_v4() },
-            ConvEvent::Delta { message_id: Uuid::new_v4(), in_reply_to: Uuid::new_v4(), offset: 3, delta: "é!".into() },
+            ConvEvent::Delta {
+                message_id: Uuid::new_v4(), in_reply_to: Uuid::new_v4(), offset: 3, delta: "é!".into()
+            },
         ];
         for e in &events {
             a.publish(conv, e.clone()).await.unwrap();

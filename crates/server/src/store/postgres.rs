@@ -97,11 +97,12 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// Takes the conversation's next seq and inserts the message, inside `tx`. The `UPDATE` holds
 /// the conversation's row lock until the transaction ends.
 async fn insert_with_next_seq(tx: &mut Transaction<'_, Postgres>, m: NewMessage) -> StoreResult<WireMessage> {
-    let seq: i64 = sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")
-        .bind(m.conversation_id)
-        .fetch_optional(&mut **tx)
-        .await?
-        .ok_or(StoreError::NotFound)?;
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")
+            .bind(m.conversation_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
     let message = WireMessage {
         id: m.id,
         conversation_id: m.conversation_id,
@@ -142,14 +143,16 @@ impl Store for PostgresStore {
     async fn create_user(&self, user: NewUser) -> StoreResult<User> {
         let id = Uuid::new_v4();
         let now = millis(Utc::now());
-        let res = sqlx::query("INSERT INTO users (id, username, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id)
-            .bind(&user.username)
-            .bind(&user.password_hash)
-            .bind(user.is_admin)
-            .bind(now)
-            .execute(&self.pool)
-            .await;
+        let res = sqlx::query(
+            "INSERT INTO users (id, username, password_hash, is_admin, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(&user.username)
+        .bind(&user.password_hash)
+        .bind(user.is_admin)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
         match res {
             Ok(_) => Ok(User {
                 id,
@@ -164,7 +167,8 @@ impl Store for PostgresStore {
     }
 
     async fn user_by_username(&self, username: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE username = $1").bind(username).fetch_optional(&self.pool).await?;
+        let row =
+            sqlx::query("SELECT * FROM users WHERE username = $1").bind(username).fetch_optional(&self.pool).await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
@@ -267,10 +271,11 @@ impl Store for PostgresStore {
     }
 
     async fn bot(&self, id: Uuid) -> StoreResult<Option<Bot>> {
-        let row = sqlx::query(&format!("SELECT {BOT_COLS} FROM bots b JOIN users u ON u.id = b.owner_id WHERE b.id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query(&format!("SELECT {BOT_COLS} FROM bots b JOIN users u ON u.id = b.owner_id WHERE b.id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         row.as_ref().map(bot_from_row).transpose()
     }
 
@@ -323,11 +328,12 @@ impl Store for PostgresStore {
         if bot.owner_id == user_id {
             return Ok(Some(BotRole::Owner));
         }
-        let member: Option<String> = sqlx::query_scalar("SELECT role FROM bot_members WHERE bot_id = $1 AND user_id = $2")
-            .bind(bot.id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let member: Option<String> =
+            sqlx::query_scalar("SELECT role FROM bot_members WHERE bot_id = $1 AND user_id = $2")
+                .bind(bot.id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(super::sqlite::role_of(bot, user_id, member.as_deref()))
     }
 
@@ -405,11 +411,12 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound);
         }
         if let Some(client_id) = &m.client_id {
-            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND client_id = $2"))
-                .bind(m.conversation_id)
-                .bind(client_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let row =
+                sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND client_id = $2"))
+                    .bind(m.conversation_id)
+                    .bind(client_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if let Some(row) = row {
                 return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
             }
@@ -420,17 +427,23 @@ impl Store for PostgresStore {
     }
 
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
-        let rows =
-            sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"))
-                .bind(conversation_id)
-                .bind(after_seq)
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ))
+        .bind(conversation_id)
+        .bind(after_seq)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(message_from_row).collect()
     }
 
-    async fn messages_before(&self, conversation_id: Uuid, before_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
+    async fn messages_before(
+        &self,
+        conversation_id: Uuid,
+        before_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<WireMessage>> {
         let rows = sqlx::query(&format!(
             "SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         ))
@@ -444,7 +457,13 @@ impl Store for PostgresStore {
         Ok(msgs)
     }
 
-    async fn create_ticket(&self, ticket_hash: &str, user_id: Uuid, bot_id: Uuid, expires_at: DateTime<Utc>) -> StoreResult<()> {
+    async fn create_ticket(
+        &self,
+        ticket_hash: &str,
+        user_id: Uuid,
+        bot_id: Uuid,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= $1").bind(millis(Utc::now())).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO ws_tickets (ticket_hash, user_id, bot_id, expires_at) VALUES ($1, $2, $3, $4)")
@@ -518,7 +537,12 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn connections(&self, user_id: Option<Uuid>, bot_id: Option<Uuid>, limit: u32) -> StoreResult<Vec<ConnectionRecord>> {
+    async fn connections(
+        &self,
+        user_id: Option<Uuid>,
+        bot_id: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<ConnectionRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {LEDGER_COLS} FROM connections WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR bot_id = $2) \
              ORDER BY started_at DESC, connection_id LIMIT $3"
@@ -543,7 +567,10 @@ impl Store for PostgresStore {
 
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
         let mut tx = self.pool.begin().await?;
-        let old = sqlx::query("DELETE FROM connections WHERE started_at < $1").bind(millis(older_than)).execute(&mut *tx).await?;
+        let old = sqlx::query("DELETE FROM connections WHERE started_at < $1")
+            .bind(millis(older_than))
+            .execute(&mut *tx)
+            .await?;
         let over = sqlx::query(
             "DELETE FROM connections WHERE connection_id IN \
              (SELECT connection_id FROM connections ORDER BY started_at DESC, connection_id OFFSET $1)",
@@ -617,19 +644,24 @@ impl Coordination for PostgresStore {
         if count as usize >= max {
             return Ok(false);
         }
-        sqlx::query("INSERT INTO connection_slots (connection_id, user_id, node_id, expires_at) VALUES ($1, $2, $3, $4)")
-            .bind(slot.connection_id)
-            .bind(slot.user_id)
-            .bind(slot.node_id)
-            .bind(millis(slot.expires_at))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO connection_slots (connection_id, user_id, node_id, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(slot.connection_id)
+        .bind(slot.user_id)
+        .bind(slot.node_id)
+        .bind(millis(slot.expires_at))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
 
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
-        sqlx::query("DELETE FROM connection_slots WHERE connection_id = $1").bind(connection_id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM connection_slots WHERE connection_id = $1")
+            .bind(connection_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -693,8 +725,10 @@ impl Coordination for PostgresStore {
             let message_id: Uuid = row.try_get("message_id")?;
             sqlx::query("DELETE FROM generations WHERE message_id = $1").bind(message_id).execute(&mut *tx).await?;
             // The node may have stored the reply and died before forgetting its lease.
-            let stored: Option<Uuid> =
-                sqlx::query_scalar("SELECT id FROM messages WHERE id = $1").bind(message_id).fetch_optional(&mut *tx).await?;
+            let stored: Option<Uuid> = sqlx::query_scalar("SELECT id FROM messages WHERE id = $1")
+                .bind(message_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             if stored.is_some() {
                 continue;
             }
@@ -734,7 +768,9 @@ impl TestSchema {
     /// prints a loud SKIPPED line naming `test` and returns None.
     pub async fn from_env(test: &str) -> Option<TestSchema> {
         match std::env::var("NATTER_TEST_DATABASE_URL") {
-            Ok(url) if !url.is_empty() => Some(TestSchema::create(&url).await.expect("a schema in NATTER_TEST_DATABASE_URL")),
+            Ok(url) if !url.is_empty() => {
+                Some(TestSchema::create(&url).await.expect("a schema in NATTER_TEST_DATABASE_URL"))
+            }
             _ => {
                 eprintln!("SKIPPED: {test} needs PostgreSQL: NATTER_TEST_DATABASE_URL not set");
                 None
@@ -749,7 +785,11 @@ impl TestSchema {
         sqlx::query(&format!("CREATE SCHEMA {name}")).execute(&mut conn).await?;
         sqlx::Connection::close(conn).await?;
         let sep = if base_url.contains('?') { '&' } else { '?' };
-        Ok(TestSchema { url: format!("{base_url}{sep}options[search_path]={name}"), base_url: base_url.to_owned(), name })
+        Ok(TestSchema {
+            url: format!("{base_url}{sep}options[search_path]={name}"),
+            base_url: base_url.to_owned(),
+            name,
+        })
     }
 }
 

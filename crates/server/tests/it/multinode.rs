@@ -48,7 +48,13 @@ impl Services {
     }
 
     /// Like [`Services::node`] with explicit database and NATS URLs (through a proxy).
-    pub async fn node_via(&self, first: Option<&TestApp>, db: String, nats: String, f: impl FnOnce(&mut Config)) -> TestApp {
+    pub async fn node_via(
+        &self,
+        first: Option<&TestApp>,
+        db: String,
+        nats: String,
+        f: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
         if let Some(first) = first {
             std::fs::copy(first.dir.path().join("jwt-secret"), dir.path().join("jwt-secret")).unwrap();
@@ -104,7 +110,8 @@ async fn established_last_seq(ws: &mut WsClient) -> i64 {
 
 #[tokio::test]
 async fn a_tab_on_each_node_sees_every_message_and_the_bot_reply() {
-    let Some(svc) = Services::from_env("multinode::a_tab_on_each_node_sees_every_message_and_the_bot_reply").await else {
+    let Some(svc) = Services::from_env("multinode::a_tab_on_each_node_sees_every_message_and_the_bot_reply").await
+    else {
         return;
     };
     let a = svc.node(None, |_| {}).await;
@@ -168,7 +175,8 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
 
 #[tokio::test]
 async fn concurrent_writers_on_two_nodes_get_gap_free_unique_seqs() {
-    let Some(svc) = Services::from_env("multinode::concurrent_writers_on_two_nodes_get_gap_free_unique_seqs").await else {
+    let Some(svc) = Services::from_env("multinode::concurrent_writers_on_two_nodes_get_gap_free_unique_seqs").await
+    else {
         return;
     };
     let roomy = |c: &mut Config| c.limits.bot_queue = 1000;
@@ -321,7 +329,8 @@ async fn lose_and_recover(test: &str, cut_database: bool) {
     assert_eq!(b.get("/api/ready", None).await.0, 200);
 
     proxy.cut();
-    let (code, reason) = tokio::time::timeout(Duration::from_secs(10), on_b.close_code()).await.expect("closed in time");
+    let (code, reason) =
+        tokio::time::timeout(Duration::from_secs(10), on_b.close_code()).await.expect("closed in time");
     assert_eq!(code, 1013, "{reason}");
     let hint: u64 = reason.rsplit_once("retry_after_ms=").expect("a retry hint").1.parse().unwrap();
     assert!(hint > 0);
@@ -386,7 +395,8 @@ impl Nginx {
     /// Starts nginx in front of `upstreams` with the documented configuration, changing only
     /// the addresses; None (after a SKIPPED line) when nginx is not installed.
     async fn start(test: &str, upstreams: &[SocketAddr]) -> Option<Nginx> {
-        let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists()) else {
+        let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())
+        else {
             eprintln!("SKIPPED: {test} needs nginx (apt-get install nginx): not installed");
             return None;
         };
