@@ -387,7 +387,7 @@ impl Doctor {
                 self.blocked = Some("the HTTP API does not answer (health failed)".into());
                 return Step::fail(
                     "health",
-                    format!("GET /api/health: {e}"),
+                    format!("GET {}/api/health: {e}", self.target().prefix),
                     "the server accepted the connection but the HTTP request failed",
                     "check the server's log; if a proxy is in front, check its upstream settings",
                 );
@@ -399,8 +399,13 @@ impl Doctor {
         let health: Option<Health> = res.json();
         let Some(health) = health.filter(|_| res.status == 200) else {
             self.blocked = Some("the HTTP API does not answer as natter (health failed)".into());
-            let detail =
-                format!("GET /api/health answered {} in {} with {}", res.status, human(res.took), res.describe());
+            let detail = format!(
+                "GET {}/api/health answered {} in {} with {}",
+                self.target().prefix,
+                res.status,
+                human(res.took),
+                res.describe()
+            );
             if matches!(res.status, 502..=504) {
                 return Step::fail(
                     "health",
@@ -710,7 +715,10 @@ impl Doctor {
             },
             None => match self.get("/bots", true, None).await.ok().and_then(|r| r.json::<Vec<BotView>>()) {
                 Some(bots) if !bots.is_empty() => {
-                    picked = format!("no --bot given; picked the first of {} bots; ", bots.len());
+                    picked = match bots.len() {
+                        1 => "no --bot given; picked this user's only bot: ".to_owned(),
+                        n => format!("no --bot given; picked the first of this user's {n} bots: "),
+                    };
                     bots[0].id
                 }
                 _ => return Step::skipped("bot", "no --bot given, and this user has no bot to chat with"),
@@ -873,11 +881,9 @@ impl Doctor {
         }
         let ours = self.attempt_id.to_string();
         let mine = rows.iter().any(|r| r.get("attempt_id").and_then(|a| a.as_str()) == Some(ours.as_str()));
-        let mut detail = format!(
-            "the server's last {} attempts of this user{}:",
-            rows.len(),
-            if mine { " (this run's attempt is among them)" } else { "" }
-        );
+        let what = if rows.len() == 1 { "attempt".to_owned() } else { format!("{} attempts", rows.len()) };
+        let mine = if mine { " (this run's is marked)" } else { " (this run's is not among them)" };
+        let mut detail = format!("the server's record of this user's last {what}{mine}:");
         for r in &rows {
             detail.push('\n');
             detail.push_str(&ledger_line(r, &self.registry, &ours));
@@ -909,19 +915,36 @@ pub(super) fn ledger_line(r: &Value, registry: &Registry, our_attempt: &str) -> 
         Some(false) => "not established",
         None => "",
     };
+    let by = s("closed_by");
+    let by = if by.is_empty() { String::new() } else { format!(" by {by}") };
     let end = match r.get("close_code").and_then(|c| c.as_u64()) {
         Some(code) => {
-            let by = s("closed_by");
-            let by = if by.is_empty() { String::new() } else { format!(" by {by}") };
             let reason = s("close_reason");
             let reason = if reason.is_empty() { String::new() } else { format!(": {reason}") };
             format!(", closed {}{by}{reason}", registry.close_name(code as u16))
         }
         None if r.get("ended_at").map(|e| e.is_null()).unwrap_or(true) => ", still open".to_owned(),
-        None => ", ended without a close code".to_owned(),
+        None => format!(", ended without a close frame{by}"),
     };
-    let mark = if s("attempt_id") == our_attempt { " ← this run" } else { "" };
-    format!("  {started} {established}{end}{mark}").trim_end().to_owned()
+    let mine = s("attempt_id") == our_attempt;
+    let mut line =
+        format!("  {started} {established}{end}{}", if mine { " ← this run" } else { "" }).trim_end().to_owned();
+    if mine {
+        // What the server received, which shows what a proxy changed.
+        let seen: Vec<String> = [
+            ("Upgrade", "upgrade"),
+            ("Connection", "connection"),
+            ("X-Forwarded-For", "forwarded_for"),
+            ("from", "remote_addr"),
+        ]
+        .iter()
+        .filter_map(|(label, key)| r.get(*key).and_then(|v| v.as_str()).map(|v| format!("{label} {v}")))
+        .collect();
+        if !seen.is_empty() {
+            line.push_str(&format!("\n    the server saw: {}", seen.join(", ")));
+        }
+    }
+    line
 }
 
 /// Percent-encodes a query value (tokens are base64url with dots, but be safe).
@@ -953,6 +976,12 @@ mod tests {
         let line = ledger_line(&rows[0], &reg, "a1");
         assert_eq!(line, "  2026-01-02 03:04:05 not established, closed 4401 unauthorized by server: token expired: refresh it and reconnect ← this run");
         assert_eq!(ledger_line(&rows[1], &reg, "a1"), "  2026-01-02 03:05:00 established, still open");
+        let cut = json!({"attempt_id": "a3", "started_at": "2026-01-02T03:06:00Z", "established": true, "ended_at": "2026-01-02T03:07:00Z",
+                         "close_code": null, "closed_by": "network", "upgrade": "websocket", "connection": "upgrade", "remote_addr": "10.0.0.2:5000"});
+        assert_eq!(
+            ledger_line(&cut, &reg, "a3"),
+            "  2026-01-02 03:06:00 established, ended without a close frame by network ← this run\n    the server saw: Upgrade websocket, Connection upgrade, from 10.0.0.2:5000"
+        );
         assert_eq!(ledger_rows(&json!([{"a": 1}])).len(), 1);
         assert!(ledger_rows(&json!("x")).is_empty());
     }
