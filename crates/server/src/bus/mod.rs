@@ -27,6 +27,10 @@ pub enum ConvEvent {
     Delta { message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: String },
     /// A bot reply failed; `in_reply_to` is the user message.
     BotError { code: ErrorCode, message: String, in_reply_to: Uuid },
+    /// The conversation's bot was edited, deleted, or its members or visibility changed:
+    /// every socket re-checks its access (closing 4403/4404 when it is gone) and reloads
+    /// the bot's engine.
+    BotChanged,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,7 @@ enum WireEvent {
     Message { message: WireMessage },
     Delta { message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: String },
     BotError { code: String, message: String, in_reply_to: Uuid },
+    BotChanged,
 }
 
 impl From<&ConvEvent> for WireEvent {
@@ -46,6 +47,7 @@ impl From<&ConvEvent> for WireEvent {
             ConvEvent::BotError { code, message, in_reply_to } => {
                 WireEvent::BotError { code: code.as_str().to_owned(), message, in_reply_to }
             }
+            ConvEvent::BotChanged => WireEvent::BotChanged,
         }
     }
 }
@@ -60,6 +62,7 @@ impl WireEvent {
             WireEvent::BotError { code, message, in_reply_to } => {
                 ConvEvent::BotError { code: ErrorCode::parse(&code)?, message, in_reply_to }
             }
+            WireEvent::BotChanged => ConvEvent::BotChanged,
         })
     }
 }

@@ -16,6 +16,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser};
 use crate::app::AppState;
 use crate::bots::EngineSpec;
+use crate::bus::ConvEvent;
 use crate::domain::{bot_description, bot_name};
 use crate::store::{Bot, BotChanges, NewBot};
 
@@ -31,6 +32,22 @@ pub fn bot_view(bot: &Bot, role: BotRole) -> BotView {
         created_at: bot.created_at,
         updated_at: bot.updated_at,
     }
+}
+
+/// Tells every socket of these conversations that their bot changed: each re-checks its
+/// access (closing with 4403 or 4404 when it is gone) and reloads the bot's engine.
+async fn announce_bot_changed(state: &AppState, conversations: Vec<Uuid>) {
+    for conv in conversations {
+        if let Err(e) = state.bus.publish(conv, ConvEvent::BotChanged).await {
+            tracing::warn!(conversation_id = %conv, error = %e, "announcing a bot change failed");
+        }
+    }
+}
+
+async fn announce(state: &AppState, bot_id: Uuid) -> ApiResult<()> {
+    let conversations = state.store.conversations_of_bot(bot_id).await?;
+    announce_bot_changed(state, conversations).await;
+    Ok(())
 }
 
 pub fn bot_ref(bot: &Bot) -> BotRef {
@@ -123,6 +140,7 @@ pub async fn update(
         engine: engine.as_ref().map(parse_engine).transpose()?,
     };
     let bot = state.store.update_bot(id, changes).await?;
+    announce(&state, id).await?;
     Ok(Json(bot_view(&bot, role)))
 }
 
@@ -134,7 +152,10 @@ pub async fn delete(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<StatusCode> {
     bot_with_role(&state, id, &user, BotRole::Owner, "delete").await?;
+    // The conversations go with the bot: note them first, to tell their sockets.
+    let conversations = state.store.conversations_of_bot(id).await?;
     state.store.delete_bot(id).await?;
+    announce_bot_changed(&state, conversations).await;
     tracing::info!(bot_id = %id, user_id = %user.id, "bot deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -196,6 +217,7 @@ pub async fn remove_member(
     if !state.store.remove_member(id, member.id).await? {
         return Err(ApiError::not_found(format!("{username:?} is not a member of this bot")));
     }
+    announce(&state, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -186,6 +186,8 @@ async fn messages(store: &dyn Store) {
     assert_eq!(conv.last_seq, 0);
     let again = store.conversation(conv.user_id, conv.bot_id).await.unwrap();
     assert_eq!(again.id, conv.id, "one conversation per user and bot");
+    assert_eq!(store.conversations_of_bot(conv.bot_id).await.unwrap(), vec![conv.id]);
+    assert!(store.conversations_of_bot(Uuid::new_v4()).await.unwrap().is_empty());
 
     let a = store.append_message(user_msg(conv.id, "c1", "hello")).await.unwrap();
     assert!(!a.duplicate);

@@ -182,6 +182,8 @@ pub trait Store: Coordination + Send + Sync + 'static {
     async fn members(&self, bot_id: Uuid) -> StoreResult<Vec<Member>>;
 
     async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation>;
+    /// The ids of every conversation with this bot (to tell their sockets the bot changed).
+    async fn conversations_of_bot(&self, bot_id: Uuid) -> StoreResult<Vec<Uuid>>;
     /// Stores a message with the next seq of its conversation, or returns the stored one
     /// when its `client_id` is already there.
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;

@@ -380,6 +380,10 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn conversations_of_bot(&self, bot_id: Uuid) -> StoreResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT id FROM conversations WHERE bot_id = $1").bind(bot_id).fetch_all(&self.pool).await?)
+    }
+
     async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation> {
         sqlx::query(
             "INSERT INTO conversations (id, user_id, bot_id, created_at) VALUES ($1, $2, $3, $4) \

@@ -360,6 +360,14 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn conversations_of_bot(&self, bot_id: Uuid) -> StoreResult<Vec<Uuid>> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM conversations WHERE bot_id = ?")
+            .bind(bot_id.to_string())
+            .fetch_all(&self.read)
+            .await?;
+        ids.iter().map(|s| Uuid::parse_str(s).map_err(|e| StoreError::Backend(format!("bad conversation id: {e}")))).collect()
+    }
+
     async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation> {
         let existing = sqlx::query("SELECT id, last_seq FROM conversations WHERE user_id = ? AND bot_id = ?")
             .bind(user_id.to_string())

@@ -220,7 +220,15 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
         return Err(refuse(CloseCode::Unauthorized, "missing token: pass ?token=<access token> or ?ticket=<ticket>"));
     };
     match state.keys.verify(token) {
-        Ok(claims) => Ok(UserRef { id: claims.sub, username: claims.name }),
+        Ok(claims) => match state.store.user_by_id(claims.sub).await {
+            Ok(Some(user)) => Ok(UserRef { id: user.id, username: user.username }),
+            Ok(None) => Err(refuse(CloseCode::Unauthorized, "invalid token: its user no longer exists")),
+            Err(e) => {
+                let error_id = Uuid::new_v4();
+                tracing::error!(%error_id, error = %e, "store error checking a token's user");
+                Err(refuse(CloseCode::InternalError, format!("internal error (error id {error_id})")))
+            }
+        },
         Err(TokenError::Expired) => Err(Refusal {
             user_id: state.keys.identify_expired(token),
             ..refuse(CloseCode::Unauthorized, "token expired: refresh it and reconnect")

@@ -602,6 +602,7 @@ impl<'w> Session<'w> {
                 ConvEvent::Delta { message_id, in_reply_to, offset, delta } => {
                     self.on_delta(*message_id, *in_reply_to, *offset, delta)
                 }
+                ConvEvent::BotChanged => self.recheck_bot().await,
                 ConvEvent::BotError { code, message, in_reply_to } => self.send(&ServerFrame::Error {
                     code: *code,
                     message: message.clone(),
@@ -617,6 +618,25 @@ impl<'w> Session<'w> {
             }
             Received::Closed => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
         }
+    }
+
+    /// The bot changed: is this socket still allowed, and with which engine?
+    async fn recheck_bot(&mut self) -> Result<(), End> {
+        let store = &self.state.store;
+        let bot = match store.bot(self.admitted.bot.id).await.map_err(|e| internal_end("re-reading the bot", e))? {
+            Some(b) => b,
+            None => return Err(End::Close(CloseCode::BotNotFound, "this bot was deleted".into())),
+        };
+        let role = store.bot_role(&bot, self.admitted.user.id).await.map_err(|e| internal_end("re-reading access", e))?;
+        if role.is_none() {
+            return Err(End::Close(CloseCode::Forbidden, "access to this bot was revoked".into()));
+        }
+        match crate::bots::EngineSpec::parse(&bot.engine) {
+            Ok(engine) => self.admitted.engine = engine,
+            Err(e) => return Err(internal_end("reloading the bot's engine", e.message)),
+        }
+        self.admitted.bot = bot;
+        Ok(())
     }
 
     async fn on_frame(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<(), End> {

@@ -612,3 +612,52 @@ async fn codes_registry_is_served_and_documented() {
         assert!(doc.contains(&format!("`{}`", e.as_str())), "docs/protocol.md lacks error code {}", e.as_str());
     }
 }
+
+#[tokio::test]
+async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let carol = app.user("carol").await;
+    let bot = app.bot(&alice, json!({"name": "Shared", "visibility": "public"})).await;
+    app.post(&format!("/api/bots/{}/members", bot.id), Some(&alice.token), json!({"username": "bob", "role": "chat"})).await;
+    let mut owner = app.ws(bot.id, &alice.token, "").await;
+    let mut member = app.ws(bot.id, &bob.token, "").await;
+    let mut public = app.ws(bot.id, &carol.token, "").await;
+    for ws in [&mut owner, &mut member, &mut public] {
+        ws.established().await;
+    }
+
+    // Made private: the stranger who came in through visibility is shut out at once.
+    let (status, _) = app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"visibility": "private"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(public.close_code().await, (4403, "access to this bot was revoked".to_string()));
+    // The member is removed: the same.
+    let (status, _) = app.delete(&format!("/api/bots/{}/members/bob", bot.id), Some(&alice.token)).await;
+    assert_eq!(status, 204);
+    assert_eq!(member.close_code().await.0, 4403);
+
+    // The owner stays, and an engine change applies to the open socket.
+    app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"engine": {"kind": "rules", "rules": [], "fallback": "now I am rules"}}))
+        .await;
+    owner.say("c1", "hello").await;
+    ack(owner.frame().await);
+    assert_eq!(msg(owner.frame().await).content, "now I am rules");
+
+    // Deleted: 4404.
+    let (status, _) = app.delete(&format!("/api/bots/{}", bot.id), Some(&alice.token)).await;
+    assert_eq!(status, 204);
+    assert_eq!(owner.close_code().await, (4404, "this bot was deleted".to_string()));
+}
+
+#[tokio::test]
+async fn a_token_of_a_user_who_no_longer_exists_is_refused_4401() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let bot = app.bot(&alice, json!({"name": "Pub", "visibility": "public"})).await;
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
+    sqlx::query("DELETE FROM users WHERE id = ?").bind(bob.id.to_string()).execute(&db).await.unwrap();
+    let (c, r) = app.ws(bot.id, &bob.token, "").await.close_code().await;
+    assert_eq!((c, r.as_str()), (4401, "invalid token: its user no longer exists"));
+}
