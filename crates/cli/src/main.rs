@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod doctor;
 mod serve;
 mod user;
@@ -23,6 +24,8 @@ enum Command {
     Doctor(Box<doctor::DoctorArgs>),
     /// Manage accounts: create users, make admins.
     User(user::UserArgs),
+    /// Measure a server: connect, idle, chat, fanout and storm (restart) scenarios.
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Doctor(args) => Ok(doctor::run(*args).await),
             Command::User(args) => user::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Bench(args) => bench::run(*args).await,
         }
     });
     match result {

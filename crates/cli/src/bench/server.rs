@@ -1,0 +1,186 @@
+//! The server side of a bench run: a `natter serve` the bench starts itself (`--spawn`, needed
+//! by `storm`, which restarts it), and the server's memory (`/proc/PID/status` or a metrics URL).
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Limits a spawned server is started with, so one bench client isn't refused by the per-user
+/// connection cap (20) or the per-connection rate limit (5/s): the bench measures the server,
+/// not its abuse protection. Flags given with `--server-arg` come after these and win.
+pub const RAISED_LIMITS: &[&str] = &[
+    "--max-connections-per-user",
+    "1000000",
+    "--messages-per-second",
+    "1000000",
+    "--message-burst",
+    "1000000",
+    "--access-token-ttl-secs",
+    "86400",
+];
+
+pub struct Spawned {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    bin: PathBuf,
+    args: Vec<String>,
+    cpus: Option<String>,
+    data_dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    /// Starts `bin serve` on a free loopback port with a temporary data dir and waits until it
+    /// answers `/api/health`.
+    pub async fn start(bin: PathBuf, extra: &[String], cpus: Option<String>) -> anyhow::Result<Spawned> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let data_dir = tempfile::Builder::new().prefix("natter-bench-").tempdir()?;
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--bind".into(),
+            addr.to_string(),
+            "--data-dir".into(),
+            data_dir.path().display().to_string(),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        args.extend(RAISED_LIMITS.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().cloned());
+        let mut s = Spawned { child: None, addr, bin, args, cpus, data_dir };
+        s.launch().await?;
+        Ok(s)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    async fn launch(&mut self) -> anyhow::Result<()> {
+        let log = File::options().create(true).append(true).open(self.data_dir.path().join("server.log"))?;
+        let mut cmd = match &self.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Access logs for every upgrade would measure the log writer.
+            cmd.env("RUST_LOG", "warn");
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.wait_healthy(Duration::from_secs(30)).await
+    }
+
+    async fn wait_healthy(&mut self, within: Duration) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/api/health", self.addr);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(r) = client.get(&url).timeout(Duration::from_secs(1)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the spawned server exited with {st}; see {}", self.log_path().display());
+            }
+            if Instant::now() > deadline {
+                bail!("the spawned server did not become healthy in {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.path().join("server.log")
+    }
+
+    /// Stops the server (SIGTERM, or SIGKILL when `hard`) and waits for it to exit.
+    pub async fn stop(&mut self, hard: bool) {
+        let Some(mut child) = self.child.take() else { return };
+        let sig = if hard { libc::SIGKILL } else { libc::SIGTERM };
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops and starts the server again on the same port and data dir.
+    pub async fn restart(&mut self, hard: bool) -> anyhow::Result<()> {
+        self.stop(hard).await;
+        self.launch().await
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Resident memory of a process, KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vmrss(&status)
+}
+
+fn parse_vmrss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory from a Prometheus endpoint (`process_resident_memory_bytes`), KiB.
+pub async fn metrics_rss_kib(url: &str) -> Option<u64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let line = text.lines().find(|l| l.starts_with("process_resident_memory_bytes"))?;
+    let bytes: f64 = line.split_whitespace().last()?.parse().ok()?;
+    Some((bytes / 1024.0) as u64)
+}
+
+/// Raises this process's open-file limit to its hard limit: every socket is a file.
+pub fn raise_nofile_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vmrss() {
+        assert_eq!(parse_vmrss("Name:\tnatter\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n"), Some(12345));
+        assert_eq!(parse_vmrss("Name:\tnatter\n"), None);
+        assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+    }
+}

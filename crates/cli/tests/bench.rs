@@ -1,0 +1,109 @@
+//! `natter bench` end to end with tiny numbers: the binary spawns its own server, runs a
+//! scenario, and its `--json` report must show zero errors (and, for the storm, nothing lost or
+//! doubled). A server that answers fast but wrong must fail the run.
+
+use std::process::Command;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+fn bench(args: &[&str]) -> (i32, Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_natter")).arg("bench").args(args).arg("--json").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let report: Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no JSON report ({e}): {stdout}\nstderr: {stderr}"));
+    (out.status.code().unwrap_or(-1), report, stderr)
+}
+
+#[test]
+fn chat_on_a_spawned_server_round_trips_without_errors() {
+    let (code, r, err) = bench(&["chat", "--spawn", "-c", "20", "-d", "2", "--warmup", "0.5"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    assert_eq!(r["scenario"], "chat");
+    assert_eq!(r["connected"], 20);
+    assert_eq!(r["error_total"], 0, "{r:#}");
+    assert!(r["ops"].as_u64().unwrap() > 20, "{r:#}");
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(r["ack_latency_ms"]["p50"].as_f64().is_some());
+}
+
+#[test]
+fn fanout_connect_and_idle_run_clean() {
+    let (code, r, err) = bench(&["fanout", "--spawn", "-c", "12", "--tabs", "3", "-d", "1", "--warmup", "0.3"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    assert_eq!(r["tabs"], 3);
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r:#}");
+
+    let (code, r, err) = bench(&["connect", "--spawn", "--concurrency", "4", "-d", "1", "--warmup", "0.2"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    assert!(r["ops"].as_u64().unwrap() > 0, "{r:#}");
+
+    let (code, r, err) = bench(&["idle", "--spawn", "-c", "30", "-d", "1"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    assert_eq!(r["connected"], 30, "{r:#}");
+    assert!(r["server_rss_after_kib"].as_u64().is_some(), "{r:#}");
+    assert!(r["server_kib_per_connection"].as_f64().is_some(), "{r:#}");
+}
+
+#[test]
+fn storm_brings_every_client_back_with_nothing_lost_or_doubled() {
+    let (code, r, err) = bench(&[
+        "storm",
+        "--spawn",
+        "-c",
+        "50",
+        "--storm-after",
+        "1",
+        "--storm-interval-ms",
+        "100",
+        "--storm-timeout",
+        "30",
+    ]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    let s = &r["storm"];
+    assert_eq!(s["clients"], 50, "{r:#}");
+    assert_eq!(s["not_back"], 0, "{r:#}");
+    assert_eq!(s["lost"], 0, "{r:#}");
+    assert_eq!(s["doubled"], 0, "{r:#}");
+    assert!(s["messages_sent"].as_u64().unwrap() >= 50, "{r:#}");
+    assert!(s["all_back_ms"].as_f64().is_some(), "{r:#}");
+    // Every client saw the graceful restart's close code.
+    assert_eq!(s["closes"]["close 1012"], 50, "{r:#}");
+}
+
+/// A server that acks with the wrong seq, quickly.
+async fn wrong_server(listener: TcpListener) {
+    loop {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+            let hello = r#"{"type":"connection_established","last_seq":0}"#;
+            ws.send(Message::text(hello)).await.unwrap();
+            while let Some(Ok(Message::Text(t))) = ws.next().await {
+                let f: Value = serde_json::from_str(&t).unwrap();
+                let m = serde_json::json!({"id": "u1", "seq": 7, "role": "user", "content": f["content"], "client_id": f["client_id"]});
+                let ack =
+                    serde_json::json!({"type": "ack", "client_id": f["client_id"], "duplicate": false, "message": m});
+                if ws.send(Message::text(ack.to_string())).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn a_fast_wrong_answer_fails_the_run() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(wrong_server(listener));
+    let (code, r, _) =
+        bench(&["chat", "--url", &url, "--jwt-secret", "s", "-c", "3", "-d", "1", "--warmup", "0", "--timeout", "2"]);
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(r["error_total"], 3, "{r:#}");
+    assert_eq!(r["errors"]["wrong reply: seq 7 where 1 was due"], 3, "{r:#}");
+}
