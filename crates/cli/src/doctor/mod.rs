@@ -327,6 +327,16 @@ mod tests {
     }
 
     #[test]
+    fn registry_parses_what_the_server_serves() {
+        let served = serde_json::to_string(&natter_proto::codes::CodeRegistry::build()).unwrap();
+        let r: Registry = serde_json::from_str(&served).unwrap();
+        assert_eq!(r.close_codes.len(), natter_proto::CloseCode::ALL.len());
+        assert_eq!(r.close(4408).unwrap().name, "heartbeat_timeout");
+        assert_eq!(r.close(4401).unwrap().retry, "reauth_once");
+        assert!(r.error("rate_limited").unwrap().description.contains("retry_after_ms"));
+    }
+
+    #[test]
     fn advice_splits_after_the_first_sentence() {
         assert_eq!(
             split_advice("No bot has this id. Check the bot id."),

@@ -414,6 +414,17 @@ impl Doctor {
                     "check that natter runs and that the proxy forwards to its address (nginx: proxy_pass; Caddy: reverse_proxy)",
                 );
             }
+            if !self.target().prefix.is_empty() && res.body.to_ascii_lowercase().contains("natter") {
+                return Step::fail(
+                    "health",
+                    detail,
+                    format!(
+                        "natter answers at this address, but its API is not under {}/api: the path prefix is wrong",
+                        self.target().prefix
+                    ),
+                    "drop the path from the base URL, or use the prefix the proxy in front of natter really uses",
+                );
+            }
             return Step::fail(
                 "health",
                 detail,
