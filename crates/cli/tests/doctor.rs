@@ -185,6 +185,8 @@ enum Fault {
     CutIdleAfter(Duration),
     /// Not natter at all: an HTML 404 for every request (the wrong port).
     NotNatter,
+    /// A proxy whose upstream is down: an HTML 502 for every request.
+    UpstreamDown,
 }
 
 const HTML_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n";
@@ -226,6 +228,10 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
             let _ = client.write_all(answer("404 Not Found", HTML_404).as_bytes()).await;
             return;
         }
+        Fault::UpstreamDown => {
+            let _ = client.write_all(answer("502 Bad Gateway", HTML_502).as_bytes()).await;
+            return;
+        }
         Fault::Html502OnUpgrade if is_upgrade => {
             let _ = client.write_all(answer("502 Bad Gateway", HTML_502).as_bytes()).await;
             return;
@@ -265,17 +271,35 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
 async fn all_green_against_the_real_server_with_send_and_watch() {
     // A short heartbeat, so that the watch sees pings and proves the doctor answers them
     // (without pongs the server would close with 4408 after 2 s).
-    let app = App::spawn_with(|c| c.heartbeat_interval = Duration::from_millis(700)).await;
+    let app = App::spawn_with(|c| {
+        c.heartbeat_interval = Duration::from_millis(700);
+        c.allowed_origins = vec!["http://localhost:5173".into()];
+    })
+    .await;
     let (_, token) = app.user("alice").await;
     let bot = app.echo_bot(&token).await;
-    let (code, v) = doctor(&[&app.base, "--token", &token, "--bot", &bot, "--send", "--watch", "2"]).await;
+    let (code, v) = doctor(&[
+        &app.base,
+        "--token",
+        &token,
+        "--bot",
+        &bot,
+        "--send",
+        "--watch",
+        "2",
+        "--origin",
+        "http://localhost:5173",
+    ])
+    .await;
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["ok"], true);
-    for name in ["url", "dns", "tcp", "health", "token", "bot", "handshake", "established", "ping", "watch", "send"] {
+    for name in
+        ["url", "dns", "tcp", "health", "cors", "token", "bot", "handshake", "established", "ping", "watch", "send"]
+    {
         assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
     }
     assert_eq!(status(&v, "tls"), "skipped");
-    assert_eq!(status(&v, "cors"), "skipped");
+    assert!(step(&v, "cors")["detail"].as_str().unwrap().contains("API allows it"), "{v:#}");
     assert!(step(&v, "handshake")["detail"].as_str().unwrap().contains("101 Switching Protocols"));
     assert!(step(&v, "established")["detail"].as_str().unwrap().contains("connection_established"));
     let ping = step(&v, "ping")["detail"].as_str().unwrap();
@@ -345,6 +369,12 @@ async fn wrong_port_answers_but_is_not_natter() {
     assert_fails_at(&v, "health", "not natter's API");
     let detail = step(&v, "health")["detail"].as_str().unwrap();
     assert!(detail.contains("404") && detail.contains("HTML page titled \"404 Not Found\""), "{detail}");
+
+    // A proxy that answers, but whose natter is down.
+    let proxy_only = proxy("127.0.0.1:9".parse().unwrap(), Fault::UpstreamDown).await;
+    let (code, v) = doctor(&[&format!("http://{proxy_only}")]).await;
+    assert_eq!(code, 1);
+    assert_fails_at(&v, "health", "a proxy in front answers, but cannot reach natter (502)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
