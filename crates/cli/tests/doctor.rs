@@ -300,7 +300,8 @@ async fn all_green_against_the_real_server_with_send_and_watch() {
     }
     assert_eq!(status(&v, "tls"), "skipped");
     assert!(step(&v, "cors")["detail"].as_str().unwrap().contains("API allows it"), "{v:#}");
-    assert!(step(&v, "handshake")["detail"].as_str().unwrap().contains("101 Switching Protocols"));
+    let handshake = step(&v, "handshake")["detail"].as_str().unwrap();
+    assert!(handshake.contains("101 Switching Protocols") && handshake.contains("single-use ticket"), "{handshake}");
     assert!(step(&v, "established")["detail"].as_str().unwrap().contains("connection_established"));
     let ping = step(&v, "ping")["detail"].as_str().unwrap();
     assert!(ping.contains("min") && ping.contains("median") && ping.contains("max"), "{ping}");

@@ -195,6 +195,8 @@ struct Doctor {
     server_version: Option<String>,
     registry: Registry,
     token: Option<String>,
+    /// The socket's ticket, when one was used. Never printed.
+    ticket: Option<String>,
     token_ok: bool,
     username: Option<String>,
     bot_id: Option<Uuid>,
@@ -269,6 +271,7 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
         server_version: None,
         registry: Registry::builtin(),
         token: None,
+        ticket: None,
         token_ok: false,
         username: None,
         bot_id: None,
@@ -289,9 +292,8 @@ pub async fn run(args: DoctorArgs) -> ExitCode {
 
     let mut report = d.report;
     let mut secrets = secrets;
-    if let Some(t) = d.token {
-        secrets.push(t);
-    }
+    secrets.extend(d.token.take());
+    secrets.extend(d.ticket.take());
     report.redact(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
     let mut out = std::io::stdout().lock();
     if json {

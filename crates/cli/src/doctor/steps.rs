@@ -816,8 +816,31 @@ impl Doctor {
     async fn handshake(&mut self) -> Step {
         let bot = self.bot_id.unwrap_or(Uuid::nil());
         let mut query = format!("attempt_id={}", self.attempt_id);
-        if let Some(t) = &self.token {
-            query.push_str(&format!("&token={}", urlencode(t)));
+        // A single-use ticket keeps the long-lived token out of proxy logs, as browsers should;
+        // when the token or the bot is already known to be refused, the token itself lets the
+        // socket show the refusal.
+        let mut auth = "";
+        if let Some(t) = self.token.clone() {
+            let ticket = match (self.token_ok && self.bot_ok, self.bot_id) {
+                (true, Some(bot)) => self
+                    .request(reqwest::Method::POST, "/ws/ticket", true, None, Some(json!({ "bot_id": bot })))
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+                    .and_then(|r| r.json::<natter_proto::api::TicketResponse>()),
+                _ => None,
+            };
+            match ticket {
+                Some(tk) => {
+                    query.push_str(&format!("&ticket={}", urlencode(&tk.ticket)));
+                    self.ticket = Some(tk.ticket);
+                    auth = "; authenticated with a single-use ticket from POST /api/ws/ticket";
+                }
+                None => {
+                    query.push_str(&format!("&token={}", urlencode(&t)));
+                    auth = "; authenticated with ?token=";
+                }
+            }
         }
         let path = format!("{}/api/ws/chat/{bot}?{query}", self.target().prefix);
         let mut io = match self.connect_io().await {
@@ -834,7 +857,8 @@ impl Doctor {
         let authority = self.target().authority();
         match handshake::exchange(&mut io, &authority, &path, self.args.origin.as_deref(), self.timeout).await {
             Ok(x) => {
-                let step = handshake::judge(&x.head, &x.accept, &x.body, x.took);
+                let mut step = handshake::judge(&x.head, &x.accept, &x.body, x.took);
+                step.detail.push_str(auth);
                 if step.status == Status::Ok {
                     self.upgraded = Some((io, x.leftover));
                 }
