@@ -359,6 +359,11 @@ async fn server_not_running_is_a_refused_tcp_connection() {
         assert_eq!(status(&v, name), "skipped", "{name}");
         assert!(step(&v, name)["detail"].as_str().unwrap().contains("tcp failed"), "{name} says why");
     }
+    // The text report says the same, with the summary naming the layer.
+    let (code, out) = run(vec![base.clone()]).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("✗ tcp") && out.contains("cause: connection refused"), "{out}");
+    assert!(out.contains("– health") && out.contains("First failing layer: the network (TCP connect)"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
