@@ -162,8 +162,9 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
                 state.keys.verify(token).map(|c| c.sub).ok().or_else(|| state.keys.identify_expired(token))
             });
             refused(&mut rec, refusal.code, &refusal.reason);
+            conclude(&state, rec, Some(refusal.code.code()), "server");
             let dropped = finish(writer, &mut stream, End::Close(refusal.code, refusal.reason)).await;
-            conclude(&state, rec, Some(refusal.code.code()), "server", dropped);
+            state.metrics.frames_dropped.inc_by(dropped as u64);
             return;
         }
     };
@@ -191,8 +192,9 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
                 ),
             };
             refused(&mut rec, code, &reason);
+            conclude(&state, rec, Some(code.code()), "server");
             let dropped = finish(writer, &mut stream, End::Close(code, reason)).await;
-            conclude(&state, rec, Some(code.code()), "server", dropped);
+            state.metrics.frames_dropped.inc_by(dropped as u64);
             return;
         }
     };
@@ -205,8 +207,9 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
             if let Some(c) = code.and_then(CloseCode::from_code) {
                 refused(&mut rec, c, &reason);
             }
+            conclude(&state, rec, code, by);
             let dropped = finish(writer, &mut stream, end).await;
-            conclude(&state, rec, code, by, dropped);
+            state.metrics.frames_dropped.inc_by(dropped as u64);
             return;
         }
     };
@@ -231,7 +234,9 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
     rec.close_code = code;
     rec.close_reason = Some(close_reason(&reason));
     rec.closed_by = ClosedBy::parse(closed_by);
+    conclude(&state, rec, code, closed_by);
     let dropped = finish(writer, &mut stream, end).await;
+    state.metrics.frames_dropped.inc_by(dropped as u64);
     tracing::info!(
         duration_ms = started.elapsed().as_millis() as u64,
         close_code = ?code,
@@ -241,14 +246,13 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
         msgs_out = c.msgs_out,
         "connection closed"
     );
-    conclude(&state, rec, code, closed_by, dropped);
 }
 
-/// The last word on an attempt: its ledger row and the close metrics.
-fn conclude(state: &AppState, mut rec: ConnectionRecord, code: Option<u16>, initiator: &'static str, dropped: usize) {
+/// The last word on an attempt, as soon as its end is decided (before the close handshake,
+/// which can take seconds with a slow client): its ledger row and the close metrics.
+fn conclude(state: &AppState, mut rec: ConnectionRecord, code: Option<u16>, initiator: &'static str) {
     rec.ended_at = Some(chrono::Utc::now());
     state.metrics.close(code, initiator);
-    state.metrics.frames_dropped.inc_by(dropped as u64);
     state.ledger.record(rec);
 }
 

@@ -478,15 +478,14 @@ async fn a_client_that_stops_reading_is_closed_with_4409_and_resumes_without_los
     let text = "z".repeat(16 * 1024);
     let mut sent = 0;
     let mut last_seq = 0;
-    while sent < 600 {
+    let started = std::time::Instant::now();
+    // Until the lazy tab is dropped: its queue must stay full for the grace period.
+    while app.state.hub.len() == 2 && started.elapsed() < Duration::from_secs(30) {
         busy.say(&format!("b{sent}"), &text).await;
         let (_, m, _) = ack(busy.frame().await);
         last_seq = m.seq + 1;
         msg(busy.frame().await);
         sent += 1;
-        if sent % 50 == 0 && app.state.hub.len() < 2 {
-            break;
-        }
     }
     assert!(app.state.hub.len() < 2, "the lazy tab was dropped after {sent} messages");
     let mut got = Vec::new();
@@ -498,6 +497,11 @@ async fn a_client_that_stops_reading_is_closed_with_4409_and_resumes_without_los
         }
     };
     assert_eq!(code, 4409, "{reason}");
+    // The ledger and the metrics say so too.
+    app.state.ledger.flush().await;
+    let rows = app.state.store.connections(Some(alice.id), None, 10).await.unwrap();
+    assert!(rows.iter().any(|r| r.close_code == Some(4409) && r.established), "{rows:?}");
+    assert!(app.state.metrics.render().contains(r#"natter_ws_closes_total{code="4409",initiator="server"} 1"#));
     // Everything it got was in order; it resumes from there and gets the rest.
     let from = got.last().copied().unwrap_or(0);
     assert_eq!(got, (1..=from).collect::<Vec<_>>());
