@@ -123,13 +123,6 @@ async fn refusals_close_with_their_documented_code() {
     assert!(r.starts_with("no bot with id"));
 }
 
-/// An HS256 token for `user` that expired a minute ago, signed with the server's secret.
-fn expired_token(app: &TestApp, user: Uuid) -> String {
-    let secret = hex::decode(std::fs::read_to_string(app.dir.path().join("jwt-secret")).unwrap().trim()).unwrap();
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({"sub": user, "name": "x", "iat": now - 120, "exp": now - 60});
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap()
-}
 
 #[tokio::test]
 async fn preflight_gives_the_verdict_the_socket_would() {

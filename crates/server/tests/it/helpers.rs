@@ -311,3 +311,11 @@ pub fn capture_logs() {
 pub fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
 }
+
+/// An HS256 token for `user` that expired a minute ago, signed with the server's own secret.
+pub fn expired_token(app: &TestApp, user: Uuid) -> String {
+    let secret = hex::decode(std::fs::read_to_string(app.dir.path().join("jwt-secret")).unwrap().trim()).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": user, "name": "x", "iat": now - 120, "exp": now - 60});
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap()
+}

@@ -149,13 +149,6 @@ async fn every_way_a_connection_ends_is_in_the_ledger_and_the_metrics() {
     }
 }
 
-/// An HS256 token for `user` that expired a minute ago.
-fn expired_token(app: &TestApp, user: Uuid) -> String {
-    let secret = hex::decode(std::fs::read_to_string(app.dir.path().join("jwt-secret")).unwrap().trim()).unwrap();
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({"sub": user, "name": "x", "iat": now - 120, "exp": now - 60});
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap()
-}
 
 #[tokio::test]
 async fn server_errors_restarts_and_overload_are_recorded() {
