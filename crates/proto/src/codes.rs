@@ -176,10 +176,7 @@ impl CodeRegistry {
                 .collect(),
             error_codes: ErrorCode::ALL
                 .iter()
-                .map(|c| ErrorCodeInfo {
-                    code: c.as_str(),
-                    description: c.description(),
-                })
+                .map(|c| ErrorCodeInfo { code: c.as_str(), description: c.description() })
                 .collect(),
         }
     }

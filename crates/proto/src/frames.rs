@@ -122,19 +122,11 @@ impl ClientFrame {
             });
         };
         match obj.get("type") {
-            None => {
-                return Err(FrameError {
-                    code: ErrorCode::InvalidFrame,
-                    message: "missing field `type`".into(),
-                })
-            }
+            None => return Err(FrameError { code: ErrorCode::InvalidFrame, message: "missing field `type`".into() }),
             Some(serde_json::Value::String(t)) if !CLIENT_TYPES.contains(&t.as_str()) => {
                 return Err(FrameError {
                     code: ErrorCode::UnknownType,
-                    message: format!(
-                        "unknown frame type {t:?}; expected one of {}",
-                        CLIENT_TYPES.join(", ")
-                    ),
+                    message: format!("unknown frame type {t:?}; expected one of {}", CLIENT_TYPES.join(", ")),
                 })
             }
             Some(serde_json::Value::String(_)) => {}
@@ -145,10 +137,7 @@ impl ClientFrame {
                 })
             }
         }
-        serde_json::from_value(value).map_err(|e| FrameError {
-            code: ErrorCode::InvalidFrame,
-            message: e.to_string(),
-        })
+        serde_json::from_value(value).map_err(|e| FrameError { code: ErrorCode::InvalidFrame, message: e.to_string() })
     }
 }
 
@@ -204,16 +193,9 @@ pub enum ServerFrame {
     Message { message: WireMessage },
     /// A piece of a bot reply being generated. The final `message` frame with the same id
     /// carries the whole content.
-    MessageDelta {
-        message_id: Uuid,
-        in_reply_to: Uuid,
-        delta: String,
-    },
+    MessageDelta { message_id: Uuid, in_reply_to: Uuid, delta: String },
     /// Answer to a client `ping`.
-    Pong {
-        id: serde_json::Value,
-        server_time: DateTime<Utc>,
-    },
+    Pong { id: serde_json::Value, server_time: DateTime<Utc> },
     /// Something the client sent could not be done; the connection stays up.
     Error {
         code: ErrorCode,
@@ -229,13 +211,7 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        ServerFrame::Error {
-            code,
-            message: message.into(),
-            client_id: None,
-            in_reply_to: None,
-            retry_after_ms: None,
-        }
+        ServerFrame::Error { code, message: message.into(), client_id: None, in_reply_to: None, retry_after_ms: None }
     }
 
     pub fn to_json(&self) -> String {

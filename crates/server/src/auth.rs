@@ -59,7 +59,8 @@ impl TokenKeys {
     pub fn issue(&self, user_id: Uuid, username: &str) -> String {
         let now = chrono::Utc::now().timestamp();
         let claims = Claims { sub: user_id, name: username.to_owned(), iat: now, exp: now + self.ttl.as_secs() as i64 };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing cannot fail")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
     }
 
     /// The user an expired (but genuinely signed) token belongs to, so a refused attempt can
@@ -72,12 +73,12 @@ impl TokenKeys {
 
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|d| d.claims).map_err(|e| {
+            match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
-            })
+            }
+        })
     }
 }
 
@@ -157,7 +158,9 @@ mod tests {
         assert_eq!(TokenKeys::new(b"other", Duration::from_secs(60)).verify(&t).unwrap_err(), TokenError::Invalid);
 
         let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60 };
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(b"secret-one")).unwrap();
+        let t =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(b"secret-one"))
+                .unwrap();
         assert_eq!(keys.verify(&t).unwrap_err(), TokenError::Expired);
         assert_eq!(keys.verify("not.a.jwt").unwrap_err(), TokenError::Invalid);
     }
@@ -167,11 +170,13 @@ mod tests {
         let keys = TokenKeys::new(b"secret", Duration::from_secs(60));
         let claims = Claims { sub: Uuid::new_v4(), name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() + 60 };
         // HS512 with the same secret: a valid signature, but not the algorithm we accept.
-        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"secret")).unwrap();
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"secret"))
+            .unwrap();
         assert_eq!(keys.verify(&t).unwrap_err(), TokenError::Invalid);
         // alg "none": header and payload with an empty signature.
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&serde_json::to_string(&claims).unwrap()));
+        let none =
+            format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&serde_json::to_string(&claims).unwrap()));
         assert_eq!(keys.verify(&none).unwrap_err(), TokenError::Invalid);
     }
 

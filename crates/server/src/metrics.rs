@@ -1,7 +1,6 @@
 //! Prometheus metrics (`GET /metrics`, OpenMetrics text), one registry per server so tests
 //! with several servers in one process don't mix their counts.
 
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -86,11 +85,27 @@ impl Default for Metrics {
         registry.register("ws_closes", "Socket closes by code and initiator", m.closes.clone());
         registry.register("chat_messages", "Chat messages received from and sent to clients", m.messages.clone());
         registry.register("ws_frames_dropped", "Frames still queued when their socket ended", m.frames_dropped.clone());
-        registry.register("ws_deltas_coalesced", "Reply deltas merged into a later frame for a slow reader", m.deltas_coalesced.clone());
-        registry.register("ws_outbound_queue_depth", "Frames waiting in a socket's queue, sampled at each send", m.outbound_queue_depth.clone());
-        registry.register("ws_handshake_duration_seconds", "Upgrade accepted to connection_established", m.handshake_seconds.clone());
+        registry.register(
+            "ws_deltas_coalesced",
+            "Reply deltas merged into a later frame for a slow reader",
+            m.deltas_coalesced.clone(),
+        );
+        registry.register(
+            "ws_outbound_queue_depth",
+            "Frames waiting in a socket's queue, sampled at each send",
+            m.outbound_queue_depth.clone(),
+        );
+        registry.register(
+            "ws_handshake_duration_seconds",
+            "Upgrade accepted to connection_established",
+            m.handshake_seconds.clone(),
+        );
         registry.register("message_ack_seconds", "Message received to ack sent", m.ack_seconds.clone());
-        registry.register("bot_first_token_seconds", "Message received to the bot's first token", m.first_token_seconds.clone());
+        registry.register(
+            "bot_first_token_seconds",
+            "Message received to the bot's first token",
+            m.first_token_seconds.clone(),
+        );
         registry.register("bot_errors", "Bot engine failures by error code", m.bot_errors.clone());
         registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
         Metrics { registry, ..m }

@@ -106,7 +106,10 @@ async fn serve(dir: Option<PathBuf>, uri: Uri, headers: HeaderMap) -> Response {
             .expect("valid response");
     }
     Response::builder()
-        .header(header::CONTENT_TYPE, HeaderValue::from_str(&file.mime).unwrap_or(HeaderValue::from_static("application/octet-stream")))
+        .header(
+            header::CONTENT_TYPE,
+            HeaderValue::from_str(&file.mime).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        )
         .header(header::ETAG, &file.etag)
         .header(header::CACHE_CONTROL, cache)
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")

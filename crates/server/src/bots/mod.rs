@@ -20,8 +20,8 @@ use uuid::Uuid;
 use crate::bus::{Bus, ConvEvent};
 use crate::cluster::NodeLease;
 use crate::metrics::{CodeLabel, Metrics};
-use tokio::time::Instant;
 use crate::store::{NewMessage, Store};
+use tokio::time::Instant;
 
 mod echo;
 mod openai;
@@ -134,7 +134,12 @@ impl DeltaSink for Sink {
                 None => return,
             }
         };
-        let event = ConvEvent::Delta { message_id: self.message_id, in_reply_to: self.in_reply_to, offset, delta: text.to_owned() };
+        let event = ConvEvent::Delta {
+            message_id: self.message_id,
+            in_reply_to: self.in_reply_to,
+            offset,
+            delta: text.to_owned(),
+        };
         if let Err(e) = self.replier.bus.publish(self.conversation_id, event).await {
             tracing::debug!(error = %e, "publishing a delta failed");
         }
@@ -142,7 +147,13 @@ impl DeltaSink for Sink {
 }
 
 impl Replier {
-    pub fn new(store: Arc<dyn Store>, bus: Arc<dyn Bus>, tasks: TaskTracker, limits: ReplierLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        tasks: TaskTracker,
+        limits: ReplierLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("natter/", env!("CARGO_PKG_VERSION")))
@@ -235,11 +246,19 @@ impl Replier {
     /// Starts the bot's reply to `message`. Returns at once; the reply arrives on the bus —
     /// or a `bot_busy` error, when the bot already has its fill of replies running and waiting.
     /// `received` is when the user's message arrived, for the time-to-first-token metric.
-    pub async fn spawn_reply(&self, spec: &EngineSpec, bot_id: Uuid, bot_name: &str, message: WireMessage, received: Instant) {
+    pub async fn spawn_reply(
+        &self,
+        spec: &EngineSpec,
+        bot_id: Uuid,
+        bot_name: &str,
+        message: WireMessage,
+        received: Instant,
+    ) {
         let conversation_id = message.conversation_id;
         let permits = {
             let mut reg = self.registry.lock().unwrap();
-            let (count, sem) = reg.load.entry(bot_id).or_insert_with(|| (0, Arc::new(Semaphore::new(self.limits.concurrency))));
+            let (count, sem) =
+                reg.load.entry(bot_id).or_insert_with(|| (0, Arc::new(Semaphore::new(self.limits.concurrency))));
             if *count >= self.limits.concurrency + self.limits.queue {
                 None
             } else {
@@ -276,7 +295,15 @@ impl Replier {
         });
     }
 
-    async fn run(&self, engine: Arc<dyn BotEngine>, context: u32, bot_id: Uuid, bot_name: String, message: WireMessage, received: Instant) {
+    async fn run(
+        &self,
+        engine: Arc<dyn BotEngine>,
+        context: u32,
+        bot_id: Uuid,
+        bot_name: String,
+        message: WireMessage,
+        received: Instant,
+    ) {
         let conversation_id = message.conversation_id;
         let in_reply_to = message.id;
         let message_id = Uuid::new_v4();
@@ -295,7 +322,8 @@ impl Replier {
         );
         let leased = self.lease(message_id, conversation_id, in_reply_to).await;
         let req = ReplyRequest { bot_id, bot_name, history, message };
-        let mut sink = Sink { replier: self.clone(), conversation_id, message_id, in_reply_to, received: Some(received) };
+        let mut sink =
+            Sink { replier: self.clone(), conversation_id, message_id, in_reply_to, received: Some(received) };
         let outcome = tokio::select! {
             r = engine.reply(&req, &mut sink) => Some(r),
             _ = cancel.cancelled() => None,

@@ -59,7 +59,12 @@ impl OpenAi {
         body
     }
 
-    async fn stream(&self, req: &ReplyRequest, sink: &mut dyn DeltaSink, first_deadline: Instant) -> Result<String, EngineError> {
+    async fn stream(
+        &self,
+        req: &ReplyRequest,
+        sink: &mut dyn DeltaSink,
+        first_deadline: Instant,
+    ) -> Result<String, EngineError> {
         let first_ms = self.spec.first_token_timeout_ms.unwrap_or(30_000);
         let no_token = || timed_out(format!("the provider sent no token within {first_ms} ms"));
         let url = format!("{}/chat/completions", self.spec.base_url.trim_end_matches('/'));
@@ -87,7 +92,9 @@ impl OpenAi {
             };
             let chunk = match next {
                 None => return Err(failed("the provider closed the stream before [DONE]".into())),
-                Some(Err(e)) => return Err(failed(format!("the connection to the provider broke mid-reply: {}", root_cause(&e)))),
+                Some(Err(e)) => {
+                    return Err(failed(format!("the connection to the provider broke mid-reply: {}", root_cause(&e))))
+                }
                 Some(Ok(c)) => c,
             };
             buf.extend_from_slice(&chunk);
@@ -100,10 +107,17 @@ impl OpenAi {
                 if data == "[DONE]" {
                     return Ok(text);
                 }
-                let v: Value = serde_json::from_str(data)
-                    .map_err(|_| failed(format!("malformed stream chunk from the provider: {}", data.chars().take(80).collect::<String>())))?;
+                let v: Value = serde_json::from_str(data).map_err(|_| {
+                    failed(format!(
+                        "malformed stream chunk from the provider: {}",
+                        data.chars().take(80).collect::<String>()
+                    ))
+                })?;
                 if v.get("error").is_some() {
-                    return Err(failed(format!("the provider reported an error mid-stream: {}", provider_message(data))));
+                    return Err(failed(format!(
+                        "the provider reported an error mid-stream: {}",
+                        provider_message(data)
+                    )));
                 }
                 if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
                     if !piece.is_empty() {

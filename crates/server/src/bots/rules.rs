@@ -30,8 +30,7 @@ impl Rules {
                 Rule::Regex { regex, reply } => Regex::new(regex).ok().map(|re| (Matcher::Regex(re), reply.clone())),
             })
             .collect();
-        let fallback =
-            spec.fallback.clone().unwrap_or_else(|| "Sorry, I don't have an answer for that.".to_owned());
+        let fallback = spec.fallback.clone().unwrap_or_else(|| "Sorry, I don't have an answer for that.".to_owned());
         Rules { rules, fallback }
     }
 

@@ -113,7 +113,10 @@ impl EngineSpec {
             None => return Err(bad("engine.kind is missing".into())),
         };
         if !ENGINE_KINDS.contains(&kind) {
-            return Err(bad(format!("engine.kind: unknown engine kind {kind:?}; expected one of {}", ENGINE_KINDS.join(", "))));
+            return Err(bad(format!(
+                "engine.kind: unknown engine kind {kind:?}; expected one of {}",
+                ENGINE_KINDS.join(", ")
+            )));
         }
         let spec: EngineSpec = serde_json::from_value(v.clone()).map_err(|e| bad(format!("engine ({kind}): {e}")))?;
         spec.validate()?;
@@ -131,15 +134,21 @@ impl EngineSpec {
                     match rule {
                         Rule::Keywords { keywords, reply } => {
                             if keywords.is_empty() || keywords.iter().any(|k| k.trim().is_empty()) {
-                                return Err(bad(format!("engine.rules[{i}].keywords: give one or more non-empty keywords")));
+                                return Err(bad(format!(
+                                    "engine.rules[{i}].keywords: give one or more non-empty keywords"
+                                )));
                             }
                             if reply.is_empty() {
                                 return Err(bad(format!("engine.rules[{i}].reply: must not be empty")));
                             }
                         }
                         Rule::Regex { regex, reply } => {
-                            regex::Regex::new(regex)
-                                .map_err(|e| bad(format!("engine.rules[{i}].regex: invalid regex: {}", e.to_string().replace('\n', " "))))?;
+                            regex::Regex::new(regex).map_err(|e| {
+                                bad(format!(
+                                    "engine.rules[{i}].regex: invalid regex: {}",
+                                    e.to_string().replace('\n', " ")
+                                ))
+                            })?;
                             if reply.is_empty() {
                                 return Err(bad(format!("engine.rules[{i}].reply: must not be empty")));
                             }
@@ -241,13 +250,16 @@ mod tests {
         assert!(err(json!({"kind": "echo", "x": 1})).contains("unknown field `x`"));
         let rules = json!({"kind": "rules", "rules": [{"keywords": ["price"], "reply": "10 EUR"}, {"regex": "^hi\\b", "reply": "hello"}], "fallback": "?"});
         assert!(matches!(EngineSpec::parse(&rules).unwrap(), EngineSpec::Rules(_)));
-        let e = err(json!({"kind": "rules", "rules": [{"keywords": ["a"], "reply": "b"}, {"regex": "(", "reply": "x"}]}));
+        let e =
+            err(json!({"kind": "rules", "rules": [{"keywords": ["a"], "reply": "b"}, {"regex": "(", "reply": "x"}]}));
         assert!(e.starts_with("engine.rules[1].regex: invalid regex"), "{e}");
         assert!(err(json!({"kind": "rules", "rules": []})).contains("at least one rule"));
         assert!(err(json!({"kind": "openai", "base_url": "http://x"})).contains("model"));
         assert!(err(json!({"kind": "openai", "base_url": "ftp://x", "model": "m"})).starts_with("engine.base_url"));
-        assert!(err(json!({"kind": "openai", "base_url": "http://x", "model": "m", "temperature": 3})).starts_with("engine.temperature"));
-        let ok = json!({"kind": "openai", "base_url": "http://localhost:11434/v1", "model": "llama3", "api_key": "sk-1"});
+        assert!(err(json!({"kind": "openai", "base_url": "http://x", "model": "m", "temperature": 3}))
+            .starts_with("engine.temperature"));
+        let ok =
+            json!({"kind": "openai", "base_url": "http://localhost:11434/v1", "model": "llama3", "api_key": "sk-1"});
         assert!(matches!(EngineSpec::parse(&ok).unwrap(), EngineSpec::Openai(_)));
         assert!(err(json!({"kind": "webhook", "url": "http://x/hook"})).starts_with("engine.secret"));
         assert!(err(json!({"kind": "webhook", "url": "nope", "secret": "0123456789abcdef"})).starts_with("engine.url"));
@@ -256,7 +268,10 @@ mod tests {
     #[test]
     fn secrets_are_hidden_and_kept() {
         let stored = json!({"kind": "openai", "base_url": "http://x", "model": "m", "api_key": "sk-123"});
-        assert_eq!(EngineSpec::public_view(&stored), json!({"kind": "openai", "base_url": "http://x", "model": "m", "api_key_set": true}));
+        assert_eq!(
+            EngineSpec::public_view(&stored),
+            json!({"kind": "openai", "base_url": "http://x", "model": "m", "api_key_set": true})
+        );
         let mut update = json!({"kind": "openai", "base_url": "http://x", "model": "m2"});
         EngineSpec::keep_secrets(&mut update, &stored);
         assert_eq!(update["api_key"], "sk-123");

@@ -69,7 +69,10 @@ impl Webhook {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.starts_with("application/x-ndjson") || c.starts_with("application/jsonl"));
         if !ndjson {
-            let text = resp.text().await.map_err(|e| failed(format!("reading the webhook's answer failed: {}", root_cause(&e))))?;
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| failed(format!("reading the webhook's answer failed: {}", root_cause(&e))))?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|_| failed("the webhook's answer is not JSON {\"reply\": \"…\"} nor NDJSON".into()))?;
             return v["reply"]
@@ -83,7 +86,9 @@ impl Webhook {
         loop {
             match bytes.next().await {
                 None => break,
-                Some(Err(e)) => return Err(failed(format!("the webhook's stream broke mid-reply: {}", root_cause(&e)))),
+                Some(Err(e)) => {
+                    return Err(failed(format!("the webhook's stream broke mid-reply: {}", root_cause(&e))))
+                }
                 Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
             }
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -104,9 +109,12 @@ impl Webhook {
         if line.is_empty() {
             return Ok(());
         }
-        let v: Value = serde_json::from_str(line)
-            .map_err(|_| failed(format!("malformed NDJSON line from the webhook: {}", line.chars().take(80).collect::<String>())))?;
-        let piece = v["delta"].as_str().ok_or_else(|| failed("an NDJSON line from the webhook has no string field \"delta\"".into()))?;
+        let v: Value = serde_json::from_str(line).map_err(|_| {
+            failed(format!("malformed NDJSON line from the webhook: {}", line.chars().take(80).collect::<String>()))
+        })?;
+        let piece = v["delta"]
+            .as_str()
+            .ok_or_else(|| failed("an NDJSON line from the webhook has no string field \"delta\"".into()))?;
         if !piece.is_empty() {
             text.push_str(piece);
             sink.delta(piece).await;
@@ -119,9 +127,10 @@ impl Webhook {
 impl BotEngine for Webhook {
     async fn reply(&self, req: &ReplyRequest, sink: &mut dyn DeltaSink) -> Result<String, EngineError> {
         let ms = self.spec.timeout_ms.unwrap_or(30_000);
-        tokio::time::timeout(Duration::from_millis(ms), self.call(req, sink))
-            .await
-            .map_err(|_| EngineError { code: ErrorCode::BotTimeout, message: format!("the webhook took longer than {ms} ms") })?
+        tokio::time::timeout(Duration::from_millis(ms), self.call(req, sink)).await.map_err(|_| EngineError {
+            code: ErrorCode::BotTimeout,
+            message: format!("the webhook took longer than {ms} ms"),
+        })?
     }
 }
 

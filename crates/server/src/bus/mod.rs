@@ -207,9 +207,12 @@ mod tests {
         let conv = Uuid::new_v4();
         let mut sub = bus.subscribe(conv).await.unwrap();
         for i in 0..10 {
-            bus.publish(conv, ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), offset: 0, delta: i.to_string() })
-                .await
-                .unwrap();
+            bus.publish(
+                conv,
+                ConvEvent::Delta { message_id: Uuid::nil(), in_reply_to: Uuid::nil(), offset: 0, delta: i.to_string() },
+            )
+            .await
+            .unwrap();
         }
         assert!(matches!(sub.recv().await, Received::Lagged(6)));
     }

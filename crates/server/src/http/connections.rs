@@ -52,7 +52,11 @@ pub async fn list(
 #[utoipa::path(get, path = "/api/connections/{attempt_id}", tag = "connections", security(("bearer" = [])),
     params(("attempt_id" = Uuid, Path, description = "The attempt id the client passed, or the connection id")),
     responses((status = 200, body = ConnectionRecord), (status = 404, body = natter_proto::api::ErrorBody)))]
-pub async fn get(State(state): State<AppState>, user: AuthUser, ApiPath(id): ApiPath<Uuid>) -> ApiResult<Json<ConnectionRecord>> {
+pub async fn get(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult<Json<ConnectionRecord>> {
     let not_found = || ApiError::not_found(format!("no connection attempt {id} of yours"));
     let rec = state.store.connection(id).await?.ok_or_else(not_found)?;
     // Someone else's attempt looks like no attempt at all, unless the caller is an admin.

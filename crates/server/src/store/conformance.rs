@@ -342,7 +342,8 @@ macro_rules! test_both_stores {
 
             #[tokio::test]
             async fn postgres() {
-                let Some(schema) = crate::store::postgres::TestSchema::from_env(concat!(module_path!(), "::postgres")).await
+                let Some(schema) =
+                    crate::store::postgres::TestSchema::from_env(concat!(module_path!(), "::postgres")).await
                 else {
                     return;
                 };
@@ -362,11 +363,17 @@ async fn connection_slots(store: Arc<dyn Store>) {
     let a = slot(user, now + Duration::seconds(10));
     assert!(store.claim_slot(a, 2, now).await.unwrap());
     assert!(store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap());
-    assert!(!store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(), "third is over the limit");
+    assert!(
+        !store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(),
+        "third is over the limit"
+    );
     assert!(store.claim_slot(slot(other, now + Duration::seconds(10)), 2, now).await.unwrap(), "limits are per user");
     store.release_slot(a.connection_id).await.unwrap();
     store.release_slot(Uuid::new_v4()).await.unwrap();
-    assert!(store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(), "a released slot is free");
+    assert!(
+        store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(),
+        "a released slot is free"
+    );
 
     // A dead node's slots stop counting when their lease ends; a live node renews its own.
     let later = now + Duration::seconds(20);

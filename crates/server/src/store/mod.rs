@@ -213,7 +213,12 @@ pub trait Store: Coordination + Send + Sync + 'static {
     async fn record_connections(&self, rows: &[ConnectionRecord]) -> StoreResult<()>;
     /// The newest ledger rows, newest first: of one user (or everyone's with `None`), of one
     /// bot if given.
-    async fn connections(&self, user_id: Option<Uuid>, bot_id: Option<Uuid>, limit: u32) -> StoreResult<Vec<ConnectionRecord>>;
+    async fn connections(
+        &self,
+        user_id: Option<Uuid>,
+        bot_id: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<ConnectionRecord>>;
     /// The newest ledger row with this attempt id (or connection id).
     async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>>;
     /// Deletes rows started before `older_than`, and the oldest beyond `keep` rows. Returns

@@ -381,7 +381,10 @@ impl Store for PostgresStore {
     }
 
     async fn conversations_of_bot(&self, bot_id: Uuid) -> StoreResult<Vec<Uuid>> {
-        Ok(sqlx::query_scalar("SELECT id FROM conversations WHERE bot_id = $1").bind(bot_id).fetch_all(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT id FROM conversations WHERE bot_id = $1")
+            .bind(bot_id)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation> {

@@ -365,7 +365,9 @@ impl Store for SqliteStore {
             .bind(bot_id.to_string())
             .fetch_all(&self.read)
             .await?;
-        ids.iter().map(|s| Uuid::parse_str(s).map_err(|e| StoreError::Backend(format!("bad conversation id: {e}")))).collect()
+        ids.iter()
+            .map(|s| Uuid::parse_str(s).map_err(|e| StoreError::Backend(format!("bad conversation id: {e}"))))
+            .collect()
     }
 
     async fn conversation(&self, user_id: Uuid, bot_id: Uuid) -> StoreResult<Conversation> {
@@ -548,7 +550,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn connections(&self, user_id: Option<Uuid>, bot_id: Option<Uuid>, limit: u32) -> StoreResult<Vec<ConnectionRecord>> {
+    async fn connections(
+        &self,
+        user_id: Option<Uuid>,
+        bot_id: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<ConnectionRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {LEDGER_COLS} FROM connections WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR bot_id = ?2) \
              ORDER BY started_at DESC, connection_id LIMIT ?3"
@@ -573,7 +580,10 @@ impl Store for SqliteStore {
 
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
         let mut tx = self.write.begin().await?;
-        let old = sqlx::query("DELETE FROM connections WHERE started_at < ?").bind(millis(older_than)).execute(&mut *tx).await?;
+        let old = sqlx::query("DELETE FROM connections WHERE started_at < ?")
+            .bind(millis(older_than))
+            .execute(&mut *tx)
+            .await?;
         let over = sqlx::query(
             "DELETE FROM connections WHERE connection_id IN \
              (SELECT connection_id FROM connections ORDER BY started_at DESC, connection_id LIMIT -1 OFFSET ?)",
@@ -716,7 +726,10 @@ impl Coordination for SqliteStore {
     }
 
     async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
-        sqlx::query("DELETE FROM generations WHERE message_id = ?").bind(message_id.to_string()).execute(&self.write).await?;
+        sqlx::query("DELETE FROM generations WHERE message_id = ?")
+            .bind(message_id.to_string())
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 
@@ -738,27 +751,33 @@ impl Coordination for SqliteStore {
             if stored.is_some() {
                 continue;
             }
-            let Some(seq) =
-                sqlx::query_scalar::<_, i64>("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
-                    .bind(&conv)
-                    .fetch_optional(&mut *tx)
-                    .await?
+            let Some(seq) = sqlx::query_scalar::<_, i64>(
+                "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+            )
+            .bind(&conv)
+            .fetch_optional(&mut *tx)
+            .await?
             else {
                 continue;
             };
             let created = millis(Utc::now());
             let text: String = row.try_get("text")?;
             let in_reply_to: String = row.try_get("in_reply_to")?;
-            sqlx::query(&format!("INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, 'bot', ?, NULL, ?, 'incomplete', ?)"))
+            sqlx::query(&format!(
+                "INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, 'bot', ?, NULL, ?, 'incomplete', ?)"
+            ))
+            .bind(&id)
+            .bind(&conv)
+            .bind(seq)
+            .bind(&text)
+            .bind(&in_reply_to)
+            .bind(created)
+            .execute(&mut *tx)
+            .await?;
+            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE id = ?"))
                 .bind(&id)
-                .bind(&conv)
-                .bind(seq)
-                .bind(&text)
-                .bind(&in_reply_to)
-                .bind(created)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await?;
-            let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE id = ?")).bind(&id).fetch_one(&mut *tx).await?;
             recovered.push(message_from_row(&row)?);
         }
         tx.commit().await?;

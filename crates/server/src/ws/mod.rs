@@ -69,10 +69,16 @@ impl std::fmt::Debug for ConnectRequest {
 }
 
 impl ConnectRequest {
-    fn from_parts(bot_id: String, mut query: HashMap<String, String>, headers: &HeaderMap, remote: Option<SocketAddr>) -> Self {
+    fn from_parts(
+        bot_id: String,
+        mut query: HashMap<String, String>,
+        headers: &HeaderMap,
+        remote: Option<SocketAddr>,
+    ) -> Self {
         let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let bearer = header(header::AUTHORIZATION)
-            .and_then(|v| v.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim().to_owned()));
+        let bearer = header(header::AUTHORIZATION).and_then(|v| {
+            v.split_once(' ').filter(|(s, _)| s.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim().to_owned())
+        });
         ConnectRequest {
             bot_id,
             token: query.remove("token").or(bearer),
@@ -145,7 +151,8 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
             return Err(refuse(CloseCode::OriginNotAllowed, format!("origin {origin} is not allowed")));
         }
     }
-    let bot_id = Uuid::parse_str(&req.bot_id).map_err(|_| refuse(CloseCode::BadRequest, "bot id is not a valid UUID"))?;
+    let bot_id =
+        Uuid::parse_str(&req.bot_id).map_err(|_| refuse(CloseCode::BadRequest, "bot id is not a valid UUID"))?;
     let after_seq = match &req.after_seq {
         None => None,
         Some(s) => match s.parse::<i64>() {
@@ -155,7 +162,9 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     };
     let attempt_id = match &req.attempt_id {
         None => None,
-        Some(s) => Some(Uuid::parse_str(s).map_err(|_| refuse(CloseCode::BadRequest, "attempt_id is not a valid UUID"))?),
+        Some(s) => {
+            Some(Uuid::parse_str(s).map_err(|_| refuse(CloseCode::BadRequest, "attempt_id is not a valid UUID"))?)
+        }
     };
 
     let user = authenticate(state, req, bot_id, mode).await?;
@@ -187,7 +196,10 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
         }
     }
     if state.hub.len() >= state.config.limits.max_connections {
-        return Err(with_user(CloseCode::TryAgainLater, format!("server is at its connection limit; retry_after_ms={OVERLOAD_RETRY_MS}")));
+        return Err(with_user(
+            CloseCode::TryAgainLater,
+            format!("server is at its connection limit; retry_after_ms={OVERLOAD_RETRY_MS}"),
+        ));
     }
     let max = state.config.limits.max_connections_per_user;
     if state.hub.user_count(user.id) >= max {
@@ -211,9 +223,18 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
             })?
             .ok_or_else(|| refuse(CloseCode::Unauthorized, "ticket is unknown, expired or already used"))?;
         if ticket_bot != bot_id {
-            return Err(Refusal { user_id: Some(user_id), ..refuse(CloseCode::Unauthorized, "ticket was issued for another bot") });
+            return Err(Refusal {
+                user_id: Some(user_id),
+                ..refuse(CloseCode::Unauthorized, "ticket was issued for another bot")
+            });
         }
-        let user = state.store.user_by_id(user_id).await.ok().flatten().ok_or_else(|| refuse(CloseCode::Unauthorized, "ticket's user no longer exists"))?;
+        let user = state
+            .store
+            .user_by_id(user_id)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| refuse(CloseCode::Unauthorized, "ticket's user no longer exists"))?;
         return Ok(UserRef { id: user.id, username: user.username });
     }
     let Some(token) = &req.token else {
@@ -274,15 +295,28 @@ pub async fn preflight(
 
 #[utoipa::path(post, path = "/api/ws/ticket", tag = "chat", security(("bearer" = [])), request_body = TicketRequest,
     responses((status = 200, body = TicketResponse), (status = 403, body = natter_proto::api::ErrorBody), (status = 404, body = natter_proto::api::ErrorBody)))]
-pub async fn ticket(State(state): State<AppState>, user: AuthUser, ApiJson(body): ApiJson<TicketRequest>) -> ApiResult<Json<TicketResponse>> {
-    let bot = state.store.bot(body.bot_id).await?.ok_or_else(|| ApiError::not_found(format!("no bot with id {}", body.bot_id)))?;
+pub async fn ticket(
+    State(state): State<AppState>,
+    user: AuthUser,
+    ApiJson(body): ApiJson<TicketRequest>,
+) -> ApiResult<Json<TicketResponse>> {
+    let bot = state
+        .store
+        .bot(body.bot_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no bot with id {}", body.bot_id)))?;
     if state.store.bot_role(&bot, user.id).await?.is_none() {
         return Err(ApiError::forbidden("this bot is private and not shared with you"));
     }
     let ticket = new_opaque_token();
     state
         .store
-        .create_ticket(&hash_opaque(&ticket), user.id, bot.id, Utc::now() + chrono::Duration::seconds(TICKET_TTL_SECS as i64))
+        .create_ticket(
+            &hash_opaque(&ticket),
+            user.id,
+            bot.id,
+            Utc::now() + chrono::Duration::seconds(TICKET_TTL_SECS as i64),
+        )
         .await?;
     Ok(Json(TicketResponse { ticket, expires_in: TICKET_TTL_SECS }))
 }

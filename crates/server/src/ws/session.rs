@@ -80,7 +80,9 @@ impl Writer {
                 let (msg, last) = match out {
                     Out::Text(t) => (Message::Text(t), false),
                     Out::Ping => (Message::Ping(Default::default()), false),
-                    Out::Close(code, reason) => (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+                    Out::Close(code, reason) => {
+                        (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true)
+                    }
                 };
                 if sink.send(msg).await.is_err() || last {
                     break;
@@ -375,11 +377,17 @@ const FINISHED_MEMORY: usize = 64;
 const DELTA_FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 impl<'w> Session<'w> {
-    async fn start(state: &AppState, admitted: Admitted, connection_id: Uuid, writer: &'w Writer) -> Result<Session<'w>, End> {
+    async fn start(
+        state: &AppState,
+        admitted: Admitted,
+        connection_id: Uuid,
+        writer: &'w Writer,
+    ) -> Result<Session<'w>, End> {
         let conv_id = admitted.conversation.id;
         // The per-user limit across every node (the hub counts this node's sockets only).
         let max = state.config.limits.max_connections_per_user;
-        let shared_slot = state.cluster.claim_slot(connection_id, admitted.user.id, max).await.map_err(|(c, r)| End::Close(c, r))?;
+        let shared_slot =
+            state.cluster.claim_slot(connection_id, admitted.user.id, max).await.map_err(|(c, r)| End::Close(c, r))?;
         // Subscribe before reading last_seq: whatever is committed after this is on the bus.
         let sub = state.bus.subscribe(conv_id).await.map_err(|e| {
             tracing::warn!(error = %e, "bus unavailable");
@@ -404,24 +412,25 @@ impl<'w> Session<'w> {
             counters: Counters::default(),
             admitted,
         };
-        session.send(&ServerFrame::ConnectionEstablished {
-            connection_id,
-            protocol_version: natter_proto::PROTOCOL_VERSION,
-            user: session.admitted.user.clone(),
-            bot: BotRef { id: session.admitted.bot.id, name: session.admitted.bot.name.clone() },
-            conversation_id: conv_id,
-            last_seq,
-            heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
-            server_time: chrono::Utc::now(),
-            limits: WireLimits {
-                max_frame_bytes: limits.max_frame_bytes,
-                max_content_chars: limits.max_content_chars,
-                max_connections_per_user: limits.max_connections_per_user,
-                messages_per_second: limits.messages_per_second,
-                message_burst: limits.message_burst,
-            },
-        })
-        .await?;
+        session
+            .send(&ServerFrame::ConnectionEstablished {
+                connection_id,
+                protocol_version: natter_proto::PROTOCOL_VERSION,
+                user: session.admitted.user.clone(),
+                bot: BotRef { id: session.admitted.bot.id, name: session.admitted.bot.name.clone() },
+                conversation_id: conv_id,
+                last_seq,
+                heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+                server_time: chrono::Utc::now(),
+                limits: WireLimits {
+                    max_frame_bytes: limits.max_frame_bytes,
+                    max_content_chars: limits.max_content_chars,
+                    max_connections_per_user: limits.max_connections_per_user,
+                    messages_per_second: limits.messages_per_second,
+                    message_burst: limits.message_burst,
+                },
+            })
+            .await?;
         if session.admitted.after_seq.is_some() {
             session.fill_to(i64::MAX).await?;
         }
@@ -607,20 +616,24 @@ impl<'w> Session<'w> {
                     self.on_delta(*message_id, *in_reply_to, *offset, delta)
                 }
                 ConvEvent::BotChanged => self.recheck_bot().await,
-                ConvEvent::BotError { code, message, in_reply_to } => self.send(&ServerFrame::Error {
-                    code: *code,
-                    message: message.clone(),
-                    client_id: None,
-                    in_reply_to: Some(*in_reply_to),
-                    retry_after_ms: None,
-                })
-                .await,
+                ConvEvent::BotError { code, message, in_reply_to } => {
+                    self.send(&ServerFrame::Error {
+                        code: *code,
+                        message: message.clone(),
+                        client_id: None,
+                        in_reply_to: Some(*in_reply_to),
+                        retry_after_ms: None,
+                    })
+                    .await
+                }
             },
             Received::Lagged(n) => {
                 tracing::debug!(missed = n, "bus lagged; catching up from the store");
                 self.fill_to(i64::MAX).await
             }
-            Received::Closed => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
+            Received::Closed => {
+                Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into()))
+            }
         }
     }
 
@@ -631,7 +644,8 @@ impl<'w> Session<'w> {
             Some(b) => b,
             None => return Err(End::Close(CloseCode::BotNotFound, "this bot was deleted".into())),
         };
-        let role = store.bot_role(&bot, self.admitted.user.id).await.map_err(|e| internal_end("re-reading access", e))?;
+        let role =
+            store.bot_role(&bot, self.admitted.user.id).await.map_err(|e| internal_end("re-reading access", e))?;
         if role.is_none() {
             return Err(End::Close(CloseCode::Forbidden, "access to this bot was revoked".into()));
         }
@@ -648,7 +662,10 @@ impl<'w> Session<'w> {
             None => return Err(End::Network("connection dropped without a close frame".into())),
             Some(Err(e)) => {
                 let text = e.to_string();
-                if text.contains("Message too long") || text.contains("Space limit exceeded") || text.contains("too long") {
+                if text.contains("Message too long")
+                    || text.contains("Space limit exceeded")
+                    || text.contains("too long")
+                {
                     return Err(End::Close(
                         CloseCode::FrameTooLarge,
                         format!("frame larger than {} bytes", self.state.config.limits.max_frame_bytes),
@@ -669,11 +686,13 @@ impl<'w> Session<'w> {
                 Ok(frame) => self.on_client_frame(frame).await,
                 Err(e) => self.send(&ServerFrame::error(e.code, e.message)).await,
             },
-            Message::Binary(_) => self.send(&ServerFrame::error(
-                ErrorCode::BinaryNotSupported,
-                "binary frames are not part of the protocol; send JSON text frames",
-            ))
-            .await,
+            Message::Binary(_) => {
+                self.send(&ServerFrame::error(
+                    ErrorCode::BinaryNotSupported,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                ))
+                .await
+            }
             Message::Ping(_) | Message::Pong(_) => Ok(()),
             Message::Close(c) => Err(End::ClientClosed(c.map(|c| c.code))),
         }
@@ -682,22 +701,40 @@ impl<'w> Session<'w> {
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
         match frame {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
-            ClientFrame::Cancel { message_id } if self.state.replier.cancel(self.admitted.conversation.id, message_id) => Ok(()),
-            ClientFrame::Cancel { message_id } => self.send(&ServerFrame::Error {
-                code: ErrorCode::UnknownMessage,
-                message: format!("no reply in progress has message_id {message_id}"),
-                client_id: None,
-                in_reply_to: None,
-                retry_after_ms: None,
-            })
-            .await,
+            ClientFrame::Cancel { message_id }
+                if self.state.replier.cancel(self.admitted.conversation.id, message_id) =>
+            {
+                Ok(())
+            }
+            ClientFrame::Cancel { message_id } => {
+                self.send(&ServerFrame::Error {
+                    code: ErrorCode::UnknownMessage,
+                    message: format!("no reply in progress has message_id {message_id}"),
+                    client_id: None,
+                    in_reply_to: None,
+                    retry_after_ms: None,
+                })
+                .await
+            }
             ClientFrame::Message { client_id, content } => self.on_message(client_id, content).await,
         }
     }
 
-    async fn reject(&mut self, code: ErrorCode, message: String, client_id: &str, retry_after_ms: Option<u64>) -> Result<(), End> {
-        self.send(&ServerFrame::Error { code, message, client_id: Some(client_id.to_owned()), in_reply_to: None, retry_after_ms })
-            .await
+    async fn reject(
+        &mut self,
+        code: ErrorCode,
+        message: String,
+        client_id: &str,
+        retry_after_ms: Option<u64>,
+    ) -> Result<(), End> {
+        self.send(&ServerFrame::Error {
+            code,
+            message,
+            client_id: Some(client_id.to_owned()),
+            in_reply_to: None,
+            retry_after_ms,
+        })
+        .await
     }
 
     async fn on_message(&mut self, client_id: String, content: String) -> Result<(), End> {
@@ -706,7 +743,14 @@ impl<'w> Session<'w> {
         let limits = &self.state.config.limits;
         let id_len = client_id.chars().count();
         if !(1..=64).contains(&id_len) {
-            return self.reject(ErrorCode::InvalidClientId, format!("client_id must be 1 to 64 characters, got {id_len}"), &client_id, None).await;
+            return self
+                .reject(
+                    ErrorCode::InvalidClientId,
+                    format!("client_id must be 1 to 64 characters, got {id_len}"),
+                    &client_id,
+                    None,
+                )
+                .await;
         }
         if content.trim().is_empty() {
             return self.reject(ErrorCode::EmptyContent, "content is empty".into(), &client_id, None).await;
@@ -714,17 +758,25 @@ impl<'w> Session<'w> {
         let chars = content.chars().count();
         if chars > limits.max_content_chars {
             let max = limits.max_content_chars;
-            return self.reject(ErrorCode::ContentTooLong, format!("content is {chars} characters; the limit is {max}"), &client_id, None).await;
+            return self
+                .reject(
+                    ErrorCode::ContentTooLong,
+                    format!("content is {chars} characters; the limit is {max}"),
+                    &client_id,
+                    None,
+                )
+                .await;
         }
         if let Err(wait) = self.bucket.take() {
             let ms = wait.as_millis() as u64 + 1;
-            return self.reject(
-                ErrorCode::RateLimited,
-                format!("too many messages; wait {ms} ms before sending again"),
-                &client_id,
-                Some(ms),
-            )
-            .await;
+            return self
+                .reject(
+                    ErrorCode::RateLimited,
+                    format!("too many messages; wait {ms} ms before sending again"),
+                    &client_id,
+                    Some(ms),
+                )
+                .await;
         }
         let conv = self.admitted.conversation.id;
         let appended = self
@@ -746,7 +798,8 @@ impl<'w> Session<'w> {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
         }
-        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate }).await?;
+        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate })
+            .await?;
         self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
             let message = appended.message;

@@ -45,7 +45,10 @@ fn chunk(piece: &str) -> Option<String> {
 }
 
 fn tokens(words: &[&str], delay: u64) -> Vec<(u64, Option<String>)> {
-    let mut items = vec![(0, Some(": keep-alive comment\n\n".to_string())), (0, Some("data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n".into()))];
+    let mut items = vec![
+        (0, Some(": keep-alive comment\n\n".to_string())),
+        (0, Some("data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n".into())),
+    ];
     items.extend(words.iter().map(|w| (delay, chunk(w))));
     items
 }
@@ -59,11 +62,17 @@ async fn completions(State(seen): State<Shared>, headers: HeaderMap, body: Strin
     let done = (0, Some("data: [DONE]\n\n".to_string()));
     let items = match body["model"].as_str().unwrap() {
         "ok" => [tokens(&["Hel", "lo", " wörld"], 5), vec![done]].concat(),
-        "slow" => [tokens(&["one ", "two ", "three ", "four ", "five ", "six ", "seven ", "eight ", "nine ", "ten"], 150), vec![done]].concat(),
+        "slow" => [
+            tokens(&["one ", "two ", "three ", "four ", "five ", "six ", "seven ", "eight ", "nine ", "ten"], 150),
+            vec![done],
+        ]
+        .concat(),
         "slow-first" => [vec![(3_000, chunk("late"))], vec![done]].concat(),
-        "mid-error" => {
-            [tokens(&["partial ", "answer"], 5), vec![(0, Some("data: {\"error\":{\"message\":\"model overloaded\"}}\n\n".into()))]].concat()
-        }
+        "mid-error" => [
+            tokens(&["partial ", "answer"], 5),
+            vec![(0, Some("data: {\"error\":{\"message\":\"model overloaded\"}}\n\n".into()))],
+        ]
+        .concat(),
         "cut" => [tokens(&["cut ", "off"], 5), vec![(20, None)]].concat(),
         "malformed" => vec![(0, Some("data: {not json\n\n".into()))],
         "flood" => {
@@ -71,10 +80,15 @@ async fn completions(State(seen): State<Shared>, headers: HeaderMap, body: Strin
             [tokens(&words.iter().map(String::as_str).collect::<Vec<_>>(), 0), vec![done]].concat()
         }
         "error-500" => {
-            return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": {"message": "the engine is on fire"}}))).into_response()
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": {"message": "the engine is on fire"}})),
+            )
+                .into_response()
         }
         "error-401" => {
-            return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"message": "Incorrect API key provided"}}))).into_response()
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": {"message": "Incorrect API key provided"}})))
+                .into_response()
         }
         other => panic!("unknown test model {other}"),
     };
@@ -136,8 +150,12 @@ async fn openai_reply_streams_token_by_token_with_history_and_key() {
     let requests = seen.lock().unwrap().requests.clone();
     let (auth, body) = &requests[1];
     assert_eq!(auth.as_deref(), Some("Bearer sk-test-secret-key"));
-    let roles: Vec<(&str, &str)> =
-        body["messages"].as_array().unwrap().iter().map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap())).collect();
+    let roles: Vec<(&str, &str)> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
     assert_eq!(
         roles,
         vec![("system", "You are terse."), ("user", "first"), ("assistant", "Hello wörld"), ("user", "second")],
@@ -149,7 +167,11 @@ async fn openai_reply_streams_token_by_token_with_history_and_key() {
     assert_eq!(view["engine"]["api_key_set"], true);
     assert!(!view.to_string().contains("sk-test-secret-key"));
     let (status, view) = app
-        .patch(&format!("/api/bots/{bot}"), Some(&alice.token), json!({"engine": {"kind": "openai", "base_url": url, "model": "ok"}}))
+        .patch(
+            &format!("/api/bots/{bot}"),
+            Some(&alice.token),
+            json!({"engine": {"kind": "openai", "base_url": url, "model": "ok"}}),
+        )
         .await;
     assert_eq!(status, 200, "{view}");
     let mut ws = app.ws(bot, &alice.token, "").await;
@@ -167,7 +189,12 @@ async fn provider_failures_become_error_frames_and_the_socket_stays_up() {
     let app = TestApp::spawn().await;
     let alice = app.user("alice").await;
     let cases: Vec<(&str, ErrorCode, &str, Option<&str>)> = vec![
-        ("error-500", ErrorCode::BotError, "the provider answered 500 Internal Server Error: the engine is on fire", None),
+        (
+            "error-500",
+            ErrorCode::BotError,
+            "the provider answered 500 Internal Server Error: the engine is on fire",
+            None,
+        ),
         ("error-401", ErrorCode::BotError, "Incorrect API key provided", None),
         ("mid-error", ErrorCode::BotError, "model overloaded", Some("partial answer")),
         ("cut", ErrorCode::BotError, "broke mid-reply", Some("cut off")),
@@ -192,7 +219,9 @@ async fn provider_failures_become_error_frames_and_the_socket_stays_up() {
         assert_eq!(err.2, Some(sent.id));
         match partial {
             Some(text) => {
-                let ServerFrame::Message { message } = ws.frame().await else { panic!("{model}: partial reply stored") };
+                let ServerFrame::Message { message } = ws.frame().await else {
+                    panic!("{model}: partial reply stored")
+                };
                 assert_eq!((message.content.as_str(), message.status), (text, MessageStatus::Incomplete), "{model}");
             }
             None => assert!(ws.next_within(Duration::from_millis(200)).await.is_none(), "{model}: nothing stored"),
@@ -298,7 +327,9 @@ async fn a_slow_reader_gets_coalesced_deltas_instead_of_a_close() {
     let app = TestApp::spawn_with(|c| c.limits.outbound_queue = 4).await;
     let alice = app.user("alice").await;
     let bot = openai_bot(&app, &alice, &url, "flood", json!({})).await;
-    let mut ws = WsClient::connect_small_buffer(&app.ws_url(&bot.to_string(), &format!("token={}", alice.token)), app.addr).await;
+    let mut ws =
+        WsClient::connect_small_buffer(&app.ws_url(&bot.to_string(), &format!("token={}", alice.token)), app.addr)
+            .await;
     ws.established().await;
     ws.say("c1", "flood me").await;
     // Read nothing until all 6 MB of the reply are produced and stored.
@@ -366,13 +397,19 @@ async fn rules_bot_answers_offline() {
     let bot: Uuid = v["id"].as_str().unwrap().parse().unwrap();
     let mut ws = app.ws(bot, &alice.token, "").await;
     ws.established().await;
-    for (q, a) in [("What's the PRICE?", "10 EUR"), ("Hours please", "9 to 5"), ("hello", "Ask me about prices or hours.")] {
+    for (q, a) in
+        [("What's the PRICE?", "10 EUR"), ("Hours please", "9 to 5"), ("hello", "Ask me about prices or hours.")]
+    {
         ws.say(q, q).await;
         let (_, _, m) = reply(&mut ws).await;
         assert_eq!(m.content, a);
     }
     let (status, v) = app
-        .post("/api/bots", Some(&alice.token), json!({"name": "Bad", "engine": {"kind": "rules", "rules": [{"regex": "([", "reply": "x"}]}}))
+        .post(
+            "/api/bots",
+            Some(&alice.token),
+            json!({"name": "Bad", "engine": {"kind": "rules", "rules": [{"regex": "([", "reply": "x"}]}}),
+        )
         .await;
     assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_bot")));
     assert!(v["error"]["message"].as_str().unwrap().starts_with("engine.rules[0].regex"), "{v}");
@@ -393,7 +430,9 @@ async fn hook(headers: HeaderMap, body: Bytes) -> Response {
     let history = v["history"].as_array().unwrap().len();
     if text.starts_with("stream") {
         let lines = format!("{{\"delta\":\"you said \"}}\n{{\"delta\":\"{text}\"}}\n{{\"delta\":\" ({history})\"}}\n");
-        let body = Body::from_stream(futures_util::stream::iter(lines.split_inclusive('\n').map(|l| Ok::<_, Infallible>(l.to_owned())).collect::<Vec<_>>()));
+        let body = Body::from_stream(futures_util::stream::iter(
+            lines.split_inclusive('\n').map(|l| Ok::<_, Infallible>(l.to_owned())).collect::<Vec<_>>(),
+        ));
         return Response::builder().header("content-type", "application/x-ndjson").body(body).unwrap();
     }
     axum::Json(json!({"reply": format!("you said {text} ({history})")})).into_response()

@@ -47,8 +47,15 @@ async fn connect_chat_and_get_an_echo() {
     let alice = app.user("alice").await;
     let bot = app.echo_bot(&alice).await;
     let mut ws = app.ws(bot.id, &alice.token, "").await;
-    let ServerFrame::ConnectionEstablished { user, bot: b, last_seq, heartbeat_interval_ms, limits, protocol_version, .. } =
-        ws.established().await
+    let ServerFrame::ConnectionEstablished {
+        user,
+        bot: b,
+        last_seq,
+        heartbeat_interval_ms,
+        limits,
+        protocol_version,
+        ..
+    } = ws.established().await
     else {
         unreachable!()
     };
@@ -123,7 +130,6 @@ async fn refusals_close_with_their_documented_code() {
     assert!(r.starts_with("no bot with id"));
 }
 
-
 #[tokio::test]
 async fn preflight_gives_the_verdict_the_socket_would() {
     let app = TestApp::spawn().await;
@@ -157,7 +163,8 @@ async fn preflight_gives_the_verdict_the_socket_would() {
         }
     }
     // Bearer header works for the preflight too.
-    let res = app.http.get(app.url(&format!("/api/ws/preflight/{}", bot.id))).bearer_auth(&alice.token).send().await.unwrap();
+    let res =
+        app.http.get(app.url(&format!("/api/ws/preflight/{}", bot.id))).bearer_auth(&alice.token).send().await.unwrap();
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["ok"], true);
 }
 
@@ -184,7 +191,8 @@ async fn tickets_are_single_use_and_bound_to_their_bot() {
     assert!(r.contains("already used"), "{r}");
 
     let (_, v) = app.post("/api/ws/ticket", Some(&alice.token), json!({"bot_id": bot.id})).await;
-    let (c, r) = close_of(&app, app.ws_url(&other.id.to_string(), &format!("ticket={}", v["ticket"].as_str().unwrap()))).await;
+    let (c, r) =
+        close_of(&app, app.ws_url(&other.id.to_string(), &format!("ticket={}", v["ticket"].as_str().unwrap()))).await;
     assert_eq!((c, r.as_str()), (4401, "ticket was issued for another bot"));
 
     // No ticket for a bot you may not use.
@@ -258,7 +266,10 @@ async fn bad_frames_get_errors_and_the_socket_stays_up() {
     assert_eq!(id, json!("p-1"));
     assert_eq!(chat(&mut ws, "c1", "still here").await, (1, 2));
     // Nothing refused was stored.
-    assert_eq!(app.state.store.messages_after(conversation(&app, &alice, bot.id).await, 0, 100).await.unwrap().len(), 2);
+    assert_eq!(
+        app.state.store.messages_after(conversation(&app, &alice, bot.id).await, 0, 100).await.unwrap().len(),
+        2
+    );
 }
 
 async fn conversation(app: &TestApp, user: &TestUser, bot: Uuid) -> Uuid {
@@ -299,7 +310,10 @@ async fn resend_of_a_client_id_is_acked_again_and_not_stored_twice() {
     assert_eq!(again, first, "same id, seq and content");
     // No second reply.
     assert!(ws.next_within(Duration::from_millis(300)).await.is_none());
-    assert_eq!(app.state.store.messages_after(conversation(&app, &alice, bot.id).await, 0, 100).await.unwrap().len(), 2);
+    assert_eq!(
+        app.state.store.messages_after(conversation(&app, &alice, bot.id).await, 0, 100).await.unwrap().len(),
+        2
+    );
 }
 
 #[tokio::test]
@@ -437,7 +451,9 @@ async fn a_silent_client_is_closed_with_4408() {
     let alice = app.user("alice").await;
     let bot = app.echo_bot(&alice).await;
     let mut ws = app.ws(bot.id, &alice.token, "").await;
-    let ServerFrame::ConnectionEstablished { heartbeat_interval_ms, .. } = ws.established().await else { unreachable!() };
+    let ServerFrame::ConnectionEstablished { heartbeat_interval_ms, .. } = ws.established().await else {
+        unreachable!()
+    };
     assert_eq!(heartbeat_interval_ms, 200);
 
     // An active client stays: app-level pings count as traffic.
@@ -550,8 +566,13 @@ async fn an_internal_error_closes_1011_with_an_error_id_that_is_in_the_log() {
     let alice = app.user("alice").await;
     let bot = app.echo_bot(&alice).await;
     // Corrupt the stored engine behind the server's back.
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
-    sqlx::query("UPDATE bots SET engine = '{\"kind\":\"lost\"}' WHERE id = ?").bind(bot.id.to_string()).execute(&db).await.unwrap();
+    let db =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
+    sqlx::query("UPDATE bots SET engine = '{\"kind\":\"lost\"}' WHERE id = ?")
+        .bind(bot.id.to_string())
+        .execute(&db)
+        .await
+        .unwrap();
     let (c, r) = app.ws(bot.id, &alice.token, "").await.close_code().await;
     assert_eq!(c, 1011);
     let id = r.strip_prefix("internal error (error id ").and_then(|s| s.strip_suffix(')')).expect(&r);
@@ -603,7 +624,11 @@ async fn codes_registry_is_served_and_documented() {
     // docs/protocol.md has a row for every close code and every error code.
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/protocol.md")).unwrap();
     for c in natter_proto::CloseCode::ALL {
-        assert!(doc.contains(&format!("| {} | `{}` |", c.code(), c.name())), "docs/protocol.md lacks close code {}", c.code());
+        assert!(
+            doc.contains(&format!("| {} | `{}` |", c.code(), c.name())),
+            "docs/protocol.md lacks close code {}",
+            c.code()
+        );
     }
     for e in natter_proto::ErrorCode::ALL {
         assert!(doc.contains(&format!("`{}`", e.as_str())), "docs/protocol.md lacks error code {}", e.as_str());
@@ -617,7 +642,8 @@ async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
     let bob = app.user("bob").await;
     let carol = app.user("carol").await;
     let bot = app.bot(&alice, json!({"name": "Shared", "visibility": "public"})).await;
-    app.post(&format!("/api/bots/{}/members", bot.id), Some(&alice.token), json!({"username": "bob", "role": "chat"})).await;
+    app.post(&format!("/api/bots/{}/members", bot.id), Some(&alice.token), json!({"username": "bob", "role": "chat"}))
+        .await;
     let mut owner = app.ws(bot.id, &alice.token, "").await;
     let mut member = app.ws(bot.id, &bob.token, "").await;
     let mut public = app.ws(bot.id, &carol.token, "").await;
@@ -626,7 +652,8 @@ async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
     }
 
     // Made private: the stranger who came in through visibility is shut out at once.
-    let (status, _) = app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"visibility": "private"})).await;
+    let (status, _) =
+        app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"visibility": "private"})).await;
     assert_eq!(status, 200);
     assert_eq!(public.close_code().await, (4403, "access to this bot was revoked".to_string()));
     // The member is removed: the same.
@@ -635,8 +662,12 @@ async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
     assert_eq!(member.close_code().await.0, 4403);
 
     // The owner stays, and an engine change applies to the open socket.
-    app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"engine": {"kind": "rules", "rules": [], "fallback": "now I am rules"}}))
-        .await;
+    app.patch(
+        &format!("/api/bots/{}", bot.id),
+        Some(&alice.token),
+        json!({"engine": {"kind": "rules", "rules": [], "fallback": "now I am rules"}}),
+    )
+    .await;
     owner.say("c1", "hello").await;
     ack(owner.frame().await);
     assert_eq!(msg(owner.frame().await).content, "now I am rules");
@@ -653,7 +684,8 @@ async fn a_token_of_a_user_who_no_longer_exists_is_refused_4401() {
     let alice = app.user("alice").await;
     let bob = app.user("bob").await;
     let bot = app.bot(&alice, json!({"name": "Pub", "visibility": "public"})).await;
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
+    let db =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
     sqlx::query("DELETE FROM users WHERE id = ?").bind(bob.id.to_string()).execute(&db).await.unwrap();
     let (c, r) = app.ws(bot.id, &bob.token, "").await.close_code().await;
     assert_eq!((c, r.as_str()), (4401, "invalid token: its user no longer exists"));

@@ -116,13 +116,15 @@ impl TestApp {
     }
 
     pub async fn register(&self, username: &str) -> UserView {
-        let (status, body) = self.post("/api/auth/register", None, json!({"username": username, "password": PASSWORD})).await;
+        let (status, body) =
+            self.post("/api/auth/register", None, json!({"username": username, "password": PASSWORD})).await;
         assert_eq!(status, 201, "{body}");
         serde_json::from_value(body).unwrap()
     }
 
     pub async fn login(&self, username: &str) -> TokenPair {
-        let (status, body) = self.post("/api/auth/login", None, json!({"username": username, "password": PASSWORD})).await;
+        let (status, body) =
+            self.post("/api/auth/login", None, json!({"username": username, "password": PASSWORD})).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_value(body).unwrap()
     }
@@ -195,7 +197,8 @@ impl WsClient {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(8 * 1024).unwrap();
         let stream = socket.connect(addr).await.unwrap();
-        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("upgrade accepted");
+        let (ws, _) =
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.expect("upgrade accepted");
         WsClient { ws }
     }
 
@@ -266,10 +269,14 @@ impl WsClient {
     pub async fn close(mut self) {
         let _ = self
             .ws
-            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: TCloseCode::Normal, reason: "bye".into() }))
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: TCloseCode::Normal,
+                reason: "bye".into(),
+            }))
             .await;
         // Drain until the server answers the close.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.ws.next().await {} })
+            .await;
     }
 }
 
@@ -317,5 +324,6 @@ pub fn expired_token(app: &TestApp, user: Uuid) -> String {
     let secret = hex::decode(std::fs::read_to_string(app.dir.path().join("jwt-secret")).unwrap().trim()).unwrap();
     let now = chrono::Utc::now().timestamp();
     let claims = json!({"sub": user, "name": "x", "iat": now - 120, "exp": now - 60});
-    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret)).unwrap()
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret))
+        .unwrap()
 }

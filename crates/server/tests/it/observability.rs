@@ -149,7 +149,6 @@ async fn every_way_a_connection_ends_is_in_the_ledger_and_the_metrics() {
     }
 }
 
-
 #[tokio::test]
 async fn server_errors_restarts_and_overload_are_recorded() {
     let app = TestApp::spawn_with(|c| c.limits.max_connections = 1).await;
@@ -170,9 +169,14 @@ async fn server_errors_restarts_and_overload_are_recorded() {
 
     // 1011: a corrupted engine.
     ws.close().await;
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
+    let db =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", app.dir.path().join("natter.db").display())).await.unwrap();
     let broken = app.echo_bot(&alice).await;
-    sqlx::query("UPDATE bots SET engine = '{\"kind\":\"lost\"}' WHERE id = ?").bind(broken.id.to_string()).execute(&db).await.unwrap();
+    sqlx::query("UPDATE bots SET engine = '{\"kind\":\"lost\"}' WHERE id = ?")
+        .bind(broken.id.to_string())
+        .execute(&db)
+        .await
+        .unwrap();
     let err = Uuid::new_v4();
     let (c, reason) = WsClient::connect(&url(&app, &broken.id.to_string(), &tok, err)).await.close_code().await;
     assert_eq!(c, 1011);
@@ -236,7 +240,8 @@ async fn the_ledger_is_pruned_by_count_and_age() {
     }
     assert_eq!(app.state.ledger.prune().await, 2);
     let (_, list) = app.get("/api/connections", Some(&alice.token)).await;
-    let ids: Vec<String> = list.as_array().unwrap().iter().map(|r| r["attempt_id"].as_str().unwrap().to_owned()).collect();
+    let ids: Vec<String> =
+        list.as_array().unwrap().iter().map(|r| r["attempt_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids, vec![attempts[3].to_string(), attempts[2].to_string()], "the newest stay");
 }
 
@@ -253,7 +258,10 @@ async fn requests_carry_an_id_and_are_counted_by_route() {
     let res = app.http.get(app.url("/metrics")).send().await.unwrap();
     assert!(res.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));
     let text = res.text().await.unwrap();
-    assert!(text.contains(r#"natter_http_requests_total{method="GET",route="/api/bots/{id}",status="200"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"natter_http_requests_total{method="GET",route="/api/bots/{id}",status="200"} 1"#),
+        "{text}"
+    );
     assert!(text.contains(r#"route="/api/auth/login",status="200"} 1"#));
 }
 

@@ -48,7 +48,9 @@ impl Client {
                 message
             }
             ServerFrame::Message { message } => message,
-            ServerFrame::ConnectionEstablished { .. } | ServerFrame::Pong { .. } | ServerFrame::MessageDelta { .. } => return,
+            ServerFrame::ConnectionEstablished { .. } | ServerFrame::Pong { .. } | ServerFrame::MessageDelta { .. } => {
+                return
+            }
             ServerFrame::Error { code, message, .. } => panic!("unexpected error {code:?}: {message}"),
         };
         if let Some(prev) = self.seen.insert(m.seq, m.clone()) {
