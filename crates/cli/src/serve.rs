@@ -393,7 +393,9 @@ mod tests {
 
     #[test]
     fn several_nodes() {
-        let (c, _) = parse(&["--database-url", "postgres://natter@db:5432/natter", "--bus", "nats://nats:4222"]).resolve().unwrap();
+        let (c, _) = parse(&["--database-url", "postgres://natter@db:5432/natter", "--bus", "nats://nats:4222"])
+            .resolve()
+            .unwrap();
         assert_eq!(c.database, Database::Postgres("postgres://natter@db:5432/natter".into()));
         assert_eq!(c.bus, BusConfig::Nats("nats://nats:4222".into()));
         let (c, _) = parse(&["--node-lease-ms", "3000"]).resolve().unwrap();

@@ -55,15 +55,22 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UserArgs) -> anyhow::Result<()> {
-    let serve = ServeArgs { config: args.config, data_dir: args.data_dir, database_url: args.database_url, ..Default::default() };
+    let serve = ServeArgs {
+        config: args.config,
+        data_dir: args.data_dir,
+        database_url: args.database_url,
+        ..Default::default()
+    };
     let (config, _) = serve.resolve()?;
     let store = natter_server::app::open_store(&config).await?;
     match args.action {
         UserAction::Create { username, admin } => {
             let name = Username::parse(&username).map_err(|e| anyhow::anyhow!("{}", e.message))?;
             let password = Password::parse(&read_password()?).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let hash = tokio::task::spawn_blocking(move || natter_server::auth::hash_password(password.expose())).await?;
-            match store.create_user(NewUser { username: name.into_inner(), password_hash: hash, is_admin: admin }).await {
+            let hash =
+                tokio::task::spawn_blocking(move || natter_server::auth::hash_password(password.expose())).await?;
+            match store.create_user(NewUser { username: name.into_inner(), password_hash: hash, is_admin: admin }).await
+            {
                 Ok(u) => println!("created {}{} ({})", u.username, if admin { ", an admin" } else { "" }, u.id),
                 Err(StoreError::UsernameTaken) => bail!("a user named {username:?} already exists"),
                 Err(e) => return Err(e.into()),
