@@ -7,6 +7,7 @@ use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,9 +18,9 @@ use crate::bus::{Bus, BusError};
 use crate::cluster::Cluster;
 use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
+use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -75,17 +76,14 @@ pub struct Server {
 impl Server {
     /// Opens the store and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Server, StartError> {
-        let listener =
-            TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
+        let listener = TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
         Self::with_listener(config, listener).await
     }
 
     /// Like [`Server::build`] with a listener the caller bound.
     pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
-        let secret = auth::load_or_create_secret(&config.data_dir)
-            .map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let secret = auth::load_or_create_secret(&config.data_dir).map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
         let store = open_store(&config).await?;
         let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
@@ -142,12 +140,16 @@ impl Server {
             let metrics = crate::http::metrics_router(state.clone());
             let stop = state.shutdown.clone();
             tokio::spawn(async move {
-                let _ =
-                    axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                let _ = axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             });
         }
         let stopping = state.shutdown.clone();
-        let serve = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        // No Nagle: an ack and its bot reply are two small writes; with Nagle the second waits
+        // for the client's delayed ACK (~40 ms on Linux) — docs/performance.md.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { stopping.cancelled().await });
         // axum's graceful shutdown waits for open HTTP connections; upgraded sockets are ours.
         let http = tokio::spawn(async move { serve.await });
@@ -172,8 +174,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     Ok(match &config.database {
         Database::SqliteFile(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .map_err(|source| StartError::DataDir { path: dir.to_path_buf(), source })?;
+                std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.to_path_buf(), source })?;
             }
             Arc::new(SqliteStore::open(path).await?)
         }

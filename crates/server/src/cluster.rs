@@ -24,7 +24,10 @@ use crate::store::{SlotClaim, Store};
 pub const DEPENDENCY_RETRY_MS: u64 = 2_000;
 
 /// Events a subscriber may fall behind before it lags (and catches up from the store).
-const BUS_CAPACITY: usize = 1024;
+/// Small on purpose: a tokio broadcast channel allocates every slot up front (about 40 bytes
+/// each), one channel per watched conversation, so 1024 slots cost ~40 KiB per idle socket
+/// (docs/performance.md). Lagging is cheap and correct: the session refills from the store.
+const BUS_CAPACITY: usize = 64;
 
 /// Opens the bus the configuration names.
 pub async fn open_bus(config: &BusConfig) -> Result<Arc<dyn Bus>, BusError> {
