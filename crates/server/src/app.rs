@@ -18,9 +18,9 @@ use crate::bus::{Bus, BusError};
 use crate::cluster::Cluster;
 use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
-use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -76,14 +76,17 @@ pub struct Server {
 impl Server {
     /// Opens the store and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Server, StartError> {
-        let listener = TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
+        let listener =
+            TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
         Self::with_listener(config, listener).await
     }
 
     /// Like [`Server::build`] with a listener the caller bound.
     pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
-        let secret = auth::load_or_create_secret(&config.data_dir).map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let secret = auth::load_or_create_secret(&config.data_dir)
+            .map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
         let store = open_store(&config).await?;
         let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
@@ -140,7 +143,8 @@ impl Server {
             let metrics = crate::http::metrics_router(state.clone());
             let stop = state.shutdown.clone();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+                let _ =
+                    axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             });
         }
         let stopping = state.shutdown.clone();
@@ -174,7 +178,8 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     Ok(match &config.database {
         Database::SqliteFile(path) => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.to_path_buf(), source })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|source| StartError::DataDir { path: dir.to_path_buf(), source })?;
             }
             Arc::new(SqliteStore::open(path).await?)
         }
