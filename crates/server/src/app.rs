@@ -91,7 +91,7 @@ impl Server {
         let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let cluster = Cluster::start(store.clone(), bus.clone(), config.node_lease, shutdown.clone());
+        let cluster = Cluster::start(store.clone(), bus.clone(), config.node_lease, shutdown.clone(), tasks.clone());
         let metrics = Arc::new(Metrics::default());
         let ledger = Ledger::spawn(store.clone(), config.ledger_retention);
         let state = AppState(Arc::new(Inner {

@@ -14,6 +14,7 @@ use chrono::Utc;
 use natter_proto::CloseCode;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, ConvEvent, LocalBus, NatsBus};
@@ -86,8 +87,16 @@ impl Drop for Slot {
 }
 
 impl Cluster {
-    /// Starts the node's background work (renewals, sweeps, dependency checks) until `stop`.
-    pub fn start(store: Arc<dyn Store>, bus: Arc<dyn Bus>, lease: Duration, stop: CancellationToken) -> Arc<Cluster> {
+    /// Starts the node's background work (renewals, sweeps, dependency checks). It runs until
+    /// `stop` and then until `tasks` are done: replies finishing during a graceful shutdown
+    /// keep their leases.
+    pub fn start(
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        lease: Duration,
+        stop: CancellationToken,
+        tasks: TaskTracker,
+    ) -> Arc<Cluster> {
         let node = NodeLease { node_id: Uuid::new_v4(), lease };
         let cluster = Arc::new(Cluster { node, store: store.clone(), health: watch::channel(None).0 });
         tracing::info!(node_id = %node.node_id, lease_ms = lease.as_millis() as u64, "node started");
@@ -100,7 +109,7 @@ impl Cluster {
             renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => break,
+                    _ = async { stop.cancelled().await; tasks.wait().await } => break,
                     _ = check.tick() => this.check(&*bus).await,
                     _ = renew.tick() => this.renew_and_sweep(&*bus).await,
                 }

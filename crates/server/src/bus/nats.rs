@@ -156,12 +156,20 @@ impl Bus for NatsBus {
                     .subscribe(subject(conversation_id))
                     .await
                     .map_err(|e| BusError::Unavailable(format!("NATS subscribe failed: {e}")))?;
-                // The server has our interest once it answers a ping: from here on, whatever any
-                // node publishes reaches us (the session reads the store only after this).
-                tokio::time::timeout(Duration::from_secs(5), self.inner.client.flush())
+                // A flush only writes to the socket; a round trip proves the server has our
+                // interest: it handles one connection's operations in order, so once a request
+                // to a subject nobody serves comes back "no responders", our SUB is in place and
+                // whatever any node publishes from here on reaches us (the session reads the
+                // store only after this).
+                let probe = format!("natter.sync.{}", Uuid::new_v4().simple());
+                match tokio::time::timeout(Duration::from_secs(5), self.inner.client.request(probe, Default::default()))
                     .await
-                    .map_err(|_| BusError::Unavailable("NATS did not answer in 5 s".into()))?
-                    .map_err(|e| BusError::Unavailable(format!("NATS flush failed: {e}")))?;
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
+                    Ok(Err(e)) => return Err(BusError::Unavailable(format!("NATS round trip failed: {e}"))),
+                    Err(_) => return Err(BusError::Unavailable("NATS did not answer in 5 s".into())),
+                }
                 let mut topics = self.inner.topics.lock().unwrap();
                 if let Some(t) = topics.get(&conversation_id) {
                     // Another watcher subscribed meanwhile; ours (dropped here) is redundant.
