@@ -119,7 +119,10 @@ def measure(kind, scenario, sizes):
     """One measurement on a fresh server."""
     srv = Server(kind)
     try:
-        auth = ["--jwt-secret", SECRET] if not kind.startswith("natter") else []
+        # natter: one registered user owns every bot (the peers take minted tokens and have
+        # no users at all). Registering hundreds of users would measure argon2, and leave
+        # the freed hash memory in glibc's arenas, inflating the idle baseline.
+        auth = ["--jwt-secret", SECRET] if not kind.startswith("natter") else ["--conns-per-user", "1000000"]
         common = ["--url", srv.url, *auth]
         if scenario == "chat":
             r = bench(["chat", *common, "-c", str(sizes["chat_conns"]), "-d", str(sizes["chat_secs"]),
@@ -173,6 +176,11 @@ def main():
     if not opts.no_build:
         log("building natter (release)…")
         subprocess.run(["cargo", "build", "--release", "-p", "natter"], cwd=ROOT, check=True, timeout=3600)
+    # A private copy: other builds in the same target dir must not swap the binary mid-run.
+    global NATTER
+    copy = os.path.join(tempfile.mkdtemp(prefix="natter-compare-bin-"), "natter")
+    shutil.copy2(NATTER, copy)
+    NATTER = copy
     if not os.path.exists(os.path.join(PEERS, "fastapi", ".venv")):
         subprocess.run([sys.executable, "-m", "venv", ".venv"], cwd=os.path.join(PEERS, "fastapi"), check=True)
         subprocess.run([".venv/bin/pip", "install", "-q", "-r", "requirements.txt"],
