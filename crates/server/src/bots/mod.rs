@@ -320,6 +320,12 @@ impl Replier {
             message_id,
             Generation { conversation_id, in_reply_to, text: String::new(), cancel: cancel.clone() },
         );
+        // Subscribed before the lease is visible: a socket on another node that finds the lease
+        // and cancels is heard.
+        let remote_cancel = match self.node {
+            Some(_) => self.bus.subscribe(conversation_id).await.ok(),
+            None => None,
+        };
         let leased = self.lease(message_id, conversation_id, in_reply_to).await;
         let req = ReplyRequest { bot_id, bot_name, history, message };
         let mut sink =
@@ -327,6 +333,7 @@ impl Replier {
         let outcome = tokio::select! {
             r = engine.reply(&req, &mut sink) => Some(r),
             _ = cancel.cancelled() => None,
+            () = cancelled_elsewhere(remote_cancel, message_id) => None,
             () = self.checkpoints(message_id, leased) => unreachable!("checkpoints run until the reply ends"),
         };
         let so_far = self.text_so_far(message_id).unwrap_or_default();
@@ -350,7 +357,8 @@ impl Replier {
         }
         // A failure before any text leaves nothing to store; a cancel is stored either way so
         // the client sees the reply end.
-        if !(status == MessageStatus::Incomplete && content.is_empty()) {
+        let nothing_to_store = status == MessageStatus::Incomplete && content.is_empty();
+        if !nothing_to_store {
             let stored = self
                 .store
                 .append_message(NewMessage {
@@ -365,15 +373,36 @@ impl Replier {
                 .await;
             match stored {
                 Ok(a) => {
+                    // Forgotten before it is announced: a socket that sees the final message and
+                    // cancels then hears that nothing is in progress, from any node.
+                    if leased {
+                        // If this fails the lease expires and the sweep finds the reply stored.
+                        let _ = self.store.end_generation(message_id).await;
+                    }
                     let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
                 }
                 Err(e) => tracing::error!(%bot_id, %conversation_id, error = %e, "storing a bot reply failed"),
             }
         }
         self.registry.lock().unwrap().generations.remove(&message_id);
-        if leased {
-            // If this fails the lease expires and the sweep finds the reply already stored.
+        if leased && nothing_to_store {
+            // Nothing to store; nothing to sweep either.
             let _ = self.store.end_generation(message_id).await;
+        }
+    }
+}
+
+/// Resolves when a socket on another node cancels this reply (`ConvEvent::Cancel`); never
+/// without a subscription.
+async fn cancelled_elsewhere(sub: Option<crate::bus::Subscription>, message_id: Uuid) {
+    let Some(mut sub) = sub else { return std::future::pending().await };
+    loop {
+        match sub.recv().await {
+            crate::bus::Received::Event(e) if matches!(&*e, ConvEvent::Cancel { message_id: m } if *m == message_id) => {
+                return
+            }
+            crate::bus::Received::Closed => return std::future::pending().await,
+            _ => {}
         }
     }
 }

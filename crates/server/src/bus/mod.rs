@@ -31,6 +31,8 @@ pub enum ConvEvent {
     /// every socket re-checks its access (closing 4403/4404 when it is gone) and reloads
     /// the bot's engine.
     BotChanged,
+    /// A socket asked to stop a reply that another node is generating; that node stops it.
+    Cancel { message_id: Uuid },
 }
 
 #[derive(Debug, thiserror::Error)]

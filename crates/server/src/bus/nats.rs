@@ -35,6 +35,7 @@ enum WireEvent {
     Delta { message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: String },
     BotError { code: String, message: String, in_reply_to: Uuid },
     BotChanged,
+    Cancel { message_id: Uuid },
 }
 
 impl From<&ConvEvent> for WireEvent {
@@ -48,6 +49,7 @@ impl From<&ConvEvent> for WireEvent {
                 WireEvent::BotError { code: code.as_str().to_owned(), message, in_reply_to }
             }
             ConvEvent::BotChanged => WireEvent::BotChanged,
+            ConvEvent::Cancel { message_id } => WireEvent::Cancel { message_id },
         }
     }
 }
@@ -63,6 +65,7 @@ impl WireEvent {
                 ConvEvent::BotError { code: ErrorCode::parse(&code)?, message, in_reply_to }
             }
             WireEvent::BotChanged => ConvEvent::BotChanged,
+            WireEvent::Cancel { message_id } => ConvEvent::Cancel { message_id },
         })
     }
 }
@@ -244,6 +247,8 @@ mod tests {
             ConvEvent::Delta {
                 message_id: Uuid::new_v4(), in_reply_to: Uuid::new_v4(), offset: 3, delta: "é!".into()
             },
+            ConvEvent::Cancel { message_id: Uuid::new_v4() },
+            ConvEvent::BotChanged,
         ];
         for e in &events {
             a.publish(conv, e.clone()).await.unwrap();

@@ -415,7 +415,10 @@ async fn generations(store: &dyn Store) {
         store.begin_generation(&lease(id)).await.unwrap();
     }
     store.checkpoint_generation(cut, "half a rep").await.unwrap();
+    assert!(store.generation_in_progress(conv.id, finished).await.unwrap());
+    assert!(!store.generation_in_progress(Uuid::new_v4(), finished).await.unwrap(), "of its own conversation only");
     store.end_generation(finished).await.unwrap();
+    assert!(!store.generation_in_progress(conv.id, finished).await.unwrap());
     // `stored` was stored, but its node died before forgetting the lease.
     store
         .append_message(NewMessage {

@@ -46,6 +46,8 @@ pub trait Coordination: Send + Sync {
     async fn begin_generation(&self, lease: &GenerationLease) -> StoreResult<()>;
     /// Saves the text generated so far: what is stored if the node dies.
     async fn checkpoint_generation(&self, message_id: Uuid, text: &str) -> StoreResult<()>;
+    /// Whether a reply of this conversation is being generated, on any node.
+    async fn generation_in_progress(&self, conversation_id: Uuid, message_id: Uuid) -> StoreResult<bool>;
     /// Forgets a reply in progress (it was stored).
     async fn end_generation(&self, message_id: Uuid) -> StoreResult<()>;
     /// Stores every reply whose lease ended before `now` as an `incomplete` bot message with

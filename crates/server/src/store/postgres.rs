@@ -712,6 +712,16 @@ impl Coordination for PostgresStore {
         Ok(())
     }
 
+    async fn generation_in_progress(&self, conversation_id: Uuid, message_id: Uuid) -> StoreResult<bool> {
+        let found: Option<Uuid> =
+            sqlx::query_scalar("SELECT message_id FROM generations WHERE message_id = $1 AND conversation_id = $2")
+                .bind(message_id)
+                .bind(conversation_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.is_some())
+    }
+
     async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
         sqlx::query("DELETE FROM generations WHERE message_id = $1").bind(message_id).execute(&self.pool).await?;
         Ok(())

@@ -725,6 +725,16 @@ impl Coordination for SqliteStore {
         Ok(())
     }
 
+    async fn generation_in_progress(&self, conversation_id: Uuid, message_id: Uuid) -> StoreResult<bool> {
+        let found: Option<String> =
+            sqlx::query_scalar("SELECT message_id FROM generations WHERE message_id = ? AND conversation_id = ?")
+                .bind(message_id.to_string())
+                .bind(conversation_id.to_string())
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(found.is_some())
+    }
+
     async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
         sqlx::query("DELETE FROM generations WHERE message_id = ?")
             .bind(message_id.to_string())

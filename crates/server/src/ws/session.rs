@@ -616,6 +616,8 @@ impl<'w> Session<'w> {
                     self.on_delta(*message_id, *in_reply_to, *offset, delta)
                 }
                 ConvEvent::BotChanged => self.recheck_bot().await,
+                // For the node generating that reply (its `Replier`), not for sockets.
+                ConvEvent::Cancel { .. } => Ok(()),
                 ConvEvent::BotError { code, message, in_reply_to } => {
                     self.send(&ServerFrame::Error {
                         code: *code,
@@ -698,6 +700,19 @@ impl<'w> Session<'w> {
         }
     }
 
+    /// Asks the node generating this reply (another one) to stop it. False if no node is.
+    async fn cancel_elsewhere(&self, message_id: Uuid) -> bool {
+        let conv = self.admitted.conversation.id;
+        match self.state.store.generation_in_progress(conv, message_id).await {
+            Ok(true) => self.state.bus.publish(conv, ConvEvent::Cancel { message_id }).await.is_ok(),
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "looking up a reply to cancel failed");
+                false
+            }
+        }
+    }
+
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
         match frame {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
@@ -706,6 +721,7 @@ impl<'w> Session<'w> {
             {
                 Ok(())
             }
+            ClientFrame::Cancel { message_id } if self.cancel_elsewhere(message_id).await => Ok(()),
             ClientFrame::Cancel { message_id } => {
                 self.send(&ServerFrame::Error {
                     code: ErrorCode::UnknownMessage,

@@ -465,3 +465,53 @@ async fn nginx_in_front_of_two_nodes() {
     let res = reqwest::get(format!("http://{}/api/ready", nginx.addr)).await.unwrap();
     assert_eq!(res.status(), 200);
 }
+
+/// An OpenAI-compatible provider that streams a word every 100 ms, for a long while.
+async fn slow_provider() -> String {
+    use axum::response::IntoResponse;
+    async fn completions() -> axum::response::Response {
+        let words = futures_util::stream::unfold(0u32, |i| async move {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let chunk = json!({"choices": [{"index": 0, "delta": {"content": format!("w{i} ")}}]});
+            (i < 600).then(|| (Ok::<_, std::io::Error>(format!("data: {chunk}\n\n")), i + 1))
+        });
+        ([("content-type", "text/event-stream")], axum::body::Body::from_stream(words)).into_response()
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(completions));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn a_tab_on_another_node_cancels_the_reply() {
+    let Some(svc) = Services::from_env("multinode::a_tab_on_another_node_cancels_the_reply").await else { return };
+    let a = svc.node(None, |_| {}).await;
+    let b = svc.node(Some(&a), |_| {}).await;
+    let alice = a.user("alice").await;
+    let provider = slow_provider().await;
+    let engine = json!({"kind": "openai", "base_url": provider, "model": "slow", "timeout_ms": 60000});
+    let bot = a.bot(&alice, json!({"name": "Slow", "engine": engine})).await;
+    let (mut on_a, mut on_b) = (a.ws(bot.id, &alice.token, "").await, b.ws(bot.id, &alice.token, "").await);
+    on_a.established().await;
+    on_b.established().await;
+
+    on_a.say("c1", "count").await; // the reply is generated on A
+    assert_eq!(seqs_until(&mut on_b, 1).await, vec![1]);
+    let ServerFrame::MessageDelta { message_id, .. } = on_b.frame().await else { panic!("expected a delta on B") };
+    on_b.send_json(json!({"type": "cancel", "message_id": message_id})).await;
+    for ws in [&mut on_b, &mut on_a] {
+        let stopped = loop {
+            match ws.frame().await {
+                ServerFrame::Message { message } => break message,
+                ServerFrame::MessageDelta { .. } | ServerFrame::Ack { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!((stopped.id, stopped.seq, stopped.status), (message_id, 2, natter_proto::MessageStatus::Cancelled));
+        assert!(stopped.content.starts_with("w0 "), "{:?}", stopped.content);
+    }
+}
