@@ -112,7 +112,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
-    /// A Prometheus URL with process_resident_memory_bytes, to report server memory (idle).
+    /// A Prometheus URL with process_resident_memory_bytes (the standard process collector's
+    /// metric), to report server memory (idle) of a server on another host. natter's own
+    /// /metrics does not export it: use --server-pid.
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
 
