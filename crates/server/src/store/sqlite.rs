@@ -396,49 +396,47 @@ impl Store for SqliteStore {
 
     async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
         let conv = m.conversation_id.to_string();
-        let mut tx = self.write.begin().await?;
-        if let Some(client_id) = &m.client_id {
-            let row =
-                sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
-                    .bind(&conv)
-                    .bind(client_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(row) = row {
-                return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
-            }
+        let created_at = from_millis(millis(Utc::now()));
+        // One statement: the seq is the conversation's last_seq + 1, a trigger advances
+        // last_seq (migration 0004), and a known client_id inserts nothing.
+        let seq: Option<i64> = sqlx::query_scalar(&format!(
+            "INSERT INTO messages ({MSG_COLS}) \
+             SELECT ?1, c.id, c.last_seq + 1, ?2, ?3, ?4, ?5, ?6, ?7 FROM conversations c WHERE c.id = ?8 \
+             ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING seq"
+        ))
+        .bind(m.id.to_string())
+        .bind(m.role.as_str())
+        .bind(&m.content)
+        .bind(&m.client_id)
+        .bind(m.in_reply_to.map(|u| u.to_string()))
+        .bind(m.status.as_str())
+        .bind(millis(created_at))
+        .bind(&conv)
+        .fetch_optional(&self.write)
+        .await?;
+        if let Some(seq) = seq {
+            let message = WireMessage {
+                id: m.id,
+                conversation_id: m.conversation_id,
+                seq,
+                role: m.role,
+                content: m.content,
+                created_at,
+                client_id: m.client_id,
+                in_reply_to: m.in_reply_to,
+                status: m.status,
+            };
+            return Ok(Appended { message, duplicate: false });
         }
-        let seq: i64 =
-            sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq")
-                .bind(&conv)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or(StoreError::NotFound)?;
-        let message = WireMessage {
-            id: m.id,
-            conversation_id: m.conversation_id,
-            seq,
-            role: m.role,
-            content: m.content,
-            created_at: from_millis(millis(Utc::now())),
-            client_id: m.client_id,
-            in_reply_to: m.in_reply_to,
-            status: m.status,
-        };
-        sqlx::query(&format!("INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
-            .bind(message.id.to_string())
+        // Nothing inserted: the client_id is already there, or the conversation is not.
+        let Some(client_id) = &m.client_id else { return Err(StoreError::NotFound) };
+        let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
             .bind(&conv)
-            .bind(seq)
-            .bind(message.role.as_str())
-            .bind(&message.content)
-            .bind(&message.client_id)
-            .bind(message.in_reply_to.map(|u| u.to_string()))
-            .bind(message.status.as_str())
-            .bind(millis(message.created_at))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Appended { message, duplicate: false })
+            .bind(client_id)
+            .fetch_optional(&self.write)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(Appended { message: message_from_row(&row)?, duplicate: true })
     }
 
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
@@ -678,6 +676,15 @@ impl Coordination for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM connection_slots WHERE user_id = ? AND expires_at > ?")
+            .bind(user_id.to_string())
+            .bind(millis(now))
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n as usize)
     }
 
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
