@@ -367,6 +367,8 @@ async fn connection_slots(store: Arc<dyn Store>) {
         !store.claim_slot(slot(user, now + Duration::seconds(10)), 2, now).await.unwrap(),
         "third is over the limit"
     );
+    assert_eq!(store.slots_in_use(user, now).await.unwrap(), 2);
+    assert_eq!(store.slots_in_use(user, now + Duration::seconds(11)).await.unwrap(), 0, "expired slots are not in use");
     assert!(store.claim_slot(slot(other, now + Duration::seconds(10)), 2, now).await.unwrap(), "limits are per user");
     store.release_slot(a.connection_id).await.unwrap();
     store.release_slot(Uuid::new_v4()).await.unwrap();

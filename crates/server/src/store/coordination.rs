@@ -37,6 +37,8 @@ pub trait Coordination: Send + Sync {
     /// Takes one of the user's `max` slots, unless `max` unexpired slots are taken already
     /// (then false). Atomic across nodes.
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// The user's unexpired slots, on every node.
+    async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize>;
     /// Frees a slot (the socket closed). Unknown ids are ignored.
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()>;
     /// Extends the slots and generation leases of `node_id` until `until`.

@@ -664,6 +664,15 @@ impl Coordination for PostgresStore {
         Ok(true)
     }
 
+    async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM connection_slots WHERE user_id = $1 AND expires_at > $2")
+            .bind(user_id)
+            .bind(millis(now))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as usize)
+    }
+
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
         sqlx::query("DELETE FROM connection_slots WHERE connection_id = $1")
             .bind(connection_id)
@@ -775,7 +784,8 @@ impl Coordination for PostgresStore {
 pub struct TestSchema {
     base_url: String,
     name: String,
-    /// The URL that selects this schema (`options[search_path]=…`), for a store or a
+    /// The URL that selects this schema (`options[search_path]=…`, and names its connections
+    /// after it: `application_name=…`), for a store or a
     /// `natter serve --database-url`.
     pub url: String,
 }
@@ -803,7 +813,7 @@ impl TestSchema {
         sqlx::Connection::close(conn).await?;
         let sep = if base_url.contains('?') { '&' } else { '?' };
         Ok(TestSchema {
-            url: format!("{base_url}{sep}options[search_path]={name}"),
+            url: format!("{base_url}{sep}options[search_path]={name}&application_name={name}"),
             base_url: base_url.to_owned(),
             name,
         })
@@ -813,13 +823,20 @@ impl TestSchema {
 impl Drop for TestSchema {
     fn drop(&mut self) {
         let (url, name) = (self.base_url.clone(), self.name.clone());
-        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
+        // On a thread with a runtime of its own: the test's runtime may be the one being
+        // dropped. The test's own connections (named after the schema) are ended first, so
+        // that a transaction they left open cannot make the DROP wait.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async move {
-                if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await {
-                    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).execute(&mut conn).await;
-                }
+                let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await else { return };
+                let _ =
+                    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                        .bind(&name)
+                        .execute(&mut conn)
+                        .await;
+                let _ = sqlx::query("SET lock_timeout = '10s'").execute(&mut conn).await;
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).execute(&mut conn).await;
             })
         })
         .join();

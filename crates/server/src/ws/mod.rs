@@ -202,7 +202,11 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
         ));
     }
     let max = state.config.limits.max_connections_per_user;
-    if state.hub.user_count(user.id) >= max {
+    // This node's count first (no IO), then every node's: the socket itself takes its place
+    // atomically later (`Cluster::claim_slot`); this gives the preflight the same verdict.
+    if state.hub.user_count(user.id) >= max
+        || state.store.slots_in_use(user.id, Utc::now()).await.map_err(internal)? >= max
+    {
         return Err(with_user(CloseCode::TooManyConnections, format!("this user already has {max} open connections")));
     }
     Ok(Admitted { user, bot, engine, conversation, after_seq, attempt_id })

@@ -229,6 +229,8 @@ async fn the_per_user_connection_limit_holds_across_nodes() {
     let mut two = b.ws(bot.id, &alice.token, "").await;
     two.established().await;
     for node in [&a, &b] {
+        let (_, verdict) = node.get(&format!("/api/ws/preflight/{}?token={}", bot.id, alice.token), None).await;
+        assert_eq!(verdict["close_code"], 4429, "the preflight counts every node's sockets: {verdict}");
         let mut third = node.ws(bot.id, &alice.token, "").await;
         let (code, reason) = third.close_code().await;
         assert_eq!(code, 4429, "{reason}");
