@@ -9,6 +9,10 @@ pub struct Echo;
 
 #[async_trait]
 impl BotEngine for Echo {
+    fn instant(&self) -> bool {
+        true
+    }
+
     async fn reply(&self, req: &ReplyRequest, _sink: &mut dyn DeltaSink) -> Result<String, EngineError> {
         // One piece: a delta frame would only repeat the final message.
         Ok(req.message.content.clone())

@@ -59,6 +59,12 @@ pub struct EngineError {
 pub trait BotEngine: Send + Sync {
     /// Produces the reply, pushing pieces into `sink` as they come. Returns the whole text.
     async fn reply(&self, req: &ReplyRequest, sink: &mut dyn DeltaSink) -> Result<String, EngineError>;
+
+    /// Whether the reply comes in one step, with no waiting (echo, rules). Such replies are
+    /// not leased in the store while in progress: there is no "in progress" to cut off.
+    fn instant(&self) -> bool {
+        false
+    }
 }
 
 /// Bounds on bot work.
@@ -322,11 +328,14 @@ impl Replier {
         );
         // Subscribed before the lease is visible: a socket on another node that finds the lease
         // and cancels is heard.
+        // An instant engine (echo, rules) answers in one step: there is no reply in progress
+        // to lease, checkpoint or cancel from another node, and two store writes are saved.
+        let instant = engine.instant();
         let remote_cancel = match self.node {
-            Some(_) => self.bus.subscribe(conversation_id).await.ok(),
-            None => None,
+            Some(_) if !instant => self.bus.subscribe(conversation_id).await.ok(),
+            _ => None,
         };
-        let leased = self.lease(message_id, conversation_id, in_reply_to).await;
+        let leased = !instant && self.lease(message_id, conversation_id, in_reply_to).await;
         let req = ReplyRequest { bot_id, bot_name, history, message };
         let mut sink =
             Sink { replier: self.clone(), conversation_id, message_id, in_reply_to, received: Some(received) };

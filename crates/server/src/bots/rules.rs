@@ -51,6 +51,10 @@ impl Rules {
 
 #[async_trait]
 impl BotEngine for Rules {
+    fn instant(&self) -> bool {
+        true
+    }
+
     async fn reply(&self, req: &ReplyRequest, _sink: &mut dyn DeltaSink) -> Result<String, EngineError> {
         Ok(self.answer(&req.message.content).to_owned())
     }
