@@ -255,7 +255,7 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
             }
         },
         Err(TokenError::Expired) => Err(Refusal {
-            user_id: state.keys.identify_expired(token),
+            user_id: state.keys.identify(token),
             ..refuse(CloseCode::Unauthorized, "token expired: refresh it and reconnect")
         }),
         Err(TokenError::Invalid) => Err(refuse(CloseCode::Unauthorized, "invalid token: malformed or bad signature")),

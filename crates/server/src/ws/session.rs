@@ -161,7 +161,7 @@ async fn run_inner(state: AppState, socket: WebSocket, req: ConnectRequest, conn
             // An attempt is its user's as soon as its credentials name them, whatever failed.
             rec.user_id = refusal.user_id.or_else(|| {
                 let token = req.token.as_deref()?;
-                state.keys.verify(token).map(|c| c.sub).ok().or_else(|| state.keys.identify_expired(token))
+                state.keys.identify(token)
             });
             refused(&mut rec, refusal.code, &refusal.reason);
             conclude(&state, rec, Some(refusal.code.code()), "server");
@@ -664,10 +664,8 @@ impl<'w> Session<'w> {
             None => return Err(End::Network("connection dropped without a close frame".into())),
             Some(Err(e)) => {
                 let text = e.to_string();
-                if text.contains("Message too long")
-                    || text.contains("Space limit exceeded")
-                    || text.contains("too long")
-                {
+                // tungstenite's capacity error: "Space limit exceeded: Message too long: …".
+                if text.contains("Space limit exceeded") || text.contains("too long") {
                     return Err(End::Close(
                         CloseCode::FrameTooLarge,
                         format!("frame larger than {} bytes", self.state.config.limits.max_frame_bytes),
