@@ -44,7 +44,8 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Where to store data: "sqlite" (a file in the data dir, the default), "sqlite://PATH",
-    /// "memory:" (nothing kept after exit; for tests and benchmarks), or a PostgreSQL URL,
+    /// "memory:" (plain data in the server's memory, no database; nothing kept after exit; for
+    /// tests and benchmarks), or a PostgreSQL URL,
     /// postgres://user@host:5432/db, shared by several nodes.
     #[arg(long, env = "NATTER_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,

@@ -20,7 +20,7 @@ use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::store::{NewBot, PostgresStore, SqliteStore, Store, StoreError};
+use crate::store::{MemoryStore, NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -183,7 +183,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
             }
             Arc::new(SqliteStore::open(path).await?)
         }
-        Database::Memory => Arc::new(SqliteStore::memory().await?),
+        Database::Memory => Arc::new(MemoryStore::new()),
         Database::Postgres(url) => Arc::new(PostgresStore::connect(url).await?),
     })
 }

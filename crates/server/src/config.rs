@@ -10,7 +10,8 @@ use std::time::Duration;
 pub enum Database {
     /// `<data-dir>/natter.db` (the default).
     SqliteFile(PathBuf),
-    /// A private in-memory SQLite database, lost on exit (`--database-url memory:`).
+    /// Everything in the server's memory (`MemoryStore`: plain maps, no SQL), lost on exit
+    /// (`--database-url memory:`).
     Memory,
     /// A PostgreSQL database shared by every node (`--database-url postgres://…`).
     Postgres(String),

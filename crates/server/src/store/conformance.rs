@@ -126,6 +126,16 @@ async fn bots_and_roles(store: &dyn Store) {
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].username, "member1");
     assert_eq!(members[0].role, MemberRole::Admin);
+    // Members come by username, with their own role.
+    let early = user(store, "a-member1").await;
+    store.upsert_member(bot.id, early.id, MemberRole::Chat).await.unwrap();
+    let members = store.members(bot.id).await.unwrap();
+    assert_eq!(
+        members.iter().map(|m| (m.username.as_str(), m.role)).collect::<Vec<_>>(),
+        vec![("a-member1", MemberRole::Chat), ("member1", MemberRole::Admin)]
+    );
+    assert!(store.remove_member(bot.id, early.id).await.unwrap());
+    assert!(store.upsert_member(Uuid::new_v4(), early.id, MemberRole::Chat).await.is_err(), "no such bot");
 
     let mine: Vec<_> = store.bots_for_user(member.id).await.unwrap();
     assert_eq!(mine.len(), 1);
@@ -149,9 +159,52 @@ async fn bots_and_roles(store: &dyn Store) {
     assert!(!store.remove_member(bot.id, member.id).await.unwrap());
     assert!(matches!(store.update_bot(Uuid::new_v4(), BotChanges::default()).await, Err(StoreError::NotFound)));
 
+    // A user's bots come oldest first (ties by id).
+    let second = store
+        .create_bot(NewBot {
+            owner_id: owner.id,
+            name: "Second".into(),
+            description: String::new(),
+            visibility: Visibility::Private,
+            engine: serde_json::json!({"kind": "echo"}),
+        })
+        .await
+        .unwrap();
+    let owned = store.bots_for_user(owner.id).await.unwrap();
+    let mut sorted: Vec<_> = owned.iter().map(|(b, _)| (b.created_at, b.id)).collect();
+    sorted.sort();
+    assert_eq!(owned.iter().map(|(b, _)| (b.created_at, b.id)).collect::<Vec<_>>(), sorted);
+    assert!(owned.iter().any(|(b, r)| b.id == second.id && *r == BotRole::Owner));
+
+    // Deleting a bot deletes its members, conversations, their messages and replies in progress.
+    store.upsert_member(bot.id, member.id, MemberRole::Chat).await.unwrap();
+    let conv = store.conversation(member.id, bot.id).await.unwrap();
+    let kept = store.conversation(member.id, second.id).await.unwrap();
+    store.append_message(user_msg(conv.id, "c1", "hi")).await.unwrap();
+    store.append_message(user_msg(kept.id, "c1", "hi")).await.unwrap();
+    let lease = GenerationLease {
+        message_id: Uuid::new_v4(),
+        conversation_id: conv.id,
+        in_reply_to: Uuid::new_v4(),
+        node_id: Uuid::new_v4(),
+        lease_until: Utc::now() - Duration::seconds(1),
+    };
+    store.begin_generation(&lease).await.unwrap();
     store.delete_bot(bot.id).await.unwrap();
     assert!(store.bot(bot.id).await.unwrap().is_none());
     assert!(matches!(store.delete_bot(bot.id).await, Err(StoreError::NotFound)));
+    assert!(store.members(bot.id).await.unwrap().is_empty());
+    assert!(store.conversations_of_bot(bot.id).await.unwrap().is_empty());
+    assert!(store.messages_after(conv.id, 0, 10).await.unwrap().is_empty());
+    assert!(matches!(store.append_message(user_msg(conv.id, "c2", "hi")).await, Err(StoreError::NotFound)));
+    assert!(!store.generation_in_progress(conv.id, lease.message_id).await.unwrap());
+    assert!(store.bots_for_user(member.id).await.unwrap().iter().all(|(b, _)| b.id != bot.id));
+    assert!(store.conversation(member.id, bot.id).await.is_err(), "no conversation with a deleted bot");
+    assert!(store.conversation(Uuid::new_v4(), second.id).await.is_err(), "nor with an unknown user");
+    // The owner's other bot and its conversation are untouched.
+    assert_eq!(store.conversations_of_bot(second.id).await.unwrap(), vec![kept.id]);
+    assert_eq!(store.messages_after(kept.id, 0, 10).await.unwrap().len(), 1);
+    store.delete_bot(second.id).await.unwrap();
 }
 
 async fn chat_setup(store: &dyn Store, name: &str) -> Conversation {
@@ -227,6 +280,20 @@ async fn messages(store: &dyn Store) {
     let older = store.messages_before(conv.id, 6, 3).await.unwrap();
     assert_eq!(older.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
     assert!(store.messages_after(conv.id, 10, 5).await.unwrap().is_empty());
+    let seqs = |msgs: Vec<WireMessage>| msgs.iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.messages_after(conv.id, -5, 2).await.unwrap()), vec![1, 2]);
+    assert!(store.messages_after(conv.id, 0, 0).await.unwrap().is_empty());
+    assert_eq!(seqs(store.messages_before(conv.id, 100, 3).await.unwrap()), vec![8, 9, 10], "the newest, oldest first");
+    assert_eq!(seqs(store.messages_before(conv.id, 3, 10).await.unwrap()), vec![1, 2]);
+    assert!(store.messages_before(conv.id, 1, 10).await.unwrap().is_empty());
+    assert!(store.messages_before(conv.id, 5, 0).await.unwrap().is_empty());
+    assert!(store.messages_after(Uuid::new_v4(), 0, 10).await.unwrap().is_empty());
+    // A message id is stored once: a new message under a stored id fails and takes no seq.
+    let mut clash = user_msg(conv.id, "c-clash", "x");
+    clash.id = a.message.id;
+    assert!(store.append_message(clash).await.is_err());
+    assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 10);
+    assert!(matches!(store.append_message(user_msg(Uuid::new_v4(), "c1", "x")).await, Err(StoreError::NotFound)));
 
     // Another conversation has its own numbering.
     let other = chat_setup(store, "chatter2").await;

@@ -1,5 +1,7 @@
-//! Persistent state behind one trait, [`Store`]. SQLite is the default implementation;
-//! every implementation passes the same conformance suite (`store::conformance`).
+//! Persistent state behind one trait, [`Store`]. SQLite is the default implementation,
+//! PostgreSQL serves several nodes, and [`MemoryStore`] keeps everything in the process
+//! (`--database-url memory:`); every implementation passes the same conformance suite
+//! (`store::conformance`).
 //!
 //! The store knows nothing of HTTP, WebSocket or JWT: it takes and returns plain data.
 
@@ -10,6 +12,7 @@ use natter_proto::{MessageRole, MessageStatus, WireMessage};
 use uuid::Uuid;
 
 mod coordination;
+pub mod memory;
 pub mod postgres;
 pub mod sqlite;
 
@@ -17,6 +20,7 @@ pub mod sqlite;
 pub(crate) mod conformance;
 
 pub use coordination::{Coordination, GenerationLease, SlotClaim};
+pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
