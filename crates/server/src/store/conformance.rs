@@ -16,6 +16,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     bots_and_roles(&*store).await;
     messages(&*store).await;
     concurrent_appends_are_gap_free(store.clone()).await;
+    simultaneous_appends(&*store).await;
     tickets(&*store).await;
     ledger(&*store).await;
     connection_slots(store.clone()).await;
@@ -322,6 +323,81 @@ async fn concurrent_appends_are_gap_free(store: Arc<dyn Store>) {
     let expected = 8 * 20;
     assert_eq!(all.len(), expected);
     assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=expected as i64).collect::<Vec<_>>());
+}
+
+/// Messages sent at the same moment (one batch, in a store that batches): seqs per conversation still run
+/// 1, 2, 3…, a client_id sent twice in the same batch is stored once, and
+/// a message for a missing conversation fails alone.
+async fn simultaneous_appends(store: &dyn Store) {
+    let owner = store
+        .create_user(NewUser { username: "simultaneous".into(), password_hash: "h".into(), is_admin: false })
+        .await
+        .unwrap();
+    let mut convs = Vec::new();
+    for i in 0..3 {
+        let bot = store
+            .create_bot(NewBot {
+                owner_id: owner.id,
+                name: format!("b{i}"),
+                description: String::new(),
+                visibility: Visibility::Private,
+                engine: serde_json::json!({"kind": "echo"}),
+            })
+            .await
+            .unwrap();
+        convs.push(store.conversation(owner.id, bot.id).await.unwrap().id);
+    }
+    // A stored message first, so the batch starts from last_seq = 1 in conversation 0.
+    let msg = |conv: Uuid, client_id: Option<String>| NewMessage {
+        id: Uuid::new_v4(),
+        conversation_id: conv,
+        role: MessageRole::User,
+        content: format!("{client_id:?}"),
+        client_id,
+        in_reply_to: None,
+        status: MessageStatus::Complete,
+    };
+    store.append_message(msg(convs[0], Some("old".into()))).await.unwrap();
+    let mut sends = Vec::new();
+    for i in 0..60 {
+        let conv = convs[i % 3];
+        // Every fourth is a resend of the one before it in the same conversation; every
+        // tenth a bot-style message without client_id; one resends "old".
+        let client_id = match i {
+            30 => Some("old".to_string()),
+            _ if i % 10 == 9 => None,
+            _ if i % 4 == 3 => Some(format!("c{}", i - 3)),
+            _ => Some(format!("c{i}")),
+        };
+        sends.push(msg(conv, client_id));
+    }
+    sends.insert(17, msg(Uuid::new_v4(), Some("lost".into())));
+    // Queued together before an appender runs (the test runtime has one thread).
+    let results = futures_util::future::join_all(sends.iter().cloned().map(|m| store.append_message(m))).await;
+    for (m, r) in sends.iter().zip(&results) {
+        if m.conversation_id == convs[0] || m.conversation_id == convs[1] || m.conversation_id == convs[2] {
+            let a = r.as_ref().unwrap();
+            assert_eq!(a.message.client_id, m.client_id);
+            assert_eq!(a.duplicate, a.message.id != m.id, "{m:?}");
+        } else {
+            assert!(matches!(r, Err(StoreError::NotFound)), "{r:?}");
+        }
+    }
+    assert_eq!(results.iter().filter(|r| matches!(r, Ok(a) if a.duplicate)).count(), 13, "12 resends and \"old\"");
+    for conv in &convs {
+        let stored = store.messages_after(*conv, 0, 1000).await.unwrap();
+        let seqs: Vec<i64> = stored.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=stored.len() as i64).collect::<Vec<_>>(), "gap-free in {conv}");
+        let mut ids: Vec<_> = stored.iter().filter_map(|m| m.client_id.clone()).collect();
+        let n = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "each client_id once");
+        let last = stored.last().unwrap().seq;
+        // last_seq moved with the batch: the next message follows it.
+        let next = store.append_message(msg(*conv, Some("after".into()))).await.unwrap();
+        assert_eq!(next.message.seq, last + 1);
+    }
 }
 
 async fn tickets(store: &dyn Store) {
