@@ -188,6 +188,10 @@ impl Cluster {
         user_id: Uuid,
         max: usize,
     ) -> Result<Slot, (CloseCode, String)> {
+        if !self.store.shared() {
+            // One node: the hub's count, already taken, is the whole count.
+            return Ok(Slot { connection_id: None, store: self.store.clone() });
+        }
         let claim = SlotClaim { connection_id, user_id, node_id: self.node.node_id, expires_at: self.node.until() };
         match self.store.claim_slot(claim, max, Utc::now()).await {
             Ok(true) => Ok(Slot { connection_id: Some(connection_id), store: self.store.clone() }),

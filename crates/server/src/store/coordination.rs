@@ -34,6 +34,10 @@ pub struct GenerationLease {
 
 #[async_trait]
 pub trait Coordination: Send + Sync {
+    /// Whether other nodes can share this store (PostgreSQL). When none can (SQLite, memory),
+    /// this node's own count of its sockets is the whole count: slots are not written.
+    fn shared(&self) -> bool;
+
     /// Takes one of the user's `max` slots, unless `max` unexpired slots are taken already
     /// (then false). Atomic across nodes.
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool>;

@@ -556,6 +556,10 @@ impl Inner {
 
 #[async_trait]
 impl Coordination for MemoryStore {
+    fn shared(&self) -> bool {
+        false
+    }
+
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut inner = self.lock()?;
         let inner = &mut *inner;

@@ -631,6 +631,10 @@ fn ledger_from_row(row: &PgRow) -> StoreResult<ConnectionRecord> {
 
 #[async_trait]
 impl Coordination for PostgresStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         // One user's claims are serialised by a transaction-scoped advisory lock on the user,

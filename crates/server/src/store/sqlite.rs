@@ -767,6 +767,10 @@ pub(super) fn role_of(bot: &Bot, user_id: Uuid, member_role: Option<&str>) -> Op
 /// On SQLite the single writer connection already serialises every claim and sweep.
 #[async_trait]
 impl Coordination for SqliteStore {
+    fn shared(&self) -> bool {
+        false
+    }
+
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.write.begin().await?;
         sqlx::query("DELETE FROM connection_slots WHERE user_id = ? AND expires_at <= ?")

@@ -205,7 +205,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     // This node's count first (no IO), then every node's: the socket itself takes its place
     // atomically later (`Cluster::claim_slot`); this gives the preflight the same verdict.
     if state.hub.user_count(user.id) >= max
-        || state.store.slots_in_use(user.id, Utc::now()).await.map_err(internal)? >= max
+        || (state.store.shared() && state.store.slots_in_use(user.id, Utc::now()).await.map_err(internal)? >= max)
     {
         return Err(with_user(CloseCode::TooManyConnections, format!("this user already has {max} open connections")));
     }
