@@ -70,6 +70,8 @@ fn storm_brings_every_client_back_with_nothing_lost_or_doubled() {
     assert_eq!(s["doubled"], 0, "{r:#}");
     assert!(s["messages_sent"].as_u64().unwrap() >= 50, "{r:#}");
     assert!(s["all_back_ms"].as_f64().is_some(), "{r:#}");
+    let (down, stop) = (s["server_down_ms"].as_f64().unwrap(), s["server_stop_ms"].as_f64().unwrap());
+    assert!(stop > 0.0 && stop <= down, "stopping is part of the downtime: {r:#}");
     // Every client saw the graceful restart's close code.
     assert_eq!(s["closes"]["close 1012"], 50, "{r:#}");
 }

@@ -159,17 +159,22 @@ impl Server {
         let http = tokio::spawn(async move { serve.await });
         state.shutdown.cancelled().await;
         tracing::info!(open_sockets = state.hub.len(), "shutting down");
+        let started = std::time::Instant::now();
         state.tasks.close();
         let grace = state.config.shutdown_grace;
         if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
             tracing::warn!(open_sockets = state.hub.len(), "shutdown grace period over; dropping what is left");
         }
+        let sockets_ms = started.elapsed().as_millis() as u64;
         // The sockets' last ledger rows are queued; write them before exiting.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.ledger.flush()).await;
-        match tokio::time::timeout(std::time::Duration::from_secs(1), http).await {
+        let ledger_ms = started.elapsed().as_millis() as u64 - sockets_ms;
+        let result = match tokio::time::timeout(std::time::Duration::from_secs(1), http).await {
             Ok(Ok(r)) => r,
             _ => Ok(()),
-        }
+        };
+        tracing::info!(sockets_ms, ledger_ms, total_ms = started.elapsed().as_millis() as u64, "shut down");
+        result
     }
 }
 

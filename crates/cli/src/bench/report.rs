@@ -98,6 +98,8 @@ pub struct StormReport {
     pub restarts: u32,
     /// From the stop signal until the server answered `/api/health` again.
     pub server_down_ms: f64,
+    /// Of that, until the old process had exited (the rest is the new one starting).
+    pub server_stop_ms: f64,
     /// From the stop signal until the last client was reconnected and caught up.
     pub all_back_ms: Option<f64>,
     /// Clients that never came back.
@@ -189,7 +191,10 @@ impl Report {
             rows.push(("server memory per connection".into(), format!("{k:.2} KiB")));
         }
         if let Some(s) = &self.storm {
-            rows.push(("server down".into(), format!("{:.0} ms", s.server_down_ms)));
+            rows.push((
+                "server down".into(),
+                format!("{:.0} ms (stopping {:.0} ms)", s.server_down_ms, s.server_stop_ms),
+            ));
             let back = s.all_back_ms.map_or("never".into(), |ms| format!("{ms:.0} ms after the stop signal"));
             rows.push(("all clients back".into(), back));
             rows.push(("clients not back".into(), s.not_back.to_string()));

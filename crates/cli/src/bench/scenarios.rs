@@ -679,7 +679,7 @@ async fn storm(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let spawned = ctx.spawned.as_mut().expect("storm runs with --spawn");
     let stopped_at = Instant::now();
     sh.restarted.store(1, Ordering::Relaxed);
-    spawned.restart(ctx.args.storm_kill).await?;
+    let stopping = spawned.restart(ctx.args.storm_kill).await?;
     let server_down = stopped_at.elapsed();
     let pb = bar(ctx, connected as u64, "back");
     let deadline = stopped_at + Duration::from_secs_f64(ctx.args.storm_timeout);
@@ -715,6 +715,7 @@ async fn storm(ctx: &mut Ctx) -> anyhow::Result<Report> {
         clients: connected,
         restarts: 1,
         server_down_ms: server_down.as_secs_f64() * 1000.0,
+        server_stop_ms: stopping.as_secs_f64() * 1000.0,
         all_back_ms: (not_back == 0).then(|| last_back.map_or(0.0, |b| (b - stopped_at).as_secs_f64() * 1000.0)),
         not_back,
         messages_sent: sh.sent.load(Ordering::Relaxed),

@@ -120,10 +120,14 @@ impl Spawned {
         }
     }
 
-    /// Stops and starts the server again on the same port and data dir.
-    pub async fn restart(&mut self, hard: bool) -> anyhow::Result<()> {
+    /// Stops and starts the server again on the same port and data dir. Returns how long the
+    /// old process took to exit.
+    pub async fn restart(&mut self, hard: bool) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
         self.stop(hard).await;
-        self.launch().await
+        let stopped = t0.elapsed();
+        self.launch().await?;
+        Ok(stopped)
     }
 }
 
