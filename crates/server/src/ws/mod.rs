@@ -29,6 +29,9 @@ use crate::store::{Bot, Conversation};
 pub mod hub;
 mod session;
 
+/// tungstenite's read buffer per socket, allocated at the upgrade and kept (see `chat`).
+const READ_BUFFER_BYTES: usize = 512;
+
 /// The retry hint sent with 1013 when the server is full.
 pub const OVERLOAD_RETRY_MS: u64 = 5_000;
 
@@ -274,11 +277,15 @@ pub async fn chat(
     let req = ConnectRequest::from_parts(bot_id, query, &headers, Some(remote));
     let limits = &state.config.limits;
     let tracker = state.tasks.clone();
-    ws.read_buffer_size(4 * 1024)
+    // Memory per idle socket (issue 10): tungstenite allocates its read buffer up front and
+    // keeps it, so it is small; a larger frame reserves what it needs and is read in chunks of
+    // this size. The request is boxed: the upgrade task keeps its callback's room for its life.
+    let req = Box::new(req);
+    ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(4 * 1024)
         .max_frame_size(limits.max_frame_bytes)
         .max_message_size(limits.max_frame_bytes)
-        .on_upgrade(move |socket| tracker.track_future(session::run(state, socket, req)))
+        .on_upgrade(move |socket| tracker.track_future(session::run(state, socket, *req)))
 }
 
 #[utoipa::path(get, path = "/api/ws/preflight/{bot_id}", tag = "chat",
