@@ -5,12 +5,12 @@
 //! committed messages are in the store first, and a subscriber that misses events (lag,
 //! reconnect) catches up from the store by seq.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use natter_proto::{ErrorCode, WireMessage};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
 pub mod nats;
@@ -44,8 +44,13 @@ pub enum BusError {
 /// A live subscription to one conversation's events.
 pub struct Subscription {
     // Field order matters: `rx` must drop before `_guard` (see `TopicGuard::drop`).
-    rx: broadcast::Receiver<Arc<ConvEvent>>,
+    rx: Rx,
     _guard: Option<Box<dyn Send + Sync>>,
+}
+
+enum Rx {
+    Broadcast(broadcast::Receiver<Arc<ConvEvent>>),
+    Local(LocalReceiver),
 }
 
 /// What a subscriber receives.
@@ -59,14 +64,18 @@ pub enum Received {
 
 impl Subscription {
     pub fn new(rx: broadcast::Receiver<Arc<ConvEvent>>, guard: Option<Box<dyn Send + Sync>>) -> Self {
-        Subscription { rx, _guard: guard }
+        Subscription { rx: Rx::Broadcast(rx), _guard: guard }
     }
 
+    /// Cancel safe: an event is taken only by the call that returns it.
     pub async fn recv(&mut self) -> Received {
-        match self.rx.recv().await {
-            Ok(e) => Received::Event(e),
-            Err(broadcast::error::RecvError::Lagged(n)) => Received::Lagged(n),
-            Err(broadcast::error::RecvError::Closed) => Received::Closed,
+        match &mut self.rx {
+            Rx::Broadcast(rx) => match rx.recv().await {
+                Ok(e) => Received::Event(e),
+                Err(broadcast::error::RecvError::Lagged(n)) => Received::Lagged(n),
+                Err(broadcast::error::RecvError::Closed) => Received::Closed,
+            },
+            Rx::Local(rx) => rx.recv().await,
         }
     }
 }
@@ -91,8 +100,133 @@ pub struct LocalBus {
 
 struct LocalInner {
     /// Plain mutex: held only for map lookups, never across an await.
-    topics: Mutex<HashMap<Uuid, broadcast::Sender<Arc<ConvEvent>>>>,
+    topics: Mutex<HashMap<Uuid, Arc<Topic>>>,
     capacity: usize,
+}
+
+/// One watched conversation: a broadcast queue that holds only the events some subscriber has
+/// yet to read. tokio's broadcast channel allocates every slot up front (64 slots, 2 KiB per
+/// conversation, which is one per socket in practice); an idle conversation here holds no
+/// events and no buffer.
+struct Topic {
+    /// Plain mutex: never held across an await.
+    queue: Mutex<Queue>,
+    /// Woken on every publish; a receiver registers before it looks, so none is missed.
+    published: Notify,
+}
+
+struct Queue {
+    /// Events not yet read by every subscriber, oldest first, each with how many subscribers
+    /// have yet to read it. At most `capacity`: publishing to a full queue drops the oldest,
+    /// and who had not read it lags.
+    events: VecDeque<(Arc<ConvEvent>, usize)>,
+    /// The position of `events[0]`; positions count every event published to the topic.
+    first: u64,
+    receivers: usize,
+    capacity: usize,
+}
+
+impl Queue {
+    fn end(&self) -> u64 {
+        self.first + self.events.len() as u64
+    }
+
+    /// Drops the events every subscriber has read.
+    fn pop_read(&mut self) {
+        while self.events.front().is_some_and(|(_, unread)| *unread == 0) {
+            self.events.pop_front();
+            self.first += 1;
+        }
+        if self.events.is_empty() && self.events.capacity() > 16 {
+            self.events.shrink_to_fit();
+        }
+    }
+}
+
+impl Topic {
+    fn new(capacity: usize) -> Self {
+        Topic {
+            queue: Mutex::new(Queue { events: VecDeque::new(), first: 0, receivers: 0, capacity: capacity.max(1) }),
+            published: Notify::new(),
+        }
+    }
+
+    fn receiver_count(&self) -> usize {
+        self.queue.lock().unwrap().receivers
+    }
+
+    fn subscribe(self: &Arc<Self>) -> LocalReceiver {
+        let mut q = self.queue.lock().unwrap();
+        q.receivers += 1;
+        LocalReceiver { topic: self.clone(), pos: q.end() }
+    }
+
+    fn send(&self, event: ConvEvent) {
+        {
+            let mut q = self.queue.lock().unwrap();
+            if q.receivers == 0 {
+                return; // nobody is watching
+            }
+            if q.events.len() == q.capacity {
+                q.events.pop_front();
+                q.first += 1;
+            }
+            let receivers = q.receivers;
+            q.events.push_back((Arc::new(event), receivers));
+        }
+        self.published.notify_waiters();
+    }
+}
+
+/// A [`LocalBus`] subscriber: its position in its topic.
+struct LocalReceiver {
+    topic: Arc<Topic>,
+    /// The position of the next event to read.
+    pos: u64,
+}
+
+impl LocalReceiver {
+    async fn recv(&mut self) -> Received {
+        let LocalReceiver { topic, pos } = self;
+        loop {
+            let published = topic.published.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            if let Some(r) = Self::try_recv(topic, pos) {
+                return r;
+            }
+            published.await;
+        }
+    }
+
+    fn try_recv(topic: &Topic, pos: &mut u64) -> Option<Received> {
+        let mut q = topic.queue.lock().unwrap();
+        if *pos < q.first {
+            let missed = q.first - *pos;
+            *pos = q.first;
+            return Some(Received::Lagged(missed));
+        }
+        let i = (*pos - q.first) as usize;
+        let (event, unread) = q.events.get_mut(i)?;
+        let event = event.clone();
+        *unread -= 1;
+        *pos += 1;
+        q.pop_read();
+        Some(Received::Event(event))
+    }
+}
+
+impl Drop for LocalReceiver {
+    fn drop(&mut self) {
+        let mut q = self.topic.queue.lock().unwrap();
+        q.receivers -= 1;
+        let from = self.pos.max(q.first);
+        let first = q.first;
+        for (_, unread) in q.events.iter_mut().skip((from - first) as usize) {
+            *unread -= 1;
+        }
+        q.pop_read();
+    }
 }
 
 impl LocalBus {
@@ -117,7 +251,7 @@ impl Drop for TopicGuard {
         let mut topics = self.inner.topics.lock().unwrap();
         // `Subscription` drops its receiver before its guard (field order), so the last
         // subscriber leaving leaves zero receivers.
-        if topics.get(&self.conversation_id).is_some_and(|tx| tx.receiver_count() == 0) {
+        if topics.get(&self.conversation_id).is_some_and(|topic| topic.receiver_count() == 0) {
             topics.remove(&self.conversation_id);
         }
     }
@@ -126,10 +260,9 @@ impl Drop for TopicGuard {
 #[async_trait]
 impl Bus for LocalBus {
     async fn publish(&self, conversation_id: Uuid, event: ConvEvent) -> Result<(), BusError> {
-        let tx = self.inner.topics.lock().unwrap().get(&conversation_id).cloned();
-        if let Some(tx) = tx {
-            // No receivers is fine: nobody is watching.
-            let _ = tx.send(Arc::new(event));
+        let topic = self.inner.topics.lock().unwrap().get(&conversation_id).cloned();
+        if let Some(topic) = topic {
+            topic.send(event);
         }
         Ok(())
     }
@@ -137,10 +270,10 @@ impl Bus for LocalBus {
     async fn subscribe(&self, conversation_id: Uuid) -> Result<Subscription, BusError> {
         let rx = {
             let mut topics = self.inner.topics.lock().unwrap();
-            topics.entry(conversation_id).or_insert_with(|| broadcast::channel(self.inner.capacity).0).subscribe()
+            topics.entry(conversation_id).or_insert_with(|| Arc::new(Topic::new(self.inner.capacity))).subscribe()
         };
         let guard = TopicGuard { inner: self.inner.clone(), conversation_id };
-        Ok(Subscription::new(rx, Some(Box::new(guard))))
+        Ok(Subscription { rx: Rx::Local(rx), _guard: Some(Box::new(guard)) })
     }
 }
 
@@ -217,5 +350,56 @@ mod tests {
             .unwrap();
         }
         assert!(matches!(sub.recv().await, Received::Lagged(6)));
+        for i in 6..10 {
+            match sub.recv().await {
+                Received::Event(e) => assert!(matches!(&*e, ConvEvent::Delta { delta, .. } if *delta == i.to_string())),
+                _ => panic!("expected event {i} after the lag"),
+            }
+        }
+    }
+
+    fn queued(bus: &LocalBus, conv: Uuid) -> (usize, usize) {
+        let topics = bus.inner.topics.lock().unwrap();
+        let q = topics[&conv].queue.lock().unwrap();
+        (q.events.len(), q.events.capacity())
+    }
+
+    /// Memory per idle socket (issue 10): a watched conversation holds only what some
+    /// subscriber has yet to read, and no buffer while idle.
+    #[tokio::test]
+    async fn a_topic_holds_only_unread_events() {
+        let bus = LocalBus::new(64);
+        let conv = Uuid::new_v4();
+        let mut a = bus.subscribe(conv).await.unwrap();
+        let b = bus.subscribe(conv).await.unwrap();
+        assert_eq!(queued(&bus, conv), (0, 0), "nothing allocated for an idle conversation");
+        for _ in 0..3 {
+            bus.publish(conv, ConvEvent::BotChanged).await.unwrap();
+        }
+        for _ in 0..3 {
+            assert!(matches!(a.recv().await, Received::Event(_)));
+        }
+        assert_eq!(queued(&bus, conv).0, 3, "b has not read them");
+        let mut late = bus.subscribe(conv).await.unwrap();
+        drop(b);
+        assert_eq!(queued(&bus, conv).0, 0, "read by everyone still subscribed");
+        bus.publish(conv, ConvEvent::Cancel { message_id: Uuid::nil() }).await.unwrap();
+        assert!(
+            matches!(late.recv().await, Received::Event(e) if matches!(*e, ConvEvent::Cancel { .. })),
+            "a subscriber gets what is published after it subscribed"
+        );
+        assert_eq!(queued(&bus, conv).0, 1, "a has not read it");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_is_woken() {
+        let bus = LocalBus::new(4);
+        let conv = Uuid::new_v4();
+        let mut sub = bus.subscribe(conv).await.unwrap();
+        let waiting = tokio::spawn(async move { matches!(sub.recv().await, Received::Event(_)) });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        bus.publish(conv, ConvEvent::BotChanged).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("woken").unwrap();
+        assert!(got);
     }
 }
