@@ -841,7 +841,7 @@ impl Session {
             .state
             .store
             .append_message(NewMessage {
-                id: Uuid::new_v4(),
+                id: Uuid::now_v7(), // time-ordered, as bot replies are (bots::Replier::run)
                 conversation_id: conv,
                 role: MessageRole::User,
                 content,
