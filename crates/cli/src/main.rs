@@ -33,10 +33,11 @@ fn main() -> ExitCode {
     // Fairness between sockets: one poll of the IO driver can wake more tasks than a worker's
     // local queue holds (256); the rest go to the shared queue, which a worker otherwise
     // looks at only every 61 ticks. Under load those tasks starved for ~300 ms (chat p50 3 ms
-    // but p99 340 ms at 1 000 sockets); checking the shared queue every tick keeps the
-    // order close to FIFO (p99 54 ms, same throughput) — docs/performance.md.
+    // but p99 340 ms at 1 000 sockets). Taking from the shared queue every second tick keeps
+    // the order close to FIFO (p99 67 ms). Every tick (1) starves the local queue instead:
+    // some sockets then waited over 10 s — docs/performance.md.
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .global_queue_interval(1)
+        .global_queue_interval(2)
         .enable_all()
         .build()
         .expect("tokio runtime");
