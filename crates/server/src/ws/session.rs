@@ -71,6 +71,19 @@ struct Writer {
     task: tokio::task::JoinHandle<usize>,
 }
 
+/// At most this many queued frames are written with one flush (the urgent close is checked
+/// between batches).
+const WRITE_BATCH: usize = 32;
+
+/// The WebSocket message for a queued frame, and whether it is the last (a close).
+fn frame_of(out: Out) -> (Message, bool) {
+    match out {
+        Out::Text(t) => (Message::Text(t.into()), false),
+        Out::Ping => (Message::Ping(Default::default()), false),
+        Out::Close(code, reason) => (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true),
+    }
+}
+
 impl Writer {
     fn spawn(mut sink: SplitSink<WebSocket, Message>, queue: usize) -> Self {
         let (tx, mut rx) = mpsc::channel::<Queued>(queue);
@@ -85,14 +98,26 @@ impl Writer {
                     },
                     out = rx.recv() => match out { Some(o) => o, None => break },
                 };
-                let (msg, last) = match *out {
-                    Out::Text(t) => (Message::Text(t.into()), false),
-                    Out::Ping => (Message::Ping(Default::default()), false),
-                    Out::Close(code, reason) => {
-                        (Message::Close(Some(CloseFrame { code, reason: reason.into() })), true)
+                let (msg, mut last) = frame_of(*out);
+                if sink.feed(msg).await.is_err() {
+                    break;
+                }
+                // What else is queued already (an ack's bot reply, a replay) goes out in the
+                // same write: one syscall instead of one per frame.
+                let mut broken = false;
+                for _ in 1..WRITE_BATCH {
+                    if last {
+                        break;
                     }
-                };
-                if sink.send(msg).await.is_err() || last {
+                    let Ok(out) = rx.try_recv() else { break };
+                    let (msg, close) = frame_of(*out);
+                    last = close;
+                    if sink.feed(msg).await.is_err() {
+                        broken = true;
+                        break;
+                    }
+                }
+                if broken || sink.flush().await.is_err() || last {
                     break;
                 }
             }
