@@ -112,11 +112,45 @@ impl Default for Metrics {
     }
 }
 
+/// `process_resident_memory_bytes` and `process_open_fds` of this process (Linux `/proc`;
+/// elsewhere nothing). `natter bench idle --metrics-url` reads the first.
+fn process_metrics() -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok());
+    if let Some(kib) = rss_kib {
+        let _ = write!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n\
+             # TYPE process_resident_memory_bytes gauge\n\
+             # UNIT process_resident_memory_bytes bytes\n\
+             process_resident_memory_bytes {}\n",
+            kib * 1024
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let _ = write!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors.\n\
+             # TYPE process_open_fds gauge\n\
+             process_open_fds {}\n",
+            fds.count()
+        );
+    }
+    out
+}
+
 impl Metrics {
-    /// The OpenMetrics text exposition.
+    /// The OpenMetrics text exposition, with the standard process metrics (unprefixed, as
+    /// Prometheus' process collector names them) where the OS tells them.
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        if let Some(at) = out.rfind("# EOF") {
+            out.insert_str(at, &process_metrics());
+        }
         out
     }
 

@@ -113,8 +113,8 @@ pub struct BenchArgs {
     pub server_pid: Option<u32>,
 
     /// A Prometheus URL with process_resident_memory_bytes (the standard process collector's
-    /// metric), to report server memory (idle) of a server on another host. natter's own
-    /// /metrics does not export it: use --server-pid.
+    /// metric, which natter's /metrics exports), to report server memory (idle) of a server
+    /// whose pid is not at hand, e.g. on another host.
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
 

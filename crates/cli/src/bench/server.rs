@@ -153,8 +153,11 @@ fn parse_vmrss(status: &str) -> Option<u64> {
 
 /// Resident memory from a Prometheus endpoint (`process_resident_memory_bytes`), KiB.
 pub async fn metrics_rss_kib(url: &str) -> Option<u64> {
-    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
-    let line = text.lines().find(|l| l.starts_with("process_resident_memory_bytes"))?;
+    parse_metrics_rss(&reqwest::get(url).await.ok()?.text().await.ok()?)
+}
+
+fn parse_metrics_rss(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("process_resident_memory_bytes "))?;
     let bytes: f64 = line.split_whitespace().last()?.parse().ok()?;
     Some((bytes / 1024.0) as u64)
 }
@@ -186,5 +189,16 @@ mod tests {
         assert_eq!(parse_vmrss("Name:\tnatter\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n"), Some(12345));
         assert_eq!(parse_vmrss("Name:\tnatter\n"), None);
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+    }
+
+    #[test]
+    fn reads_natters_own_metrics() {
+        let text = natter_server::metrics::Metrics::default().render();
+        let from_metrics = parse_metrics_rss(&text).expect("natter's /metrics has process_resident_memory_bytes");
+        let from_proc = rss_kib(std::process::id()).unwrap();
+        // Same process, moments apart.
+        assert!(from_metrics.abs_diff(from_proc) < from_proc / 2 + 1024, "{from_metrics} vs {from_proc} KiB");
+        assert_eq!(parse_metrics_rss("process_resident_memory_bytes 2048\n# EOF\n"), Some(2));
+        assert_eq!(parse_metrics_rss("natter_ws_connections_active 3\n"), None);
     }
 }

@@ -147,6 +147,15 @@ async fn every_way_a_connection_ends_is_in_the_ledger_and_the_metrics() {
     ] {
         assert!(text.contains(line), "metrics lack {line}:\n{text}");
     }
+    // The process collector's metrics, before the exposition's end marker.
+    let rss: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no process_resident_memory_bytes:\n{text}"));
+    assert!(rss > 1e6, "a running server has more than 1 MB resident: {rss}");
+    assert!(text.lines().any(|l| l.starts_with("process_open_fds ")), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "still one well-formed exposition");
 }
 
 #[tokio::test]
