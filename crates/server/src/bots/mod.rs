@@ -249,8 +249,10 @@ impl Replier {
         }
     }
 
-    /// Starts the bot's reply to `message`. Returns at once; the reply arrives on the bus —
-    /// or a `bot_busy` error, when the bot already has its fill of replies running and waiting.
+    /// The bot's reply to `message`. An instant engine (echo, rules) answers here: the reply is
+    /// stored and published when this returns. Any other engine runs as a task of its own and
+    /// this returns at once; its reply arrives on the bus — or a `bot_busy` error, when the bot
+    /// already has its fill of replies running and waiting.
     /// `received` is when the user's message arrived, for the time-to-first-token metric.
     pub async fn spawn_reply(
         &self,
@@ -261,6 +263,13 @@ impl Replier {
         received: Instant,
     ) {
         let conversation_id = message.conversation_id;
+        let engine = self.engine(spec);
+        if engine.instant() {
+            // An instant engine (echo, rules) answers in one step, with no IO: the socket's own
+            // task stores and announces the reply, saving a task and a wakeup per message.
+            self.run(engine, spec.context_messages(), bot_id, bot_name.to_owned(), message, received).await;
+            return;
+        }
         let permits = {
             let mut reg = self.registry.lock().unwrap();
             let (count, sem) =
@@ -283,7 +292,6 @@ impl Replier {
             let _ = self.bus.publish(conversation_id, event).await;
             return;
         };
-        let engine = self.engine(spec);
         let context = spec.context_messages();
         let this = self.clone();
         let bot_name = bot_name.to_owned();

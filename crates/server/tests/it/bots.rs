@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use natter_proto::{ErrorCode, MessageStatus, ServerFrame, WireMessage};
+use natter_proto::{ErrorCode, MessageRole, MessageStatus, ServerFrame, WireMessage};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -380,6 +380,52 @@ async fn a_busy_bot_queues_then_refuses() {
         }
     }
     assert_eq!(busy, vec![(ErrorCode::BotBusy, Some(acks[2]))], "one runs, one waits, the third is refused");
+}
+
+/// Echo and rules answer in one step inside the socket's own task: the per-bot limits that
+/// make a streaming bot busy do not apply, and every message gets its reply, in order.
+#[tokio::test]
+async fn an_instant_bot_is_never_busy() {
+    let app = TestApp::spawn_with(|c| {
+        c.limits.bot_concurrency = 1;
+        c.limits.bot_queue = 0;
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bot = app.echo_bot(&alice).await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut ws = app.ws(bot.id, &alice.token, "").await;
+        ws.established().await;
+        tabs.push(ws);
+    }
+    // Three sockets on the same conversation send at once, five messages each.
+    for (t, ws) in tabs.iter_mut().enumerate() {
+        for i in 0..5 {
+            ws.say(&format!("t{t}-{i}"), &format!("hello {t} {i}")).await;
+        }
+    }
+    let mut ws = tabs.pop().unwrap();
+    let (mut replies, mut seqs) = (Vec::new(), Vec::new());
+    while replies.len() < 15 {
+        match ws.frame().await {
+            ServerFrame::Message { message } => {
+                seqs.push(message.seq);
+                if message.role == MessageRole::Bot {
+                    replies.push(message.content);
+                }
+            }
+            ServerFrame::Ack { message, .. } => seqs.push(message.seq),
+            ServerFrame::Error { code, .. } => panic!("an instant bot answered {code:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<i64>>(), "every message and reply once, in seq order");
+    for t in 0..3 {
+        for i in 0..5 {
+            assert!(replies.contains(&format!("hello {t} {i}")), "echo of {t} {i} in {replies:?}");
+        }
+    }
 }
 
 #[tokio::test]
