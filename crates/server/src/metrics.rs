@@ -112,14 +112,19 @@ impl Default for Metrics {
     }
 }
 
+/// Resident memory, KiB, from the text of a Linux `/proc/PID/status` (its `VmRSS:` line).
+/// Also what `natter bench` reads for a server's memory by pid.
+pub fn vmrss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `process_resident_memory_bytes` and `process_open_fds` of this process (Linux `/proc`;
 /// elsewhere nothing). `natter bench idle --metrics-url` reads the first.
 fn process_metrics() -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok());
+    let rss_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| vmrss_kib(&s));
     if let Some(kib) = rss_kib {
         let _ = write!(
             out,

@@ -143,12 +143,7 @@ impl Drop for Spawned {
 /// Resident memory of a process, KiB (`VmRSS` in `/proc/PID/status`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vmrss(&status)
-}
-
-fn parse_vmrss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    natter_server::metrics::vmrss_kib(&status)
 }
 
 /// Resident memory from a Prometheus endpoint (`process_resident_memory_bytes`), KiB.
@@ -186,8 +181,9 @@ mod tests {
 
     #[test]
     fn reads_vmrss() {
-        assert_eq!(parse_vmrss("Name:\tnatter\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n"), Some(12345));
-        assert_eq!(parse_vmrss("Name:\tnatter\n"), None);
+        use natter_server::metrics::vmrss_kib;
+        assert_eq!(vmrss_kib("Name:\tnatter\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n"), Some(12345));
+        assert_eq!(vmrss_kib("Name:\tnatter\n"), None);
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
     }
 
