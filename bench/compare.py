@@ -140,9 +140,11 @@ def measure(kind, scenario, sizes):
         srv.stop()
 
 
-def storm(sizes):
+def storm(sizes, handover):
     args = ["storm", "--spawn", "--server-bin", NATTER, "--server-cpus", SERVER_CPU,
             "-c", str(sizes["storm_clients"]), "--storm-after", "3", "--storm-interval-ms", "2000"]
+    if handover:
+        args.append("--storm-handover")
     return bench(args, timeout=600)
 
 
@@ -190,15 +192,16 @@ def main():
 
     kinds = ["natter-sqlite", "natter-memory", "fastapi", "node"]
     runs = {k: {"chat": [], "connect": [], "idle": []} for k in kinds}
-    storms = []
+    storms = {"sigterm": [], "hand-over": []}
     started = time.time()
     for rnd in range(opts.rounds):
         for kind in kinds:
             for scenario in ["chat", "connect", "idle"]:
                 log(f"round {rnd + 1}: {kind} {scenario}")
                 runs[kind][scenario].append(measure(kind, scenario, sizes))
-        log(f"round {rnd + 1}: natter storm")
-        storms.append(storm(sizes))
+        for how in storms:
+            log(f"round {rnd + 1}: natter storm, restart by {how}")
+            storms[how].append(storm(sizes, handover=how == "hand-over"))
 
     def med(kind, scenario, path):
         vals = []
@@ -250,17 +253,25 @@ def main():
         + " | ".join(f"{m[k]['chat_err']} / {m[k]['conn_err']} / {m[k]['idle_err']}" for k in kinds) + " | | |",
         "",
     ]
-    st = [s.get("storm", {}) for s in storms]
+    how_text = {
+        "sigterm": "SIGTERM, then the new process started (connects refused meanwhile)",
+        "hand-over": "hand-over: the new process started on the same port (`--reuse-port`), then SIGTERM to the old one",
+    }
+    for how, reports in storms.items():
+        st = [r.get("storm", {}) for r in reports]
+        lines += [
+            f"Storm (natter, SQLite, {sizes['storm_clients']} clients chatting; restart by {how_text[how]}): "
+            + "; ".join(
+                f"round {i + 1}: all back {fmt(s.get('all_back_ms'))} ms after the stop signal "
+                f"(server down {fmt(s.get('server_down_ms'))} ms, old process stopping "
+                f"{fmt(s.get('server_stop_ms'))} ms), not back {s.get('not_back')}, "
+                f"sent {s.get('messages_sent')}, lost {s.get('lost')}, doubled {s.get('doubled')}, "
+                f"errors {r.get('error_total')}"
+                for i, (s, r) in enumerate(zip(st, reports))
+            ) + ".",
+            "",
+        ]
     lines += [
-        f"Storm (natter, SQLite, {sizes['storm_clients']} clients chatting, server restarted with SIGTERM): "
-        + "; ".join(
-            f"round {i + 1}: all back {fmt(s.get('all_back_ms'))} ms after the stop signal "
-            f"(server down {fmt(s.get('server_down_ms'))} ms), not back {s.get('not_back')}, "
-            f"sent {s.get('messages_sent')}, lost {s.get('lost')}, doubled {s.get('doubled')}, "
-            f"errors {r.get('error_total')}"
-            for i, (s, r) in enumerate(zip(st, storms))
-        ) + ".",
-        "",
         "Reproduce: `python3 bench/compare.py` (raw reports: `bench/results/compare.json`).",
     ]
     table = "\n".join(lines)

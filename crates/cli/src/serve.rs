@@ -139,6 +139,13 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_WEB_DIR", value_name = "DIR")]
     pub web_dir: Option<PathBuf>,
 
+    /// Listen with SO_REUSEPORT, so the next process can bind the same address before this one
+    /// stops: start the new one, then send this one SIGTERM (a restart without refused
+    /// connects). Every process on the address must set it. Not with `memory:`.
+    #[arg(long, env = "NATTER_REUSE_PORT")]
+    #[serde(default)]
+    pub reuse_port: bool,
+
     /// Create a demo user (demo / demo-password) and an echo bot. Loopback only.
     #[arg(long, env = "NATTER_DEMO")]
     #[serde(default)]
@@ -178,6 +185,7 @@ impl ServeArgs {
             self.allowed_origin = file.allowed_origin;
         }
         self.demo |= file.demo;
+        self.reuse_port |= file.reuse_port;
         self
     }
 
@@ -296,6 +304,10 @@ impl ServeArgs {
         }
         c.web_dir = args.web_dir.clone();
         c.demo = args.demo;
+        c.reuse_port = args.reuse_port;
+        if c.reuse_port && c.database == Database::Memory {
+            bail!("reuse-port: with --database-url memory: each process has its own data, so a hand-over would lose every message; use SQLite or PostgreSQL");
+        }
         if c.demo && !c.bind.ip().is_loopback() {
             bail!("demo: --demo is only allowed when --bind is a loopback address (it creates a user with a published password)");
         }
@@ -405,6 +417,16 @@ mod tests {
         assert!(e.starts_with("bus:"), "{e}");
         let e = parse(&["--node-lease-ms", "10"]).resolve().unwrap_err().to_string();
         assert!(e.starts_with("node-lease-ms:"), "{e}");
+    }
+
+    #[test]
+    fn reuse_port_needs_shared_storage() {
+        let (c, _) = parse(&[]).resolve().unwrap();
+        assert!(!c.reuse_port, "off by default: two servers on one port by mistake must fail to bind");
+        let (c, _) = parse(&["--reuse-port"]).resolve().unwrap();
+        assert!(c.reuse_port);
+        let e = parse(&["--reuse-port", "--database-url", "memory:"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("reuse-port:"), "{e}");
     }
 
     #[test]

@@ -48,20 +48,17 @@ fn fanout_connect_and_idle_run_clean() {
     assert!(r["server_kib_per_connection"].as_f64().is_some(), "{r:#}");
 }
 
+/// A storm of 50 clients chatting every 100 ms, the server restarted after 1 s.
+fn storm(extra: &[&str]) -> (i32, Value, String) {
+    let mut args = vec!["storm", "--spawn", "-c", "50", "--storm-after", "1", "--storm-interval-ms", "100"];
+    args.extend(["--storm-timeout", "30"]);
+    args.extend(extra);
+    bench(&args)
+}
+
 #[test]
 fn storm_brings_every_client_back_with_nothing_lost_or_doubled() {
-    let (code, r, err) = bench(&[
-        "storm",
-        "--spawn",
-        "-c",
-        "50",
-        "--storm-after",
-        "1",
-        "--storm-interval-ms",
-        "100",
-        "--storm-timeout",
-        "30",
-    ]);
+    let (code, r, err) = storm(&[]);
     assert_eq!(code, 0, "{r:#}\n{err}");
     let s = &r["storm"];
     assert_eq!(s["clients"], 50, "{r:#}");
@@ -74,6 +71,31 @@ fn storm_brings_every_client_back_with_nothing_lost_or_doubled() {
     assert!(stop > 0.0 && stop <= down, "stopping is part of the downtime: {r:#}");
     // Every client saw the graceful restart's close code.
     assert_eq!(s["closes"]["close 1012"], 50, "{r:#}");
+}
+
+#[test]
+fn storm_with_a_hand_over_restart_refuses_nothing_and_loses_nothing() {
+    let (code, r, err) = storm(&["--storm-handover"]);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    let s = &r["storm"];
+    assert_eq!((s["restart"].as_str(), s["clients"].as_u64()), (Some("hand-over"), Some(50)), "{r:#}");
+    assert_eq!(
+        (s["not_back"].as_u64(), s["lost"].as_u64(), s["doubled"].as_u64()),
+        (Some(0), Some(0), Some(0)),
+        "{r:#}"
+    );
+    assert!(s["successor_ready_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{r:#}");
+    assert_eq!(s["server_down_ms"], 0.0, "{r:#}");
+    // The old process closed every socket with 1012, and every client found the new one.
+    assert_eq!(s["closes"]["close 1012"], 50, "{r:#}");
+
+    // memory: cannot hand over (the new process would start empty): a clear refusal.
+    let out = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .args(["serve", "--reuse-port", "--database-url", "memory:"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reuse-port:"), "{out:?}");
 }
 
 /// A server that acks with the wrong seq, quickly.

@@ -28,6 +28,10 @@ pub struct ErrorDetail {
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// This process's id (random at start, also its lease id): tells which node or process
+    /// answered, e.g. whether the new process of a hand-over restart is serving yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

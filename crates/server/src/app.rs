@@ -77,7 +77,7 @@ impl Server {
     /// Opens the store and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Server, StartError> {
         let listener =
-            TcpListener::bind(config.bind).await.map_err(|source| StartError::Bind { addr: config.bind, source })?;
+            bind(config.bind, config.reuse_port).map_err(|source| StartError::Bind { addr: config.bind, source })?;
         Self::with_listener(config, listener).await
     }
 
@@ -176,6 +176,23 @@ impl Server {
         tracing::info!(sockets_ms, ledger_ms, total_ms = started.elapsed().as_millis() as u64, "shut down");
         result
     }
+}
+
+/// Pending connections the kernel holds for us (it caps this at `net.core.somaxconn`): a
+/// reconnect storm after a restart arrives all at once.
+const BACKLOG: u32 = 4096;
+
+/// Binds the listening socket. With `reuse_port`, several processes may listen on `addr` at once
+/// (each must set it) and the kernel spreads new connections over them: the new process of a
+/// hand-over restart listens before the old one stops accepting.
+fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Opens (and migrates) the store the configuration names. Also used by admin commands.

@@ -98,6 +98,9 @@ pub struct Config {
     pub ledger_retention: crate::ledger::Retention,
     /// Serve `/metrics` on this address only, instead of on the main one.
     pub metrics_bind: Option<SocketAddr>,
+    /// Bind with `SO_REUSEPORT`, so a new process can listen on the same address before the old
+    /// one stops: a restart without a moment where connects are refused (docs/operations.md).
+    pub reuse_port: bool,
 }
 
 impl Config {
@@ -119,6 +122,7 @@ impl Config {
             node_lease: Duration::from_secs(15),
             ledger_retention: Default::default(),
             metrics_bind: None,
+            reuse_port: false,
         }
     }
 

@@ -143,6 +143,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub storm_kill: bool,
 
+    /// storm: restart by hand-over: start the new server on the same port (both run with
+    /// --reuse-port) and SIGTERM the old one once the new one answers, so no connect is ever
+    /// refused. Not with memory: (a new process would start empty).
+    #[arg(long, conflicts_with = "storm_kill")]
+    pub storm_handover: bool,
+
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -175,7 +181,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             Some(b) => b.clone(),
             None => std::env::current_exe().context("finding this binary to spawn it")?,
         };
-        Some(Spawned::start(bin, &args.server_arg, args.server_cpus.clone()).await?)
+        let mut server_args = args.server_arg.clone();
+        if args.scenario == Scenario::Storm && args.storm_handover {
+            server_args.insert(0, "--reuse-port".into());
+        }
+        Some(Spawned::start(bin, &server_args, args.server_cpus.clone()).await?)
     } else {
         None
     };

@@ -96,7 +96,14 @@ pub struct StormReport {
     pub clients: usize,
     /// Restarts done.
     pub restarts: u32,
-    /// From the stop signal until the server answered `/api/health` again.
+    /// How: `sigterm` (stop, then start), `sigkill` (crash, then start) or `hand-over` (start
+    /// the new process on the same port, then SIGTERM the old one).
+    pub restart: &'static str,
+    /// hand-over: how long the new process took to answer, while the old one still served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub successor_ready_ms: Option<f64>,
+    /// From the stop signal until the server answered `/api/health` again (0 with a hand-over:
+    /// the new process was answering before the signal).
     pub server_down_ms: f64,
     /// Of that, until the old process had exited (the rest is the new one starting).
     pub server_stop_ms: f64,
@@ -191,9 +198,13 @@ impl Report {
             rows.push(("server memory per connection".into(), format!("{k:.2} KiB")));
         }
         if let Some(s) = &self.storm {
+            rows.push(("restart".into(), s.restart.into()));
+            if let Some(ms) = s.successor_ready_ms {
+                rows.push(("new process answering".into(), format!("{ms:.0} ms before the stop signal")));
+            }
             rows.push((
                 "server down".into(),
-                format!("{:.0} ms (stopping {:.0} ms)", s.server_down_ms, s.server_stop_ms),
+                format!("{:.0} ms (old process stopping {:.0} ms)", s.server_down_ms, s.server_stop_ms),
             ));
             let back = s.all_back_ms.map_or("never".into(), |ms| format!("{ms:.0} ms after the stop signal"));
             rows.push(("all clients back".into(), back));

@@ -677,10 +677,15 @@ async fn storm(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     sleep(Duration::from_secs_f64(ctx.args.storm_after)).await;
     let spawned = ctx.spawned.as_mut().expect("storm runs with --spawn");
+    let successor_ready = if ctx.args.storm_handover { Some(spawned.start_successor().await?) } else { None };
     let stopped_at = Instant::now();
     sh.restarted.store(1, Ordering::Relaxed);
-    let stopping = spawned.restart(ctx.args.storm_kill).await?;
-    let server_down = stopped_at.elapsed();
+    let (stopping, server_down) = if successor_ready.is_some() {
+        // The new process has been answering since before the stop signal: nothing refused.
+        (spawned.stop_predecessor().await, Duration::ZERO)
+    } else {
+        (spawned.restart(ctx.args.storm_kill).await?, stopped_at.elapsed())
+    };
     let pb = bar(ctx, connected as u64, "back");
     let deadline = stopped_at + Duration::from_secs_f64(ctx.args.storm_timeout);
     while sh.back.load(Ordering::Relaxed) < connected && Instant::now() < deadline {
@@ -714,6 +719,14 @@ async fn storm(ctx: &mut Ctx) -> anyhow::Result<Report> {
     report.storm = Some(StormReport {
         clients: connected,
         restarts: 1,
+        restart: if ctx.args.storm_handover {
+            "hand-over"
+        } else if ctx.args.storm_kill {
+            "sigkill"
+        } else {
+            "sigterm"
+        },
+        successor_ready_ms: successor_ready.map(|d| d.as_secs_f64() * 1000.0),
         server_down_ms: server_down.as_secs_f64() * 1000.0,
         server_stop_ms: stopping.as_secs_f64() * 1000.0,
         all_back_ms: (not_back == 0).then(|| last_back.map_or(0.0, |b| (b - stopped_at).as_secs_f64() * 1000.0)),

@@ -25,6 +25,8 @@ pub const RAISED_LIMITS: &[&str] = &[
 
 pub struct Spawned {
     child: Option<Child>,
+    /// During a hand-over restart: the old process, still serving until it is stopped.
+    predecessor: Option<Child>,
     pub addr: SocketAddr,
     bin: PathBuf,
     args: Vec<String>,
@@ -50,7 +52,7 @@ impl Spawned {
         ];
         args.extend(RAISED_LIMITS.iter().map(|s| s.to_string()));
         args.extend(extra.iter().cloned());
-        let mut s = Spawned { child: None, addr, bin, args, cpus, data_dir };
+        let mut s = Spawned { child: None, predecessor: None, addr, bin, args, cpus, data_dir };
         s.launch().await?;
         Ok(s)
     }
@@ -105,18 +107,8 @@ impl Spawned {
 
     /// Stops the server (SIGTERM, or SIGKILL when `hard`) and waits for it to exit.
     pub async fn stop(&mut self, hard: bool) {
-        let Some(mut child) = self.child.take() else { return };
-        let sig = if hard { libc::SIGKILL } else { libc::SIGTERM };
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Some(child) = self.child.take() {
+            terminate(child, hard).await;
         }
     }
 
@@ -129,11 +121,66 @@ impl Spawned {
         self.launch().await?;
         Ok(stopped)
     }
+
+    /// The first half of a hand-over restart (the server runs with `--reuse-port`): starts a new
+    /// process on the same address and data while the old one keeps serving, and waits until
+    /// the new one answers `/api/health` with its own node id. Returns how long that took.
+    pub async fn start_successor(&mut self) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        let old = self.node_id().await.context("the running server has no node_id in /api/health")?;
+        self.predecessor = self.child.take();
+        self.launch().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // New connections are spread over both listeners: ask until the new one answers.
+        while self.node_id().await == Some(old) {
+            if Instant::now() > deadline {
+                bail!("the new server did not answer on {} within 30 s", self.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// The second half: SIGTERM to the old process, and wait for it to exit. Returns how long
+    /// it took.
+    pub async fn stop_predecessor(&mut self) -> Duration {
+        let t0 = Instant::now();
+        if let Some(child) = self.predecessor.take() {
+            terminate(child, false).await;
+        }
+        t0.elapsed()
+    }
+
+    async fn node_id(&self) -> Option<uuid::Uuid> {
+        // A new connection per request, so the kernel picks a listener each time.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().ok()?;
+        let url = format!("http://{}/api/health", self.addr);
+        let health: natter_proto::api::Health =
+            client.get(url).timeout(Duration::from_secs(1)).send().await.ok()?.json().await.ok()?;
+        health.node_id
+    }
+}
+
+/// Signals a server process (SIGTERM, or SIGKILL when `hard`) and waits up to 20 s for it to
+/// exit, then kills it.
+async fn terminate(mut child: Child, hard: bool) {
+    let sig = if hard { libc::SIGKILL } else { libc::SIGTERM };
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in self.child.take().into_iter().chain(self.predecessor.take()) {
             let _ = c.kill();
             let _ = c.wait();
         }

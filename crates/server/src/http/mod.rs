@@ -131,8 +131,12 @@ async fn method_not_allowed() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/api/health", tag = "health", responses((status = 200, body = Health)))]
-pub async fn health() -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        node_id: Some(state.cluster.node().node_id),
+    })
 }
 
 #[utoipa::path(get, path = "/api/ready", tag = "health",

@@ -560,6 +560,56 @@ async fn graceful_shutdown_closes_1012_and_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_hand_over_restart_on_a_shared_port_loses_and_doubles_nothing() {
+    let old = TestApp::spawn_with(|c| c.reuse_port = true).await;
+    let alice = old.user("alice").await;
+    let bot = old.echo_bot(&alice).await;
+    let mut a = old.ws(bot.id, &alice.token, "").await;
+    a.established().await;
+    for i in 0..3 {
+        chat(&mut a, &format!("c{i}"), &format!("m{i}")).await;
+    }
+    let data = old.dir.path().to_path_buf();
+    let shared = |c: &mut natter_server::Config, reuse_port: bool| {
+        c.bind = old.addr;
+        c.data_dir = data.clone();
+        c.database = natter_server::config::Database::SqliteFile(data.join("natter.db"));
+        c.reuse_port = reuse_port;
+    };
+    // A second process without SO_REUSEPORT cannot take the address: no silent split by mistake.
+    let mut config = natter_server::Config::for_tests(data.clone());
+    shared(&mut config, false);
+    match natter_server::Server::build(config).await {
+        Err(natter_server::StartError::Bind { .. }) => {}
+        Err(e) => panic!("expected a bind error, got {e}"),
+        Ok(_) => panic!("two servers listen on {} without SO_REUSEPORT", old.addr),
+    }
+    // The new process listens on the same address while the old one still serves.
+    let new = TestApp::spawn_with(|c| shared(c, true)).await;
+    assert_eq!(new.addr, old.addr);
+    let new_node = new.state.cluster.node().node_id;
+    assert_ne!(new_node, old.state.cluster.node().node_id);
+
+    let _old_dir = old.stop().await;
+    assert_eq!(a.close_code().await.0, 1012);
+    // Only the new process answers now.
+    for _ in 0..5 {
+        let (status, body) = new.get("/api/health", None).await;
+        assert_eq!((status, body["node_id"].as_str()), (200, Some(new_node.to_string().as_str())));
+    }
+    // The tab resumes after seq 4 on the new process: 5 and 6, then the conversation goes on at 7.
+    let mut b = new.ws(bot.id, &alice.token, "&after_seq=4").await;
+    let ServerFrame::ConnectionEstablished { last_seq, .. } = b.established().await else { unreachable!() };
+    assert_eq!(last_seq, 6);
+    assert_eq!((msg(b.frame().await).seq, msg(b.frame().await).seq), (5, 6));
+    // A resend of what the old process stored is a duplicate, not a new message.
+    b.say("c1", "m1").await;
+    let (cid, m, duplicate) = ack(b.frame().await);
+    assert_eq!((cid.as_str(), m.seq, duplicate), ("c1", 3, true));
+    assert_eq!(chat(&mut b, "c3", "m3").await, (7, 8));
+}
+
+#[tokio::test]
 async fn an_internal_error_closes_1011_with_an_error_id_that_is_in_the_log() {
     capture_logs();
     let app = TestApp::spawn().await;

@@ -87,11 +87,12 @@ async fn add_member(app: &TestApp, by: &TestUser, bot: Uuid, username: &str, rol
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn health_is_ok_with_the_version() {
+async fn health_is_ok_with_the_version_and_the_node() {
     let app = TestApp::spawn().await;
     let (status, body) = app.get("/api/health", None).await;
     assert_eq!(status, 200);
-    assert_eq!(body, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}));
+    let node = app.state.cluster.node().node_id.to_string();
+    assert_eq!(body, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "node_id": node}));
 }
 
 #[tokio::test]
