@@ -61,7 +61,8 @@ struct Inner {
     message_ids: HashSet<Uuid>,
     tickets: HashMap<String, Ticket>,
     /// The connection ledger in the order it is read: newest first, then by connection id.
-    ledger: BTreeMap<(Reverse<i64>, Uuid), ConnectionRecord>,
+    /// Boxed: a B-tree insert shifts the values of its node, and a row is ~300 bytes.
+    ledger: BTreeMap<(Reverse<i64>, Uuid), Box<ConnectionRecord>>,
     /// connection id → `started_at` (ms) of its ledger row, to find its key.
     ledger_started: HashMap<Uuid, i64>,
     /// user id → connection id → slot.
@@ -493,11 +494,22 @@ impl Store for MemoryStore {
             r.started_at = ms(r.started_at);
             r.ended_at = r.ended_at.map(ms);
             let started = millis(r.started_at);
-            // INSERT OR REPLACE on the connection id.
-            if let Some(old) = inner.ledger_started.insert(r.connection_id, started) {
-                inner.ledger.remove(&(Reverse(old), r.connection_id));
+            // INSERT OR REPLACE on the connection id (in place when its key is unchanged, as
+            // for the row that ends an attempt).
+            let key = (Reverse(started), r.connection_id);
+            match inner.ledger_started.insert(r.connection_id, started) {
+                Some(old) if old == started => {
+                    if let Some(row) = inner.ledger.get_mut(&key) {
+                        **row = r;
+                        continue;
+                    }
+                }
+                Some(old) => {
+                    inner.ledger.remove(&(Reverse(old), r.connection_id));
+                }
+                None => {}
             }
-            inner.ledger.insert((Reverse(started), r.connection_id), r);
+            inner.ledger.insert(key, Box::new(r));
         }
         Ok(())
     }
@@ -515,13 +527,17 @@ impl Store for MemoryStore {
             .filter(|r| user_id.is_none() || r.user_id == user_id)
             .filter(|r| bot_id.is_none() || r.bot_id == bot_id)
             .take(limit as usize)
-            .cloned()
+            .map(|r| (**r).clone())
             .collect())
     }
 
     async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
         let inner = self.lock()?;
-        Ok(inner.ledger.values().find(|r| r.attempt_id == attempt_id || r.connection_id == attempt_id).cloned())
+        Ok(inner
+            .ledger
+            .values()
+            .find(|r| r.attempt_id == attempt_id || r.connection_id == attempt_id)
+            .map(|r| (**r).clone()))
     }
 
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
