@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use natter_proto::api::ConnectionRecord;
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::store::Store;
 
@@ -118,6 +119,81 @@ impl Ledger {
     }
 }
 
+/// An open connection's ledger row, kept until its close rewrites the row (the store replaces a
+/// row whole): ids and start time inline, the request's seven text fields packed into one
+/// allocation. A `ConnectionRecord` held for a socket's life costs ~0.4 KiB; this ~0.15.
+pub struct OpenRow {
+    attempt_id: Uuid,
+    connection_id: Uuid,
+    user_id: Option<Uuid>,
+    bot_id: Option<Uuid>,
+    started_at: DateTime<Utc>,
+    /// `remote_addr` … `forwarded_for`, each `'\x01'` + the text or empty for `None`, joined by
+    /// `'\0'` (header values never hold control characters; a NUL would be replaced).
+    text: Box<str>,
+}
+
+impl OpenRow {
+    pub fn new(rec: &ConnectionRecord) -> OpenRow {
+        let fields = [
+            &rec.remote_addr,
+            &rec.user_agent,
+            &rec.origin,
+            &rec.upgrade,
+            &rec.connection,
+            &rec.sec_websocket_version,
+            &rec.forwarded_for,
+        ];
+        let mut text = String::with_capacity(fields.iter().map(|f| f.as_ref().map_or(0, |s| s.len() + 1) + 1).sum());
+        for (i, f) in fields.into_iter().enumerate() {
+            if i > 0 {
+                text.push('\0');
+            }
+            if let Some(s) = f {
+                text.push('\x01');
+                text.extend(s.chars().map(|c| if c == '\0' { char::REPLACEMENT_CHARACTER } else { c }));
+            }
+        }
+        OpenRow {
+            attempt_id: rec.attempt_id,
+            connection_id: rec.connection_id,
+            user_id: rec.user_id,
+            bot_id: rec.bot_id,
+            started_at: rec.started_at,
+            text: text.into_boxed_str(),
+        }
+    }
+
+    /// The row as it was when the connection was established.
+    pub fn row(&self) -> ConnectionRecord {
+        let mut f = self.text.split('\0').map(|s| s.strip_prefix('\x01').map(str::to_owned));
+        let mut next = || f.next().flatten();
+        ConnectionRecord {
+            attempt_id: self.attempt_id,
+            connection_id: self.connection_id,
+            user_id: self.user_id,
+            bot_id: self.bot_id,
+            remote_addr: next(),
+            user_agent: next(),
+            origin: next(),
+            upgrade: next(),
+            connection: next(),
+            sec_websocket_version: next(),
+            forwarded_for: next(),
+            started_at: self.started_at,
+            established: true,
+            ended_at: None,
+            close_code: None,
+            close_reason: None,
+            closed_by: None,
+            msgs_in: 0,
+            msgs_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+}
+
 async fn run_prune(store: &dyn Store, retention: Retention) -> u64 {
     let cutoff = Utc::now() - chrono::Duration::from_std(retention.max_age).unwrap_or(chrono::Duration::days(7));
     match store.prune_connections(cutoff, retention.max_rows).await {
@@ -131,5 +207,49 @@ async fn run_prune(store: &dyn Store, retention: Retention) -> u64 {
             tracing::warn!(error = %e, "pruning the connection ledger failed");
             0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_row_gives_back_the_row() {
+        let rec = ConnectionRecord {
+            attempt_id: Uuid::new_v4(),
+            connection_id: Uuid::new_v4(),
+            user_id: Some(Uuid::new_v4()),
+            bot_id: None,
+            remote_addr: Some("127.0.0.1:4000".into()),
+            user_agent: Some(String::new()),
+            origin: None,
+            upgrade: Some("websocket".into()),
+            connection: Some("Upgrade".into()),
+            sec_websocket_version: None,
+            forwarded_for: Some("10.0.0.1, 10.0.0.2".into()),
+            started_at: Utc::now(),
+            established: true,
+            ended_at: None,
+            close_code: None,
+            close_reason: None,
+            closed_by: None,
+            msgs_in: 0,
+            msgs_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        };
+        assert_eq!(OpenRow::new(&rec).row(), rec);
+        let none = ConnectionRecord {
+            user_agent: None,
+            upgrade: None,
+            forwarded_for: None,
+            remote_addr: None,
+            connection: None,
+            ..rec.clone()
+        };
+        assert_eq!(OpenRow::new(&none).row(), none);
+        let nul = ConnectionRecord { origin: Some("a\0b".into()), ..rec };
+        assert_eq!(OpenRow::new(&nul).row().origin.as_deref(), Some("a\u{fffd}b"));
     }
 }

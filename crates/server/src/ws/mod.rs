@@ -24,7 +24,6 @@ use crate::auth::{hash_opaque, new_opaque_token, TokenError};
 use crate::bots::EngineSpec;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiJson, AuthUser};
-use crate::store::{Bot, Conversation};
 
 pub mod hub;
 mod session;
@@ -113,15 +112,16 @@ fn refuse(code: CloseCode, reason: impl Into<String>) -> Refusal {
     Refusal { code, reason: reason.into(), user_id: None }
 }
 
-/// A connection that passed every check.
+/// A connection that passed every check: only what its session uses (the bot's other fields
+/// and its engine JSON would stay in memory for the socket's whole life).
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub user: UserRef,
-    pub bot: Bot,
+    pub bot_id: Uuid,
+    pub bot_name: String,
     pub engine: EngineSpec,
-    pub conversation: Conversation,
+    pub conversation_id: Uuid,
     pub after_seq: Option<i64>,
-    pub attempt_id: Option<Uuid>,
 }
 
 /// Whether the check may use up a ticket (the socket) or only look (the preflight).
@@ -163,12 +163,10 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
             _ => return Err(refuse(CloseCode::BadRequest, "after_seq must be a whole number >= 0")),
         },
     };
-    let attempt_id = match &req.attempt_id {
-        None => None,
-        Some(s) => {
-            Some(Uuid::parse_str(s).map_err(|_| refuse(CloseCode::BadRequest, "attempt_id is not a valid UUID"))?)
-        }
-    };
+    // Only checked: the session reads it from the request for its ledger row.
+    if let Some(s) = &req.attempt_id {
+        Uuid::parse_str(s).map_err(|_| refuse(CloseCode::BadRequest, "attempt_id is not a valid UUID"))?;
+    }
 
     let user = authenticate(state, req, bot_id, mode).await?;
     let with_user = |code, reason: String| Refusal { code, reason, user_id: Some(user.id) };
@@ -212,7 +210,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     {
         return Err(with_user(CloseCode::TooManyConnections, format!("this user already has {max} open connections")));
     }
-    Ok(Admitted { user, bot, engine, conversation, after_seq, attempt_id })
+    Ok(Admitted { user, bot_id, bot_name: bot.name, engine, conversation_id: conversation.id, after_seq })
 }
 
 async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode: Mode) -> Result<UserRef, Refusal> {
