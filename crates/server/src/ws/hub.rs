@@ -4,20 +4,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use uuid::Uuid;
 
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    pub user_id: Uuid,
-    pub bot_id: Uuid,
-    pub started: Instant,
-}
-
 #[derive(Default)]
 struct Inner {
-    conns: HashMap<Uuid, ConnInfo>,
+    /// Connection id → user id (32 bytes an entry: one per socket).
+    conns: HashMap<Uuid, Uuid>,
     per_user: HashMap<Uuid, usize>,
 }
 
@@ -42,11 +35,11 @@ pub struct HubGuard {
 impl Drop for HubGuard {
     fn drop(&mut self) {
         let mut inner = self.hub.inner.lock().unwrap();
-        if let Some(info) = inner.conns.remove(&self.connection_id) {
-            if let Some(n) = inner.per_user.get_mut(&info.user_id) {
+        if let Some(user_id) = inner.conns.remove(&self.connection_id) {
+            if let Some(n) = inner.per_user.get_mut(&user_id) {
                 *n -= 1;
                 if *n == 0 {
-                    inner.per_user.remove(&info.user_id);
+                    inner.per_user.remove(&user_id);
                 }
             }
         }
@@ -60,7 +53,6 @@ impl Hub {
         self: &Arc<Self>,
         connection_id: Uuid,
         user_id: Uuid,
-        bot_id: Uuid,
         max_per_user: usize,
         max_total: usize,
     ) -> Result<HubGuard, Full> {
@@ -73,7 +65,7 @@ impl Hub {
             return Err(Full::User);
         }
         inner.per_user.insert(user_id, count + 1);
-        inner.conns.insert(connection_id, ConnInfo { user_id, bot_id, started: Instant::now() });
+        inner.conns.insert(connection_id, user_id);
         Ok(HubGuard { hub: self.clone(), connection_id })
     }
 
@@ -93,8 +85,8 @@ impl Hub {
     pub fn check_invariants(&self) {
         let inner = self.inner.lock().unwrap();
         let mut counted: HashMap<Uuid, usize> = HashMap::new();
-        for info in inner.conns.values() {
-            *counted.entry(info.user_id).or_default() += 1;
+        for user_id in inner.conns.values() {
+            *counted.entry(*user_id).or_default() += 1;
         }
         assert_eq!(counted, inner.per_user, "per-user counts match the connection table");
     }
@@ -107,17 +99,17 @@ mod tests {
     #[test]
     fn counts_and_limits_per_user() {
         let hub = Arc::new(Hub::default());
-        let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        let a = hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).unwrap();
-        let b = hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).unwrap();
-        assert_eq!(hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).err(), Some(Full::User), "third is over the limit");
-        let c = hub.try_register(Uuid::new_v4(), u2, bot, 2, 3).unwrap();
-        assert_eq!(hub.try_register(Uuid::new_v4(), Uuid::new_v4(), bot, 2, 3).err(), Some(Full::Server));
+        let (u1, u2) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = hub.try_register(Uuid::new_v4(), u1, 2, 3).unwrap();
+        let b = hub.try_register(Uuid::new_v4(), u1, 2, 3).unwrap();
+        assert_eq!(hub.try_register(Uuid::new_v4(), u1, 2, 3).err(), Some(Full::User), "third is over the limit");
+        let c = hub.try_register(Uuid::new_v4(), u2, 2, 3).unwrap();
+        assert_eq!(hub.try_register(Uuid::new_v4(), Uuid::new_v4(), 2, 3).err(), Some(Full::Server));
         hub.check_invariants();
         assert_eq!(hub.user_count(u1), 2);
         drop(a);
         assert_eq!(hub.user_count(u1), 1);
-        assert!(hub.try_register(Uuid::new_v4(), u1, bot, 2, 3).is_ok(), "a slot was freed (and freed again on drop)");
+        assert!(hub.try_register(Uuid::new_v4(), u1, 2, 3).is_ok(), "a slot was freed (and freed again on drop)");
         drop((b, c));
         hub.check_invariants();
         assert!(hub.is_empty());
