@@ -638,7 +638,9 @@ impl Session {
         }
         // Replies being generated right now: what exists so far, then the rest live.
         for p in state.replier.in_progress(self.conversation_id) {
-            if p.text.is_empty() {
+            // A reply is stored (and may have just been caught up whole) a moment before it
+            // leaves `in_progress`: streaming it again would repeat its text after the message.
+            if p.text.is_empty() || self.replies.as_ref().is_some_and(|r| r.finished.contains(&p.message_id)) {
                 continue;
             }
             let have = p.text.len();
