@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::bus::{Bus, BusError, ConvEvent, LocalBus, NatsBus};
 use crate::config::BusConfig;
-use crate::store::{SlotClaim, Store};
+use crate::store::{SlotClaim, Store, StoreResult};
 
 /// The retry hint sent with 1013 while a dependency is down.
 pub const DEPENDENCY_RETRY_MS: u64 = 2_000;
@@ -181,6 +181,21 @@ impl Cluster {
         }
     }
 
+    /// Whether the per-user count lives in the store, shared by every node. On one node (a
+    /// store no other node reaches) the hub's own count is the whole count, and the store is
+    /// neither written at connect and close nor read at admission.
+    fn counts_in_store(&self) -> bool {
+        self.store.shared()
+    }
+
+    /// The user's sockets on every node, or `None` on one node (then the hub's count is it).
+    pub async fn slots_in_use(&self, user_id: Uuid) -> StoreResult<Option<usize>> {
+        if !self.counts_in_store() {
+            return Ok(None);
+        }
+        self.store.slots_in_use(user_id, Utc::now()).await.map(Some)
+    }
+
     /// Takes one of the user's `max` slots across every node, or says how to close.
     pub async fn claim_slot(
         &self,
@@ -188,7 +203,7 @@ impl Cluster {
         user_id: Uuid,
         max: usize,
     ) -> Result<Slot, (CloseCode, String)> {
-        if !self.store.shared() {
+        if !self.counts_in_store() {
             // One node: the hub's count, already taken, is the whole count.
             return Ok(Slot { connection_id: None, store: self.store.clone() });
         }

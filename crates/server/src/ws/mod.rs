@@ -206,7 +206,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     // This node's count first (no IO), then every node's: the socket itself takes its place
     // atomically later (`Cluster::claim_slot`); this gives the preflight the same verdict.
     if state.hub.user_count(user.id) >= max
-        || (state.store.shared() && state.store.slots_in_use(user.id, Utc::now()).await.map_err(internal)? >= max)
+        || state.cluster.slots_in_use(user.id).await.map_err(internal)?.is_some_and(|n| n >= max)
     {
         return Err(with_user(CloseCode::TooManyConnections, format!("this user already has {max} open connections")));
     }
