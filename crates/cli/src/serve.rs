@@ -342,7 +342,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (config, log) = args.resolve()?;
     natter_server::telemetry::init(log);
     let demo = config.demo;
-    let server = Server::build(config).await?;
+    // A StartError's message already names its cause: as an anyhow chain it would say it twice.
+    let server = Server::build(config).await.map_err(|e| anyhow!("{e}"))?;
     let addr = server.local_addr();
     println!("natter {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
     if demo {

@@ -62,7 +62,8 @@ pub async fn run(args: UserArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (config, _) = serve.resolve()?;
-    let store = natter_server::app::open_store(&config).await?;
+    // Its message already names the cause (see `serve::run`).
+    let store = natter_server::app::open_store(&config).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     match args.action {
         UserAction::Create { username, admin } => {
             let name = Username::parse(&username).map_err(|e| anyhow::anyhow!("{}", e.message))?;
