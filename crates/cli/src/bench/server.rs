@@ -131,8 +131,16 @@ impl Spawned {
         self.predecessor = self.child.take();
         self.launch().await?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        // New connections are spread over both listeners: ask until the new one answers.
-        while self.node_id().await == Some(old) {
+        // New connections are spread over both listeners: ask until the new one answers. A
+        // failed request (the new process still starting) is no answer from it either.
+        loop {
+            match self.node_id().await {
+                Some(id) if id != old => break,
+                _ => {}
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("the new server exited with {st}; see {}", self.log_path().display());
+            }
             if Instant::now() > deadline {
                 bail!("the new server did not answer on {} within 30 s", self.addr);
             }
