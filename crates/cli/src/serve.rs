@@ -150,6 +150,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_DEMO")]
     #[serde(default)]
     pub demo: bool,
+
+    /// Longest bot reply in characters; a longer one is cut and stored incomplete [default: 65536]
+    #[arg(long, env = "NATTER_MAX_REPLY_CHARS", value_name = "N")]
+    pub max_reply_chars: Option<usize>,
 }
 
 impl ServeArgs {
@@ -179,7 +183,8 @@ impl ServeArgs {
             metrics_bind,
             ledger_max_age_days,
             ledger_max_rows,
-            web_dir
+            web_dir,
+            max_reply_chars
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -287,6 +292,12 @@ impl ServeArgs {
         }
         if let Some(v) = args.bot_queue {
             l.bot_queue = v;
+        }
+        if let Some(v) = args.max_reply_chars {
+            if !(1..=16 * 1024 * 1024).contains(&v) {
+                bail!("max-reply-chars: {v} is out of range (1 to 16777216)");
+            }
+            l.max_reply_chars = v;
         }
         c.metrics_bind = args.metrics_bind;
         if let Some(days) = args.ledger_max_age_days {

@@ -2,6 +2,7 @@
 //! and real WebSocket connections.
 
 mod bots;
+mod bots_limits;
 mod gateway;
 mod helpers;
 mod multinode;
