@@ -30,6 +30,9 @@ pub const MAX_URL_CHARS: usize = 2_048;
 pub const MAX_MODEL_CHARS: usize = 200;
 /// Characters of `api_key` and of a webhook `secret`.
 pub const MAX_SECRET_CHARS: usize = 4_096;
+/// What a provider or webhook may send without a newline (one SSE or NDJSON line), and the
+/// size of a webhook's JSON answer: a remote server cannot make natter hold more of it.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
 fn at_most(field: &str, s: &str, max: usize) -> Result<(), Invalid> {
     // Bytes first: a cheap upper bound on characters.

@@ -243,3 +243,41 @@ async fn engine_settings_are_shown_to_the_owner_and_admins_only() {
         assert_eq!(mine["engine"], json!({"kind": "webhook"}));
     }
 }
+
+#[tokio::test]
+async fn a_webhook_cannot_make_natter_hold_an_unbounded_answer() {
+    use axum::routing::post;
+    // 2 MiB in one JSON answer, and 2 MiB of NDJSON with no newline.
+    let big = "x".repeat(2 * 1024 * 1024);
+    let json_answer = json!({"reply": big}).to_string();
+    let ndjson_answer = format!("{{\"delta\":\"{big}");
+    let router = axum::Router::new()
+        .route("/json", post(move || async move { ([("content-type", "application/json")], json_answer) }))
+        .route("/ndjson", post(move || async move { ([("content-type", "application/x-ndjson")], ndjson_answer) }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    for (path, want) in [
+        ("json", "the webhook's JSON answer is longer than 1048576 bytes"),
+        ("ndjson", "the webhook sent a line longer than 1048576 bytes"),
+    ] {
+        let engine = json!({"kind": "webhook", "url": format!("http://{addr}/{path}"), "secret": "0123456789abcdef"});
+        let bot = app.bot(&alice, json!({"name": path, "engine": engine})).await;
+        let mut ws = app.ws(bot.id, &alice.token, "").await;
+        ws.established().await;
+        ws.say("c1", "hi").await;
+        loop {
+            match ws.frame().await {
+                ServerFrame::Ack { .. } => {}
+                ServerFrame::Error { code, message, .. } => {
+                    assert_eq!(code, ErrorCode::BotError);
+                    assert!(message.starts_with(want), "{path}: {message}");
+                    break;
+                }
+                other => panic!("{path}: unexpected {other:?}"),
+            }
+        }
+    }
+}
