@@ -89,20 +89,18 @@ async fn a_stored_oversized_rule_set_neither_stalls_health_nor_compiles_per_mess
     // compiling or matching on the async workers delays /api/health by as much.
     let mut ws = app.ws(bot.id, &alice.token, "").await;
     ws.established().await;
-    let mut worst = Duration::ZERO;
-    let health = |worst: &mut Duration, took: Duration| *worst = (*worst).max(took);
     for i in 0..5 {
         ws.say(&format!("c{i}"), &format!("what is the price of {}", "a".repeat(300))).await;
         let started = Instant::now();
         let (status, _) = app.get("/api/health", None).await;
         assert_eq!(status, 200);
-        health(&mut worst, started.elapsed());
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(500), "/api/health took {took:?} while a rules bot answered");
         let (_, errors, m) = reply(&mut ws).await;
         assert!(errors.is_empty(), "{errors:?}");
         // The regexes that don't fit the limits are left out; the keyword rule still answers.
         assert_eq!(m.content, "10 EUR");
     }
-    assert!(worst < Duration::from_millis(500), "/api/health took {worst:?} while rules were answered");
 
     // The stored 900 000-character fallback is cut at the bound on replies, marked incomplete.
     ws.say("long", "nothing matches").await;
