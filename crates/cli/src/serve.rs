@@ -472,4 +472,18 @@ mod tests {
         let e = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
         assert!(e.contains("natter.toml:1") && e.contains("bnd") && !e.contains('\n'), "{e}");
     }
+    #[test]
+    fn max_reply_chars_from_flag_or_file_within_range() {
+        let (c, _) = parse(&[]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 65_536);
+        let (c, _) = parse(&["--max-reply-chars", "1000"]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 1000);
+        let e = parse(&["--max-reply-chars", "0"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("max-reply-chars: 0 is out of range"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "max_reply_chars = 2000\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 2000);
+    }
 }
