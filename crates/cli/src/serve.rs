@@ -150,6 +150,10 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_DEMO")]
     #[serde(default)]
     pub demo: bool,
+
+    /// Longest bot reply in characters; a longer one is cut and stored incomplete [default: 65536]
+    #[arg(long, env = "NATTER_MAX_REPLY_CHARS", value_name = "N")]
+    pub max_reply_chars: Option<usize>,
 }
 
 impl ServeArgs {
@@ -179,7 +183,8 @@ impl ServeArgs {
             metrics_bind,
             ledger_max_age_days,
             ledger_max_rows,
-            web_dir
+            web_dir,
+            max_reply_chars
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -287,6 +292,12 @@ impl ServeArgs {
         }
         if let Some(v) = args.bot_queue {
             l.bot_queue = v;
+        }
+        if let Some(v) = args.max_reply_chars {
+            if !(1..=16 * 1024 * 1024).contains(&v) {
+                bail!("max-reply-chars: {v} is out of range (1 to 16777216)");
+            }
+            l.max_reply_chars = v;
         }
         c.metrics_bind = args.metrics_bind;
         if let Some(days) = args.ledger_max_age_days {
@@ -460,5 +471,19 @@ mod tests {
         std::fs::write(&path, "bnd = \"127.0.0.1:9000\"\n").unwrap();
         let e = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
         assert!(e.contains("natter.toml:1") && e.contains("bnd") && !e.contains('\n'), "{e}");
+    }
+    #[test]
+    fn max_reply_chars_from_flag_or_file_within_range() {
+        let (c, _) = parse(&[]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 65_536);
+        let (c, _) = parse(&["--max-reply-chars", "1000"]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 1000);
+        let e = parse(&["--max-reply-chars", "0"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("max-reply-chars: 0 is out of range"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "max_reply_chars = 2000\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.limits.max_reply_chars, 2000);
     }
 }

@@ -174,7 +174,9 @@ pub struct BotView {
     pub name: String,
     pub description: String,
     pub visibility: Visibility,
-    /// The engine settings, with secrets (api keys, webhook secrets) left out.
+    /// The engine settings, with secrets (api keys, webhook secrets) left out — for the owner
+    /// and the bot's admins. Anyone else (chat members, any user on a public bot) gets only
+    /// `{"kind": "…"}`.
     #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub engine: serde_json::Value,
     pub owner: UserRef,

@@ -100,7 +100,11 @@ impl Server {
                 store.clone(),
                 bus.clone(),
                 tasks.clone(),
-                ReplierLimits { concurrency: config.limits.bot_concurrency, queue: config.limits.bot_queue },
+                ReplierLimits {
+                    concurrency: config.limits.bot_concurrency,
+                    queue: config.limits.bot_queue,
+                    max_reply_chars: config.limits.max_reply_chars,
+                },
                 metrics.clone(),
             )
             .with_node(cluster.node()),

@@ -55,6 +55,8 @@ pub struct Limits {
     /// Frames waiting to be written to one socket; a client that lets it fill is closed
     /// with 4409 (slow consumer) and resumes with `after_seq`.
     pub outbound_queue: usize,
+    /// Longest bot reply, in characters: a longer one is cut there and stored `incomplete`.
+    pub max_reply_chars: usize,
 }
 
 impl Default for Limits {
@@ -69,6 +71,7 @@ impl Default for Limits {
             outbound_queue: 256,
             bot_concurrency: 4,
             bot_queue: 64,
+            max_reply_chars: 64 * 1024,
         }
     }
 }

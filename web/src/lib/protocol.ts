@@ -140,6 +140,7 @@ export interface BotView {
   name: string;
   description: string;
   visibility: Visibility;
+  /** Settings without secrets for the owner and admins (`my_role`); only `{kind}` for others. */
   engine: Record<string, unknown>;
   owner: UserRef;
   my_role: BotRole;

@@ -23,9 +23,10 @@ use crate::metrics::{CodeLabel, Metrics};
 use crate::store::{NewMessage, Store};
 use tokio::time::Instant;
 
+pub mod bounds;
 mod echo;
 mod openai;
-mod rules;
+pub mod rules;
 pub mod spec;
 pub mod webhook;
 
@@ -74,6 +75,8 @@ pub struct ReplierLimits {
     pub concurrency: usize,
     /// Replies waiting per bot beyond those; more get `bot_busy`.
     pub queue: usize,
+    /// Longest reply, in characters: a reply is cut there and stored `incomplete`.
+    pub max_reply_chars: usize,
 }
 
 /// A reply being generated.
@@ -112,6 +115,8 @@ pub struct Replier {
     registry: Arc<Mutex<Registry>>,
     /// On a server, replies in progress are leased in the store under this node.
     node: Option<NodeLease>,
+    /// Compiled rule sets, per bot (the `rules` engine).
+    rules: rules::RulesCache,
 }
 
 struct Sink {
@@ -121,11 +126,34 @@ struct Sink {
     in_reply_to: Uuid,
     /// When the user's message arrived; taken at the first token.
     received: Option<Instant>,
+    /// Characters of the reply so far, and the bound; `cut` fires when a delta reached it.
+    chars: usize,
+    max_chars: usize,
+    cut: CancellationToken,
+}
+
+/// The first `max` characters of `text`, when it has more.
+fn cut_at(text: &str, max: usize) -> Option<&str> {
+    text.char_indices().nth(max).map(|(i, _)| &text[..i])
 }
 
 #[async_trait]
 impl DeltaSink for Sink {
     async fn delta(&mut self, text: &str) {
+        if self.cut.is_cancelled() {
+            return;
+        }
+        let text = match cut_at(text, self.max_chars - self.chars) {
+            Some(head) => {
+                self.cut.cancel();
+                head
+            }
+            None => text,
+        };
+        self.chars += text.chars().count();
+        if text.is_empty() {
+            return;
+        }
         if let Some(received) = self.received.take() {
             self.replier.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
         }
@@ -165,7 +193,17 @@ impl Replier {
             .user_agent(concat!("natter/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("HTTP client");
-        Replier { store, bus, tasks, http, limits, metrics, registry: Arc::default(), node: None }
+        Replier {
+            store,
+            bus,
+            tasks,
+            http,
+            limits,
+            metrics,
+            registry: Arc::default(),
+            node: None,
+            rules: Default::default(),
+        }
     }
 
     /// Leases replies in progress in the store under `node` and checkpoints their text, so a
@@ -213,13 +251,13 @@ impl Replier {
         }
     }
 
-    fn engine(&self, spec: &EngineSpec) -> Arc<dyn BotEngine> {
-        match spec {
+    async fn engine(&self, spec: &EngineSpec, bot_id: Uuid) -> Result<Arc<dyn BotEngine>, EngineError> {
+        Ok(match spec {
             EngineSpec::Echo(_) => Arc::new(echo::Echo),
-            EngineSpec::Rules(r) => Arc::new(rules::Rules::new(r)),
+            EngineSpec::Rules(r) => Arc::new(rules::Rules { compiled: self.rules.get(bot_id, r).await? }),
             EngineSpec::Openai(o) => Arc::new(openai::OpenAi { spec: o.clone(), http: self.http.clone() }),
             EngineSpec::Webhook(w) => Arc::new(webhook::Webhook { spec: w.clone(), http: self.http.clone() }),
-        }
+        })
     }
 
     /// Replies being generated in a conversation, with the text so far.
@@ -263,7 +301,15 @@ impl Replier {
         received: Instant,
     ) {
         let conversation_id = message.conversation_id;
-        let engine = self.engine(spec);
+        let engine = match self.engine(spec, bot_id).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(%bot_id, error = %e.message, "preparing the bot's engine failed");
+                let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to: message.id };
+                let _ = self.bus.publish(conversation_id, event).await;
+                return;
+            }
+        };
         if engine.instant() {
             // An instant engine (echo, rules) answers in one step, with no IO: the socket's own
             // task stores and announces the reply, saving a task and a wakeup per message.
@@ -347,29 +393,47 @@ impl Replier {
         };
         let leased = !instant && self.lease(message_id, conversation_id, in_reply_to).await;
         let req = ReplyRequest { bot_id, bot_name, history, message };
-        let mut sink =
-            Sink { replier: self.clone(), conversation_id, message_id, in_reply_to, received: Some(received) };
+        let max = self.limits.max_reply_chars;
+        let cut = CancellationToken::new();
+        let mut sink = Sink {
+            replier: self.clone(),
+            conversation_id,
+            message_id,
+            in_reply_to,
+            received: Some(received),
+            chars: 0,
+            max_chars: max,
+            cut: cut.clone(),
+        };
+        let too_long =
+            || EngineError { code: ErrorCode::BotError, message: format!("the reply was cut at {max} characters") };
         let outcome = tokio::select! {
             r = engine.reply(&req, &mut sink) => Some(r),
             _ = cancel.cancelled() => None,
+            // The engine is dropped here: a provider still streaming is cut off.
+            _ = cut.cancelled() => Some(Err(too_long())),
             () = cancelled_elsewhere(remote_cancel, message_id) => None,
             () = self.checkpoints(message_id, leased) => unreachable!("checkpoints run until the reply ends"),
         };
         let so_far = self.text_so_far(message_id).unwrap_or_default();
-        let (content, status) = match outcome {
-            Some(Ok(text)) => (text, MessageStatus::Complete),
-            Some(Err(e)) => {
-                tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
-                self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
-                let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
-                let _ = self.bus.publish(conversation_id, event).await;
-                (so_far, MessageStatus::Incomplete)
-            }
+        let (content, status, error) = match outcome {
+            // A reply that came in one piece longer than the bound is cut like a streamed one.
+            Some(Ok(text)) => match cut_at(&text, max) {
+                Some(head) => (head.to_owned(), MessageStatus::Incomplete, Some(too_long())),
+                None => (text, MessageStatus::Complete, None),
+            },
+            Some(Err(e)) => (so_far, MessageStatus::Incomplete, Some(e)),
             None => {
                 tracing::info!(%bot_id, %conversation_id, %message_id, "bot reply cancelled");
-                (so_far, MessageStatus::Cancelled)
+                (so_far, MessageStatus::Cancelled, None)
             }
         };
+        if let Some(e) = error {
+            tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
+            self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
+            let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
+            let _ = self.bus.publish(conversation_id, event).await;
+        }
         if let Some(received) = sink.received.take() {
             // No delta came: the whole reply is the first token.
             self.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());

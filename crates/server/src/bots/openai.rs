@@ -98,6 +98,10 @@ impl OpenAi {
                 Some(Ok(c)) => c,
             };
             buf.extend_from_slice(&chunk);
+            if buf.len() > super::bounds::MAX_LINE_BYTES && !buf.contains(&b'\n') {
+                let max = super::bounds::MAX_LINE_BYTES;
+                return Err(failed(format!("the provider sent a line longer than {max} bytes")));
+            }
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 let line = String::from_utf8_lossy(&line);

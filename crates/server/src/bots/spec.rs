@@ -9,12 +9,14 @@ use crate::domain::Invalid;
 pub const ENGINE_KINDS: &[&str] = &["echo", "rules", "openai", "webhook"];
 /// Settings never shown by the API and kept across updates that leave them out.
 const SECRET_FIELDS: &[&str] = &["api_key", "secret"];
+/// Where an engine sends its secret: changing one drops the kept secret.
+const URL_FIELDS: &[&str] = &["base_url", "url"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EchoSpec {}
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesSpec {
     /// Tried in order; the first match answers.
@@ -24,7 +26,7 @@ pub struct RulesSpec {
     pub fallback: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged, deny_unknown_fields)]
 pub enum Rule {
     /// Matches when any keyword appears in the message (case-insensitive).
@@ -84,7 +86,7 @@ pub enum EngineSpec {
     Webhook(WebhookSpec),
 }
 
-fn bad(message: String) -> Invalid {
+pub(super) fn bad(message: String) -> Invalid {
     Invalid { code: ErrorCode::InvalidBot, message }
 }
 
@@ -120,7 +122,14 @@ impl EngineSpec {
         }
         let spec: EngineSpec = serde_json::from_value(v.clone()).map_err(|e| bad(format!("engine ({kind}): {e}")))?;
         spec.validate()?;
+        super::bounds::check(&spec, v)?;
         Ok(spec)
+    }
+
+    /// Reads settings as stored: they were validated when the bot was saved, so this neither
+    /// checks bounds nor compiles regexes again (it runs on every connect and bot edit).
+    pub fn load(stored: &Value) -> Result<EngineSpec, Invalid> {
+        serde_json::from_value(stored.clone()).map_err(|e| bad(format!("stored engine settings: {e}")))
     }
 
     fn validate(&self) -> Result<(), Invalid> {
@@ -142,13 +151,8 @@ impl EngineSpec {
                                 return Err(bad(format!("engine.rules[{i}].reply: must not be empty")));
                             }
                         }
-                        Rule::Regex { regex, reply } => {
-                            regex::Regex::new(regex).map_err(|e| {
-                                bad(format!(
-                                    "engine.rules[{i}].regex: invalid regex: {}",
-                                    e.to_string().replace('\n', " ")
-                                ))
-                            })?;
+                        // The regex is compiled, within its size limit, by bounds::check.
+                        Rule::Regex { regex: _, reply } => {
                             if reply.is_empty() {
                                 return Err(bad(format!("engine.rules[{i}].reply: must not be empty")));
                             }
@@ -206,11 +210,26 @@ impl EngineSpec {
         v
     }
 
+    /// The settings as someone who may only chat sees them: the kind, nothing else (URLs may
+    /// carry credentials, a system prompt may be private).
+    pub fn kind_only(stored: &Value) -> Value {
+        let mut v = serde_json::Map::new();
+        if let Some(kind) = stored.get("kind") {
+            v.insert("kind".into(), kind.clone());
+        }
+        Value::Object(v)
+    }
+
     /// An update that leaves a secret out keeps the stored one (secrets are write-only, so a
-    /// client editing other settings cannot send them back).
+    /// client editing other settings cannot send them back) — unless it changes the engine's
+    /// kind or the URL the secret is sent to: a secret is only ever sent where its owner sent
+    /// it, so a bot admin cannot point the bot at their own server and receive the owner's key.
     pub fn keep_secrets(new: &mut Value, old: &Value) {
         let (Some(new_obj), Some(old_obj)) = (new.as_object_mut(), old.as_object()) else { return };
         if new_obj.get("kind") != old_obj.get("kind") {
+            return;
+        }
+        if URL_FIELDS.iter().any(|f| new_obj.get(*f) != old_obj.get(*f)) {
             return;
         }
         for secret in SECRET_FIELDS {
@@ -278,5 +297,16 @@ mod tests {
         let mut other_kind = json!({"kind": "echo"});
         EngineSpec::keep_secrets(&mut other_kind, &stored);
         assert!(other_kind.get("api_key").is_none());
+        let mut other_url = json!({"kind": "openai", "base_url": "http://attacker.example/v1", "model": "m"});
+        EngineSpec::keep_secrets(&mut other_url, &stored);
+        assert!(other_url.get("api_key").is_none(), "a new URL drops the kept key");
+        let hook = json!({"kind": "webhook", "url": "http://x/h", "secret": "0123456789abcdef"});
+        let mut other_hook = json!({"kind": "webhook", "url": "http://y/h"});
+        EngineSpec::keep_secrets(&mut other_hook, &hook);
+        assert!(other_hook.get("secret").is_none(), "a new URL drops the kept secret");
+        let mut given = json!({"kind": "openai", "base_url": "http://y", "model": "m", "api_key": "sk-new"});
+        EngineSpec::keep_secrets(&mut given, &stored);
+        assert_eq!(given["api_key"], "sk-new");
+        assert_eq!(EngineSpec::kind_only(&stored), json!({"kind": "openai"}));
     }
 }

@@ -15,6 +15,7 @@ use natter_proto::ErrorCode;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
+use super::bounds::MAX_LINE_BYTES;
 use super::openai::{provider_message, root_cause};
 use super::spec::WebhookSpec;
 use super::{BotEngine, DeltaSink, EngineError, ReplyRequest};
@@ -35,6 +36,22 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The body of a JSON answer, refused past `max` bytes (instead of held whole, however big).
+async fn read_at_most(resp: reqwest::Response, max: usize) -> Result<String, EngineError> {
+    let mut body = Vec::new();
+    let mut bytes = resp.bytes_stream();
+    while let Some(chunk) = bytes.next().await {
+        let chunk = chunk.map_err(|e| failed(format!("reading the webhook's answer failed: {}", root_cause(&e))))?;
+        if body.len() + chunk.len() > max {
+            return Err(failed(format!(
+                "the webhook's JSON answer is longer than {max} bytes; stream long replies as NDJSON"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| failed("the webhook's answer is not UTF-8".into()))
 }
 
 impl Webhook {
@@ -69,10 +86,7 @@ impl Webhook {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.starts_with("application/x-ndjson") || c.starts_with("application/jsonl"));
         if !ndjson {
-            let text = resp
-                .text()
-                .await
-                .map_err(|e| failed(format!("reading the webhook's answer failed: {}", root_cause(&e))))?;
+            let text = read_at_most(resp, MAX_LINE_BYTES).await?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|_| failed("the webhook's answer is not JSON {\"reply\": \"…\"} nor NDJSON".into()))?;
             return v["reply"]
@@ -90,6 +104,9 @@ impl Webhook {
                     return Err(failed(format!("the webhook's stream broke mid-reply: {}", root_cause(&e))))
                 }
                 Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            }
+            if buf.len() > MAX_LINE_BYTES && !buf.contains(&b'\n') {
+                return Err(failed(format!("the webhook sent a line longer than {MAX_LINE_BYTES} bytes")));
             }
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();

@@ -3,6 +3,8 @@
 //! Who may do what: anyone with a role (owner, admin, chat member, anyone on a public bot)
 //! may view a bot, chat with it and read their own history; the owner and admins may edit
 //! it and manage members; only the owner may delete it. A member may remove themselves.
+//! Engine settings (URLs, model, system prompt…) are shown to the owner and admins only;
+//! others see the engine's kind. Being a site admin gives no role on other users' bots.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,12 +23,14 @@ use crate::domain::{bot_description, bot_name};
 use crate::store::{Bot, BotChanges, NewBot};
 
 pub fn bot_view(bot: &Bot, role: BotRole) -> BotView {
+    let engine =
+        if role >= BotRole::Admin { EngineSpec::public_view(&bot.engine) } else { EngineSpec::kind_only(&bot.engine) };
     BotView {
         id: bot.id,
         name: bot.name.clone(),
         description: bot.description.clone(),
         visibility: bot.visibility,
-        engine: EngineSpec::public_view(&bot.engine),
+        engine,
         owner: UserRef { id: bot.owner_id, username: bot.owner_username.clone() },
         my_role: role,
         created_at: bot.created_at,
@@ -72,8 +76,13 @@ async fn bot_with_role(
     }
 }
 
-fn parse_engine(v: &serde_json::Value) -> ApiResult<serde_json::Value> {
-    Ok(EngineSpec::parse(v)?.to_stored())
+/// Validates engine settings on the blocking pool: compiling a rule set's regexes takes up to
+/// some tens of milliseconds, too long for an async worker.
+async fn parse_engine(v: serde_json::Value) -> ApiResult<serde_json::Value> {
+    let parsed = tokio::task::spawn_blocking(move || EngineSpec::parse(&v))
+        .await
+        .map_err(|e| ApiError::internal(format!("validating engine settings: {e}")))?;
+    Ok(parsed?.to_stored())
 }
 
 #[utoipa::path(get, path = "/api/bots", tag = "bots", security(("bearer" = [])),
@@ -91,7 +100,7 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateBot>,
 ) -> ApiResult<(StatusCode, Json<BotView>)> {
     let engine = match &body.engine {
-        Some(e) => parse_engine(e)?,
+        Some(e) => parse_engine(e.clone()).await?,
         None => EngineSpec::Echo(Default::default()).to_stored(),
     };
     let bot = state
@@ -133,11 +142,15 @@ pub async fn update(
         EngineSpec::keep_secrets(&mut e, &current.engine);
         e
     });
+    let engine = match engine {
+        Some(e) => Some(parse_engine(e).await?),
+        None => None,
+    };
     let changes = BotChanges {
         name: body.name.as_deref().map(bot_name).transpose()?,
         description: body.description.as_deref().map(bot_description).transpose()?,
         visibility: body.visibility,
-        engine: engine.as_ref().map(parse_engine).transpose()?,
+        engine,
     };
     let bot = state.store.update_bot(id, changes).await?;
     announce(&state, id).await?;

@@ -186,7 +186,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     if role.is_none() {
         return Err(with_user(CloseCode::Forbidden, "this bot is private and not shared with you".into()));
     }
-    let engine = EngineSpec::parse(&bot.engine).map_err(|e| internal(crate::store::StoreError::Backend(e.message)))?;
+    let engine = EngineSpec::load(&bot.engine).map_err(|e| internal(crate::store::StoreError::Backend(e.message)))?;
     let conversation = state.store.conversation(user.id, bot_id).await.map_err(internal)?;
     if let Some(after) = after_seq {
         if after > conversation.last_seq {

@@ -870,7 +870,7 @@ impl Session {
         if role.is_none() {
             return Err(End::Close(CloseCode::Forbidden, "access to this bot was revoked".into()));
         }
-        match crate::bots::EngineSpec::parse(&bot.engine) {
+        match crate::bots::EngineSpec::load(&bot.engine) {
             Ok(engine) => self.engine = engine,
             Err(e) => return Err(internal_end("reloading the bot's engine", e.message)),
         }

@@ -19,11 +19,11 @@ use crate::helpers::*;
 
 /// What the fake provider saw.
 #[derive(Default, Clone)]
-struct Seen {
-    requests: Vec<(Option<String>, Value)>,
+pub(crate) struct Seen {
+    pub(crate) requests: Vec<(Option<String>, Value)>,
 }
 
-type Shared = Arc<Mutex<Seen>>;
+pub(crate) type Shared = Arc<Mutex<Seen>>;
 
 /// A stream of (delay before, chunk) items; `None` cuts the connection.
 fn sse(items: Vec<(u64, Option<String>)>) -> Body {
@@ -95,7 +95,7 @@ async fn completions(State(seen): State<Shared>, headers: HeaderMap, body: Strin
     Response::builder().header("content-type", "text/event-stream").body(sse(items)).unwrap()
 }
 
-async fn spawn_provider() -> (String, Shared) {
+pub(crate) async fn spawn_provider() -> (String, Shared) {
     let seen = Shared::default();
     let app = Router::new().route("/v1/chat/completions", post(completions)).with_state(seen.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -104,7 +104,7 @@ async fn spawn_provider() -> (String, Shared) {
     (format!("http://{addr}/v1"), seen)
 }
 
-async fn openai_bot(app: &TestApp, owner: &TestUser, base_url: &str, model: &str, extra: Value) -> Uuid {
+pub(crate) async fn openai_bot(app: &TestApp, owner: &TestUser, base_url: &str, model: &str, extra: Value) -> Uuid {
     let mut engine = json!({"kind": "openai", "base_url": base_url, "model": model, "api_key": "sk-test-secret-key",
         "system_prompt": "You are terse.", "context_messages": 4, "first_token_timeout_ms": 1000, "timeout_ms": 10000});
     for (k, v) in extra.as_object().unwrap() {
@@ -114,7 +114,7 @@ async fn openai_bot(app: &TestApp, owner: &TestUser, base_url: &str, model: &str
 }
 
 /// Reads until the bot's final message for `in_reply_to`; returns the deltas seen and it.
-async fn reply(ws: &mut WsClient) -> (Vec<String>, Vec<ServerFrame>, WireMessage) {
+pub(crate) async fn reply(ws: &mut WsClient) -> (Vec<String>, Vec<ServerFrame>, WireMessage) {
     let mut deltas = Vec::new();
     let mut errors = Vec::new();
     loop {
@@ -324,7 +324,12 @@ async fn cancel_stops_the_reply_and_stores_it_cancelled() {
 #[tokio::test]
 async fn a_slow_reader_gets_coalesced_deltas_instead_of_a_close() {
     let (url, _) = spawn_provider().await;
-    let app = TestApp::spawn_with(|c| c.limits.outbound_queue = 4).await;
+    let app = TestApp::spawn_with(|c| {
+        c.limits.outbound_queue = 4;
+        // The whole 6 MB reply, past the default bound on replies (bots_limits.rs tests the cut).
+        c.limits.max_reply_chars = 10_000_000;
+    })
+    .await;
     let alice = app.user("alice").await;
     let bot = openai_bot(&app, &alice, &url, "flood", json!({})).await;
     let mut ws =

@@ -3,6 +3,7 @@
 
 mod authz;
 mod bots;
+mod bots_limits;
 mod gateway;
 mod helpers;
 mod multinode;
