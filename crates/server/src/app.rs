@@ -103,7 +103,8 @@ impl Server {
                 ReplierLimits { concurrency: config.limits.bot_concurrency, queue: config.limits.bot_queue },
                 metrics.clone(),
             )
-            .with_node(cluster.node()),
+            .with_node(cluster.node())
+            .with_egress(crate::bots::egress::Policy::new(config.bot_egress_allow.clone())),
             metrics,
             ledger,
             hub: Arc::new(Hub::default()),
