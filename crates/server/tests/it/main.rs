@@ -2,6 +2,7 @@
 //! and real WebSocket connections.
 
 mod bots;
+mod egress;
 mod gateway;
 mod helpers;
 mod multinode;
