@@ -276,8 +276,9 @@ const MARKER: &str = "SECRET-INTERNAL-MARKER-7f3a";
 #[tokio::test]
 async fn the_remotes_error_text_reaches_the_log_not_the_chat() {
     capture_logs();
-    // Long, with a terminal escape and a newline that would forge a log line if logged raw.
-    let long = format!("{}\u{1b}[31m\nforged line {MARKER}{}", "x".repeat(2000), "y".repeat(3000));
+    // Long, with a terminal escape and a newline that would forge a log line if logged raw;
+    // the marker comes first, where quoting the body's start would show it.
+    let long = format!("{MARKER} \u{1b}[31m\nforged line {}", "y".repeat(5000));
     let body = long.clone();
     let failing = Router::new()
         .route(
