@@ -8,7 +8,7 @@ WEB_DEPS := web/node_modules/.package-lock.json
 
 # The release binary carries web/dist inside it, so `web` comes first.
 run: web
-	$(CARGO) run --release -p natter -- serve --demo
+	$(CARGO) run --release -p natter -- serve --demo --bot-egress-allow 127.0.0.1/32,::1,localhost
 
 $(WEB_DEPS): web/package.json web/package-lock.json
 	cd web && npm ci --no-audit --no-fund

@@ -371,7 +371,8 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
   });
   await new Promise((r) => hook.listen(hookPort, '127.0.0.1', r));
   try {
-    const srv = await startServer();
+    // The hook listens on loopback: the operator lets every user's bots reach it (docs/bots.md).
+    const srv = await startServer({ args: ['--bot-egress-allow', '127.0.0.1/32'] });
     const t = await login(srv.url, 'demo', 'demo-password');
     const bot = await api(srv.url, '/api/bots', {
       method: 'POST',

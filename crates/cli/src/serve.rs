@@ -154,6 +154,14 @@ pub struct ServeArgs {
     /// Longest bot reply in characters; a longer one is cut and stored incomplete [default: 65536]
     #[arg(long, env = "NATTER_MAX_REPLY_CHARS", value_name = "N")]
     pub max_reply_chars: Option<usize>,
+
+    /// A network (10.0.0.0/8, 127.0.0.1) or host name (localhost) that every user's
+    /// openai/webhook bots may reach. Without it only site admins' bots reach loopback and
+    /// private networks; link-local/cloud metadata addresses only when listed here.
+    /// Repeatable; comma-separated in NATTER_BOT_EGRESS_ALLOW.
+    #[arg(long, env = "NATTER_BOT_EGRESS_ALLOW", value_name = "CIDR|HOST", value_delimiter = ',')]
+    #[serde(default)]
+    pub bot_egress_allow: Vec<String>,
 }
 
 impl ServeArgs {
@@ -188,6 +196,9 @@ impl ServeArgs {
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
+        }
+        if self.bot_egress_allow.is_empty() {
+            self.bot_egress_allow = file.bot_egress_allow;
         }
         self.demo |= file.demo;
         self.reuse_port |= file.reuse_port;
@@ -321,6 +332,9 @@ impl ServeArgs {
         }
         if c.demo && !c.bind.ip().is_loopback() {
             bail!("demo: --demo is only allowed when --bind is a loopback address (it creates a user with a published password)");
+        }
+        for a in &args.bot_egress_allow {
+            c.bot_egress_allow.push(a.parse().map_err(|e| anyhow!("bot-egress-allow: {e}"))?);
         }
         let log = match args.log_format {
             Some(LogFormatArg::Json) => LogFormat::Json,
@@ -485,5 +499,24 @@ mod tests {
         std::fs::write(&path, "max_reply_chars = 2000\n").unwrap();
         let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
         assert_eq!(c.limits.max_reply_chars, 2000);
+    }
+
+    #[test]
+    fn bot_egress_allow_from_flags_and_file() {
+        let (c, _) = parse(&[]).resolve().unwrap();
+        assert!(c.bot_egress_allow.is_empty(), "nothing internal for non-admins by default");
+        let (c, _) = parse(&["--bot-egress-allow", "127.0.0.1/32,localhost", "--bot-egress-allow", "10.1.0.0/16"])
+            .resolve()
+            .unwrap();
+        let got: Vec<String> = c.bot_egress_allow.iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["127.0.0.1/32", "localhost", "10.1.0.0/16"]);
+        let e = parse(&["--bot-egress-allow", "10.0.0.0/40"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("bot-egress-allow:"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "bot_egress_allow = [\"fd00::/8\", \"llm.intranet\"]\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
+        let got: Vec<String> = c.bot_egress_allow.iter().map(|a| a.to_string()).collect();
+        assert_eq!(got, ["fd00::/8", "llm.intranet"]);
     }
 }

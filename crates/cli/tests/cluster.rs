@@ -100,6 +100,8 @@ impl Node {
             .arg(dir.path())
             .args(["--database-url", database_url, "--bus", nats_url, "--node-lease-ms", "1500"])
             .args(["--max-connections-per-user", "1", "--log-format", "json"])
+            // The fake provider listens on loopback (docs/bots.md, egress policy).
+            .args(["--bot-egress-allow", "127.0.0.1/32"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

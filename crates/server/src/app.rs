@@ -107,7 +107,8 @@ impl Server {
                 },
                 metrics.clone(),
             )
-            .with_node(cluster.node()),
+            .with_node(cluster.node())
+            .with_egress(crate::bots::egress::Policy::new(config.bot_egress_allow.clone())),
             metrics,
             ledger,
             hub: Arc::new(Hub::default()),

@@ -104,6 +104,9 @@ pub struct Config {
     /// Bind with `SO_REUSEPORT`, so a new process can listen on the same address before the old
     /// one stops: a restart without a moment where connects are refused (docs/operations.md).
     pub reuse_port: bool,
+    /// Internal networks and hosts every bot may reach, besides public addresses; bots of
+    /// site admins may reach internal ones anyway (`--bot-egress-allow`, bots::egress).
+    pub bot_egress_allow: Vec<crate::bots::egress::EgressAllow>,
 }
 
 impl Config {
@@ -126,6 +129,7 @@ impl Config {
             ledger_retention: Default::default(),
             metrics_bind: None,
             reuse_port: false,
+            bot_egress_allow: Vec::new(),
         }
     }
 

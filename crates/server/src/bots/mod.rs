@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 pub mod bounds;
 mod echo;
+pub mod egress;
 mod openai;
 pub mod rules;
 pub mod spec;
@@ -108,7 +109,8 @@ pub struct Replier {
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
     tasks: TaskTracker,
-    http: reqwest::Client,
+    /// The HTTP clients of `openai` and `webhook` engines, under the egress policy.
+    egress: egress::Egress,
     limits: ReplierLimits,
     metrics: Arc<Metrics>,
     /// Plain mutex: held for map updates only, never across an await.
@@ -188,22 +190,29 @@ impl Replier {
         limits: ReplierLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("natter/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("HTTP client");
+        let egress = egress::Egress::new(egress::Policy::default(), store.clone());
         Replier {
             store,
             bus,
             tasks,
-            http,
+            egress,
             limits,
             metrics,
             registry: Arc::default(),
             node: None,
             rules: Default::default(),
         }
+    }
+
+    /// Engines connect under this egress policy (the default allows no internal address
+    /// for bots of non-admins).
+    pub fn with_egress(mut self, policy: egress::Policy) -> Self {
+        self.egress = egress::Egress::new(policy, self.store.clone());
+        self
+    }
+
+    pub fn egress(&self) -> &egress::Egress {
+        &self.egress
     }
 
     /// Leases replies in progress in the store under `node` and checkpoints their text, so a
@@ -255,8 +264,8 @@ impl Replier {
         Ok(match spec {
             EngineSpec::Echo(_) => Arc::new(echo::Echo),
             EngineSpec::Rules(r) => Arc::new(rules::Rules { compiled: self.rules.get(bot_id, r).await? }),
-            EngineSpec::Openai(o) => Arc::new(openai::OpenAi { spec: o.clone(), http: self.http.clone() }),
-            EngineSpec::Webhook(w) => Arc::new(webhook::Webhook { spec: w.clone(), http: self.http.clone() }),
+            EngineSpec::Openai(o) => Arc::new(openai::OpenAi { spec: o.clone(), http: self.egress.clone() }),
+            EngineSpec::Webhook(w) => Arc::new(webhook::Webhook { spec: w.clone(), http: self.egress.clone() }),
         })
     }
 

@@ -9,12 +9,13 @@ use natter_proto::{ErrorCode, MessageRole};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::egress::{for_log, refusal, sanitize, Egress, Refused};
 use super::spec::OpenAiSpec;
 use super::{BotEngine, DeltaSink, EngineError, ReplyRequest};
 
 pub struct OpenAi {
     pub spec: OpenAiSpec,
-    pub http: reqwest::Client,
+    pub http: Egress,
 }
 
 fn failed(message: String) -> EngineError {
@@ -68,18 +69,19 @@ impl OpenAi {
         let first_ms = self.spec.first_token_timeout_ms.unwrap_or(30_000);
         let no_token = || timed_out(format!("the provider sent no token within {first_ms} ms"));
         let url = format!("{}/chat/completions", self.spec.base_url.trim_end_matches('/'));
-        let mut request = self.http.post(&url).json(&self.body(req));
+        let bot_id = req.bot_id;
+        let mut request = self.http.post(bot_id, &url).await.map_err(|r| refused(bot_id, "provider", &r))?;
+        request = request.json(&self.body(req));
         if let Some(key) = &self.spec.api_key {
             request = request.bearer_auth(key);
         }
         let resp = tokio::time::timeout_at(first_deadline, request.send())
             .await
             .map_err(|_| no_token())?
-            .map_err(|e| failed(format!("cannot reach the provider at {}: {}", self.spec.base_url, root_cause(&e))))?;
+            .map_err(|e| unreachable(bot_id, "provider", &e))?;
         let status = resp.status();
         if !status.is_success() {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(failed(format!("the provider answered {status}: {}", provider_message(&body))));
+            return Err(answered(bot_id, "provider", resp).await);
         }
         let mut bytes = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
@@ -93,7 +95,10 @@ impl OpenAi {
             let chunk = match next {
                 None => return Err(failed("the provider closed the stream before [DONE]".into())),
                 Some(Err(e)) => {
-                    return Err(failed(format!("the connection to the provider broke mid-reply: {}", root_cause(&e))))
+                    return Err(failed(format!(
+                        "the connection to the provider broke mid-reply: {}",
+                        sanitize(&root_cause(&e), 200)
+                    )))
                 }
                 Some(Ok(c)) => c,
             };
@@ -112,16 +117,12 @@ impl OpenAi {
                     return Ok(text);
                 }
                 let v: Value = serde_json::from_str(data).map_err(|_| {
-                    failed(format!(
-                        "malformed stream chunk from the provider: {}",
-                        data.chars().take(80).collect::<String>()
-                    ))
+                    tracing::warn!(%bot_id, chunk = %for_log(data), "malformed stream chunk from the bot's provider");
+                    failed("the provider sent a malformed stream chunk".into())
                 })?;
                 if v.get("error").is_some() {
-                    return Err(failed(format!(
-                        "the provider reported an error mid-stream: {}",
-                        provider_message(data)
-                    )));
+                    tracing::warn!(%bot_id, error = %for_log(&provider_message(data)), "the bot's provider reported an error mid-stream");
+                    return Err(failed("the provider reported an error mid-stream".into()));
                 }
                 if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
                     if !piece.is_empty() {
@@ -141,6 +142,47 @@ pub(super) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// The egress policy refused the bot's address: the reason goes to the log, the chat hears
+/// only that (the address may be internal, and is the owner's business).
+pub(super) fn refused(bot_id: uuid::Uuid, what: &str, r: &Refused) -> EngineError {
+    tracing::warn!(%bot_id, reason = %r, "a bot's request was refused by the egress policy");
+    failed(format!("cannot reach the {what}: its address is refused by this server's egress policy"))
+}
+
+/// The request failed before an answer.
+pub(super) fn unreachable(bot_id: uuid::Uuid, what: &str, e: &reqwest::Error) -> EngineError {
+    if let Some(r) = refusal(e) {
+        return refused(bot_id, what, r);
+    }
+    failed(format!("cannot reach the {what}: {}", sanitize(&root_cause(e), 200)))
+}
+
+/// The remote answered an error status: the chat hears the status only (the body is the
+/// remote's words, possibly long, possibly crafted); the log gets the body, escaped and cut.
+pub(super) async fn answered(bot_id: uuid::Uuid, what: &str, resp: reqwest::Response) -> EngineError {
+    let status = resp.status();
+    let body = read_capped(resp, 8 * 1024).await;
+    tracing::warn!(%bot_id, %status, body = %for_log(&body), "the bot's {what} answered an error");
+    let hint = match status.as_u16() {
+        401 | 403 => " (check the bot's credentials)",
+        300..=399 => " (redirects are not followed)",
+        _ => "",
+    };
+    failed(format!("the {what} answered {status}{hint}"))
+}
+
+/// At most about `max` bytes of a body, as text.
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match resp.chunk().await {
+            Ok(Some(c)) => buf.extend_from_slice(&c),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 #[async_trait]

@@ -16,13 +16,14 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use super::bounds::MAX_LINE_BYTES;
-use super::openai::{provider_message, root_cause};
+use super::egress::{for_log, sanitize, Egress};
+use super::openai::{answered, refused, root_cause, unreachable};
 use super::spec::WebhookSpec;
 use super::{BotEngine, DeltaSink, EngineError, ReplyRequest};
 
 pub struct Webhook {
     pub spec: WebhookSpec,
-    pub http: reqwest::Client,
+    pub http: Egress,
 }
 
 fn failed(message: String) -> EngineError {
@@ -43,7 +44,8 @@ async fn read_at_most(resp: reqwest::Response, max: usize) -> Result<String, Eng
     let mut body = Vec::new();
     let mut bytes = resp.bytes_stream();
     while let Some(chunk) = bytes.next().await {
-        let chunk = chunk.map_err(|e| failed(format!("reading the webhook's answer failed: {}", root_cause(&e))))?;
+        let chunk = chunk
+            .map_err(|e| failed(format!("reading the webhook's answer failed: {}", sanitize(&root_cause(&e), 200))))?;
         if body.len() + chunk.len() > max {
             return Err(failed(format!(
                 "the webhook's JSON answer is longer than {max} bytes; stream long replies as NDJSON"
@@ -65,20 +67,19 @@ impl Webhook {
         .to_string();
         let ts = chrono::Utc::now().timestamp();
         let secret = self.spec.secret.as_deref().unwrap_or_default();
-        let resp = self
-            .http
-            .post(&self.spec.url)
+        let bot_id = req.bot_id;
+        let request = self.http.post(bot_id, &self.spec.url).await.map_err(|r| refused(bot_id, "webhook", &r))?;
+        let resp = request
             .header("content-type", "application/json")
             .header("x-natter-timestamp", ts.to_string())
             .header("x-natter-signature", signature(secret, ts, body.as_bytes()))
             .body(body)
             .send()
             .await
-            .map_err(|e| failed(format!("cannot reach the webhook at {}: {}", self.spec.url, root_cause(&e))))?;
+            .map_err(|e| unreachable(bot_id, "webhook", &e))?;
         let status = resp.status();
         if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            return Err(failed(format!("the webhook answered {status}: {}", provider_message(&text))));
+            return Err(answered(bot_id, "webhook", resp).await);
         }
         let ndjson = resp
             .headers()
@@ -101,7 +102,10 @@ impl Webhook {
             match bytes.next().await {
                 None => break,
                 Some(Err(e)) => {
-                    return Err(failed(format!("the webhook's stream broke mid-reply: {}", root_cause(&e))))
+                    return Err(failed(format!(
+                        "the webhook's stream broke mid-reply: {}",
+                        sanitize(&root_cause(&e), 200)
+                    )))
                 }
                 Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
             }
@@ -110,24 +114,31 @@ impl Webhook {
             }
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                self.line(&line, &mut text, sink).await?;
+                self.line(bot_id, &line, &mut text, sink).await?;
             }
         }
         if !buf.is_empty() {
             let rest = std::mem::take(&mut buf);
-            self.line(&rest, &mut text, sink).await?;
+            self.line(bot_id, &rest, &mut text, sink).await?;
         }
         Ok(text)
     }
 
-    async fn line(&self, line: &[u8], text: &mut String, sink: &mut dyn DeltaSink) -> Result<(), EngineError> {
+    async fn line(
+        &self,
+        bot_id: uuid::Uuid,
+        line: &[u8],
+        text: &mut String,
+        sink: &mut dyn DeltaSink,
+    ) -> Result<(), EngineError> {
         let line = String::from_utf8_lossy(line);
         let line = line.trim();
         if line.is_empty() {
             return Ok(());
         }
         let v: Value = serde_json::from_str(line).map_err(|_| {
-            failed(format!("malformed NDJSON line from the webhook: {}", line.chars().take(80).collect::<String>()))
+            tracing::warn!(%bot_id, line = %for_log(line), "malformed NDJSON line from the bot's webhook");
+            failed("the webhook sent a malformed NDJSON line".into())
         })?;
         let piece = v["delta"]
             .as_str()

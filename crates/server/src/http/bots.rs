@@ -85,6 +85,12 @@ async fn parse_engine(v: serde_json::Value) -> ApiResult<serde_json::Value> {
     Ok(parsed?.to_stored())
 }
 
+/// A validated engine's URL against the egress policy of the bot's owner.
+async fn check_egress(state: &AppState, owner_id: Uuid, engine: &serde_json::Value) -> ApiResult<()> {
+    let admin = crate::bots::egress::user_is_admin(&*state.store, owner_id).await;
+    Ok(state.replier.egress().policy().check_engine(engine, admin)?)
+}
+
 #[utoipa::path(get, path = "/api/bots", tag = "bots", security(("bearer" = [])),
     responses((status = 200, body = Vec<BotView>, description = "Bots the caller owns, is a member of, or that are public")))]
 pub async fn list(State(state): State<AppState>, user: AuthUser) -> ApiResult<Json<Vec<BotView>>> {
@@ -103,6 +109,7 @@ pub async fn create(
         Some(e) => parse_engine(e.clone()).await?,
         None => EngineSpec::Echo(Default::default()).to_stored(),
     };
+    check_egress(&state, user.id, &engine).await?;
     let bot = state
         .store
         .create_bot(NewBot {
@@ -152,6 +159,9 @@ pub async fn update(
         visibility: body.visibility,
         engine,
     };
+    if let Some(engine) = &changes.engine {
+        check_egress(&state, current.owner_id, engine).await?;
+    }
     let bot = state.store.update_bot(id, changes).await?;
     announce(&state, id).await?;
     Ok(Json(bot_view(&bot, role)))

@@ -166,8 +166,9 @@ impl Cast {
 }
 
 async fn add_member(app: &TestApp, by: &TestUser, bot: Uuid, username: &str, role: &str) {
-    let (status, body) =
-        app.post(&format!("/api/bots/{bot}/members"), Some(&by.token), json!({"username": username, "role": role})).await;
+    let (status, body) = app
+        .post(&format!("/api/bots/{bot}/members"), Some(&by.token), json!({"username": username, "role": role}))
+        .await;
     assert_eq!(status, 200, "{body}");
 }
 
@@ -382,11 +383,8 @@ async fn every_endpoint_has_a_row() {
         .flat_map(|(path, ops)| ops.as_object().unwrap().keys().map(move |m| (m.clone(), path.clone())))
         .filter(|(m, _)| ["get", "post", "put", "patch", "delete"].contains(&m.as_str()))
         .collect();
-    let tabled: BTreeSet<(String, String)> = TABLE
-        .iter()
-        .filter_map(|(ep, _)| ep.route())
-        .map(|(m, p)| (m.to_owned(), p.to_owned()))
-        .collect();
+    let tabled: BTreeSet<(String, String)> =
+        TABLE.iter().filter_map(|(ep, _)| ep.route()).map(|(m, p)| (m.to_owned(), p.to_owned())).collect();
     let missing: Vec<_> = documented.difference(&tabled).collect();
     let stale: Vec<_> = tabled.difference(&documented).collect();
     assert!(missing.is_empty(), "endpoints without a row in the authorisation table: {missing:?}");

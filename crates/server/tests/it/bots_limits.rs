@@ -9,7 +9,7 @@ use natter_server::store::BotChanges;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::bots::{openai_bot, reply, spawn_provider};
+use crate::bots::{allow_loopback, openai_bot, reply, spawn_provider};
 use crate::helpers::*;
 
 fn invalid_bot(status: u16, body: &Value) -> String {
@@ -20,7 +20,7 @@ fn invalid_bot(status: u16, body: &Value) -> String {
 
 #[tokio::test]
 async fn a_rule_set_whose_regexes_compile_too_big_is_refused_naming_the_rule_and_the_bound() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     // 42 × \w{200} took 2 s per reply and stalled /api/health: each needs ~10 MB compiled.
     let rules: Vec<Value> = (0..42).map(|i| json!({"regex": "\\w{200}", "reply": format!("r{i}")})).collect();
@@ -36,7 +36,7 @@ async fn a_rule_set_whose_regexes_compile_too_big_is_refused_naming_the_rule_and
 
 #[tokio::test]
 async fn engine_fields_are_bounded_on_create_and_update() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     let create = |engine: Value| app.post("/api/bots", Some(&alice.token), json!({"name": "B", "engine": engine}));
 
@@ -77,7 +77,7 @@ async fn store_engine(app: &TestApp, bot: Uuid, engine: Value) {
 
 #[tokio::test]
 async fn a_stored_oversized_rule_set_neither_stalls_health_nor_compiles_per_message() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     let bot = app.bot(&alice, json!({"name": "Old", "engine": {"kind": "rules", "rules": [], "fallback": "?"}})).await;
     // Saved before the bounds: 42 × \w{200}, a keyword rule, and a 900 000-character fallback.
@@ -119,7 +119,7 @@ async fn a_stored_oversized_rule_set_neither_stalls_health_nor_compiles_per_mess
 #[tokio::test]
 async fn a_streamed_reply_is_cut_at_the_bound_and_stored_incomplete() {
     let (url, _) = spawn_provider().await;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     // 3000 tokens of 2000 characters: 6 000 000 characters unless cut.
     let bot = openai_bot(&app, &alice, &url, "flood", json!({})).await;
@@ -151,7 +151,7 @@ async fn an_admin_member_who_changes_the_url_does_not_get_the_owners_secret() {
     // The owner's provider, and the one the admin member controls.
     let (owner_url, _) = spawn_provider().await;
     let (mallory_url, mallory_seen) = spawn_provider().await;
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     let mallory = app.user("mallory").await;
     let bot = openai_bot(&app, &alice, &owner_url, "ok", json!({})).await;
@@ -208,7 +208,7 @@ async fn an_admin_member_who_changes_the_url_does_not_get_the_owners_secret() {
 
 #[tokio::test]
 async fn engine_settings_are_shown_to_the_owner_and_admins_only() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     let (bob, carol, dave) = (app.user("bob").await, app.user("carol").await, app.user("dave").await);
     let url = "http://127.0.0.1:9/hook?token=sekrit-url-token";
@@ -255,7 +255,7 @@ async fn a_webhook_cannot_make_natter_hold_an_unbounded_answer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(allow_loopback).await;
     let alice = app.user("alice").await;
     for (path, want) in [
         ("json", "the webhook's JSON answer is longer than 1048576 bytes"),

@@ -4,6 +4,7 @@
 mod authz;
 mod bots;
 mod bots_limits;
+mod egress;
 mod gateway;
 mod helpers;
 mod multinode;

@@ -491,8 +491,9 @@ async fn slow_provider() -> String {
 #[tokio::test]
 async fn a_tab_on_another_node_cancels_the_reply() {
     let Some(svc) = Services::from_env("multinode::a_tab_on_another_node_cancels_the_reply").await else { return };
-    let a = svc.node(None, |_| {}).await;
-    let b = svc.node(Some(&a), |_| {}).await;
+    let loopback = |c: &mut natter_server::Config| c.bot_egress_allow = vec!["127.0.0.1/32".parse().unwrap()];
+    let a = svc.node(None, loopback).await;
+    let b = svc.node(Some(&a), loopback).await;
     let alice = a.user("alice").await;
     let provider = slow_provider().await;
     let engine = json!({"kind": "openai", "base_url": provider, "model": "slow", "timeout_ms": 60000});
