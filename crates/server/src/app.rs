@@ -20,7 +20,9 @@ use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::passwords::PasswordPool;
 use crate::store::{MemoryStore, NewBot, PostgresStore, SqliteStore, Store, StoreError};
+use crate::throttle::LoginThrottle;
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -42,6 +44,9 @@ pub struct Inner {
     pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
+    /// Every password hash runs here: a few threads, a bounded queue (`passwords.rs`).
+    pub passwords: PasswordPool,
+    pub throttle: LoginThrottle,
 }
 
 impl Deref for AppState {
@@ -112,6 +117,8 @@ impl Server {
             tasks,
             store,
             bus,
+            passwords: PasswordPool::new(config.password_hash_concurrency, config.password_hash_queue),
+            throttle: LoginThrottle::new(config.login_throttle.clone()),
             config,
         }));
         if state.config.demo {

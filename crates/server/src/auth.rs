@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
@@ -109,22 +107,16 @@ pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// Hashes a password with argon2id. CPU-heavy: call from `spawn_blocking`.
+/// Hashes a password with argon2id, on the calling thread with memory of its own. For
+/// one-off tools and tests; the server hashes through its bounded pool
+/// ([`crate::passwords::PasswordPool`]).
 pub fn hash_password(password: &str) -> String {
-    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16 bytes is a valid salt");
-    Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 hashing cannot fail").to_string()
+    crate::passwords::hash_with(&mut Vec::new(), password)
 }
 
-/// Checks a password against a stored hash. CPU-heavy: call from `spawn_blocking`.
+/// Checks a password against a stored hash, like [`hash_password`]: for tools and tests.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-}
-
-/// A hash no password matches, verified against for unknown users so that a login for an
-/// unknown user takes as long as one with a wrong password.
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())))
+    crate::passwords::verify_with(&mut Vec::new(), password, hash)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -187,7 +179,7 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
-        assert!(!verify_password("", dummy_hash()));
+        assert!(!verify_password("", crate::passwords::dummy_hash()));
     }
 
     #[test]

@@ -101,6 +101,12 @@ pub struct Config {
     /// Bind with `SO_REUSEPORT`, so a new process can listen on the same address before the old
     /// one stops: a restart without a moment where connects are refused (docs/operations.md).
     pub reuse_port: bool,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; more wait in a queue of
+    /// `password_hash_queue`, and beyond that login and registration answer 503 `auth_busy`.
+    pub password_hash_concurrency: usize,
+    pub password_hash_queue: usize,
+    /// Failed-login throttling per username and client address (`throttle.rs`).
+    pub login_throttle: crate::throttle::ThrottleConfig,
 }
 
 impl Config {
@@ -123,6 +129,9 @@ impl Config {
             ledger_retention: Default::default(),
             metrics_bind: None,
             reuse_port: false,
+            password_hash_concurrency: 2,
+            password_hash_queue: 32,
+            login_throttle: Default::default(),
         }
     }
 

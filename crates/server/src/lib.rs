@@ -11,8 +11,10 @@ pub mod domain;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod passwords;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 pub mod web;
 pub mod ws;
 

@@ -1,6 +1,9 @@
 //! `/api/auth/*`: registration, login, token refresh with rotation and reuse detection, logout.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
@@ -11,20 +14,32 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, AuthUser};
 use crate::app::AppState;
-use crate::auth::{self, hash_opaque, new_opaque_token};
+use crate::auth::{hash_opaque, new_opaque_token};
 use crate::domain::{Password, Username};
+use crate::passwords::{self, Busy};
 use crate::store::{NewRefreshToken, NewUser, RefreshUse, User};
 
 pub fn user_view(u: &User) -> UserView {
     UserView { id: u.id, username: u.username.clone(), is_admin: u.is_admin, created_at: u.created_at }
 }
 
-/// Creates a user with a hashed password (the hashing runs off the async threads).
+/// Creates a user with a hashed password (hashed in the bounded pool, off the async threads).
 pub async fn create_user(state: &AppState, username: Username, password: Password, is_admin: bool) -> ApiResult<User> {
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(password.expose()))
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = state.passwords.hash(password.expose()).await.map_err(|Busy| auth_busy())?;
     Ok(state.store.create_user(NewUser { username: username.into_inner(), password_hash: hash, is_admin }).await?)
+}
+
+/// How long a client refused by a full password pool should wait: one round of the pool's
+/// work is well under a second; a little more spreads the retries.
+const AUTH_BUSY_RETRY: Duration = Duration::from_secs(2);
+
+fn auth_busy() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::AuthBusy,
+        "the server is checking too many passwords at once; retry shortly",
+    )
+    .retry_after(AUTH_BUSY_RETRY)
 }
 
 #[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = Credentials,
@@ -70,20 +85,34 @@ fn invalid_credentials() -> ApiError {
 
 #[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
     responses((status = 200, body = TokenPair), (status = 401, body = natter_proto::api::ErrorBody)))]
-pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credentials>) -> ApiResult<Json<TokenPair>> {
+pub async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(body): ApiJson<Credentials>,
+) -> ApiResult<Json<TokenPair>> {
+    // Before any work: a throttled attempt costs no hash. Known and unknown usernames are
+    // counted alike, and both run one hash below, so neither status nor timing tells them apart.
+    let attempt = state.throttle.begin(&body.username, peer.ip()).map_err(|wait| {
+        tracing::info!(username = %body.username, peer = %peer.ip(), "login throttled");
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyAttempts,
+            "too many failed logins for this username or from this address; wait before trying again",
+        )
+        .retry_after(wait)
+    })?;
     let user = state.store.user_by_username(&body.username).await?;
-    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| auth::dummy_hash().to_owned());
-    let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = user.as_ref().map_or(passwords::dummy_hash(), |u| u.password_hash.as_str());
+    let ok = state.passwords.verify(&body.password, hash).await.map_err(|Busy| auth_busy())?;
     let user = match (user, ok) {
         (Some(u), true) => u,
         _ => {
-            tracing::info!(username = %body.username, "login refused");
+            attempt.failed();
+            tracing::info!(username = %body.username, peer = %peer.ip(), "login refused");
             return Err(invalid_credentials());
         }
     };
+    attempt.succeeded();
     tracing::info!(user_id = %user.id, "login");
     Ok(Json(issue_pair(&state, user.id, &user.username, Uuid::new_v4()).await?))
 }

@@ -458,17 +458,27 @@ async fn ledger(store: &dyn Store) {
     a.bytes_out = 1234;
     store.record_connections(std::slice::from_ref(&a)).await.unwrap();
     assert_eq!(store.connections(Some(u1), None, 10).await.unwrap(), vec![a.clone()]);
-    assert_eq!(store.connection(a.attempt_id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.connection(a.attempt_id, None).await.unwrap(), Some(a.clone()));
     assert_eq!(store.connections(None, Some(bot), 10).await.unwrap(), vec![b.clone(), a.clone()], "newest first");
     assert_eq!(store.connections(None, None, 2).await.unwrap(), vec![c.clone(), b.clone()]);
-    assert!(store.connection(Uuid::new_v4()).await.unwrap().is_none());
+    assert!(store.connection(Uuid::new_v4(), None).await.unwrap().is_none());
     // Retention: by age, then by count.
     let old = record(Some(u1), None, now - Duration::days(30));
     store.record_connections(std::slice::from_ref(&old)).await.unwrap();
     assert_eq!(store.prune_connections(now - Duration::days(7), 100).await.unwrap(), 1);
-    assert!(store.connection(old.attempt_id).await.unwrap().is_none());
+    assert!(store.connection(old.attempt_id, None).await.unwrap().is_none());
     assert_eq!(store.prune_connections(now - Duration::days(7), 2).await.unwrap(), 1);
-    assert_eq!(store.connections(None, None, 10).await.unwrap(), vec![c, b], "the oldest went");
+    assert_eq!(store.connections(None, None, 10).await.unwrap(), vec![c, b.clone()], "the oldest went");
+    // A later row of someone else's with the same attempt id hides nothing of u2's.
+    let mut shadow = record(Some(u1), None, now);
+    shadow.attempt_id = b.attempt_id;
+    store.record_connections(std::slice::from_ref(&shadow)).await.unwrap();
+    assert_eq!(store.connection(b.attempt_id, Some(u2)).await.unwrap(), Some(b.clone()));
+    assert_eq!(store.connection(b.attempt_id, Some(u1)).await.unwrap(), Some(shadow.clone()));
+    assert_eq!(store.connection(b.attempt_id, None).await.unwrap(), Some(shadow.clone()), "the newest of everyone's");
+    // By connection id too: only its owner (or everyone's lookup) finds it.
+    assert!(store.connection(shadow.connection_id, Some(u2)).await.unwrap().is_none());
+    assert_eq!(store.connection(shadow.connection_id, Some(u1)).await.unwrap(), Some(shadow));
 }
 
 /// Runs one test body against a fresh store of each kind: `$name::sqlite` (in memory) and

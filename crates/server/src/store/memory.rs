@@ -531,11 +531,12 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
         let inner = self.lock()?;
         Ok(inner
             .ledger
             .values()
+            .filter(|r| user_id.is_none() || r.user_id == user_id)
             .find(|r| r.attempt_id == attempt_id || r.connection_id == attempt_id)
             .map(|r| (**r).clone()))
     }

@@ -223,8 +223,10 @@ pub trait Store: Coordination + Send + Sync + 'static {
         bot_id: Option<Uuid>,
         limit: u32,
     ) -> StoreResult<Vec<ConnectionRecord>>;
-    /// The newest ledger row with this attempt id (or connection id).
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>>;
+    /// The newest ledger row with this attempt id (or connection id): of this user's rows, or
+    /// of everyone's with `None`. Anyone may pass any attempt id, so a lookup scoped to its
+    /// user cannot be shadowed by someone else's later row.
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>>;
     /// Deletes rows started before `older_than`, and the oldest beyond `keep` rows. Returns
     /// how many were deleted.
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64>;

@@ -562,11 +562,13 @@ impl Store for PostgresStore {
         rows.iter().map(ledger_from_row).collect()
     }
 
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
         let row = sqlx::query(&format!(
-            "SELECT {LEDGER_COLS} FROM connections WHERE attempt_id = $1 OR connection_id = $1 ORDER BY started_at DESC LIMIT 1"
+            "SELECT {LEDGER_COLS} FROM connections WHERE (attempt_id = $1 OR connection_id = $1) \
+             AND ($2::uuid IS NULL OR user_id = $2) ORDER BY started_at DESC LIMIT 1"
         ))
         .bind(attempt_id)
+        .bind(user_id)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(ledger_from_row).transpose()
