@@ -21,6 +21,7 @@ use crate::domain::{Password, Username};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::passwords::PasswordPool;
+use crate::revocation::Revocations;
 use crate::store::{MemoryStore, NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::throttle::LoginThrottle;
 use crate::ws::hub::Hub;
@@ -47,6 +48,8 @@ pub struct Inner {
     /// Every password hash runs here: a few threads, a bounded queue (`passwords.rs`).
     pub passwords: PasswordPool,
     pub throttle: LoginThrottle,
+    /// Logins ended by logout or refresh-token reuse, refused at once (`revocation.rs`).
+    pub revocations: Revocations,
 }
 
 impl Deref for AppState {
@@ -119,8 +122,11 @@ impl Server {
             bus,
             passwords: PasswordPool::new(config.password_hash_concurrency, config.password_hash_queue),
             throttle: LoginThrottle::new(config.login_throttle.clone()),
+            revocations: Revocations::new(config.access_token_ttl),
             config,
         }));
+        let revoked = crate::revocation::subscribe(&state).await;
+        tokio::spawn(crate::revocation::watch(state.clone(), revoked));
         if state.config.demo {
             seed_demo(&state).await?;
         }

@@ -20,6 +20,11 @@ pub struct Claims {
     pub name: String,
     pub iat: i64,
     pub exp: i64,
+    /// The login (refresh-token family) the token belongs to: logout revokes it, and with it
+    /// this token (`revocation.rs`). Tokens issued before natter put it there have none and
+    /// stay valid until they expire (at most the access-token TTL after the upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
 }
 
 /// Why an access token was refused.
@@ -54,9 +59,16 @@ impl TokenKeys {
         self.ttl
     }
 
-    pub fn issue(&self, user_id: Uuid, username: &str) -> String {
+    /// A token for this user and login (refresh-token family).
+    pub fn issue(&self, user_id: Uuid, username: &str, sid: Uuid) -> String {
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims { sub: user_id, name: username.to_owned(), iat: now, exp: now + self.ttl.as_secs() as i64 };
+        let claims = Claims {
+            sub: user_id,
+            name: username.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs() as i64,
+            sid: Some(sid),
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
@@ -143,13 +155,14 @@ mod tests {
     fn tokens_round_trip_and_expire() {
         let keys = TokenKeys::new(b"secret-one", Duration::from_secs(60));
         let id = Uuid::new_v4();
-        let t = keys.issue(id, "alice");
+        let sid = Uuid::new_v4();
+        let t = keys.issue(id, "alice", sid);
         let c = keys.verify(&t).unwrap();
-        assert_eq!(c.sub, id);
+        assert_eq!((c.sub, c.sid), (id, Some(sid)));
         assert_eq!(c.name, "alice");
         assert_eq!(TokenKeys::new(b"other", Duration::from_secs(60)).verify(&t).unwrap_err(), TokenError::Invalid);
 
-        let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60 };
+        let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60, sid: None };
         let t =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(b"secret-one"))
                 .unwrap();
@@ -160,7 +173,13 @@ mod tests {
     #[test]
     fn rejects_other_algorithms() {
         let keys = TokenKeys::new(b"secret", Duration::from_secs(60));
-        let claims = Claims { sub: Uuid::new_v4(), name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() + 60 };
+        let claims = Claims {
+            sub: Uuid::new_v4(),
+            name: "a".into(),
+            iat: 0,
+            exp: chrono::Utc::now().timestamp() + 60,
+            sid: None,
+        };
         // HS512 with the same secret: a valid signature, but not the algorithm we accept.
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"secret"))
             .unwrap();

@@ -12,6 +12,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod passwords;
+pub mod revocation;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;

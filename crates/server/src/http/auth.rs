@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::{hash_opaque, new_opaque_token};
 use crate::domain::{Password, Username};
 use crate::passwords::{self, Busy};
+use crate::revocation;
 use crate::store::{NewRefreshToken, NewUser, RefreshUse, User};
 
 pub fn user_view(u: &User) -> UserView {
@@ -72,7 +73,7 @@ async fn issue_pair(state: &AppState, user_id: Uuid, username: &str, family_id: 
         })
         .await?;
     Ok(TokenPair {
-        access_token: state.keys.issue(user_id, username),
+        access_token: state.keys.issue(user_id, username, family_id),
         refresh_token: refresh,
         token_type: "bearer".into(),
         expires_in: state.keys.ttl().as_secs(),
@@ -130,8 +131,10 @@ pub async fn refresh(
             })?;
             Ok(Json(issue_pair(&state, user.id, &user.username, family_id).await?))
         }
-        RefreshUse::Reused => {
+        RefreshUse::Reused { family_id } => {
             tracing::warn!("refresh token reused; its family was revoked");
+            // Whoever holds this login's tokens (the thief or the user) must log in again.
+            revocation::revoke(&state, family_id).await;
             Err(ApiError::unauthorized(
                 ErrorCode::RefreshTokenReused,
                 "this refresh token was already used; every token of this login is now revoked. Log in again",
@@ -145,9 +148,12 @@ pub async fn refresh(
 }
 
 #[utoipa::path(post, path = "/api/auth/logout", tag = "auth", request_body = RefreshRequest,
-    responses((status = 204, description = "The refresh token (and its family) is revoked")))]
+    responses((status = 204, description = "The refresh token's login is ended: its refresh tokens, its access tokens (401 token_revoked) and its sockets (closed 4401), on every node")))]
 pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshRequest>) -> ApiResult<StatusCode> {
-    state.store.revoke_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await?;
+    if let Some(family) = state.store.revoke_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await? {
+        // The login's access tokens and sockets end now, on every node, not when they expire.
+        revocation::revoke(&state, family).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

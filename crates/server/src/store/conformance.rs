@@ -81,7 +81,8 @@ async fn refresh_tokens(store: &dyn Store) {
     assert_eq!(store.use_refresh_token("nope", now).await.unwrap(), RefreshUse::Invalid);
     assert_eq!(store.use_refresh_token("old", now).await.unwrap(), RefreshUse::Invalid, "expired");
     // Reuse of t1 revokes the family, so t2 (unused) no longer works either.
-    assert_eq!(store.use_refresh_token("t1", now).await.unwrap(), RefreshUse::Reused);
+    assert!(store.revoked_families(now - Duration::minutes(15)).await.unwrap().is_empty());
+    assert_eq!(store.use_refresh_token("t1", now).await.unwrap(), RefreshUse::Reused { family_id: family });
     assert_eq!(store.use_refresh_token("t2", now).await.unwrap(), RefreshUse::Invalid);
 
     let fam2 = Uuid::new_v4();
@@ -94,9 +95,16 @@ async fn refresh_tokens(store: &dyn Store) {
         })
         .await
         .unwrap();
-    store.revoke_refresh_token("t3", now).await.unwrap();
+    assert_eq!(store.revoke_refresh_token("t3", now).await.unwrap(), Some(fam2));
     assert_eq!(store.use_refresh_token("t3", now).await.unwrap(), RefreshUse::Invalid);
-    store.revoke_refresh_token("unknown", now).await.unwrap();
+    assert_eq!(store.revoke_refresh_token("unknown", now).await.unwrap(), None);
+    // Both families were revoked just now; nothing since a minute from now.
+    let mut revoked = store.revoked_families(now - Duration::minutes(15)).await.unwrap();
+    revoked.sort();
+    let mut both = vec![family, fam2];
+    both.sort();
+    assert_eq!(revoked, both);
+    assert!(store.revoked_families(now + Duration::minutes(1)).await.unwrap().is_empty());
 }
 
 async fn bots_and_roles(store: &dyn Store) {

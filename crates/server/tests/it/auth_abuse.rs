@@ -142,3 +142,60 @@ async fn successful_logins_are_never_throttled() {
     assert_eq!(login_from(&app, &http, "bob", "mistyped-pw").await.0, 401);
     assert_eq!(login_from(&app, &http, "bob", PASSWORD).await.0, 200);
 }
+
+/// After logout the access token kept working for up to 15 minutes, and the login's sockets
+/// stayed open. Now logout ends the login: its tokens get 401 `token_revoked` and its
+/// sockets (by token or by ticket) close 4401 — while the user's other logins carry on.
+#[tokio::test]
+async fn logout_ends_the_logins_tokens_and_sockets_at_once() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let other = app.login("alice").await;
+    let bot = app.echo_bot(&alice).await;
+    let mut by_token = app.ws(bot.id, &alice.token, "").await;
+    by_token.established().await;
+    let (_, t) = app.post("/api/ws/ticket", Some(&alice.token), json!({"bot_id": bot.id})).await;
+    let mut by_ticket =
+        WsClient::connect(&app.ws_url(&bot.id.to_string(), &format!("ticket={}", t["ticket"].as_str().unwrap()))).await;
+    by_ticket.established().await;
+    let mut other_login = app.ws(bot.id, &other.access_token, "").await;
+    other_login.established().await;
+
+    let (status, _) = app.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await;
+    assert_eq!(status, 204);
+    let (status, v) = app.get("/api/auth/me", Some(&alice.token)).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")), "{v}");
+    let logged_out = (4401, "logged out: this login was ended; log in again".to_owned());
+    assert_eq!(by_token.close_code().await, logged_out);
+    assert_eq!(by_ticket.close_code().await, logged_out);
+    assert_eq!(app.ws(bot.id, &alice.token, "").await.close_code().await, logged_out, "no new socket either");
+    // The other login is untouched.
+    assert_eq!(app.get("/api/auth/me", Some(&other.access_token)).await.0, 200);
+    other_login.say("still-here", "hello").await;
+    assert!(matches!(other_login.frame().await, natter_proto::ServerFrame::Ack { .. }));
+
+    // A refresh token used twice ends its login the same way (the access token of the
+    // rotation, held by whoever refreshed first, included).
+    let (_, first) = app.post("/api/auth/refresh", None, json!({"refresh_token": other.refresh_token})).await;
+    let rotated = first["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.get("/api/auth/me", Some(&rotated)).await.0, 200);
+    let (status, v) = app.post("/api/auth/refresh", None, json!({"refresh_token": other.refresh_token})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("refresh_token_reused")));
+    for token in [&rotated, &other.access_token] {
+        let (status, v) = app.get("/api/auth/me", Some(token)).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")));
+    }
+    assert_eq!(other_login.close_code().await, logged_out);
+    app.state.hub.check_invariants();
+}
+
+/// A restarted node knows the logins ended before it started (from the store).
+#[tokio::test]
+async fn revoked_logins_survive_a_restart() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    app.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await;
+    let app = TestApp::spawn_in(app.stop().await, |_| {}).await;
+    let (status, v) = app.get("/api/auth/me", Some(&alice.token)).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")));
+}
