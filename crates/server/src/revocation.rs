@@ -8,7 +8,8 @@
 //! start (`Store::revoked_families`) and kept current by [`ConvEvent::Revoked`] on the
 //! [`REVOCATIONS`] topic, which every node subscribes to before it serves. On that event a
 //! node also announces it on each conversation where it has a socket of that login; those
-//! sessions close themselves.
+//! sessions close themselves. What a node misses while its bus or store is down it reads
+//! from the store when both are back.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -106,6 +107,9 @@ async fn load(state: &AppState) {
 /// The node's watch: keeps the set current and closes this node's sockets of revoked logins.
 pub async fn watch(state: AppState, mut sub: Option<Subscription>) {
     let shutdown = state.shutdown.clone();
+    // Announcements made while the bus or the store was down are missed: read the store again
+    // when they are back.
+    let mut health = state.cluster.health();
     loop {
         let Some(s) = sub.as_mut() else {
             tokio::select! {
@@ -120,6 +124,12 @@ pub async fn watch(state: AppState, mut sub: Option<Subscription>) {
         };
         let received = tokio::select! {
             _ = shutdown.cancelled() => return,
+            Ok(()) = health.changed() => {
+                if health.borrow_and_update().is_none() {
+                    load(&state).await;
+                }
+                continue;
+            }
             r = s.recv() => r,
         };
         match received {
