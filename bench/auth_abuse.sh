@@ -3,6 +3,7 @@
 # brute force achieves, and memory after the 100 logins `natter bench` does.
 #
 #   cargo build --release -p natter && bench/auth_abuse.sh [target/release/natter]
+# (a debug build gives the same memory and throttle figures; its hashes are only slower)
 #
 # Starts `natter serve` (SQLite in a temp dir) on 127.0.0.1:18731 and drives it with curl.
 set -euo pipefail
