@@ -162,6 +162,18 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_BOT_EGRESS_ALLOW", value_name = "CIDR|HOST", value_delimiter = ',')]
     #[serde(default)]
     pub bot_egress_allow: Vec<String>,
+    /// Password hashes computed at once (argon2id, 19 MiB each) [default: 2]
+    #[arg(long, env = "NATTER_PASSWORD_HASH_CONCURRENCY", value_name = "N")]
+    pub password_hash_concurrency: Option<usize>,
+
+    /// Logins/registrations waiting for a hash beyond those; more get 503 auth_busy [default: 32]
+    #[arg(long, env = "NATTER_PASSWORD_HASH_QUEUE", value_name = "N")]
+    pub password_hash_queue: Option<usize>,
+
+    /// Failed logins per username and address before each next attempt waits (1 s, doubling);
+    /// per address 4x, per username 2x; 0 turns throttling off [default: 5]
+    #[arg(long, env = "NATTER_LOGIN_FREE_FAILURES", value_name = "N")]
+    pub login_free_failures: Option<u32>,
 }
 
 impl ServeArgs {
@@ -192,7 +204,10 @@ impl ServeArgs {
             ledger_max_age_days,
             ledger_max_rows,
             web_dir,
-            max_reply_chars
+            max_reply_chars,
+            password_hash_concurrency,
+            password_hash_queue,
+            login_free_failures
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -336,6 +351,24 @@ impl ServeArgs {
         for a in &args.bot_egress_allow {
             c.bot_egress_allow.push(a.parse().map_err(|e| anyhow!("bot-egress-allow: {e}"))?);
         }
+        if let Some(n) = args.password_hash_concurrency {
+            if !(1..=64).contains(&n) {
+                bail!("password-hash-concurrency: {n} is out of range (1 to 64; each hash holds 19 MiB)");
+            }
+            c.password_hash_concurrency = n;
+        }
+        if let Some(n) = args.password_hash_queue {
+            if n > 100_000 {
+                bail!("password-hash-queue: {n} is out of range (0 to 100000)");
+            }
+            c.password_hash_queue = n;
+        }
+        if let Some(n) = args.login_free_failures {
+            if n > 1000 {
+                bail!("login-free-failures: {n} is out of range (0 to 1000)");
+            }
+            c.login_throttle.free_failures = n;
+        }
         let log = match args.log_format {
             Some(LogFormatArg::Json) => LogFormat::Json,
             _ => LogFormat::Pretty,
@@ -465,6 +498,10 @@ mod tests {
         assert!(e.starts_with("demo:"), "{e}");
         let e = parse(&["--database-url", "mysql://x"]).resolve().unwrap_err().to_string();
         assert!(e.starts_with("database-url:"), "{e}");
+        let e = parse(&["--password-hash-concurrency", "0"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("password-hash-concurrency:"), "{e}");
+        let (c, _) = parse(&["--password-hash-queue", "0", "--login-free-failures", "3"]).resolve().unwrap();
+        assert_eq!((c.password_hash_concurrency, c.password_hash_queue, c.login_throttle.free_failures), (2, 0, 3));
         assert!(T::try_parse_from(["natter", "--bind", "not-an-address"]).is_err());
     }
 

@@ -68,8 +68,9 @@ pub async fn run(args: UserArgs) -> anyhow::Result<()> {
         UserAction::Create { username, admin } => {
             let name = Username::parse(&username).map_err(|e| anyhow::anyhow!("{}", e.message))?;
             let password = Password::parse(&read_password()?).map_err(|e| anyhow::anyhow!("{}", e.message))?;
-            let hash =
-                tokio::task::spawn_blocking(move || natter_server::auth::hash_password(password.expose())).await?;
+            // The same pool as the server's (one worker: one hash in this one-off process).
+            let pool = natter_server::passwords::PasswordPool::new(1, 1);
+            let hash = pool.hash(password.expose()).await.map_err(|_| anyhow::anyhow!("password hashing failed"))?;
             match store.create_user(NewUser { username: name.into_inner(), password_hash: hash, is_admin: admin }).await
             {
                 Ok(u) => println!("created {}{} ({})", u.username, if admin { ", an admin" } else { "" }, u.id),

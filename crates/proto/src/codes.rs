@@ -128,6 +128,9 @@ error_codes! {
     UnsupportedMediaType = "unsupported_media_type", "Send the body as application/json.";
     NotReady = "not_ready", "A dependency of the server is unavailable.";
     Internal = "internal", "The server hit an internal error; the message carries an error id that is in the server log.";
+    TooManyAttempts = "too_many_attempts", "Too many failed logins for this username or from this address; wait the Retry-After seconds.";
+    AuthBusy = "auth_busy", "The server is checking too many passwords at once (503); retry after the Retry-After seconds.";
+    TokenRevoked = "token_revoked", "This login was ended (logout, or its refresh token was used twice); log in again.";
 }
 
 impl Serialize for ErrorCode {

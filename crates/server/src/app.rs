@@ -20,7 +20,10 @@ use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::passwords::PasswordPool;
+use crate::revocation::Revocations;
 use crate::store::{MemoryStore, NewBot, PostgresStore, SqliteStore, Store, StoreError};
+use crate::throttle::LoginThrottle;
 use crate::ws::hub::Hub;
 
 /// Shared state of one server. Cheap to clone.
@@ -42,6 +45,11 @@ pub struct Inner {
     pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
     pub ledger: Ledger,
+    /// Every password hash runs here: a few threads, a bounded queue (`passwords.rs`).
+    pub passwords: PasswordPool,
+    pub throttle: LoginThrottle,
+    /// Logins ended by logout or refresh-token reuse, refused at once (`revocation.rs`).
+    pub revocations: Revocations,
 }
 
 impl Deref for AppState {
@@ -117,8 +125,13 @@ impl Server {
             tasks,
             store,
             bus,
+            passwords: PasswordPool::new(config.password_hash_concurrency, config.password_hash_queue),
+            throttle: LoginThrottle::new(config.login_throttle.clone()),
+            revocations: Revocations::new(config.access_token_ttl),
             config,
         }));
+        let revoked = crate::revocation::subscribe(&state).await;
+        tokio::spawn(crate::revocation::watch(state.clone(), revoked));
         if state.config.demo {
             seed_demo(&state).await?;
         }

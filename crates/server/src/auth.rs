@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
@@ -22,6 +20,11 @@ pub struct Claims {
     pub name: String,
     pub iat: i64,
     pub exp: i64,
+    /// The login (refresh-token family) the token belongs to: logout revokes it, and with it
+    /// this token (`revocation.rs`). Tokens issued before natter put it there have none and
+    /// stay valid until they expire (at most the access-token TTL after the upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
 }
 
 /// Why an access token was refused.
@@ -56,9 +59,16 @@ impl TokenKeys {
         self.ttl
     }
 
-    pub fn issue(&self, user_id: Uuid, username: &str) -> String {
+    /// A token for this user and login (refresh-token family).
+    pub fn issue(&self, user_id: Uuid, username: &str, sid: Uuid) -> String {
         let now = chrono::Utc::now().timestamp();
-        let claims = Claims { sub: user_id, name: username.to_owned(), iat: now, exp: now + self.ttl.as_secs() as i64 };
+        let claims = Claims {
+            sub: user_id,
+            name: username.to_owned(),
+            iat: now,
+            exp: now + self.ttl.as_secs() as i64,
+            sid: Some(sid),
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing cannot fail")
     }
@@ -109,22 +119,16 @@ pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// Hashes a password with argon2id. CPU-heavy: call from `spawn_blocking`.
+/// Hashes a password with argon2id, on the calling thread with memory of its own. For
+/// one-off tools and tests; the server hashes through its bounded pool
+/// ([`crate::passwords::PasswordPool`]).
 pub fn hash_password(password: &str) -> String {
-    let salt = SaltString::encode_b64(&random_bytes::<16>()).expect("16 bytes is a valid salt");
-    Argon2::default().hash_password(password.as_bytes(), &salt).expect("argon2 hashing cannot fail").to_string()
+    crate::passwords::hash_with(&mut Vec::new(), password)
 }
 
-/// Checks a password against a stored hash. CPU-heavy: call from `spawn_blocking`.
+/// Checks a password against a stored hash, like [`hash_password`]: for tools and tests.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-}
-
-/// A hash no password matches, verified against for unknown users so that a login for an
-/// unknown user takes as long as one with a wrong password.
-pub fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&base64::engine::general_purpose::STANDARD.encode(random_bytes::<24>())))
+    crate::passwords::verify_with(&mut Vec::new(), password, hash)
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -151,13 +155,14 @@ mod tests {
     fn tokens_round_trip_and_expire() {
         let keys = TokenKeys::new(b"secret-one", Duration::from_secs(60));
         let id = Uuid::new_v4();
-        let t = keys.issue(id, "alice");
+        let sid = Uuid::new_v4();
+        let t = keys.issue(id, "alice", sid);
         let c = keys.verify(&t).unwrap();
-        assert_eq!(c.sub, id);
+        assert_eq!((c.sub, c.sid), (id, Some(sid)));
         assert_eq!(c.name, "alice");
         assert_eq!(TokenKeys::new(b"other", Duration::from_secs(60)).verify(&t).unwrap_err(), TokenError::Invalid);
 
-        let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60 };
+        let expired = Claims { sub: id, name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() - 60, sid: None };
         let t =
             jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(b"secret-one"))
                 .unwrap();
@@ -168,7 +173,13 @@ mod tests {
     #[test]
     fn rejects_other_algorithms() {
         let keys = TokenKeys::new(b"secret", Duration::from_secs(60));
-        let claims = Claims { sub: Uuid::new_v4(), name: "a".into(), iat: 0, exp: chrono::Utc::now().timestamp() + 60 };
+        let claims = Claims {
+            sub: Uuid::new_v4(),
+            name: "a".into(),
+            iat: 0,
+            exp: chrono::Utc::now().timestamp() + 60,
+            sid: None,
+        };
         // HS512 with the same secret: a valid signature, but not the algorithm we accept.
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &claims, &EncodingKey::from_secret(b"secret"))
             .unwrap();
@@ -187,7 +198,7 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
-        assert!(!verify_password("", dummy_hash()));
+        assert!(!verify_password("", crate::passwords::dummy_hash()));
     }
 
     #[test]

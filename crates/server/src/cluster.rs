@@ -127,6 +127,11 @@ impl Cluster {
         self.health.borrow().clone()
     }
 
+    /// The dependency state as it changes (`Some(reason)` while one is down).
+    pub fn health(&self) -> watch::Receiver<Option<String>> {
+        self.health.subscribe()
+    }
+
     /// Resolves (with the close reason) when a dependency goes down.
     pub async fn lost(&self) -> String {
         let mut rx = self.health.subscribe();

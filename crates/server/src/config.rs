@@ -107,6 +107,12 @@ pub struct Config {
     /// Internal networks and hosts every bot may reach, besides public addresses; bots of
     /// site admins may reach internal ones anyway (`--bot-egress-allow`, bots::egress).
     pub bot_egress_allow: Vec<crate::bots::egress::EgressAllow>,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; more wait in a queue of
+    /// `password_hash_queue`, and beyond that login and registration answer 503 `auth_busy`.
+    pub password_hash_concurrency: usize,
+    pub password_hash_queue: usize,
+    /// Failed-login throttling per username and client address (`throttle.rs`).
+    pub login_throttle: crate::throttle::ThrottleConfig,
 }
 
 impl Config {
@@ -130,6 +136,9 @@ impl Config {
             metrics_bind: None,
             reuse_port: false,
             bot_egress_allow: Vec::new(),
+            password_hash_concurrency: 2,
+            password_hash_queue: 32,
+            login_throttle: Default::default(),
         }
     }
 

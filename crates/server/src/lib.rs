@@ -11,8 +11,11 @@ pub mod domain;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod passwords;
+pub mod revocation;
 pub mod store;
 pub mod telemetry;
+pub mod throttle;
 pub mod web;
 pub mod ws;
 

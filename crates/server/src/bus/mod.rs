@@ -33,7 +33,15 @@ pub enum ConvEvent {
     BotChanged,
     /// A socket asked to stop a reply that another node is generating; that node stops it.
     Cancel { message_id: Uuid },
+    /// A login (refresh-token family) was ended: logout, or a refresh token used twice. On
+    /// [`REVOCATIONS`], every node adds it to its revoked set; on a conversation, that
+    /// conversation's sockets of this login close 4401.
+    Revoked { family_id: Uuid },
 }
+
+/// Not a conversation: the topic every node subscribes to for [`ConvEvent::Revoked`]
+/// (`natter.conv.00000000-0000-0000-0000-00000000a0a0` on NATS).
+pub const REVOCATIONS: Uuid = Uuid::from_u128(0xa0a0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -36,6 +36,7 @@ enum WireEvent {
     BotError { code: String, message: String, in_reply_to: Uuid },
     BotChanged,
     Cancel { message_id: Uuid },
+    Revoked { family_id: Uuid },
 }
 
 impl From<&ConvEvent> for WireEvent {
@@ -50,6 +51,7 @@ impl From<&ConvEvent> for WireEvent {
             }
             ConvEvent::BotChanged => WireEvent::BotChanged,
             ConvEvent::Cancel { message_id } => WireEvent::Cancel { message_id },
+            ConvEvent::Revoked { family_id } => WireEvent::Revoked { family_id },
         }
     }
 }
@@ -66,6 +68,7 @@ impl WireEvent {
             }
             WireEvent::BotChanged => ConvEvent::BotChanged,
             WireEvent::Cancel { message_id } => ConvEvent::Cancel { message_id },
+            WireEvent::Revoked { family_id } => ConvEvent::Revoked { family_id },
         })
     }
 }

@@ -1,6 +1,9 @@
 //! `/api/auth/*`: registration, login, token refresh with rotation and reuse detection, logout.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::Utc;
@@ -11,20 +14,33 @@ use uuid::Uuid;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, AuthUser};
 use crate::app::AppState;
-use crate::auth::{self, hash_opaque, new_opaque_token};
+use crate::auth::{hash_opaque, new_opaque_token};
 use crate::domain::{Password, Username};
+use crate::passwords::{self, Busy};
+use crate::revocation;
 use crate::store::{NewRefreshToken, NewUser, RefreshUse, User};
 
 pub fn user_view(u: &User) -> UserView {
     UserView { id: u.id, username: u.username.clone(), is_admin: u.is_admin, created_at: u.created_at }
 }
 
-/// Creates a user with a hashed password (the hashing runs off the async threads).
+/// Creates a user with a hashed password (hashed in the bounded pool, off the async threads).
 pub async fn create_user(state: &AppState, username: Username, password: Password, is_admin: bool) -> ApiResult<User> {
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(password.expose()))
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = state.passwords.hash(password.expose()).await.map_err(|Busy| auth_busy())?;
     Ok(state.store.create_user(NewUser { username: username.into_inner(), password_hash: hash, is_admin }).await?)
+}
+
+/// How long a client refused by a full password pool should wait: one round of the pool's
+/// work is well under a second; a little more spreads the retries.
+const AUTH_BUSY_RETRY: Duration = Duration::from_secs(2);
+
+fn auth_busy() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::AuthBusy,
+        "the server is checking too many passwords at once; retry shortly",
+    )
+    .retry_after(AUTH_BUSY_RETRY)
 }
 
 #[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = Credentials,
@@ -57,7 +73,7 @@ async fn issue_pair(state: &AppState, user_id: Uuid, username: &str, family_id: 
         })
         .await?;
     Ok(TokenPair {
-        access_token: state.keys.issue(user_id, username),
+        access_token: state.keys.issue(user_id, username, family_id),
         refresh_token: refresh,
         token_type: "bearer".into(),
         expires_in: state.keys.ttl().as_secs(),
@@ -70,20 +86,34 @@ fn invalid_credentials() -> ApiError {
 
 #[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = Credentials,
     responses((status = 200, body = TokenPair), (status = 401, body = natter_proto::api::ErrorBody)))]
-pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credentials>) -> ApiResult<Json<TokenPair>> {
+pub async fn login(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(body): ApiJson<Credentials>,
+) -> ApiResult<Json<TokenPair>> {
+    // Before any work: a throttled attempt costs no hash. Known and unknown usernames are
+    // counted alike, and both run one hash below, so neither status nor timing tells them apart.
+    let attempt = state.throttle.begin(&body.username, peer.ip()).map_err(|wait| {
+        tracing::info!(username = %body.username, peer = %peer.ip(), "login throttled");
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyAttempts,
+            "too many failed logins for this username or from this address; wait before trying again",
+        )
+        .retry_after(wait)
+    })?;
     let user = state.store.user_by_username(&body.username).await?;
-    let hash = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| auth::dummy_hash().to_owned());
-    let password = body.password;
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(ApiError::internal)?;
+    let hash = user.as_ref().map_or(passwords::dummy_hash(), |u| u.password_hash.as_str());
+    let ok = state.passwords.verify(&body.password, hash).await.map_err(|Busy| auth_busy())?;
     let user = match (user, ok) {
         (Some(u), true) => u,
         _ => {
-            tracing::info!(username = %body.username, "login refused");
+            attempt.failed();
+            tracing::info!(username = %body.username, peer = %peer.ip(), "login refused");
             return Err(invalid_credentials());
         }
     };
+    attempt.succeeded();
     tracing::info!(user_id = %user.id, "login");
     Ok(Json(issue_pair(&state, user.id, &user.username, Uuid::new_v4()).await?))
 }
@@ -101,8 +131,10 @@ pub async fn refresh(
             })?;
             Ok(Json(issue_pair(&state, user.id, &user.username, family_id).await?))
         }
-        RefreshUse::Reused => {
+        RefreshUse::Reused { family_id } => {
             tracing::warn!("refresh token reused; its family was revoked");
+            // Whoever holds this login's tokens (the thief or the user) must log in again.
+            revocation::revoke(&state, family_id).await;
             Err(ApiError::unauthorized(
                 ErrorCode::RefreshTokenReused,
                 "this refresh token was already used; every token of this login is now revoked. Log in again",
@@ -116,9 +148,12 @@ pub async fn refresh(
 }
 
 #[utoipa::path(post, path = "/api/auth/logout", tag = "auth", request_body = RefreshRequest,
-    responses((status = 204, description = "The refresh token (and its family) is revoked")))]
+    responses((status = 204, description = "The refresh token's login is ended: its refresh tokens, its access tokens (401 token_revoked) and its sockets (closed 4401), on every node")))]
 pub async fn logout(State(state): State<AppState>, ApiJson(body): ApiJson<RefreshRequest>) -> ApiResult<StatusCode> {
-    state.store.revoke_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await?;
+    if let Some(family) = state.store.revoke_refresh_token(&hash_opaque(&body.refresh_token), Utc::now()).await? {
+        // The login's access tokens and sockets end now, on every node, not when they expire.
+        revocation::revoke(&state, family).await;
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

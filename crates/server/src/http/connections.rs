@@ -58,10 +58,9 @@ pub async fn get(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult<Json<ConnectionRecord>> {
     let not_found = || ApiError::not_found(format!("no connection attempt {id} of yours"));
-    let rec = state.store.connection(id).await?.ok_or_else(not_found)?;
-    // Someone else's attempt looks like no attempt at all, unless the caller is an admin.
-    if rec.user_id != Some(user.id) && !is_admin(&state, &user).await? {
-        return Err(not_found());
-    }
-    Ok(Json(rec))
+    // Only the caller's own rows (an admin's: everyone's). Anyone can connect with any
+    // attempt id, so the newest row of all could be someone else's: looked up unscoped and
+    // then refused, it hid the caller's own row (issue 14).
+    let owner = if is_admin(&state, &user).await? { None } else { Some(user.id) };
+    Ok(Json(state.store.connection(id, owner).await?.ok_or_else(not_found)?))
 }

@@ -60,6 +60,8 @@ pub struct ApiQuery<T>(pub T);
 pub struct AuthUser {
     pub id: Uuid,
     pub username: String,
+    /// The token's login (refresh-token family), if the token names one.
+    pub family: Option<Uuid>,
 }
 
 /// The bearer token of a request, if any.
@@ -67,6 +69,11 @@ pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A token of a login that was ended (logout, refresh-token reuse).
+pub fn revoked() -> ApiError {
+    ApiError::unauthorized(ErrorCode::TokenRevoked, "this login was ended (logged out); log in again")
 }
 
 pub fn token_error(e: TokenError) -> ApiError {
@@ -87,7 +94,10 @@ impl FromRequestParts<AppState> for AuthUser {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized(ErrorCode::MissingToken, "send an access token as Authorization: Bearer <token>")
         })?;
-        let Claims { sub, .. } = state.keys.verify(token).map_err(token_error)?;
+        let Claims { sub, sid, .. } = state.keys.verify(token).map_err(token_error)?;
+        if sid.is_some_and(|f| state.revocations.is_revoked(f)) {
+            return Err(revoked());
+        }
         // A good signature says who the user was when the token was issued; the user may
         // be gone since (deleted, or a fresh database under the same secret). Without this
         // look-up such a token got as far as the store and failed there as a 500.
@@ -96,6 +106,6 @@ impl FromRequestParts<AppState> for AuthUser {
             .user_by_id(sub)
             .await?
             .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidToken, "the token's user no longer exists"))?;
-        Ok(AuthUser { id: user.id, username: user.username })
+        Ok(AuthUser { id: user.id, username: user.username, family: sid })
     }
 }

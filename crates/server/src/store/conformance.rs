@@ -81,7 +81,8 @@ async fn refresh_tokens(store: &dyn Store) {
     assert_eq!(store.use_refresh_token("nope", now).await.unwrap(), RefreshUse::Invalid);
     assert_eq!(store.use_refresh_token("old", now).await.unwrap(), RefreshUse::Invalid, "expired");
     // Reuse of t1 revokes the family, so t2 (unused) no longer works either.
-    assert_eq!(store.use_refresh_token("t1", now).await.unwrap(), RefreshUse::Reused);
+    assert!(store.revoked_families(now - Duration::minutes(15)).await.unwrap().is_empty());
+    assert_eq!(store.use_refresh_token("t1", now).await.unwrap(), RefreshUse::Reused { family_id: family });
     assert_eq!(store.use_refresh_token("t2", now).await.unwrap(), RefreshUse::Invalid);
 
     let fam2 = Uuid::new_v4();
@@ -94,9 +95,16 @@ async fn refresh_tokens(store: &dyn Store) {
         })
         .await
         .unwrap();
-    store.revoke_refresh_token("t3", now).await.unwrap();
+    assert_eq!(store.revoke_refresh_token("t3", now).await.unwrap(), Some(fam2));
     assert_eq!(store.use_refresh_token("t3", now).await.unwrap(), RefreshUse::Invalid);
-    store.revoke_refresh_token("unknown", now).await.unwrap();
+    assert_eq!(store.revoke_refresh_token("unknown", now).await.unwrap(), None);
+    // Both families were revoked just now; nothing since a minute from now.
+    let mut revoked = store.revoked_families(now - Duration::minutes(15)).await.unwrap();
+    revoked.sort();
+    let mut both = vec![family, fam2];
+    both.sort();
+    assert_eq!(revoked, both);
+    assert!(store.revoked_families(now + Duration::minutes(1)).await.unwrap().is_empty());
 }
 
 async fn bots_and_roles(store: &dyn Store) {
@@ -458,17 +466,27 @@ async fn ledger(store: &dyn Store) {
     a.bytes_out = 1234;
     store.record_connections(std::slice::from_ref(&a)).await.unwrap();
     assert_eq!(store.connections(Some(u1), None, 10).await.unwrap(), vec![a.clone()]);
-    assert_eq!(store.connection(a.attempt_id).await.unwrap(), Some(a.clone()));
+    assert_eq!(store.connection(a.attempt_id, None).await.unwrap(), Some(a.clone()));
     assert_eq!(store.connections(None, Some(bot), 10).await.unwrap(), vec![b.clone(), a.clone()], "newest first");
     assert_eq!(store.connections(None, None, 2).await.unwrap(), vec![c.clone(), b.clone()]);
-    assert!(store.connection(Uuid::new_v4()).await.unwrap().is_none());
+    assert!(store.connection(Uuid::new_v4(), None).await.unwrap().is_none());
     // Retention: by age, then by count.
     let old = record(Some(u1), None, now - Duration::days(30));
     store.record_connections(std::slice::from_ref(&old)).await.unwrap();
     assert_eq!(store.prune_connections(now - Duration::days(7), 100).await.unwrap(), 1);
-    assert!(store.connection(old.attempt_id).await.unwrap().is_none());
+    assert!(store.connection(old.attempt_id, None).await.unwrap().is_none());
     assert_eq!(store.prune_connections(now - Duration::days(7), 2).await.unwrap(), 1);
-    assert_eq!(store.connections(None, None, 10).await.unwrap(), vec![c, b], "the oldest went");
+    assert_eq!(store.connections(None, None, 10).await.unwrap(), vec![c, b.clone()], "the oldest went");
+    // A later row of someone else's with the same attempt id hides nothing of u2's.
+    let mut shadow = record(Some(u1), None, now);
+    shadow.attempt_id = b.attempt_id;
+    store.record_connections(std::slice::from_ref(&shadow)).await.unwrap();
+    assert_eq!(store.connection(b.attempt_id, Some(u2)).await.unwrap(), Some(b.clone()));
+    assert_eq!(store.connection(b.attempt_id, Some(u1)).await.unwrap(), Some(shadow.clone()));
+    assert_eq!(store.connection(b.attempt_id, None).await.unwrap(), Some(shadow.clone()), "the newest of everyone's");
+    // By connection id too: only its owner (or everyone's lookup) finds it.
+    assert!(store.connection(shadow.connection_id, Some(u2)).await.unwrap().is_none());
+    assert_eq!(store.connection(shadow.connection_id, Some(u1)).await.unwrap(), Some(shadow));
 }
 
 /// Runs one test body against a fresh store of each kind: `$name::sqlite` (in memory) and

@@ -245,7 +245,7 @@ impl Store for MemoryStore {
         if row.used_at.is_some() {
             let family_id = row.family_id;
             inner.revoke_family(family_id, now);
-            return Ok(RefreshUse::Reused);
+            return Ok(RefreshUse::Reused { family_id });
         }
         if row.revoked_at.is_some() || row.expires_at <= now {
             return Ok(RefreshUse::Invalid);
@@ -254,12 +254,27 @@ impl Store for MemoryStore {
         Ok(RefreshUse::Valid { user_id: row.user_id, family_id: row.family_id })
     }
 
-    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()> {
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<Uuid>> {
         let mut inner = self.lock()?;
-        if let Some(family_id) = inner.refresh_tokens.get(token_hash).map(|r| r.family_id) {
+        let family = inner.refresh_tokens.get(token_hash).map(|r| r.family_id);
+        if let Some(family_id) = family {
             inner.revoke_family(family_id, millis(now));
         }
-        Ok(())
+        Ok(family)
+    }
+
+    async fn revoked_families(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        let since = millis(since);
+        let inner = self.lock()?;
+        let mut families: Vec<Uuid> = inner
+            .refresh_tokens
+            .values()
+            .filter(|r| r.revoked_at.is_some_and(|t| t >= since))
+            .map(|r| r.family_id)
+            .collect();
+        families.sort_unstable();
+        families.dedup();
+        Ok(families)
     }
 
     async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot> {
@@ -531,11 +546,12 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
         let inner = self.lock()?;
         Ok(inner
             .ledger
             .values()
+            .filter(|r| user_id.is_none() || r.user_id == user_id)
             .find(|r| r.attempt_id == attempt_id || r.connection_id == attempt_id)
             .map(|r| (**r).clone()))
     }

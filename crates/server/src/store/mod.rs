@@ -146,7 +146,7 @@ pub enum RefreshUse {
     /// Valid and now used: issue the next token of `family_id`.
     Valid { user_id: Uuid, family_id: Uuid },
     /// Already used before: the whole family has now been revoked.
-    Reused,
+    Reused { family_id: Uuid },
     /// Unknown, expired or revoked.
     Invalid,
 }
@@ -168,8 +168,11 @@ pub trait Store: Coordination + Send + Sync + 'static {
     async fn insert_refresh_token(&self, token: NewRefreshToken) -> StoreResult<()>;
     /// Marks the token used, atomically. A second use revokes its whole family.
     async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse>;
-    /// Revokes the token's family (logout). Unknown tokens are ignored.
-    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()>;
+    /// Revokes the token's family (logout) and returns it. Unknown tokens are ignored (None).
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<Uuid>>;
+    /// Families with a token revoked at or after `since`: the logins whose access tokens
+    /// (which live at most the access-token TTL) must still be refused. Read at start.
+    async fn revoked_families(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>>;
 
     async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot>;
     async fn bot(&self, id: Uuid) -> StoreResult<Option<Bot>>;
@@ -223,8 +226,10 @@ pub trait Store: Coordination + Send + Sync + 'static {
         bot_id: Option<Uuid>,
         limit: u32,
     ) -> StoreResult<Vec<ConnectionRecord>>;
-    /// The newest ledger row with this attempt id (or connection id).
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>>;
+    /// The newest ledger row with this attempt id (or connection id): of this user's rows, or
+    /// of everyone's with `None`. Anyone may pass any attempt id, so a lookup scoped to its
+    /// user cannot be shadowed by someone else's later row.
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>>;
     /// Deletes rows started before `older_than`, and the oldest beyond `keep` rows. Returns
     /// how many were deleted.
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64>;

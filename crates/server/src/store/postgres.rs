@@ -224,7 +224,7 @@ impl Store for PostgresStore {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(RefreshUse::Reused);
+            return Ok(RefreshUse::Reused { family_id });
         }
         if revoked.is_some() || expires <= millis(now) {
             return Ok(RefreshUse::Invalid);
@@ -238,16 +238,26 @@ impl Store for PostgresStore {
         Ok(RefreshUse::Valid { user_id: row.try_get("user_id")?, family_id })
     }
 
-    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, $1) \
-             WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $2)",
-        )
-        .bind(millis(now))
-        .bind(token_hash)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<Uuid>> {
+        let family: Option<Uuid> = sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(family_id) = family {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE family_id = $2")
+                .bind(millis(now))
+                .bind(family_id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(family)
+    }
+
+    async fn revoked_families(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT family_id FROM refresh_tokens WHERE revoked_at >= $1")
+            .bind(millis(since))
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot> {
@@ -562,11 +572,13 @@ impl Store for PostgresStore {
         rows.iter().map(ledger_from_row).collect()
     }
 
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
         let row = sqlx::query(&format!(
-            "SELECT {LEDGER_COLS} FROM connections WHERE attempt_id = $1 OR connection_id = $1 ORDER BY started_at DESC LIMIT 1"
+            "SELECT {LEDGER_COLS} FROM connections WHERE (attempt_id = $1 OR connection_id = $1) \
+             AND ($2::uuid IS NULL OR user_id = $2) ORDER BY started_at DESC LIMIT 1"
         ))
         .bind(attempt_id)
+        .bind(user_id)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(ledger_from_row).transpose()

@@ -364,7 +364,7 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(RefreshUse::Reused);
+            return Ok(RefreshUse::Reused { family_id });
         }
         if revoked.is_some() || expires <= millis(now) {
             return Ok(RefreshUse::Invalid);
@@ -378,16 +378,24 @@ impl Store for SqliteStore {
         Ok(RefreshUse::Valid { user_id: uuid_col(&row, "user_id")?, family_id })
     }
 
-    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()> {
-        sqlx::query(
+    async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<Uuid>> {
+        let row = sqlx::query(
             "UPDATE refresh_tokens SET revoked_at = COALESCE(revoked_at, ?) \
-             WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = ?)",
+             WHERE family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = ?) RETURNING family_id",
         )
         .bind(millis(now))
         .bind(token_hash)
-        .execute(&self.write)
+        .fetch_optional(&self.write)
         .await?;
-        Ok(())
+        row.as_ref().map(|r| uuid_col(r, "family_id")).transpose()
+    }
+
+    async fn revoked_families(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
+        let rows = sqlx::query("SELECT DISTINCT family_id FROM refresh_tokens WHERE revoked_at >= ?")
+            .bind(millis(since))
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(|r| uuid_col(r, "family_id")).collect()
     }
 
     async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot> {
@@ -680,11 +688,13 @@ impl Store for SqliteStore {
         rows.iter().map(ledger_from_row).collect()
     }
 
-    async fn connection(&self, attempt_id: Uuid) -> StoreResult<Option<ConnectionRecord>> {
+    async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
         let row = sqlx::query(&format!(
-            "SELECT {LEDGER_COLS} FROM connections WHERE attempt_id = ?1 OR connection_id = ?1 ORDER BY started_at DESC LIMIT 1"
+            "SELECT {LEDGER_COLS} FROM connections WHERE (attempt_id = ?1 OR connection_id = ?1) \
+             AND (?2 IS NULL OR user_id = ?2) ORDER BY started_at DESC LIMIT 1"
         ))
         .bind(attempt_id.to_string())
+        .bind(user_id.map(|u| u.to_string()))
         .fetch_optional(&self.read)
         .await?;
         row.as_ref().map(ledger_from_row).transpose()

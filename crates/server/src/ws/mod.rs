@@ -122,6 +122,9 @@ pub struct Admitted {
     pub engine: EngineSpec,
     pub conversation_id: Uuid,
     pub after_seq: Option<i64>,
+    /// The login (refresh-token family) of the credentials, if they name one: the socket
+    /// closes 4401 when it is revoked.
+    pub family: Option<Uuid>,
 }
 
 /// Whether the check may use up a ticket (the socket) or only look (the preflight).
@@ -168,7 +171,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
         Uuid::parse_str(s).map_err(|_| refuse(CloseCode::BadRequest, "attempt_id is not a valid UUID"))?;
     }
 
-    let user = authenticate(state, req, bot_id, mode).await?;
+    let (user, family) = authenticate(state, req, bot_id, mode).await?;
     let with_user = |code, reason: String| Refusal { code, reason, user_id: Some(user.id) };
     let internal = |e: crate::store::StoreError| {
         let error_id = Uuid::new_v4();
@@ -210,10 +213,19 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     {
         return Err(with_user(CloseCode::TooManyConnections, format!("this user already has {max} open connections")));
     }
-    Ok(Admitted { user, bot_id, bot_name: bot.name, engine, conversation_id: conversation.id, after_seq })
+    Ok(Admitted { user, bot_id, bot_name: bot.name, engine, conversation_id: conversation.id, after_seq, family })
 }
 
-async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode: Mode) -> Result<UserRef, Refusal> {
+/// The reason a socket of an ended login is refused or closed with.
+pub const REVOKED_REASON: &str = "logged out: this login was ended; log in again";
+
+/// The user and the login (refresh-token family) the credentials belong to.
+async fn authenticate(
+    state: &AppState,
+    req: &ConnectRequest,
+    bot_id: Uuid,
+    mode: Mode,
+) -> Result<(UserRef, Option<Uuid>), Refusal> {
     if let Some(ticket) = &req.ticket {
         let hash = hash_opaque(ticket);
         let found = match mode {
@@ -240,14 +252,21 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
             .ok()
             .flatten()
             .ok_or_else(|| refuse(CloseCode::Unauthorized, "ticket's user no longer exists"))?;
-        return Ok(UserRef { id: user.id, username: user.username });
+        let family = ticket_family(ticket);
+        if family.is_some_and(|f| state.revocations.is_revoked(f)) {
+            return Err(Refusal { user_id: Some(user.id), ..refuse(CloseCode::Unauthorized, REVOKED_REASON) });
+        }
+        return Ok((UserRef { id: user.id, username: user.username }, family));
     }
     let Some(token) = &req.token else {
         return Err(refuse(CloseCode::Unauthorized, "missing token: pass ?token=<access token> or ?ticket=<ticket>"));
     };
     match state.keys.verify(token) {
+        Ok(claims) if claims.sid.is_some_and(|f| state.revocations.is_revoked(f)) => {
+            Err(Refusal { user_id: Some(claims.sub), ..refuse(CloseCode::Unauthorized, REVOKED_REASON) })
+        }
         Ok(claims) => match state.store.user_by_id(claims.sub).await {
-            Ok(Some(user)) => Ok(UserRef { id: user.id, username: user.username }),
+            Ok(Some(user)) => Ok((UserRef { id: user.id, username: user.username }, claims.sid)),
             Ok(None) => Err(refuse(CloseCode::Unauthorized, "invalid token: its user no longer exists")),
             Err(e) => {
                 let error_id = Uuid::new_v4();
@@ -261,6 +280,11 @@ async fn authenticate(state: &AppState, req: &ConnectRequest, bot_id: Uuid, mode
         }),
         Err(TokenError::Invalid) => Err(refuse(CloseCode::Unauthorized, "invalid token: malformed or bad signature")),
     }
+}
+
+/// The login a ticket was issued for (see [`ticket`]).
+fn ticket_family(ticket: &str) -> Option<Uuid> {
+    ticket.rsplit_once('.').and_then(|(_, f)| Uuid::parse_str(f).ok())
 }
 
 /// `GET /api/ws/chat/{bot_id}`: the chat socket. See `docs/protocol.md`.
@@ -317,7 +341,12 @@ pub async fn ticket(
     if state.store.bot_role(&bot, user.id).await?.is_none() {
         return Err(ApiError::forbidden("this bot is private and not shared with you"));
     }
-    let ticket = new_opaque_token();
+    // The login rides in the ticket itself (after a '.', under the stored hash, so it can't
+    // be altered): a socket opened with it closes when that login ends.
+    let ticket = match user.family {
+        Some(f) => format!("{}.{}", new_opaque_token(), f.simple()),
+        None => new_opaque_token(),
+    };
     state
         .store
         .create_ticket(

@@ -271,6 +271,7 @@ async fn open(state: AppState, socket: WebSocket, req: ConnectRequest, connectio
     let slot = match state.hub.try_register(
         connection_id,
         admitted.user.id,
+        admitted.family.map(|f| (f, admitted.conversation_id)),
         limits.max_connections_per_user,
         limits.max_connections,
     ) {
@@ -470,6 +471,8 @@ struct Session {
     /// Bot replies streamed to this socket; boxed, and only once there are any.
     replies: Option<Box<Replies>>,
     counters: Counters,
+    /// The login this socket's credentials belong to: closed 4401 when it is revoked.
+    family: Option<Uuid>,
 }
 
 #[derive(Default)]
@@ -564,7 +567,7 @@ impl Session {
         connection_id: Uuid,
         io: Conn,
     ) -> Result<Session, (End, Conn)> {
-        let Admitted { user, bot_id, bot_name, engine, conversation_id: conv_id, after_seq } = admitted;
+        let Admitted { user, bot_id, bot_name, engine, conversation_id: conv_id, after_seq, family } = admitted;
         // The per-user limit across every node (the hub counts this node's sockets only).
         let max = state.config.limits.max_connections_per_user;
         let shared_slot = match state.cluster.claim_slot(connection_id, user.id, max).await {
@@ -580,6 +583,11 @@ impl Session {
                 return Err((end, io));
             }
         };
+        // A logout racing this connect: either its revocation is in the set now, or it comes
+        // after, and then its announcement reaches this (registered, subscribed) socket.
+        if family.is_some_and(|f| state.revocations.is_revoked(f)) {
+            return Err((End::Close(CloseCode::Unauthorized, super::REVOKED_REASON.into()), io));
+        }
         let last_seq = match state.store.conversation(user.id, bot_id).await {
             Ok(c) => c.last_seq,
             Err(e) => return Err((internal_end("reading the conversation", e), io)),
@@ -599,6 +607,7 @@ impl Session {
             bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
             replies: None,
             counters: Counters::default(),
+            family,
         };
         match session.begin(connection_id, user, last_seq, after_seq.is_some()).await {
             Ok(()) => Ok(session),
@@ -838,6 +847,10 @@ impl Session {
                 ConvEvent::BotChanged => self.recheck_bot().await,
                 // For the node generating that reply (its `Replier`), not for sockets.
                 ConvEvent::Cancel { .. } => Ok(()),
+                ConvEvent::Revoked { family_id } if self.family == Some(*family_id) => {
+                    Err(End::Close(CloseCode::Unauthorized, super::REVOKED_REASON.into()))
+                }
+                ConvEvent::Revoked { .. } => Ok(()),
                 ConvEvent::BotError { code, message, in_reply_to } => {
                     self.send(&ServerFrame::Error {
                         code: *code,

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0 with a temporary data dir, driven over HTTP
 //! and real WebSocket connections.
 
+mod auth_abuse;
 mod authz;
 mod bots;
 mod bots_limits;

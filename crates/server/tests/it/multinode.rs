@@ -518,3 +518,29 @@ async fn a_tab_on_another_node_cancels_the_reply() {
         assert!(stopped.content.starts_with("w0 "), "{:?}", stopped.content);
     }
 }
+
+/// Logout on node A ends the login on node B too: B refuses the access token and closes
+/// B's socket of that login with 4401 (issue 14).
+#[tokio::test]
+async fn logout_on_one_node_ends_the_login_on_every_node() {
+    let Some(svc) = Services::from_env("multinode::logout_on_one_node_ends_the_login_on_every_node").await else {
+        return;
+    };
+    let a = svc.node(None, |_| {}).await;
+    let b = svc.node(Some(&a), |_| {}).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut on_b = b.ws(bot.id, &alice.token, "").await;
+    on_b.established().await;
+    assert_eq!(b.get("/api/auth/me", Some(&alice.token)).await.0, 200);
+
+    let (status, _) = a.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await;
+    assert_eq!(status, 204);
+    assert_eq!(on_b.close_code().await, (4401, "logged out: this login was ended; log in again".to_owned()));
+    // The socket closed because B got the announcement, so B's REST refuses the token too.
+    let (status, v) = b.get("/api/auth/me", Some(&alice.token)).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")));
+    let mut again = b.ws(bot.id, &alice.token, "").await;
+    assert_eq!(again.close_code().await.0, 4401);
+    b.state.hub.check_invariants();
+}

@@ -170,7 +170,7 @@ async fn server_errors_restarts_and_overload_are_recorded() {
     ws.established().await;
     // While it is open, the ledger shows it established and not ended.
     app.state.ledger.flush().await;
-    let open = app.state.store.connection(first).await.unwrap().unwrap();
+    let open = app.state.store.connection(first, None).await.unwrap().unwrap();
     assert!(open.established && open.ended_at.is_none());
     let full = Uuid::new_v4();
     assert_eq!(WsClient::connect(&url(&app, &b, &tok, full)).await.close_code().await.0, 1013);
@@ -199,7 +199,7 @@ async fn server_errors_restarts_and_overload_are_recorded() {
     let store = app.state.store.clone();
     app.stop().await;
     assert_eq!(ws.close_code().await.0, 1012);
-    let r = store.connection(last).await.unwrap().unwrap();
+    let r = store.connection(last, None).await.unwrap().unwrap();
     assert_eq!((r.close_code, r.closed_by), (Some(1012), Some(ClosedBy::Server)));
 }
 
@@ -232,6 +232,42 @@ async fn users_see_only_their_own_attempts_and_admins_see_all() {
     assert_eq!(all.as_array().unwrap().len(), 2);
     let (status, _) = app.get(&format!("/api/connections/{b}"), Some(&alice.token)).await;
     assert_eq!(status, 200, "admins see everyone's");
+}
+
+/// Issue 14: the newest row with an attempt id used to win, whoever owned it, so anyone (even
+/// an anonymous client) reusing alice's `attempt_id` made her lookup 404.
+#[tokio::test]
+async fn an_attempt_id_reused_by_someone_else_does_not_hide_the_callers_row() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bob = app.user("bob").await;
+    let bot = app.bot(&alice, json!({"name": "Pub", "visibility": "public"})).await;
+    let a = Uuid::new_v4();
+    WsClient::connect(&url(&app, &bot.id.to_string(), &format!("token={}", alice.token), a)).await.close().await;
+    let mine = row(&app, &alice, a).await;
+    // Later rows with the same attempt id: bob's, then an anonymous refusal.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    WsClient::connect(&url(&app, &bot.id.to_string(), &format!("token={}", bob.token), a)).await.close().await;
+    row(&app, &bob, a).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut anon = WsClient::connect(&url(&app, &bot.id.to_string(), "x=1", a)).await;
+    assert_eq!(anon.close_code().await.0, 4401);
+    app.state.ledger.flush().await;
+    assert_eq!(
+        app.state.store.connection(a, None).await.unwrap().unwrap().user_id,
+        None,
+        "the newest row is anonymous"
+    );
+
+    let (status, v) = app.get(&format!("/api/connections/{a}"), Some(&alice.token)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(serde_json::from_value::<ConnectionRecord>(v).unwrap().connection_id, mine.connection_id);
+    let (status, v) = app.get(&format!("/api/connections/{a}"), Some(&bob.token)).await;
+    assert_eq!((status, v["user_id"].as_str()), (200, Some(bob.id.to_string().as_str())));
+    // A site admin sees the newest row of anyone's.
+    app.state.store.set_admin("alice", true).await.unwrap();
+    let (status, v) = app.get(&format!("/api/connections/{a}"), Some(&alice.token)).await;
+    assert_eq!((status, v["user_id"].is_null()), (200, true), "{v}");
 }
 
 #[tokio::test]

@@ -1054,6 +1054,11 @@ async fn no_answer_reveals_a_password_hash_refresh_token_or_engine_secret() {
         serde_json::from_str::<Value>(&refreshed).unwrap()["refresh_token"].as_str().unwrap().to_owned();
     record!("refresh reuse", post("/api/auth/refresh", None, json!({"refresh_token": first_refresh})));
     record!("refresh revoked", post("/api/auth/refresh", None, json!({"refresh_token": second_refresh})));
+    record!("me of an ended login", get("/api/auth/me", &access));
+    // The reuse ended that login, its access token included (issue 14): a fresh login for the rest.
+    let (_, _, relogin) = send_raw(post("/api/auth/login", None, creds("alice", PASSWORD))).await;
+    token_answers.push(relogin.clone());
+    let access = serde_json::from_str::<Value>(&relogin).unwrap()["access_token"].as_str().unwrap().to_owned();
     record!("me", get("/api/auth/me", &access));
     let bot = record!("create bot", post("/api/bots", Some(&access), json!({"name": "B"})));
     let bot: Value = serde_json::from_str(&bot).unwrap();
