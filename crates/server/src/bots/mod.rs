@@ -126,6 +126,8 @@ struct Sink {
 #[async_trait]
 impl DeltaSink for Sink {
     async fn delta(&mut self, text: &str) {
+        let clean = crate::domain::replace_nul(text);
+        let text = clean.as_ref();
         if let Some(received) = self.received.take() {
             self.replier.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
         }
@@ -357,9 +359,9 @@ impl Replier {
         };
         let so_far = self.text_so_far(message_id).unwrap_or_default();
         let (content, status) = match outcome {
-            Some(Ok(text)) => (text, MessageStatus::Complete),
+            Some(Ok(text)) => (crate::domain::replace_nul(&text).into_owned(), MessageStatus::Complete),
             Some(Err(e)) => {
-                tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
+                tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %crate::logsafe::Untrusted(&e.message), "bot reply failed");
                 self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
                 let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
                 let _ = self.bus.publish(conversation_id, event).await;

@@ -80,7 +80,7 @@ pub async fn login(State(state): State<AppState>, ApiJson(body): ApiJson<Credent
     let user = match (user, ok) {
         (Some(u), true) => u,
         _ => {
-            tracing::info!(username = %body.username, "login refused");
+            tracing::info!(username = %crate::logsafe::Untrusted(&body.username), "login refused");
             return Err(invalid_credentials());
         }
     };

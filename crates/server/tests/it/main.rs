@@ -4,6 +4,7 @@
 mod bots;
 mod gateway;
 mod helpers;
+mod hostile_input;
 mod multinode;
 mod observability;
 mod rest;
