@@ -2,6 +2,7 @@
 //! and real WebSocket connections.
 
 mod bots;
+mod fuzz_rest;
 mod gateway;
 mod helpers;
 mod hostile_input;
