@@ -119,10 +119,51 @@ async fn bad_strings_are_refused_alike(app: &TestApp) {
     assert_eq!(page["messages"].as_array().unwrap().len(), 2, "the message and its echo: {page}");
 }
 
+/// A webhook that answers with NUL in its reply (whole, or streamed as deltas): the reply is
+/// stored with U+FFFD in its place on every store, not lost to a store error.
+async fn engine_replies_with_nul_are_stored_alike(app: &TestApp) {
+    use axum::routing::post;
+    async fn hook(body: String) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        if body.contains("stream") {
+            let lines = "{\"delta\":\"x\\u0000\"}\n{\"delta\":\"y\"}\n";
+            return ([("content-type", "application/x-ndjson")], lines).into_response();
+        }
+        axum::Json(json!({"reply": "a\u{0}b"})).into_response()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, axum::Router::new().route("/hook", post(hook))).await.unwrap() });
+    let owner = app.user("hookowner").await;
+    // Site admins may use loopback engine URLs whatever the egress policy says.
+    app.state.store.set_admin("hookowner", true).await.unwrap();
+    let engine =
+        json!({"kind": "webhook", "url": format!("http://{addr}/hook"), "secret": "webhook-secret-0123456789"});
+    let bot = app.bot(&owner, json!({"name": "Hook", "engine": engine})).await;
+    let mut ws = app.ws(bot.id, &owner.token, "").await;
+    ws.established().await;
+    for (client_id, said, want) in [("h1", "whole", "a\u{FFFD}b"), ("h2", "stream", "x\u{FFFD}y")] {
+        ws.say(client_id, said).await;
+        let reply = loop {
+            match ws.frame().await {
+                ServerFrame::Message { message } => break message,
+                ServerFrame::Error { code, message, .. } => panic!("{code:?}: {message}"),
+                _ => continue,
+            }
+        };
+        assert_eq!(reply.content, want);
+    }
+    let (_, page) = app.get(&format!("/api/bots/{}/messages", bot.id), Some(&owner.token)).await;
+    let stored: Vec<&str> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(stored, ["whole", "a\u{FFFD}b", "stream", "x\u{FFFD}y"]);
+}
+
 #[tokio::test]
 async fn nul_and_control_characters_are_refused_alike_on_sqlite() {
     let app = TestApp::spawn().await;
     bad_strings_are_refused_alike(&app).await;
+    engine_replies_with_nul_are_stored_alike(&app).await;
 }
 
 #[tokio::test]
@@ -131,6 +172,7 @@ async fn nul_and_control_characters_are_refused_alike_on_postgres() {
         return;
     };
     bad_strings_are_refused_alike(&app).await;
+    engine_replies_with_nul_are_stored_alike(&app).await;
 }
 
 /// A login with a username that holds a line break, a forged log line, an ANSI escape and
