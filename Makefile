@@ -4,7 +4,7 @@
 CARGO ?= cargo
 WEB_DEPS := web/node_modules/.package-lock.json
 
-.PHONY: run test deps lint rust-test web web-test browser-test clean-data
+.PHONY: run test deps lint rust-test web web-test browser-test clean-data fuzz-rest
 
 # The release binary carries web/dist inside it, so `web` comes first.
 run: web
@@ -47,6 +47,11 @@ web-test: web
 browser-test: web
 	$(CARGO) build -p natter
 	cd web && npm run test:browser
+
+# REST fuzz of /api/openapi.json with schemathesis (pinned; pip-installed when missing) against
+# a real `natter serve`: fails on any 5xx. ~2.5 min. NATTER_FUZZ_DATABASE_URL=postgres://... for PostgreSQL.
+fuzz-rest:
+	scripts/fuzz-rest.sh
 
 clean-data:
 	rm -rf natter-data

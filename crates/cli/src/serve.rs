@@ -174,6 +174,10 @@ pub struct ServeArgs {
     /// per address 4x, per username 2x; 0 turns throttling off [default: 5]
     #[arg(long, env = "NATTER_LOGIN_FREE_FAILURES", value_name = "N")]
     pub login_free_failures: Option<u32>,
+    /// Ledger rows stored per second for socket attempts that named no user (refusals anyone
+    /// can cause); more are counted, not stored. 0 stores none [default: 20]
+    #[arg(long, env = "NATTER_LEDGER_ANONYMOUS_PER_SECOND", value_name = "N")]
+    pub ledger_anonymous_per_second: Option<u32>,
 }
 
 impl ServeArgs {
@@ -207,7 +211,8 @@ impl ServeArgs {
             max_reply_chars,
             password_hash_concurrency,
             password_hash_queue,
-            login_free_failures
+            login_free_failures,
+            ledger_anonymous_per_second
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -333,6 +338,12 @@ impl ServeArgs {
         if let Some(n) = args.ledger_max_rows {
             positive("ledger-max-rows", n as u128)?;
             c.ledger_retention.max_rows = n;
+        }
+        if let Some(n) = args.ledger_anonymous_per_second {
+            if n > 100_000 {
+                bail!("ledger-anonymous-per-second: {n} is out of range (0 to 100000)");
+            }
+            c.ledger_retention.anonymous_per_second = n;
         }
         if let Some(dir) = &args.web_dir {
             if !dir.join("index.html").is_file() {
@@ -503,6 +514,20 @@ mod tests {
         let (c, _) = parse(&["--password-hash-queue", "0", "--login-free-failures", "3"]).resolve().unwrap();
         assert_eq!((c.password_hash_concurrency, c.password_hash_queue, c.login_throttle.free_failures), (2, 0, 3));
         assert!(T::try_parse_from(["natter", "--bind", "not-an-address"]).is_err());
+        let e = parse(&["--ledger-anonymous-per-second", "100001"]).resolve().unwrap_err().to_string();
+        assert!(e.starts_with("ledger-anonymous-per-second:"), "{e}");
+    }
+
+    #[test]
+    fn ledger_anonymous_budget() {
+        assert_eq!(parse(&[]).resolve().unwrap().0.ledger_retention.anonymous_per_second, 20);
+        let (c, _) = parse(&["--ledger-anonymous-per-second", "0"]).resolve().unwrap();
+        assert_eq!(c.ledger_retention.anonymous_per_second, 0, "0 stores no anonymous rows");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "ledger_anonymous_per_second = 7\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.ledger_retention.anonymous_per_second, 7);
     }
 
     #[test]

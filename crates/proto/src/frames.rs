@@ -137,7 +137,64 @@ impl ClientFrame {
                 })
             }
         }
+        check_fields(obj)?;
         serde_json::from_value(value).map_err(|e| FrameError { code: ErrorCode::InvalidFrame, message: e.to_string() })
+    }
+}
+
+/// The fields of each client frame type and what each must be.
+const CLIENT_FIELDS: &[(&str, &[(&str, FieldKind)])] = &[
+    ("message", &[("client_id", FieldKind::String), ("content", FieldKind::String)]),
+    ("ping", &[("id", FieldKind::Any)]),
+    ("cancel", &[("message_id", FieldKind::Uuid)]),
+];
+
+#[derive(Clone, Copy)]
+enum FieldKind {
+    String,
+    Uuid,
+    Any,
+}
+
+/// Names the field at fault for every shape serde would refuse without naming it (its type
+/// errors say "invalid type: integer `5`, expected a string" and no more): a missing or
+/// unknown field, or a field of the wrong JSON type.
+fn check_fields(obj: &serde_json::Map<String, serde_json::Value>) -> Result<(), FrameError> {
+    let bad = |message: String| FrameError { code: ErrorCode::InvalidFrame, message };
+    let t = obj.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+    let Some((_, fields)) = CLIENT_FIELDS.iter().find(|(name, _)| *name == t) else { return Ok(()) };
+    for (field, kind) in fields.iter() {
+        let v = match (obj.get(*field), kind) {
+            (None, FieldKind::Any) => continue,
+            (None, _) => return Err(bad(format!("missing field `{field}`"))),
+            (Some(v), _) => v,
+        };
+        match kind {
+            FieldKind::String if !v.is_string() => {
+                return Err(bad(format!("field `{field}` must be a string, got {}", json_kind(v))))
+            }
+            FieldKind::Uuid if v.as_str().is_none_or(|s| Uuid::parse_str(s).is_err()) => {
+                return Err(bad(format!("field `{field}` must be a UUID string")))
+            }
+            _ => {}
+        }
+    }
+    if let Some(unknown) = obj.keys().find(|k| *k != "type" && !fields.iter().any(|(f, _)| f == k)) {
+        let expected: Vec<&str> = fields.iter().map(|(f, _)| *f).collect();
+        let shown: String = unknown.chars().take(64).collect();
+        return Err(bad(format!("unknown field `{shown}` in a {t} frame; expected {}", expected.join(", "))));
+    }
+    Ok(())
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -259,6 +316,11 @@ mod tests {
         assert!(e.message.contains("client_id"), "{}", e.message);
         let e = ClientFrame::parse(r#"{"type":"message","client_id":5,"content":"x"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidFrame);
+        assert_eq!(e.message, "field `client_id` must be a string, got a number");
+        let e = ClientFrame::parse(r#"{"type":"cancel","message_id":"nope"}"#).unwrap_err();
+        assert_eq!(e.message, "field `message_id` must be a UUID string");
+        let e = ClientFrame::parse(r#"{"type":"ping","id":1,"extra":true}"#).unwrap_err();
+        assert_eq!(e.message, "unknown field `extra` in a ping frame; expected id");
         let e = ClientFrame::parse(r#"{"client_id":"a"}"#).unwrap_err();
         assert!(e.message.contains("type"));
         let e = ClientFrame::parse("[1]").unwrap_err();

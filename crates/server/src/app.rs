@@ -101,7 +101,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let cluster = Cluster::start(store.clone(), bus.clone(), config.node_lease, shutdown.clone(), tasks.clone());
         let metrics = Arc::new(Metrics::default());
-        let ledger = Ledger::spawn(store.clone(), config.ledger_retention);
+        let ledger = Ledger::spawn(store.clone(), config.ledger_retention, metrics.ledger_anonymous_skipped.clone());
         let state = AppState(Arc::new(Inner {
             keys: TokenKeys::new(&secret, config.access_token_ttl),
             replier: Replier::new(

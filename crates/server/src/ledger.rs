@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use natter_proto::api::ConnectionRecord;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -17,11 +18,75 @@ use crate::store::Store;
 pub struct Retention {
     pub max_age: Duration,
     pub max_rows: u64,
+    /// Rows per second (and burst) stored for attempts that named no user: refusals anyone
+    /// can cause without an account. Beyond it they are counted
+    /// (`natter_ledger_anonymous_rows_skipped_total`), not stored.
+    pub anonymous_per_second: u32,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_age: Duration::from_secs(7 * 24 * 3600), max_rows: 100_000 }
+        Retention { max_age: Duration::from_secs(7 * 24 * 3600), max_rows: 100_000, anonymous_per_second: 20 }
+    }
+}
+
+/// The most bytes of one request header a ledger row keeps; longer values are cut to this
+/// (on a character boundary) and end with [`CUT_MARK`].
+pub const HEADER_BYTES: usize = 256;
+pub const CUT_MARK: &str = "…[cut]";
+
+/// A header value as the ledger keeps it: at most [`HEADER_BYTES`] bytes and the mark.
+fn bounded(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= HEADER_BYTES {
+        return s.into();
+    }
+    let mut end = HEADER_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT_MARK}", &s[..end]).into()
+}
+
+/// Cuts every request header of a row (user agent, origin, forwarded-for ...): the one place
+/// that bounds what a client can make the ledger store.
+fn bound_headers(rec: &mut ConnectionRecord) {
+    for f in [
+        &mut rec.remote_addr,
+        &mut rec.user_agent,
+        &mut rec.origin,
+        &mut rec.upgrade,
+        &mut rec.connection,
+        &mut rec.sec_websocket_version,
+        &mut rec.forwarded_for,
+        &mut rec.close_reason,
+    ] {
+        if let Some(s) = f.as_mut() {
+            if s.len() > HEADER_BYTES {
+                *s = bounded(s).into_owned();
+            }
+        }
+    }
+}
+
+/// A token bucket for anonymous rows, shared by every clone of the ledger handle.
+struct Budget {
+    per_second: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl Budget {
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -36,6 +101,8 @@ enum Cmd {
 pub struct Ledger {
     tx: mpsc::Sender<Cmd>,
     dropped: Arc<AtomicU64>,
+    anonymous: Arc<std::sync::Mutex<Budget>>,
+    anonymous_skipped: Counter,
 }
 
 /// Rows queued before new ones are dropped (and counted) rather than slowing sockets down.
@@ -45,7 +112,7 @@ const BATCH: usize = 512;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 impl Ledger {
-    pub fn spawn(store: Arc<dyn Store>, retention: Retention) -> Ledger {
+    pub fn spawn(store: Arc<dyn Store>, retention: Retention, anonymous_skipped: Counter) -> Ledger {
         let (tx, mut rx) = mpsc::channel::<Cmd>(QUEUE);
         tokio::spawn(async move {
             let mut prune = tokio::time::interval(PRUNE_EVERY);
@@ -86,11 +153,21 @@ impl Ledger {
                 }
             }
         });
-        Ledger { tx, dropped: Arc::default() }
+        let per_second = f64::from(retention.anonymous_per_second);
+        let budget = Budget { per_second, tokens: per_second, last: std::time::Instant::now() };
+        Ledger { tx, dropped: Arc::default(), anonymous: Arc::new(budget.into()), anonymous_skipped }
     }
 
-    /// Queues a row (insert or replace by connection id). Never waits.
-    pub fn record(&self, row: ConnectionRecord) {
+    /// Queues a row (insert or replace by connection id), its headers cut to
+    /// [`HEADER_BYTES`]; an anonymous one only while the anonymous budget lasts. Never waits.
+    pub fn record(&self, mut row: ConnectionRecord) {
+        // Rows with a user are that user's own record (and bounded by the per-user limits);
+        // rows without one can be made by anyone, as fast as they can connect.
+        if row.user_id.is_none() && !self.anonymous.lock().unwrap().take() {
+            self.anonymous_skipped.inc();
+            return;
+        }
+        bound_headers(&mut row);
         if self.tx.try_send(Cmd::Row(Box::new(row))).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -128,7 +205,8 @@ pub struct OpenRow {
     user_id: Option<Uuid>,
     bot_id: Option<Uuid>,
     started_at: DateTime<Utc>,
-    /// `remote_addr` … `forwarded_for`, each `'\x01'` + the text or empty for `None`, joined by
+    /// `remote_addr` … `forwarded_for` (each cut as the ledger stores it, so a socket holds no
+    /// more of them than its row), each `'\x01'` + the text or empty for `None`, joined by
     /// `'\0'` (header values never hold control characters; a NUL would be replaced).
     text: Box<str>,
 }
@@ -151,7 +229,7 @@ impl OpenRow {
             }
             if let Some(s) = f {
                 text.push('\x01');
-                text.extend(s.chars().map(|c| if c == '\0' { char::REPLACEMENT_CHARACTER } else { c }));
+                text.extend(bounded(s).chars().map(|c| if c == '\0' { char::REPLACEMENT_CHARACTER } else { c }));
             }
         }
         OpenRow {
@@ -249,7 +327,35 @@ mod tests {
             ..rec.clone()
         };
         assert_eq!(OpenRow::new(&none).row(), none);
-        let nul = ConnectionRecord { origin: Some("a\0b".into()), ..rec };
+        let nul = ConnectionRecord { origin: Some("a\0b".into()), ..rec.clone() };
         assert_eq!(OpenRow::new(&nul).row().origin.as_deref(), Some("a\u{fffd}b"));
+        let big = ConnectionRecord { user_agent: Some("é".repeat(200 * 1024)), ..rec };
+        let kept = OpenRow::new(&big).row().user_agent.unwrap();
+        assert_eq!(kept, "é".repeat(HEADER_BYTES / 2) + CUT_MARK, "a socket holds no more than its row");
+    }
+
+    #[test]
+    fn headers_are_cut_on_a_character_boundary_and_marked() {
+        assert_eq!(bounded("short"), "short");
+        let exact = "a".repeat(HEADER_BYTES);
+        assert_eq!(bounded(&exact), exact);
+        let odd = format!("a{}", "é".repeat(HEADER_BYTES));
+        let cut = bounded(&odd);
+        assert!(cut.ends_with(CUT_MARK) && cut.len() <= HEADER_BYTES + CUT_MARK.len(), "{cut}");
+        assert!(odd.starts_with(cut.strip_suffix(CUT_MARK).unwrap()));
+    }
+
+    #[test]
+    fn the_anonymous_budget_refills_at_its_rate_up_to_its_burst() {
+        let start = std::time::Instant::now();
+        let mut b = Budget { per_second: 4.0, tokens: 4.0, last: start };
+        assert_eq!((0..10).filter(|_| b.take()).count(), 4);
+        // Half a second later: two more, and no more than the burst after a long pause.
+        b.last -= Duration::from_millis(500);
+        assert_eq!((0..10).filter(|_| b.take()).count(), 2);
+        b.last -= Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take()).count(), 4);
+        let mut none = Budget { per_second: 0.0, tokens: 0.0, last: start };
+        assert!(!none.take());
     }
 }

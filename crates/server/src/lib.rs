@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod ledger;
+pub mod logsafe;
 pub mod metrics;
 pub mod passwords;
 pub mod revocation;

@@ -55,6 +55,7 @@ pub struct Metrics {
     pub first_token_seconds: Histogram,
     pub bot_errors: Family<CodeLabel, Counter>,
     pub http_requests: Family<HttpLabels, Counter>,
+    pub ledger_anonymous_skipped: Counter,
 }
 
 fn seconds() -> Histogram {
@@ -78,6 +79,7 @@ impl Default for Metrics {
             first_token_seconds: seconds(),
             bot_errors: Family::default(),
             http_requests: Family::default(),
+            ledger_anonymous_skipped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("ws_connections_active", "Open chat sockets", m.connections_active.clone());
@@ -108,6 +110,11 @@ impl Default for Metrics {
         );
         registry.register("bot_errors", "Bot engine failures by error code", m.bot_errors.clone());
         registry.register("http_requests", "HTTP requests by route and status", m.http_requests.clone());
+        registry.register(
+            "ledger_anonymous_rows_skipped",
+            "Ledger rows of anonymous attempts not stored: over the ledger's anonymous budget",
+            m.ledger_anonymous_skipped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

@@ -142,6 +142,8 @@ fn cut_at(text: &str, max: usize) -> Option<&str> {
 #[async_trait]
 impl DeltaSink for Sink {
     async fn delta(&mut self, text: &str) {
+        let clean = crate::domain::replace_nul(text);
+        let text = clean.as_ref();
         if self.cut.is_cancelled() {
             return;
         }
@@ -428,8 +430,10 @@ impl Replier {
         let (content, status, error) = match outcome {
             // A reply that came in one piece longer than the bound is cut like a streamed one.
             Some(Ok(text)) => match cut_at(&text, max) {
-                Some(head) => (head.to_owned(), MessageStatus::Incomplete, Some(too_long())),
-                None => (text, MessageStatus::Complete, None),
+                Some(head) => {
+                    (crate::domain::replace_nul(head).into_owned(), MessageStatus::Incomplete, Some(too_long()))
+                }
+                None => (crate::domain::replace_nul(&text).into_owned(), MessageStatus::Complete, None),
             },
             Some(Err(e)) => (so_far, MessageStatus::Incomplete, Some(e)),
             None => {
@@ -438,7 +442,7 @@ impl Replier {
             }
         };
         if let Some(e) = error {
-            tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %e.message, "bot reply failed");
+            tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %crate::logsafe::Untrusted(&e.message), "bot reply failed");
             self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
             let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
             let _ = self.bus.publish(conversation_id, event).await;

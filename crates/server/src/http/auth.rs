@@ -94,7 +94,7 @@ pub async fn login(
     // Before any work: a throttled attempt costs no hash. Known and unknown usernames are
     // counted alike, and both run one hash below, so neither status nor timing tells them apart.
     let attempt = state.throttle.begin(&body.username, peer.ip()).map_err(|wait| {
-        tracing::info!(username = %body.username, peer = %peer.ip(), "login throttled");
+        tracing::info!(username = %crate::logsafe::Untrusted(&body.username), peer = %peer.ip(), "login throttled");
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooManyAttempts,
@@ -109,7 +109,7 @@ pub async fn login(
         (Some(u), true) => u,
         _ => {
             attempt.failed();
-            tracing::info!(username = %body.username, peer = %peer.ip(), "login refused");
+            tracing::info!(username = %crate::logsafe::Untrusted(&body.username), peer = %peer.ip(), "login refused");
             return Err(invalid_credentials());
         }
     };

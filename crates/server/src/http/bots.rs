@@ -19,7 +19,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser};
 use crate::app::AppState;
 use crate::bots::EngineSpec;
 use crate::bus::ConvEvent;
-use crate::domain::{bot_description, bot_name};
+use crate::domain::{bot_description, bot_name, Username};
 use crate::store::{Bot, BotChanges, NewBot};
 
 pub fn bot_view(bot: &Bot, role: BotRole) -> BotView {
@@ -234,7 +234,12 @@ pub async fn remove_member(
     // A member may always leave; otherwise only the owner and admins manage members.
     let needed = if username == user.username { BotRole::Public } else { BotRole::Admin };
     bot_with_role(&state, id, &user, needed, "manage the members of").await?;
-    let member = state.store.user_by_username(&username).await?.ok_or_else(|| {
+    // A name no user can have (a NUL, say) is not looked up.
+    let known = match Username::parse(&username) {
+        Ok(_) => state.store.user_by_username(&username).await?,
+        Err(_) => None,
+    };
+    let member = known.ok_or_else(|| {
         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::UserNotFound, format!("no user named {username:?}"))
     })?;
     if !state.store.remove_member(id, member.id).await? {

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::auth::{Claims, TokenError};
+use crate::domain::json_nul_path;
 
 /// A JSON object body. Unlike `axum::Json` it refuses a JSON array, which serde would
 /// otherwise accept for a struct by field position (`["alice", "pw"]` as credentials).
@@ -34,7 +35,25 @@ where
         }
         // `from_bytes` names the field of a type error ("username: invalid type ...").
         let axum::Json(value) = axum::Json::<T>::from_bytes(&bytes)?;
+        refuse_nul(&bytes)?;
         Ok(ApiJson(value))
+    }
+}
+
+/// NUL can only reach a JSON string as the escape `\u0000` (a raw one is invalid JSON), so
+/// bodies without that text skip the walk. One check for every body: see [`json_nul_path`].
+fn refuse_nul(bytes: &[u8]) -> Result<(), ApiError> {
+    if !bytes.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000")) {
+        return Ok(());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(ErrorCode::InvalidBody, e.to_string()))?;
+    match json_nul_path(&value) {
+        None => Ok(()),
+        Some(field) => Err(ApiError::bad_request(
+            ErrorCode::InvalidBody,
+            format!("{field}: strings must not contain NUL (U+0000)"),
+        )),
     }
 }
 

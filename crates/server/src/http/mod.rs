@@ -13,6 +13,7 @@ use tracing::Instrument;
 use utoipa::OpenApi;
 
 use crate::app::AppState;
+use crate::logsafe::Untrusted;
 use error::ApiError;
 
 pub mod auth;
@@ -102,7 +103,9 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let route =
         req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let path = req.uri().path().to_owned();
-    let span = tracing::info_span!("http", request_id = %id, %method, %path);
+    // Both come from the client: a path can be kilobytes long, a method any token.
+    let span =
+        tracing::info_span!("http", request_id = %id, method = %Untrusted(method.as_str()), path = %Untrusted(&path));
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
     let status = res.status().as_u16();
@@ -110,12 +113,29 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     state
         .metrics
         .http_requests
-        .get_or_create(&crate::metrics::HttpLabels { method: method.to_string(), route, status })
+        .get_or_create(&crate::metrics::HttpLabels { method: method_label(&method).to_owned(), route, status })
         .inc();
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert("x-request-id", v);
     }
     res
+}
+
+/// The method as a metrics label: the standard ones by name, any other token a client made up
+/// as `other`, so that clients cannot create label sets without end.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
 }
 
 async fn api_not_found() -> ApiError {

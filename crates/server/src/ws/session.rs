@@ -32,6 +32,7 @@ use crate::app::AppState;
 use crate::bots::EngineSpec;
 use crate::bus::{ConvEvent, Received, Subscription};
 use crate::ledger::OpenRow;
+use crate::logsafe::Untrusted;
 use crate::metrics::{DirectionLabel, OutcomeLabel};
 use crate::store::NewMessage;
 
@@ -190,7 +191,8 @@ impl Conn {
 /// `idle_socket_futures_stay_small`.
 pub fn run(state: AppState, socket: WebSocket, req: ConnectRequest) -> impl Future<Output = ()> + Send {
     let connection_id = Uuid::new_v4();
-    let span = tracing::info_span!("ws", %connection_id, bot_id = %req.bot_id, user_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("ws", %connection_id, bot_id = %Untrusted(&req.bot_id), user_id = tracing::field::Empty);
     let open = Box::pin(open(state, socket, req, connection_id));
     async move {
         let Some(mut live) = open.await else { return };
@@ -239,7 +241,7 @@ async fn open(state: AppState, socket: WebSocket, req: ConnectRequest, connectio
     let metrics = &state.metrics;
 
     let refused = |rec: &mut ConnectionRecord, code: CloseCode, reason: &str| {
-        tracing::info!(close_code = code.code(), close_reason = %reason, remote = ?req.remote, "connection refused");
+        tracing::info!(close_code = code.code(), close_reason = %Untrusted(reason), remote = ?req.remote, "connection refused");
         metrics.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
         rec.close_code = Some(code.code());
         rec.close_reason = Some(close_reason(reason));
@@ -347,7 +349,7 @@ impl Live {
         tracing::info!(
             duration_ms = started.elapsed().as_millis() as u64,
             close_code = ?code,
-            close_reason = %reason,
+            close_reason = %crate::logsafe::Untrusted(&reason),
             closed_by,
             msgs_in = c.msgs_in,
             msgs_out = c.msgs_out,
@@ -994,6 +996,13 @@ impl Session {
                     None,
                 )
                 .await;
+        }
+        // NUL: PostgreSQL cannot store it, so no store does (`domain::no_nul`).
+        if let Err(m) = crate::domain::no_nul("client_id", &client_id) {
+            return self.reject(ErrorCode::InvalidClientId, m, &client_id, None).await;
+        }
+        if let Err(m) = crate::domain::no_nul("content", &content) {
+            return self.reject(ErrorCode::InvalidFrame, m, &client_id, None).await;
         }
         if content.trim().is_empty() {
             return self.reject(ErrorCode::EmptyContent, "content is empty".into(), &client_id, None).await;
