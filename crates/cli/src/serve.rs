@@ -150,6 +150,34 @@ pub struct ServeArgs {
     #[arg(long, env = "NATTER_DEMO")]
     #[serde(default)]
     pub demo: bool,
+
+    /// Client frames per second per socket (pings, cancels, messages); over it, `rate_limited` [default: 20]
+    #[arg(long, env = "NATTER_FRAMES_PER_SECOND", value_name = "N")]
+    pub frames_per_second: Option<u32>,
+
+    /// Burst of client frames allowed above that rate [default: 40]
+    #[arg(long, env = "NATTER_FRAME_BURST", value_name = "N")]
+    pub frame_burst: Option<u32>,
+
+    /// Messages per second per user, over all of the user's sockets on every node [default: 10]
+    #[arg(long, env = "NATTER_USER_MESSAGES_PER_SECOND", value_name = "N")]
+    pub user_messages_per_second: Option<u32>,
+
+    /// Burst of a user's messages allowed above that rate [default: 30]
+    #[arg(long, env = "NATTER_USER_MESSAGE_BURST", value_name = "N")]
+    pub user_message_burst: Option<u32>,
+
+    /// Time a client has to send a request's head (also how long a kept-alive HTTP connection waits idle) [default: 10000]
+    #[arg(long, env = "NATTER_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub http_header_timeout_ms: Option<u64>,
+
+    /// An HTTP connection on which no byte moves for this long is closed (not WebSockets) [default: 60000]
+    #[arg(long, env = "NATTER_HTTP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+
+    /// HTTP connections at once (WebSockets not counted); at the bound new ones wait in the backlog [default: 10000]
+    #[arg(long, env = "NATTER_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    pub max_http_connections: Option<usize>,
 }
 
 impl ServeArgs {
@@ -179,7 +207,14 @@ impl ServeArgs {
             metrics_bind,
             ledger_max_age_days,
             ledger_max_rows,
-            web_dir
+            web_dir,
+            frames_per_second,
+            frame_burst,
+            user_messages_per_second,
+            user_message_burst,
+            http_header_timeout_ms,
+            http_idle_timeout_ms,
+            max_http_connections
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -287,6 +322,38 @@ impl ServeArgs {
         }
         if let Some(v) = args.bot_queue {
             l.bot_queue = v;
+        }
+        if let Some(v) = args.frames_per_second {
+            positive("frames-per-second", v as u128)?;
+            l.frames_per_second = v;
+        }
+        if let Some(v) = args.frame_burst {
+            positive("frame-burst", v as u128)?;
+            l.frame_burst = v;
+        }
+        if let Some(v) = args.user_messages_per_second {
+            positive("user-messages-per-second", v as u128)?;
+            l.user_messages_per_second = v;
+        }
+        if let Some(v) = args.user_message_burst {
+            positive("user-message-burst", v as u128)?;
+            l.user_message_burst = v;
+        }
+        if let Some(ms) = args.http_header_timeout_ms {
+            if !(100..=600_000).contains(&ms) {
+                bail!("http-header-timeout-ms: {ms} is out of range (100 to 600000)");
+            }
+            l.http_header_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args.http_idle_timeout_ms {
+            if !(100..=3_600_000).contains(&ms) {
+                bail!("http-idle-timeout-ms: {ms} is out of range (100 to 3600000)");
+            }
+            l.http_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(v) = args.max_http_connections {
+            positive("max-http-connections", v as u128)?;
+            l.max_http_connections = v;
         }
         c.metrics_bind = args.metrics_bind;
         if let Some(days) = args.ledger_max_age_days {

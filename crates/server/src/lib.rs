@@ -11,6 +11,7 @@ pub mod domain;
 pub mod http;
 pub mod ledger;
 pub mod metrics;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod web;

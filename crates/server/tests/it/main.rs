@@ -3,6 +3,7 @@
 
 mod bots;
 mod gateway;
+mod hardening;
 mod helpers;
 mod multinode;
 mod observability;

@@ -65,6 +65,10 @@ impl Services {
             c.node_lease = Duration::from_millis(1500);
             c.limits.messages_per_second = 1000;
             c.limits.message_burst = 1000;
+            c.limits.user_messages_per_second = 1000;
+            c.limits.user_message_burst = 1000;
+            c.limits.frames_per_second = 1000;
+            c.limits.frame_burst = 1000;
             f(c);
         })
         .await
