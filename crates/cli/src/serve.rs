@@ -508,6 +508,40 @@ mod tests {
         let e = parse(&["--database-url", "mysql://x"]).resolve().unwrap_err().to_string();
         assert!(e.starts_with("database-url:"), "{e}");
         assert!(T::try_parse_from(["natter", "--bind", "not-an-address"]).is_err());
+        for (flag, v) in [
+            ("--http-header-timeout-ms", "5"),
+            ("--http-idle-timeout-ms", "0"),
+            ("--max-http-connections", "0"),
+            ("--frames-per-second", "0"),
+            ("--frame-burst", "0"),
+            ("--user-messages-per-second", "0"),
+            ("--user-message-burst", "0"),
+        ] {
+            let e = parse(&[flag, v]).resolve().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{}:", &flag[2..])), "{e}");
+        }
+    }
+
+    #[test]
+    fn transport_and_budget_settings() {
+        let (c, _) = parse(&[
+            "--http-header-timeout-ms",
+            "2000",
+            "--http-idle-timeout-ms",
+            "30000",
+            "--max-http-connections",
+            "50",
+            "--frames-per-second",
+            "7",
+            "--user-message-burst",
+            "9",
+        ])
+        .resolve()
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!((l.http_header_timeout, l.http_idle_timeout), (Duration::from_secs(2), Duration::from_secs(30)));
+        assert_eq!((l.max_http_connections, l.frames_per_second, l.frame_burst), (50, 7, 40));
+        assert_eq!((l.user_messages_per_second, l.user_message_burst), (10, 9));
     }
 
     #[test]

@@ -521,3 +521,38 @@ async fn a_tab_on_another_node_cancels_the_reply() {
         assert!(stopped.content.starts_with("w0 "), "{:?}", stopped.content);
     }
 }
+
+#[tokio::test]
+async fn a_users_message_budget_holds_across_nodes() {
+    let Some(svc) = Services::from_env("multinode::a_users_message_budget_holds_across_nodes").await else {
+        return;
+    };
+    // A 2-second window of 4 messages in PostgreSQL; each node's own bucket alone would let
+    // 4 through on each node.
+    let budget = |c: &mut Config| {
+        c.limits.user_messages_per_second = 2;
+        c.limits.user_message_burst = 4;
+    };
+    let a = svc.node(None, budget).await;
+    let b = svc.node(Some(&a), budget).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut sockets = Vec::new();
+    for node in [&a, &b, &a, &b] {
+        let mut ws = node.ws(bot.id, &alice.token, "").await;
+        ws.established().await;
+        sockets.push(ws);
+    }
+    // Start just after a window begins (the database's clock is this machine's), so all 16
+    // sends fall in one window.
+    loop {
+        let ms = chrono::Utc::now().timestamp_millis().rem_euclid(2000);
+        if ms < 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis((2000 - ms as u64).min(50))).await;
+    }
+    let (acks, refused) = crate::hardening::flood(&mut sockets, 4).await;
+    assert_eq!(acks, 4, "one budget for the user on both nodes");
+    assert_eq!(refused, 12);
+}
