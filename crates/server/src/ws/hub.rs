@@ -19,6 +19,9 @@ struct Inner {
     /// last socket closes until it has refilled (a reconnect gets no fresh burst), pruned
     /// when there are many more buckets than connected users.
     budgets: HashMap<Uuid, TokenBucket>,
+    /// When `budgets` was last pruned: at most once a second, so a crowd of buckets that
+    /// have not refilled yet is not scanned on every message.
+    pruned: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -80,9 +83,11 @@ impl Hub {
     /// long until there is one.
     pub fn take_user_message(&self, user_id: Uuid, rate: u32, burst: u32) -> Result<(), Duration> {
         let mut inner = self.inner.lock().unwrap();
-        if inner.budgets.len() > 2 * inner.per_user.len() + 1024 {
-            let Inner { budgets, per_user, .. } = &mut *inner;
+        let due = inner.pruned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due && inner.budgets.len() > 2 * inner.per_user.len() + 1024 {
+            let Inner { budgets, per_user, pruned, .. } = &mut *inner;
             budgets.retain(|user, b| per_user.contains_key(user) || !b.is_full());
+            *pruned = Some(Instant::now());
         }
         inner.budgets.entry(user_id).or_insert_with(|| TokenBucket::new(rate, burst)).take()
     }
