@@ -10,7 +10,7 @@ every measurement), takes medians, and writes the table into docs/performance.md
     python3 bench/compare.py --quick    # small numbers, to check the script itself
 
 natter runs with raised per-user and rate limits (--max-connections-per-user,
---messages-per-second, --message-burst): one load generator plays many users, and the peers
+--messages-per-second, --message-burst, their per-user and per-frame kin): one load generator plays many users, and the peers
 have no such limits. Loopback only; every step has a timeout.
 """
 
@@ -33,7 +33,9 @@ PEERS = os.path.join(ROOT, "bench", "peers")
 NATTER = os.path.join(ROOT, "target", "release", "natter")
 SECRET = "bench-shared-secret-for-peers-only"
 LIMITS = ["--max-connections-per-user", "1000000", "--messages-per-second", "1000000",
-          "--message-burst", "1000000", "--access-token-ttl-secs", "86400"]
+          "--message-burst", "1000000", "--user-messages-per-second", "1000000",
+          "--user-message-burst", "1000000", "--frames-per-second", "1000000",
+          "--frame-burst", "1000000", "--access-token-ttl-secs", "86400"]
 SERVER_CPU = "0"
 BENCH_CPU = "1"
 

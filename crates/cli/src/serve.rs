@@ -178,6 +178,33 @@ pub struct ServeArgs {
     /// can cause); more are counted, not stored. 0 stores none [default: 20]
     #[arg(long, env = "NATTER_LEDGER_ANONYMOUS_PER_SECOND", value_name = "N")]
     pub ledger_anonymous_per_second: Option<u32>,
+    /// Client frames per second per socket (pings, cancels, messages); over it, `rate_limited` [default: 20]
+    #[arg(long, env = "NATTER_FRAMES_PER_SECOND", value_name = "N")]
+    pub frames_per_second: Option<u32>,
+
+    /// Burst of client frames allowed above that rate [default: 40]
+    #[arg(long, env = "NATTER_FRAME_BURST", value_name = "N")]
+    pub frame_burst: Option<u32>,
+
+    /// Messages per second per user, over all of the user's sockets on every node [default: 10]
+    #[arg(long, env = "NATTER_USER_MESSAGES_PER_SECOND", value_name = "N")]
+    pub user_messages_per_second: Option<u32>,
+
+    /// Burst of a user's messages allowed above that rate [default: 30]
+    #[arg(long, env = "NATTER_USER_MESSAGE_BURST", value_name = "N")]
+    pub user_message_burst: Option<u32>,
+
+    /// Time a client has to send a request's head (also how long a kept-alive HTTP connection waits idle) [default: 10000]
+    #[arg(long, env = "NATTER_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub http_header_timeout_ms: Option<u64>,
+
+    /// An HTTP connection on which no byte moves for this long is closed (not WebSockets) [default: 60000]
+    #[arg(long, env = "NATTER_HTTP_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub http_idle_timeout_ms: Option<u64>,
+
+    /// HTTP connections at once (WebSockets not counted); at the bound new ones wait in the backlog [default: 10000]
+    #[arg(long, env = "NATTER_MAX_HTTP_CONNECTIONS", value_name = "N")]
+    pub max_http_connections: Option<usize>,
 }
 
 impl ServeArgs {
@@ -212,7 +239,14 @@ impl ServeArgs {
             password_hash_concurrency,
             password_hash_queue,
             login_free_failures,
-            ledger_anonymous_per_second
+            ledger_anonymous_per_second,
+            frames_per_second,
+            frame_burst,
+            user_messages_per_second,
+            user_message_burst,
+            http_header_timeout_ms,
+            http_idle_timeout_ms,
+            max_http_connections
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -329,6 +363,38 @@ impl ServeArgs {
                 bail!("max-reply-chars: {v} is out of range (1 to 16777216)");
             }
             l.max_reply_chars = v;
+        }
+        if let Some(v) = args.frames_per_second {
+            positive("frames-per-second", v as u128)?;
+            l.frames_per_second = v;
+        }
+        if let Some(v) = args.frame_burst {
+            positive("frame-burst", v as u128)?;
+            l.frame_burst = v;
+        }
+        if let Some(v) = args.user_messages_per_second {
+            positive("user-messages-per-second", v as u128)?;
+            l.user_messages_per_second = v;
+        }
+        if let Some(v) = args.user_message_burst {
+            positive("user-message-burst", v as u128)?;
+            l.user_message_burst = v;
+        }
+        if let Some(ms) = args.http_header_timeout_ms {
+            if !(100..=600_000).contains(&ms) {
+                bail!("http-header-timeout-ms: {ms} is out of range (100 to 600000)");
+            }
+            l.http_header_timeout = Duration::from_millis(ms);
+        }
+        if let Some(ms) = args.http_idle_timeout_ms {
+            if !(100..=3_600_000).contains(&ms) {
+                bail!("http-idle-timeout-ms: {ms} is out of range (100 to 3600000)");
+            }
+            l.http_idle_timeout = Duration::from_millis(ms);
+        }
+        if let Some(v) = args.max_http_connections {
+            positive("max-http-connections", v as u128)?;
+            l.max_http_connections = v;
         }
         c.metrics_bind = args.metrics_bind;
         if let Some(days) = args.ledger_max_age_days {
@@ -528,6 +594,40 @@ mod tests {
         std::fs::write(&path, "ledger_anonymous_per_second = 7\n").unwrap();
         let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
         assert_eq!(c.ledger_retention.anonymous_per_second, 7);
+        for (flag, v) in [
+            ("--http-header-timeout-ms", "5"),
+            ("--http-idle-timeout-ms", "0"),
+            ("--max-http-connections", "0"),
+            ("--frames-per-second", "0"),
+            ("--frame-burst", "0"),
+            ("--user-messages-per-second", "0"),
+            ("--user-message-burst", "0"),
+        ] {
+            let e = parse(&[flag, v]).resolve().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{}:", &flag[2..])), "{e}");
+        }
+    }
+
+    #[test]
+    fn transport_and_budget_settings() {
+        let (c, _) = parse(&[
+            "--http-header-timeout-ms",
+            "2000",
+            "--http-idle-timeout-ms",
+            "30000",
+            "--max-http-connections",
+            "50",
+            "--frames-per-second",
+            "7",
+            "--user-message-burst",
+            "9",
+        ])
+        .resolve()
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!((l.http_header_timeout, l.http_idle_timeout), (Duration::from_secs(2), Duration::from_secs(30)));
+        assert_eq!((l.max_http_connections, l.frames_per_second, l.frame_burst), (50, 7, 40));
+        assert_eq!((l.user_messages_per_second, l.user_message_burst), (10, 9));
     }
 
     #[test]

@@ -40,6 +40,11 @@ macro_rules! close_codes {
 close_codes! {
     /// The server closed normally (for example after the client asked to close).
     Normal = 1000, "normal", Stop, "The connection was closed normally.";
+    /// The client broke the WebSocket framing rules (RFC 6455 §7.4.1): an unmasked frame,
+    /// reserved bits or opcodes, an oversized or fragmented control frame, a stray continuation.
+    ProtocolError = 1002, "protocol_error", Stop, "The client sent a frame that breaks the WebSocket protocol (unmasked, reserved bits or opcode, bad control frame, stray continuation); the reason names it. Fix the client.";
+    /// A text frame was not valid UTF-8.
+    InvalidPayload = 1007, "invalid_payload", Stop, "A text frame was not valid UTF-8. Fix the client.";
     /// Origin header present and not allowed.
     OriginNotAllowed = 1008, "origin_not_allowed", Stop, "The page's Origin is neither the server's own nor in its --allowed-origin list. Add the origin to the server's configuration.";
     /// A frame was larger than the frame limit.

@@ -138,9 +138,29 @@ impl ClientFrame {
             }
         }
         check_fields(obj)?;
-        serde_json::from_value(value).map_err(|e| FrameError { code: ErrorCode::InvalidFrame, message: e.to_string() })
+        let frame: ClientFrame = serde_json::from_value(value)
+            .map_err(|e| FrameError { code: ErrorCode::InvalidFrame, message: e.to_string() })?;
+        if let ClientFrame::Ping { id } = &frame {
+            // The id is echoed in the pong: unbounded, a slow reader's queue of pongs held
+            // 256 × 64 KiB (issue 14).
+            let len = match id {
+                serde_json::Value::String(s) => s.chars().count(),
+                other => other.to_string().chars().count(),
+            };
+            if len > MAX_PING_ID_CHARS {
+                return Err(FrameError {
+                    code: ErrorCode::InvalidFrame,
+                    message: format!("field `id` must be at most {MAX_PING_ID_CHARS} characters, got {len}"),
+                });
+            }
+        }
+        Ok(frame)
     }
 }
+
+/// The longest `ping` id: a string of this many characters, or any other JSON value whose
+/// text is this long.
+pub const MAX_PING_ID_CHARS: usize = 64;
 
 /// The fields of each client frame type and what each must be.
 const CLIENT_FIELDS: &[(&str, &[(&str, FieldKind)])] = &[
@@ -325,6 +345,22 @@ mod tests {
         assert!(e.message.contains("type"));
         let e = ClientFrame::parse("[1]").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidFrame);
+    }
+
+    #[test]
+    fn ping_ids_are_bounded() {
+        let ok = format!(r#"{{"type":"ping","id":"{}"}}"#, "é".repeat(MAX_PING_ID_CHARS));
+        assert!(ClientFrame::parse(&ok).is_ok());
+        for long in [
+            format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(MAX_PING_ID_CHARS + 1)),
+            format!(r#"{{"type":"ping","id":[{}1]}}"#, "1,".repeat(40)),
+            format!(r#"{{"type":"ping","id":{{"a":"{}"}}}}"#, "x".repeat(70)),
+        ] {
+            let e = ClientFrame::parse(&long).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidFrame);
+            assert!(e.message.contains("field `id`") && e.message.contains("64"), "{}", e.message);
+        }
+        assert!(ClientFrame::parse(r#"{"type":"ping"}"#).is_ok(), "the id is optional");
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -156,25 +155,14 @@ impl Server {
             shutdown.await;
             stop.cancel();
         });
+        let transport = crate::serve::Transport::from_limits(&state.config.limits);
         if let Some(addr) = state.config.metrics_bind {
             let listener = TcpListener::bind(addr).await?;
             let metrics = crate::http::metrics_router(state.clone());
-            let stop = state.shutdown.clone();
-            tokio::spawn(async move {
-                let _ =
-                    axum::serve(listener, metrics).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-            });
+            tokio::spawn(crate::serve::serve(listener, metrics, transport, state.shutdown.clone()));
         }
-        let stopping = state.shutdown.clone();
-        // No Nagle: an ack and its bot reply are two small writes; with Nagle the second waits
-        // for the client's delayed ACK (~40 ms on Linux) — docs/performance.md.
-        let listener = self.listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let serve = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { stopping.cancelled().await });
-        // axum's graceful shutdown waits for open HTTP connections; upgraded sockets are ours.
-        let http = tokio::spawn(async move { serve.await });
+        // Waits for open HTTP connections at shutdown; upgraded sockets are ours (below).
+        let http = tokio::spawn(crate::serve::serve(self.listener, app, transport, state.shutdown.clone()));
         state.shutdown.cancelled().await;
         tracing::info!(open_sockets = state.hub.len(), "shutting down");
         let started = std::time::Instant::now();
@@ -187,12 +175,9 @@ impl Server {
         // The sockets' last ledger rows are queued; write them before exiting.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.ledger.flush()).await;
         let ledger_ms = started.elapsed().as_millis() as u64 - sockets_ms;
-        let result = match tokio::time::timeout(std::time::Duration::from_secs(1), http).await {
-            Ok(Ok(r)) => r,
-            _ => Ok(()),
-        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), http).await;
         tracing::info!(sockets_ms, ledger_ms, total_ms = started.elapsed().as_millis() as u64, "shut down");
-        result
+        Ok(())
     }
 }
 

@@ -201,6 +201,28 @@ impl Cluster {
         self.store.slots_in_use(user_id, Utc::now()).await.map(Some)
     }
 
+    /// Counts one message of the user in the window every node shares, and says how long to
+    /// wait if that makes more than the budget. The window is `burst / rate` seconds (at least
+    /// one) and holds `rate` × its length messages: the same sustained rate and burst as the
+    /// hub's bucket on one node (twice the burst at most, across a window's edge). `None` on
+    /// one node (the hub's budget is the whole budget) and when the store cannot count (the
+    /// message's own write will fail and say so).
+    pub async fn user_message_over(&self, user_id: Uuid, rate: u32, burst: u32) -> Option<std::time::Duration> {
+        if !self.counts_in_store() {
+            return None;
+        }
+        let rate = u64::from(rate.max(1));
+        let window_ms = (u64::from(burst) * 1000 / rate).max(1000);
+        match self.store.count_user_message(user_id, window_ms).await {
+            Ok((count, _)) if count <= rate * window_ms / 1000 => None,
+            Ok((_, left_ms)) => Some(std::time::Duration::from_millis(left_ms)),
+            Err(e) => {
+                tracing::warn!(error = %e, "counting a user's messages failed");
+                None
+            }
+        }
+    }
+
     /// Takes one of the user's `max` slots across every node, or says how to close.
     pub async fn claim_slot(
         &self,

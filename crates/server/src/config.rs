@@ -57,6 +57,23 @@ pub struct Limits {
     pub outbound_queue: usize,
     /// Longest bot reply, in characters: a longer one is cut there and stored `incomplete`.
     pub max_reply_chars: usize,
+    /// Token bucket per connection for every client frame (pings, cancels, messages, binary):
+    /// a frame over it is not processed and gets a `rate_limited` error.
+    pub frames_per_second: u32,
+    pub frame_burst: u32,
+    /// Token bucket per user for `message` frames, over all of the user's sockets (on every
+    /// node: counted in the store when it is shared).
+    pub user_messages_per_second: u32,
+    pub user_message_burst: u32,
+    /// How long a client has to send a whole request head (from the moment the server waits
+    /// for one: on a new connection and between requests of a kept-alive one).
+    pub http_header_timeout: Duration,
+    /// An HTTP connection on which no byte moves either way for this long is closed (a
+    /// stalled body, a client that stops reading its response). Not upgraded WebSockets.
+    pub http_idle_timeout: Duration,
+    /// HTTP connections open at once (upgraded WebSockets not counted); at the bound the
+    /// server stops accepting until one closes (the kernel backlog holds the rest).
+    pub max_http_connections: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +89,13 @@ impl Default for Limits {
             bot_concurrency: 4,
             bot_queue: 64,
             max_reply_chars: 64 * 1024,
+            frames_per_second: 20,
+            frame_burst: 40,
+            user_messages_per_second: 10,
+            user_message_burst: 30,
+            http_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
+            max_http_connections: 10_000,
         }
     }
 }

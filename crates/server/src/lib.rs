@@ -14,6 +14,7 @@ pub mod logsafe;
 pub mod metrics;
 pub mod passwords;
 pub mod revocation;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;

@@ -26,6 +26,8 @@ export const CLIENT_CLOSE = {
 /** Built-in copy of the server registry, used before `/api/ws/codes` answers or if it fails. */
 export const DEFAULT_CLOSE_CODES: CloseCodeInfo[] = [
   { code: 1000, name: 'normal', retry: 'stop', description: 'The connection was closed normally.' },
+  { code: 1002, name: 'protocol_error', retry: 'stop', description: 'The client sent a frame that breaks the WebSocket protocol.' },
+  { code: 1007, name: 'invalid_payload', retry: 'stop', description: 'A text frame was not valid UTF-8.' },
   { code: 1008, name: 'origin_not_allowed', retry: 'stop', description: "The page's Origin is not allowed by the server. Add it to the server's --allowed-origin list." },
   { code: 1009, name: 'frame_too_large', retry: 'backoff', description: 'A frame was larger than the server allows.' },
   { code: 1011, name: 'internal_error', retry: 'backoff', description: 'The server hit an internal error; the reason carries an error id that is in the server log.' },

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// Limits a spawned server is started with, so one bench client isn't refused by the per-user
-/// connection cap (20) or the per-connection rate limit (5/s): the bench measures the server,
+/// connection cap (20), the per-connection rate limits (5 messages/s, 20 frames/s) or the
+/// per-user one (10 messages/s): the bench measures the server,
 /// not its abuse protection. Flags given with `--server-arg` come after these and win.
 pub const RAISED_LIMITS: &[&str] = &[
     "--max-connections-per-user",
@@ -18,6 +19,14 @@ pub const RAISED_LIMITS: &[&str] = &[
     "--messages-per-second",
     "1000000",
     "--message-burst",
+    "1000000",
+    "--user-messages-per-second",
+    "1000000",
+    "--user-message-burst",
+    "1000000",
+    "--frames-per-second",
+    "1000000",
+    "--frame-burst",
     "1000000",
     "--access-token-ttl-secs",
     "86400",

@@ -48,6 +48,15 @@ pub trait Coordination: Send + Sync {
     /// Extends the slots and generation leases of `node_id` until `until`.
     async fn renew_node(&self, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<()>;
 
+    /// Counts one message of the user in the current window of `window_ms` on the store's
+    /// clock (every node counts in the same window) and returns the window's count with it and
+    /// the milliseconds left in the window. Only shared stores are asked (on one node the hub
+    /// keeps the budget); the others count nothing.
+    async fn count_user_message(&self, user_id: Uuid, window_ms: u64) -> StoreResult<(u64, u64)> {
+        let _ = (user_id, window_ms);
+        Ok((0, 0))
+    }
+
     /// Records a reply in progress, with empty text.
     async fn begin_generation(&self, lease: &GenerationLease) -> StoreResult<()>;
     /// Saves the text generated so far: what is stored if the node dies.

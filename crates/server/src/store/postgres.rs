@@ -647,6 +647,26 @@ impl Coordination for PostgresStore {
         true
     }
 
+    async fn count_user_message(&self, user_id: Uuid, window_ms: u64) -> StoreResult<(u64, u64)> {
+        // One row per user, its window moved on by whichever node counts first in a new
+        // window; the database's clock, so nodes with skewed clocks share windows.
+        let (count, ms): (i32, i64) = sqlx::query_as(
+            "WITH now AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS ms) \
+             INSERT INTO user_message_windows AS w (user_id, window_start, count) \
+             SELECT $1, ms / $2, 1 FROM now \
+             ON CONFLICT (user_id) DO UPDATE SET \
+               count = CASE WHEN w.window_start = EXCLUDED.window_start THEN w.count + 1 ELSE 1 END, \
+               window_start = EXCLUDED.window_start \
+             RETURNING count, (SELECT ms FROM now)",
+        )
+        .bind(user_id)
+        .bind(window_ms as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let window_ms = window_ms as i64;
+        Ok((count as u64, (window_ms - ms.rem_euclid(window_ms)) as u64))
+    }
+
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         // One user's claims are serialised by a transaction-scoped advisory lock on the user,

@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use uuid::Uuid;
 
@@ -15,6 +18,13 @@ struct Inner {
     /// Login (refresh-token family) → its sockets here: (connection id, conversation id), so
     /// that a revoked login's sockets can be told on their conversations (issue 14).
     logins: HashMap<Uuid, Vec<(Uuid, Uuid)>>,
+    /// Each user's message budget on this node, over all of their sockets. Kept after the
+    /// last socket closes until it has refilled (a reconnect gets no fresh burst), pruned
+    /// when there are many more buckets than connected users.
+    budgets: HashMap<Uuid, TokenBucket>,
+    /// When `budgets` was last pruned: at most once a second, so a crowd of buckets that
+    /// have not refilled yet is not scanned on every message.
+    pruned: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -95,6 +105,19 @@ impl Hub {
         convs
     }
 
+    /// Takes one message from the user's budget on this node (`rate`/s, `burst`), or says how
+    /// long until there is one.
+    pub fn take_user_message(&self, user_id: Uuid, rate: u32, burst: u32) -> Result<(), Duration> {
+        let mut inner = self.inner.lock().unwrap();
+        let due = inner.pruned.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if due && inner.budgets.len() > 2 * inner.per_user.len() + 1024 {
+            let Inner { budgets, per_user, pruned, .. } = &mut *inner;
+            budgets.retain(|user, b| per_user.contains_key(user) || !b.is_full());
+            *pruned = Some(Instant::now());
+        }
+        inner.budgets.entry(user_id).or_insert_with(|| TokenBucket::new(rate, burst)).take()
+    }
+
     pub fn user_count(&self, user_id: Uuid) -> usize {
         self.inner.lock().unwrap().per_user.get(&user_id).copied().unwrap_or(0)
     }
@@ -122,9 +145,77 @@ impl Hub {
     }
 }
 
+/// Tokens refilled at `rate` per second up to `burst`.
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: Instant::now() }
+    }
+
+    /// Whether it has refilled to its burst by now.
+    fn is_full(&self) -> bool {
+        self.tokens + self.last.elapsed().as_secs_f64() * self.rate >= self.burst
+    }
+
+    /// Takes a token, or says how long until one is there.
+    pub fn take(&mut self) -> Result<(), Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_burst_then_rate() {
+        let mut b = TokenBucket::new(5, 3);
+        for _ in 0..3 {
+            assert!(b.take().is_ok());
+        }
+        let wait = b.take().unwrap_err();
+        assert!(wait <= Duration::from_millis(200) && wait > Duration::from_millis(150), "{wait:?}");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(b.take().is_ok());
+        assert!(b.take().is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            assert!(b.take().is_ok(), "refills up to the burst, no more");
+        }
+        assert!(b.take().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_users_budget_is_shared_by_their_sockets_and_outlives_them() {
+        let hub = Arc::new(Hub::default());
+        let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = hub.try_register(Uuid::new_v4(), alice, None, 5, 10).unwrap();
+        let b = hub.try_register(Uuid::new_v4(), alice, None, 5, 10).unwrap();
+        for _ in 0..3 {
+            assert!(hub.take_user_message(alice, 1, 3).is_ok());
+        }
+        assert!(hub.take_user_message(alice, 1, 3).is_err(), "one budget for both sockets");
+        assert!(hub.take_user_message(bob, 1, 3).is_ok(), "each user has their own");
+        drop((a, b));
+        let _again = hub.try_register(Uuid::new_v4(), alice, None, 5, 10).unwrap();
+        assert!(hub.take_user_message(alice, 1, 3).is_err(), "reconnecting gives no fresh burst");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(hub.take_user_message(alice, 1, 3).is_ok());
+    }
 
     #[test]
     fn counts_and_limits_per_user() {

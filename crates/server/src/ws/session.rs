@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::hub::{Full, HubGuard};
+use super::hub::{Full, HubGuard, TokenBucket};
 use super::{admit, close_reason, Admitted, ConnectRequest, Mode};
 use crate::app::AppState;
 use crate::bots::EngineSpec;
@@ -430,32 +430,6 @@ struct Counters {
     bytes_out: u64,
 }
 
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, burst: u32) -> Self {
-        TokenBucket { tokens: burst as f64, rate: rate as f64, burst: burst as f64, last: Instant::now() }
-    }
-
-    /// Takes a token, or says how long until one is there.
-    fn take(&mut self) -> Result<(), Duration> {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
-}
-
 struct Session {
     state: AppState,
     io: Conn,
@@ -470,6 +444,8 @@ struct Session {
     /// Highest seq sent; every seq below it has been sent too.
     delivered: i64,
     bucket: TokenBucket,
+    /// Every client data frame (issue 14: pings were free).
+    frame_bucket: TokenBucket,
     /// Bot replies streamed to this socket; boxed, and only once there are any.
     replies: Option<Box<Replies>>,
     counters: Counters,
@@ -607,6 +583,7 @@ impl Session {
             delivered: after_seq.unwrap_or(last_seq),
             shared_slot: Some(shared_slot),
             bucket: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+            frame_bucket: TokenBucket::new(limits.frames_per_second, limits.frame_burst),
             replies: None,
             counters: Counters::default(),
             family,
@@ -896,17 +873,7 @@ impl Session {
     async fn on_frame(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<(), End> {
         let msg = match frame {
             None => return Err(End::Network("connection dropped without a close frame".into())),
-            Some(Err(e)) => {
-                let text = e.to_string();
-                // tungstenite's capacity error: "Space limit exceeded: Message too long: …".
-                if text.contains("Space limit exceeded") || text.contains("too long") {
-                    return Err(End::Close(
-                        CloseCode::FrameTooLarge,
-                        format!("frame larger than {} bytes", self.state.config.limits.max_frame_bytes),
-                    ));
-                }
-                return Err(End::Network(format!("read error: {text}")));
-            }
+            Some(Err(e)) => return Err(read_error_end(e, self.state.config.limits.max_frame_bytes)),
             Some(Ok(m)) => m,
         };
         self.counters.msgs_in += 1;
@@ -915,6 +882,22 @@ impl Session {
             Message::Binary(b) => b.len(),
             _ => 0,
         } as u64;
+        // Every data frame takes a token before it is parsed; the WebSocket layer answers
+        // control frames itself (one pong pending at most).
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            if let Err(wait) = self.frame_bucket.take() {
+                let ms = wait.as_millis() as u64 + 1;
+                return self
+                    .send(&ServerFrame::Error {
+                        code: ErrorCode::RateLimited,
+                        message: format!("too many frames; wait {ms} ms before sending again"),
+                        client_id: None,
+                        in_reply_to: None,
+                        retry_after_ms: Some(ms),
+                    })
+                    .await;
+            }
+        }
         match msg {
             Message::Text(t) => match ClientFrame::parse(t.as_str()) {
                 Ok(frame) => self.on_client_frame(frame).await,
@@ -1030,6 +1013,24 @@ impl Session {
                 )
                 .await;
         }
+        // The user's budget over all of their sockets, on every node (issue 14: 20 sockets
+        // made 20 budgets).
+        let (rate, burst) = (limits.user_messages_per_second, limits.user_message_burst);
+        let over = match self.state.hub.take_user_message(self.user_id, rate, burst) {
+            Err(wait) => Some(wait),
+            Ok(()) => self.state.cluster.user_message_over(self.user_id, rate, burst).await,
+        };
+        if let Some(wait) = over {
+            let ms = wait.as_millis() as u64 + 1;
+            return self
+                .reject(
+                    ErrorCode::RateLimited,
+                    format!("too many messages from this user on all connections; wait {ms} ms before sending again"),
+                    &client_id,
+                    Some(ms),
+                )
+                .await;
+        }
         let conv = self.conversation_id;
         let appended = self
             .state
@@ -1064,6 +1065,26 @@ impl Session {
     }
 }
 
+/// How a failed read ends the socket. RFC 6455 §7.4.1: a text frame that is not UTF-8 is
+/// closed 1007, a frame that breaks the framing rules 1002, one over the size limit 1009 —
+/// each with a reason, instead of a bare TCP close (the client saw 1006). tungstenite keeps
+/// its write side usable after such a read error, so the close frame goes out as usual.
+fn read_error_end(e: axum::Error, max_frame_bytes: usize) -> End {
+    use tungstenite::error::{Error as WsError, ProtocolError};
+    let e = e.into_inner();
+    match e.downcast_ref::<WsError>() {
+        Some(WsError::Capacity(_)) => {
+            End::Close(CloseCode::FrameTooLarge, format!("frame larger than {max_frame_bytes} bytes"))
+        }
+        Some(WsError::Utf8(_)) => End::Close(CloseCode::InvalidPayload, "a text frame is not valid UTF-8".into()),
+        Some(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+            End::Network("connection dropped without a close frame".into())
+        }
+        Some(WsError::Protocol(p)) => End::Close(CloseCode::ProtocolError, format!("protocol error: {p}")),
+        _ => End::Network(format!("read error: {e}")),
+    }
+}
+
 fn internal_end(what: &str, e: impl std::fmt::Display) -> End {
     let error_id = Uuid::new_v4();
     tracing::error!(%error_id, error = %e, "{what} failed");
@@ -1073,24 +1094,6 @@ fn internal_end(what: &str, e: impl std::fmt::Display) -> End {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_allows_burst_then_rate() {
-        let mut b = TokenBucket::new(5, 3);
-        for _ in 0..3 {
-            assert!(b.take().is_ok());
-        }
-        let wait = b.take().unwrap_err();
-        assert!(wait <= Duration::from_millis(200) && wait > Duration::from_millis(150), "{wait:?}");
-        tokio::time::advance(Duration::from_millis(200)).await;
-        assert!(b.take().is_ok());
-        assert!(b.take().is_err());
-        tokio::time::advance(Duration::from_secs(10)).await;
-        for _ in 0..3 {
-            assert!(b.take().is_ok(), "refills up to the burst, no more");
-        }
-        assert!(b.take().is_err());
-    }
 
     /// The size of what `f` returns, without calling it.
     fn output_size<A, B, C, R>(_: impl Fn(A, B, C) -> R) -> usize {

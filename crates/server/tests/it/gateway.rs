@@ -347,6 +347,10 @@ async fn resume_replays_exactly_what_was_missed_while_messages_race() {
     let app = TestApp::spawn_with(|c| {
         c.limits.messages_per_second = 10_000;
         c.limits.message_burst = 10_000;
+        c.limits.user_messages_per_second = 10_000;
+        c.limits.user_message_burst = 10_000;
+        c.limits.frames_per_second = 10_000;
+        c.limits.frame_burst = 10_000;
     })
     .await;
     let alice = app.user("alice").await;
@@ -474,6 +478,10 @@ async fn a_client_that_stops_reading_is_closed_with_4409_and_resumes_without_los
         c.limits.outbound_queue = 8;
         c.limits.messages_per_second = 100_000;
         c.limits.message_burst = 100_000;
+        c.limits.user_messages_per_second = 100_000;
+        c.limits.user_message_burst = 100_000;
+        c.limits.frames_per_second = 100_000;
+        c.limits.frame_burst = 100_000;
     })
     .await;
     let alice = app.user("alice").await;

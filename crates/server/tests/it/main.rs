@@ -8,6 +8,7 @@ mod bots_limits;
 mod egress;
 mod fuzz_rest;
 mod gateway;
+mod hardening;
 mod helpers;
 mod hostile_input;
 mod multinode;

@@ -65,6 +65,10 @@ impl Services {
             c.node_lease = Duration::from_millis(1500);
             c.limits.messages_per_second = 1000;
             c.limits.message_burst = 1000;
+            c.limits.user_messages_per_second = 1000;
+            c.limits.user_message_burst = 1000;
+            c.limits.frames_per_second = 1000;
+            c.limits.frame_burst = 1000;
             f(c);
         })
         .await
@@ -543,4 +547,39 @@ async fn logout_on_one_node_ends_the_login_on_every_node() {
     let mut again = b.ws(bot.id, &alice.token, "").await;
     assert_eq!(again.close_code().await.0, 4401);
     b.state.hub.check_invariants();
+}
+
+#[tokio::test]
+async fn a_users_message_budget_holds_across_nodes() {
+    let Some(svc) = Services::from_env("multinode::a_users_message_budget_holds_across_nodes").await else {
+        return;
+    };
+    // A 3-second window of 3 messages in PostgreSQL; each node's own bucket alone would let
+    // 3 through on each node.
+    let budget = |c: &mut Config| {
+        c.limits.user_messages_per_second = 1;
+        c.limits.user_message_burst = 3;
+    };
+    let a = svc.node(None, budget).await;
+    let b = svc.node(Some(&a), budget).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut sockets = Vec::new();
+    for node in [&a, &b, &a, &b] {
+        let mut ws = node.ws(bot.id, &alice.token, "").await;
+        ws.established().await;
+        sockets.push(ws);
+    }
+    // Start just after a window begins (the database's clock is this machine's), so all 16
+    // sends fall in one window.
+    loop {
+        let ms = chrono::Utc::now().timestamp_millis().rem_euclid(3000);
+        if ms < 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis((3000 - ms as u64).min(50))).await;
+    }
+    let (acks, refused) = crate::hardening::flood(&mut sockets, 4).await;
+    assert_eq!(acks, 3, "one budget for the user on both nodes");
+    assert_eq!(refused, 13);
 }

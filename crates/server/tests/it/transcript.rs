@@ -90,6 +90,10 @@ async fn run(ops: Vec<Op>) {
     let app = TestApp::spawn_with(|c| {
         c.limits.messages_per_second = 10_000;
         c.limits.message_burst = 10_000;
+        c.limits.user_messages_per_second = 10_000;
+        c.limits.user_message_burst = 10_000;
+        c.limits.frames_per_second = 10_000;
+        c.limits.frame_burst = 10_000;
     })
     .await;
     let alice = app.user("alice").await;
