@@ -16,7 +16,7 @@ $(WEB_DEPS): web/package.json web/package-lock.json
 web: $(WEB_DEPS)
 	cd web && npm run build
 
-test: deps lint rust-test web-test browser-test
+test: deps lint rust-test web-test browser-test fuzz-rest
 
 deps:
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
