@@ -7,8 +7,9 @@
 //! One node on SQLite runs the same code: its leases make a reply cut off by a crash end as
 //! `incomplete` when it restarts.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use natter_proto::CloseCode;
@@ -29,6 +30,10 @@ pub const DEPENDENCY_RETRY_MS: u64 = 2_000;
 /// each), one channel per watched conversation, so 1024 slots cost ~40 KiB per idle socket
 /// (docs/performance.md). Lagging is cheap and correct: the session refills from the store.
 const BUS_CAPACITY: usize = 64;
+
+/// How long NATS may be away before the node closes its sockets with 1013 (issue 15). A blip
+/// shorter than this keeps them: on reconnect every subscriber resyncs from the store.
+pub const BUS_BLIP_GRACE: Duration = Duration::from_secs(2);
 
 /// Opens the bus the configuration names.
 pub async fn open_bus(config: &BusConfig) -> Result<Arc<dyn Bus>, BusError> {
@@ -63,7 +68,14 @@ pub struct Cluster {
     store: Arc<dyn Store>,
     /// `Some(reason)` while a dependency is down.
     health: watch::Sender<Option<String>>,
+    /// The slots of the sockets this node holds: the only ones it renews (issue 15).
+    held: HeldSlots,
+    /// Since when the bus has been seen down, while it is.
+    bus_down_since: Mutex<Option<Instant>>,
 }
+
+/// Connection ids of this node's live [`Slot`]s. Plain mutex, never held across an await.
+type HeldSlots = Arc<Mutex<HashSet<Uuid>>>;
 
 /// A socket's slot in the per-user count shared by every node. Released by
 /// [`Cluster::release`]; if the session ends some other way, dropping releases it in the
@@ -71,11 +83,13 @@ pub struct Cluster {
 pub struct Slot {
     connection_id: Option<Uuid>,
     store: Arc<dyn Store>,
+    held: HeldSlots,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(id) = self.connection_id.take() {
+            self.held.lock().unwrap().remove(&id);
             let store = self.store.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
@@ -98,7 +112,13 @@ impl Cluster {
         tasks: TaskTracker,
     ) -> Arc<Cluster> {
         let node = NodeLease { node_id: Uuid::new_v4(), lease };
-        let cluster = Arc::new(Cluster { node, store: store.clone(), health: watch::channel(None).0 });
+        let cluster = Arc::new(Cluster {
+            node,
+            store: store.clone(),
+            health: watch::channel(None).0,
+            held: HeldSlots::default(),
+            bus_down_since: Mutex::new(None),
+        });
         tracing::info!(node_id = %node.node_id, lease_ms = lease.as_millis() as u64, "node started");
         let this = cluster.clone();
         tokio::spawn(async move {
@@ -146,10 +166,7 @@ impl Cluster {
     async fn check(&self, bus: &dyn Bus) {
         // Short reasons: they end up in close frames (123 bytes at most), with a retry hint.
         let problem = match tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await {
-            Ok(Ok(())) => bus.health().err().map(|e| {
-                tracing::debug!(error = %e, "dependency check: bus");
-                "message bus unavailable".to_owned()
-            }),
+            Ok(Ok(())) => self.bus_problem(bus),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "dependency check: database");
                 Some("database unavailable".to_owned())
@@ -169,8 +186,33 @@ impl Cluster {
         });
     }
 
+    /// The bus's problem, once it has lasted [`BUS_BLIP_GRACE`].
+    fn bus_problem(&self, bus: &dyn Bus) -> Option<String> {
+        let mut since = self.bus_down_since.lock().unwrap();
+        match bus.health() {
+            Ok(()) => {
+                *since = None;
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dependency check: bus");
+                let since = *since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= BUS_BLIP_GRACE).then(|| "message bus unavailable".to_owned())
+            }
+        }
+    }
+
+    /// Renews the leases of this node: its generations, and the slots of the sockets it still
+    /// holds; its other slots (sockets closed while the store was away) are deleted. `until`
+    /// is taken before the held set is read: a slot claimed meanwhile expires after it.
+    async fn renew_held(&self) -> StoreResult<()> {
+        let until = self.node.until();
+        let held: Vec<Uuid> = self.held.lock().unwrap().iter().copied().collect();
+        self.store.renew_node(self.node.node_id, &held, until).await
+    }
+
     async fn renew_and_sweep(&self, bus: &dyn Bus) {
-        if let Err(e) = self.store.renew_node(self.node.node_id, self.node.until()).await {
+        if let Err(e) = self.renew_held().await {
             tracing::warn!(error = %e, "renewing this node's leases failed");
             return;
         }
@@ -232,12 +274,22 @@ impl Cluster {
     ) -> Result<Slot, (CloseCode, String)> {
         if !self.counts_in_store() {
             // One node: the hub's count, already taken, is the whole count.
-            return Ok(Slot { connection_id: None, store: self.store.clone() });
+            return Ok(Slot { connection_id: None, store: self.store.clone(), held: self.held.clone() });
         }
+        // Held before it is claimed (and its expiry taken after): a renewal running meanwhile
+        // renews it or leaves it alone, never deletes it.
+        let slot = Slot { connection_id: Some(connection_id), store: self.store.clone(), held: self.held.clone() };
+        self.held.lock().unwrap().insert(connection_id);
         let claim = SlotClaim { connection_id, user_id, node_id: self.node.node_id, expires_at: self.node.until() };
         match self.store.claim_slot(claim, max, Utc::now()).await {
-            Ok(true) => Ok(Slot { connection_id: Some(connection_id), store: self.store.clone() }),
-            Ok(false) => Err((CloseCode::TooManyConnections, format!("this user already has {max} open connections"))),
+            Ok(true) => Ok(slot),
+            Ok(false) => {
+                // Nothing was written: nothing to release.
+                let mut slot = slot;
+                slot.connection_id = None;
+                self.held.lock().unwrap().remove(&connection_id);
+                Err((CloseCode::TooManyConnections, format!("this user already has {max} open connections")))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a connection slot failed");
                 Err((CloseCode::TryAgainLater, format!("database unavailable; retry_after_ms={DEPENDENCY_RETRY_MS}")))
@@ -248,6 +300,7 @@ impl Cluster {
     /// Frees a slot now (so the user's next socket, on any node, may take it).
     pub async fn release(&self, mut slot: Slot) {
         if let Some(id) = slot.connection_id.take() {
+            self.held.lock().unwrap().remove(&id);
             if let Err(e) = self.store.release_slot(id).await {
                 tracing::warn!(error = %e, "releasing a connection slot failed; it expires with the lease");
             }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use natter_proto::{ErrorCode, WireMessage};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, watch, Notify};
 use uuid::Uuid;
 
 pub mod nats;
@@ -59,6 +59,9 @@ pub struct Subscription {
 enum Rx {
     Broadcast(broadcast::Receiver<Arc<ConvEvent>>),
     Local(LocalReceiver),
+    /// Events, and a counter bumped whenever the subscriber may have missed some without a lag
+    /// showing (the NATS connection came back, or the conversation was quiet for a while).
+    Resync(broadcast::Receiver<Arc<ConvEvent>>, watch::Receiver<u64>),
 }
 
 /// What a subscriber receives.
@@ -75,15 +78,35 @@ impl Subscription {
         Subscription { rx: Rx::Broadcast(rx), _guard: guard }
     }
 
+    /// Like [`Subscription::new`]; each bump of `resync` is received as `Lagged(0)`.
+    pub fn with_resync(
+        rx: broadcast::Receiver<Arc<ConvEvent>>,
+        resync: watch::Receiver<u64>,
+        guard: Option<Box<dyn Send + Sync>>,
+    ) -> Self {
+        Subscription { rx: Rx::Resync(rx, resync), _guard: guard }
+    }
+
     /// Cancel safe: an event is taken only by the call that returns it.
     pub async fn recv(&mut self) -> Received {
-        match &mut self.rx {
-            Rx::Broadcast(rx) => match rx.recv().await {
+        fn received(r: Result<Arc<ConvEvent>, broadcast::error::RecvError>) -> Received {
+            match r {
                 Ok(e) => Received::Event(e),
                 Err(broadcast::error::RecvError::Lagged(n)) => Received::Lagged(n),
                 Err(broadcast::error::RecvError::Closed) => Received::Closed,
-            },
+            }
+        }
+        match &mut self.rx {
+            Rx::Broadcast(rx) => received(rx.recv().await),
             Rx::Local(rx) => rx.recv().await,
+            Rx::Resync(rx, resync) => tokio::select! {
+                biased;
+                changed = resync.changed() => match changed {
+                    Ok(()) => Received::Lagged(0),
+                    Err(_) => Received::Closed,
+                },
+                r = rx.recv() => received(r),
+            },
         }
     }
 }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use natter_proto::{ErrorCode, WireMessage};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 use super::{Bus, BusError, ConvEvent, Subscription};
@@ -78,15 +78,24 @@ pub struct NatsBus {
     inner: Arc<Inner>,
 }
 
+/// How long a watched conversation may go without a message on the bus before its
+/// subscribers resync from the store anyway: the bound on how long a message NATS dropped
+/// without a disconnect (core NATS is at most once) can wait (issue 15).
+pub const QUIET_RESYNC: Duration = Duration::from_secs(10);
+
 struct Inner {
     client: async_nats::Client,
     /// Plain mutex: held for map lookups only, never across an await.
     topics: Mutex<HashMap<Uuid, Topic>>,
     capacity: usize,
+    quiet_resync: Duration,
 }
 
 struct Topic {
     tx: broadcast::Sender<Arc<ConvEvent>>,
+    /// Bumped after a reconnect and after [`QUIET_RESYNC`] without a message: every
+    /// subscriber then catches up from the store.
+    resync: Arc<watch::Sender<u64>>,
     /// Reads the NATS subscription into `tx`; aborting it drops (unsubscribes) it.
     pump: tokio::task::JoinHandle<()>,
 }
@@ -96,6 +105,13 @@ impl NatsBus {
     /// NATS does not answer within 5 s; after that, lost connections are retried forever,
     /// and [`Bus::health`] says whether the bus is connected meanwhile.
     pub async fn connect(url: &str, capacity: usize) -> Result<NatsBus, BusError> {
+        Self::connect_with(url, capacity, QUIET_RESYNC).await
+    }
+
+    /// Like [`NatsBus::connect`], with the quiet-conversation resync period.
+    pub async fn connect_with(url: &str, capacity: usize, quiet_resync: Duration) -> Result<NatsBus, BusError> {
+        // `true` when connected, `false` when the connection is lost.
+        let (connection, mut connections) = mpsc::unbounded_channel::<bool>();
         let client = async_nats::ConnectOptions::new()
             .name("natter")
             .connection_timeout(Duration::from_secs(5))
@@ -103,17 +119,58 @@ impl NatsBus {
             .max_reconnects(None)
             // Quick retries: a node refuses sockets while NATS is away, so coming back fast matters.
             .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(2_000)))
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("bus: connected to NATS"),
-                    async_nats::Event::Disconnected => tracing::warn!("bus: lost the connection to NATS; reconnecting"),
-                    other => tracing::debug!(event = %other, "bus: NATS event"),
+            .event_callback(move |event| {
+                let connection = connection.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("bus: connected to NATS");
+                            let _ = connection.send(true);
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("bus: lost the connection to NATS; reconnecting");
+                            let _ = connection.send(false);
+                        }
+                        other => tracing::debug!(event = %other, "bus: NATS event"),
+                    }
                 }
             })
             .connect(url)
             .await
             .map_err(|e| BusError::Unavailable(format!("cannot connect to NATS at {url}: {e}")))?;
-        Ok(NatsBus { inner: Arc::new(Inner { client, topics: Mutex::new(HashMap::new()), capacity }) })
+        let inner = Arc::new(Inner { client, topics: Mutex::new(HashMap::new()), capacity, quiet_resync });
+        // Events published while the connection was away are lost (core NATS): once the
+        // subscriptions are back in place, every subscriber catches up from the store.
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut was_lost = false;
+            while let Some(connected) = connections.recv().await {
+                if !connected {
+                    was_lost = true;
+                    continue;
+                }
+                if !std::mem::take(&mut was_lost) {
+                    continue; // the first connection: nothing was missed
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = round_trip(&inner.client).await {
+                    tracing::debug!(error = %e, "bus: no round trip after a reconnect; the next one resyncs");
+                    was_lost = true;
+                    continue;
+                }
+                let topics: Vec<_> = inner.topics.lock().unwrap().values().map(|t| t.resync.clone()).collect();
+                if !topics.is_empty() {
+                    tracing::info!(
+                        conversations = topics.len(),
+                        "bus: reconnected; watching sockets catch up from the store"
+                    );
+                }
+                for resync in topics {
+                    resync.send_modify(|n| *n += 1);
+                }
+            }
+        });
+        Ok(NatsBus { inner })
     }
 
     /// Conversations with at least one local subscriber.
@@ -152,8 +209,9 @@ impl Bus for NatsBus {
     }
 
     async fn subscribe(&self, conversation_id: Uuid) -> Result<Subscription, BusError> {
-        let existing = self.inner.topics.lock().unwrap().get(&conversation_id).map(|t| t.tx.subscribe());
-        let rx = match existing {
+        let existing =
+            self.inner.topics.lock().unwrap().get(&conversation_id).map(|t| (t.tx.subscribe(), t.resync.subscribe()));
+        let (rx, resync) = match existing {
             Some(rx) => rx,
             None => {
                 let mut nats = self
@@ -162,45 +220,51 @@ impl Bus for NatsBus {
                     .subscribe(subject(conversation_id))
                     .await
                     .map_err(|e| BusError::Unavailable(format!("NATS subscribe failed: {e}")))?;
-                // A flush only writes to the socket; a round trip proves the server has our
-                // interest: it handles one connection's operations in order, so once a request
-                // to a subject nobody serves comes back "no responders", our SUB is in place and
-                // whatever any node publishes from here on reaches us (the session reads the
-                // store only after this).
-                let probe = format!("natter.sync.{}", Uuid::new_v4().simple());
-                match tokio::time::timeout(Duration::from_secs(5), self.inner.client.request(probe, Default::default()))
-                    .await
-                {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {}
-                    Ok(Err(e)) => return Err(BusError::Unavailable(format!("NATS round trip failed: {e}"))),
-                    Err(_) => return Err(BusError::Unavailable("NATS did not answer in 5 s".into())),
-                }
+                // The session reads the store only after this.
+                round_trip(&self.inner.client).await?;
                 let mut topics = self.inner.topics.lock().unwrap();
                 if let Some(t) = topics.get(&conversation_id) {
                     // Another watcher subscribed meanwhile; ours (dropped here) is redundant.
-                    t.tx.subscribe()
+                    (t.tx.subscribe(), t.resync.subscribe())
                 } else {
                     let (tx, rx) = broadcast::channel(self.inner.capacity);
-                    let sender = tx.clone();
+                    let resync = Arc::new(watch::channel(0u64).0);
+                    let (sender, quiet_resync, bump) = (tx.clone(), self.inner.quiet_resync, resync.clone());
                     let pump = tokio::spawn(async move {
-                        while let Some(msg) = nats.next().await {
+                        let quiet = tokio::time::sleep(quiet_resync);
+                        tokio::pin!(quiet);
+                        loop {
+                            let msg = tokio::select! {
+                                msg = nats.next() => match msg {
+                                    Some(msg) => msg,
+                                    None => break,
+                                },
+                                _ = &mut quiet => {
+                                    bump.send_modify(|n| *n += 1);
+                                    quiet.as_mut().reset(tokio::time::Instant::now() + quiet_resync);
+                                    continue;
+                                }
+                            };
                             match serde_json::from_slice::<WireEvent>(&msg.payload).ok().and_then(WireEvent::into_event)
                             {
                                 Some(event) => {
+                                    if matches!(event, ConvEvent::Message(_)) {
+                                        quiet.as_mut().reset(tokio::time::Instant::now() + quiet_resync);
+                                    }
                                     let _ = sender.send(Arc::new(event));
                                 }
                                 None => tracing::warn!(subject = %msg.subject, "bus: undecodable event ignored"),
                             }
                         }
                     });
-                    topics.insert(conversation_id, Topic { tx, pump });
-                    rx
+                    let subscribed = (rx, resync.subscribe());
+                    topics.insert(conversation_id, Topic { tx, resync, pump });
+                    subscribed
                 }
             }
         };
         let guard = TopicGuard { inner: self.inner.clone(), conversation_id };
-        Ok(Subscription::new(rx, Some(Box::new(guard))))
+        Ok(Subscription::with_resync(rx, resync, Some(Box::new(guard))))
     }
 
     fn health(&self) -> Result<(), BusError> {
@@ -208,6 +272,20 @@ impl Bus for NatsBus {
             State::Connected => Ok(()),
             State::Disconnected | State::Pending => Err(BusError::Unavailable("not connected to NATS".into())),
         }
+    }
+}
+
+/// A flush only writes to the socket; a round trip proves the server has our interest: it
+/// handles one connection's operations in order, so once a request to a subject nobody serves
+/// comes back "no responders", our SUBs are in place and whatever any node publishes from here
+/// on reaches us.
+async fn round_trip(client: &async_nats::Client) -> Result<(), BusError> {
+    let probe = format!("natter.sync.{}", Uuid::new_v4().simple());
+    match tokio::time::timeout(Duration::from_secs(5), client.request(probe, Default::default())).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Ok(()),
+        Ok(Err(e)) => Err(BusError::Unavailable(format!("NATS round trip failed: {e}"))),
+        Err(_) => Err(BusError::Unavailable("NATS did not answer in 5 s".into())),
     }
 }
 
@@ -264,6 +342,22 @@ mod tests {
         }
         drop((on_b, second));
         assert_eq!(b.topic_count(), 0);
+    }
+
+    /// Issue 15: a quiet conversation's subscribers resync from the store every quiet period, so
+    /// a message NATS dropped without a disconnect waits at most that long.
+    #[tokio::test]
+    async fn a_quiet_conversation_resyncs_periodically() {
+        let Some(url) = test_url("bus::nats::tests::a_quiet_conversation_resyncs_periodically") else { return };
+        let bus = NatsBus::connect_with(&url, 64, Duration::from_millis(300)).await.unwrap();
+        let conv = Uuid::new_v4();
+        let mut sub = bus.subscribe(conv).await.unwrap();
+        let started = tokio::time::Instant::now();
+        for _ in 0..2 {
+            let got = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.expect("a resync in time");
+            assert!(matches!(got, crate::bus::Received::Lagged(0)), "a resync, not an event");
+        }
+        assert!(started.elapsed() >= Duration::from_millis(600), "once per quiet period, not more");
     }
 
     #[tokio::test]

@@ -540,11 +540,22 @@ async fn connection_slots(store: Arc<dyn Store>) {
 
     // A dead node's slots stop counting when their lease ends; a live node renews its own.
     let later = now + Duration::seconds(20);
-    assert!(store.claim_slot(slot(user, later + Duration::seconds(10)), 2, later).await.unwrap());
-    assert!(store.claim_slot(slot(user, later + Duration::seconds(10)), 2, later).await.unwrap());
-    store.renew_node(node, later + Duration::seconds(60)).await.unwrap();
+    let (held, closed) = (slot(user, later + Duration::seconds(10)), slot(user, later + Duration::seconds(10)));
+    assert!(store.claim_slot(held, 2, later).await.unwrap());
+    assert!(store.claim_slot(closed, 2, later).await.unwrap());
+    store.renew_node(node, &[held.connection_id, closed.connection_id], later + Duration::seconds(60)).await.unwrap();
     let much_later = later + Duration::seconds(30);
     assert!(!store.claim_slot(slot(user, much_later), 2, much_later).await.unwrap(), "renewed slots still count");
+    // Issue 15: a socket closed while its slot could not be released is not revived by the
+    // renewal; a slot claimed while the renewal runs (it expires later) is kept.
+    let claimed_meanwhile = slot(other, later + Duration::seconds(90));
+    assert!(store.claim_slot(claimed_meanwhile, 9, later).await.unwrap());
+    store.renew_node(node, &[held.connection_id], later + Duration::seconds(80)).await.unwrap();
+    assert_eq!(store.slots_in_use(user, much_later).await.unwrap(), 1, "only the held socket's slot is left");
+    assert_eq!(store.slots_in_use(user, later + Duration::seconds(79)).await.unwrap(), 1, "and it was renewed");
+    assert_eq!(store.slots_in_use(other, later + Duration::seconds(85)).await.unwrap(), 1, "the new slot is kept");
+    store.renew_node(Uuid::new_v4(), &[], later + Duration::seconds(200)).await.unwrap();
+    assert_eq!(store.slots_in_use(user, much_later).await.unwrap(), 1, "another node's renewal leaves them alone");
 
     // Concurrent claims never overshoot the limit.
     let racer = Uuid::new_v4();
@@ -596,7 +607,7 @@ async fn generations(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.recover_generations(now).await.unwrap().is_empty(), "leases still run");
-    store.renew_node(node, now + Duration::seconds(30)).await.unwrap();
+    store.renew_node(node, &[], now + Duration::seconds(30)).await.unwrap();
     assert!(store.recover_generations(now + Duration::seconds(20)).await.unwrap().is_empty(), "renewed");
 
     let recovered = store.recover_generations(now + Duration::seconds(31)).await.unwrap();

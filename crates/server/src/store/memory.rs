@@ -642,12 +642,27 @@ impl Coordination for MemoryStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<()> {
+    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
         let mut inner = self.lock()?;
+        let inner = &mut *inner;
         let until = millis(until);
-        for s in inner.slots.values_mut().flat_map(|m| m.values_mut()).filter(|s| s.node_id == node_id) {
-            s.expires_at = until;
+        let slot_users = &mut inner.slot_users;
+        for mine in inner.slots.values_mut() {
+            mine.retain(|connection_id, s| {
+                if s.node_id != node_id {
+                    return true;
+                }
+                if held.contains(connection_id) {
+                    s.expires_at = until;
+                }
+                let keep = s.expires_at >= until;
+                if !keep {
+                    slot_users.remove(connection_id);
+                }
+                keep
+            });
         }
+        inner.slots.retain(|_, mine| !mine.is_empty());
         for g in inner.generations.values_mut().filter(|g| g.node_id == node_id) {
             g.lease_until = until;
         }

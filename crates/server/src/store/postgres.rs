@@ -717,9 +717,15 @@ impl Coordination for PostgresStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<()> {
+    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE connection_slots SET expires_at = $2 WHERE node_id = $1")
+        sqlx::query("UPDATE connection_slots SET expires_at = $2 WHERE node_id = $1 AND connection_id = ANY($3)")
+            .bind(node_id)
+            .bind(millis(until))
+            .bind(held)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM connection_slots WHERE node_id = $1 AND expires_at < $2")
             .bind(node_id)
             .bind(millis(until))
             .execute(&mut *tx)

@@ -823,14 +823,23 @@ impl Coordination for SqliteStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<()> {
+    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
+        let held = serde_json::to_string(&held.iter().map(Uuid::to_string).collect::<Vec<_>>()).expect("ids serialize");
         let mut tx = self.write.begin().await?;
-        for table in ["UPDATE connection_slots SET expires_at = ?", "UPDATE generations SET lease_until = ?"] {
-            sqlx::query(&format!("{table} WHERE node_id = ?"))
-                .bind(millis(until))
-                .bind(node_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+        sqlx::query(
+            "UPDATE connection_slots SET expires_at = ? WHERE node_id = ? \
+             AND connection_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(millis(until))
+        .bind(node_id.to_string())
+        .bind(held)
+        .execute(&mut *tx)
+        .await?;
+        for q in [
+            "DELETE FROM connection_slots WHERE expires_at < ? AND node_id = ?",
+            "UPDATE generations SET lease_until = ? WHERE node_id = ?",
+        ] {
+            sqlx::query(q).bind(millis(until)).bind(node_id.to_string()).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

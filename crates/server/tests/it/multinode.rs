@@ -583,3 +583,90 @@ async fn a_users_message_budget_holds_across_nodes() {
     assert_eq!(acks, 3, "one budget for the user on both nodes");
     assert_eq!(refused, 13);
 }
+
+/// Issue 15: NATS is away from node B for ~0.3 s while node A stores messages of a conversation
+/// whose socket is on B. Core NATS drops what was published meanwhile; B's socket still gets
+/// it once the bus is back, without waiting for a later message (and keeps its socket: a
+/// blip shorter than the grace closes nothing).
+#[tokio::test]
+async fn a_nats_blip_hides_no_message_from_an_open_socket() {
+    let Some(svc) = Services::from_env("multinode::a_nats_blip_hides_no_message_from_an_open_socket").await else {
+        return;
+    };
+    let a = svc.node(None, |_| {}).await;
+    let proxy = Proxy::start(host_port(&svc.nats)).await;
+    let b = svc.node_via(Some(&a), svc.schema.url.clone(), via(&svc.nats, proxy.addr), |_| {}).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut on_b = b.ws(bot.id, &alice.token, "").await;
+    on_b.established().await;
+    let mut on_a = a.ws(bot.id, &alice.token, "").await;
+    on_a.established().await;
+
+    proxy.cut();
+    let cut_at = tokio::time::Instant::now();
+    let body = ready_becomes(&b, 503).await;
+    assert!(body["failed"].to_string().contains("bus"), "B has lost NATS: {body}");
+    on_a.say("gap", "said while B is away").await;
+    assert_eq!(seqs_until(&mut on_a, 2).await, vec![1, 2], "stored: the message and its echo");
+    tokio::time::sleep_until(cut_at + Duration::from_millis(300)).await;
+    proxy.restore();
+
+    // Well under the quiet-conversation resync (10 s): this is the reconnect's resync.
+    let got = tokio::time::timeout(Duration::from_secs(5), seqs_until(&mut on_b, 2))
+        .await
+        .expect("B's socket got what was stored during the blip without a later message");
+    assert_eq!(got, vec![1, 2]);
+    nothing_more(&mut on_b).await;
+}
+
+/// Issue 15: a user's sockets at the per-user limit on node D; D loses PostgreSQL, closes them
+/// with 1013 and cannot release their slots. Once the database is back, D renews only the
+/// slots of sockets it holds and deletes the others, so the user connects again on either node
+/// within the lease (before: D kept the dead slots alive, 4429 everywhere for as long as D ran).
+#[tokio::test]
+async fn a_postgres_outage_does_not_lock_a_user_out() {
+    let Some(svc) = Services::from_env("multinode::a_postgres_outage_does_not_lock_a_user_out").await else {
+        return;
+    };
+    const LEASE: Duration = Duration::from_secs(6);
+    let config = |c: &mut Config| {
+        c.limits.max_connections_per_user = 4;
+        c.node_lease = LEASE;
+    };
+    let a = svc.node(None, config).await;
+    let proxy = Proxy::start(host_port(&svc.schema.url)).await;
+    let d = svc.node_via(Some(&a), via(&svc.schema.url, proxy.addr), svc.nats.clone(), config).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut socks = Vec::new();
+    for _ in 0..4 {
+        let mut ws = d.ws(bot.id, &alice.token, "").await;
+        ws.established().await;
+        socks.push(ws);
+    }
+    assert_eq!(a.ws(bot.id, &alice.token, "").await.close_code().await.0, 4429, "at the limit");
+
+    proxy.cut();
+    for ws in &mut socks {
+        let (code, reason) = tokio::time::timeout(Duration::from_secs(10), ws.close_code()).await.expect("closed");
+        assert_eq!(code, 1013, "{reason}");
+    }
+    ready_becomes(&d, 503).await;
+    proxy.restore();
+    let restored = tokio::time::Instant::now();
+
+    for node in [&a, &d] {
+        let ws = loop {
+            let mut ws = node.ws(bot.id, &alice.token, "").await;
+            match ws.next().await {
+                Next::Frame(ServerFrame::ConnectionEstablished { .. }) => break ws,
+                other => {
+                    assert!(restored.elapsed() < LEASE, "still refused a lease after the database came back: {other:?}")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        ws.close().await;
+    }
+}
