@@ -129,6 +129,8 @@ impl Server {
             revocations: Revocations::new(config.access_token_ttl),
             config,
         }));
+        let (shared, node) = (state.store.shared(), state.cluster.node());
+        crate::cluster::settle_owed(state.replier.clone(), shared, node, state.shutdown.clone()).await;
         let revoked = crate::revocation::subscribe(&state).await;
         tokio::spawn(crate::revocation::watch(state.clone(), revoked));
         if state.config.demo {

@@ -307,3 +307,35 @@ impl Cluster {
         }
     }
 }
+
+/// Settles the user messages owed a reply (acked, but their reply was never stored: the node
+/// died between the ack and the reply, or while the reply waited in its queue). Once now, then
+/// every third of the lease until `stop`, alongside the lease sweep.
+///
+/// At start, on a store no other node shares (SQLite, memory), every lease in the store is a
+/// dead process's: whatever is owed is settled before the first socket is served. On a shared
+/// store, a message is taken over once its node's lease ran out, or — never leased, answered
+/// inline by an instant engine — once it is older than a lease.
+pub async fn settle_owed(replier: crate::bots::Replier, shared: bool, node: NodeLease, stop: CancellationToken) {
+    let lease = chrono::Duration::from_std(node.lease).unwrap_or(chrono::Duration::seconds(15));
+    if !shared {
+        let after_any_lease = Utc::now() + lease;
+        let n = replier.settle_owed(after_any_lease, after_any_lease).await;
+        if n > 0 {
+            tracing::warn!(count = n, "answered messages that a crash left without a reply");
+        }
+    }
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(node.renew_every());
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => {
+                    let now = Utc::now();
+                    replier.settle_owed(now, now - lease).await;
+                }
+            }
+        }
+    });
+}

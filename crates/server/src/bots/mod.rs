@@ -318,6 +318,7 @@ impl Replier {
                 tracing::warn!(%bot_id, error = %e.message, "preparing the bot's engine failed");
                 let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to: message.id };
                 let _ = self.bus.publish(conversation_id, event).await;
+                self.store_empty_outcome(conversation_id, message.id).await;
                 return;
             }
         };
@@ -347,8 +348,22 @@ impl Replier {
                 in_reply_to: message.id,
             };
             let _ = self.bus.publish(conversation_id, event).await;
+            self.store_empty_outcome(conversation_id, message.id).await;
             return;
         };
+        // Queued work is owed like running work: leased under this node from now on, so if the
+        // node dies before the reply is stored, another node (or this one, restarted) settles it.
+        if let Some(node) = self.node {
+            match self.store.lease_owed(message.id, node.node_id, node.until()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::info!(message_id = %message.id, "reply already settled or taken by another node");
+                    self.unload(bot_id);
+                    return;
+                }
+                Err(e) => tracing::warn!(message_id = %message.id, error = %e, "leasing an owed reply failed"),
+            }
+        }
         let context = spec.context_messages();
         let this = self.clone();
         let bot_name = bot_name.to_owned();
@@ -356,14 +371,92 @@ impl Replier {
             let permit = permits.acquire_owned().await;
             this.run(engine, context, bot_id, bot_name, message, received).await;
             drop(permit);
-            let mut reg = this.registry.lock().unwrap();
-            if let Some((count, _)) = reg.load.get_mut(&bot_id) {
-                *count -= 1;
-                if *count == 0 {
-                    reg.load.remove(&bot_id);
+            this.unload(bot_id);
+        });
+    }
+
+    /// One reply of the bot fewer running or waiting.
+    fn unload(&self, bot_id: Uuid) {
+        let mut reg = self.registry.lock().unwrap();
+        if let Some((count, _)) = reg.load.get_mut(&bot_id) {
+            *count -= 1;
+            if *count == 0 {
+                reg.load.remove(&bot_id);
+            }
+        }
+    }
+
+    /// Stores an empty `incomplete` reply: the outcome of a reply that failed before any text
+    /// (the error frame already went out), so the user message is not owed a reply any more.
+    async fn store_empty_outcome(&self, conversation_id: Uuid, in_reply_to: Uuid) {
+        let stored = self
+            .store
+            .append_message(NewMessage {
+                id: Uuid::now_v7(),
+                conversation_id,
+                role: MessageRole::Bot,
+                content: String::new(),
+                client_id: None,
+                in_reply_to: Some(in_reply_to),
+                status: MessageStatus::Incomplete,
+            })
+            .await;
+        match stored {
+            Ok(a) => {
+                let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+            }
+            Err(e) => tracing::error!(%conversation_id, error = %e, "storing a failed reply's outcome failed"),
+        }
+    }
+
+    /// Settles the user messages owed a reply that no live node is on (their node died, or
+    /// the process was killed and restarted): takes them over under this node's lease and
+    /// answers them as if just sent — an instant engine answers at once, a streaming engine
+    /// runs the reply again from the start (replies cut off mid-stream are not owed: the
+    /// generation sweep stored them `incomplete`). `unleased_before`: how old a message never
+    /// leased (answered inline by an instant engine) must be to be taken over. Returns how
+    /// many were taken.
+    pub async fn settle_owed(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        unleased_before: chrono::DateTime<chrono::Utc>,
+    ) -> usize {
+        const PAGE: u32 = 100;
+        let Some(node) = self.node else { return 0 };
+        let mut settled = 0;
+        loop {
+            let owed = match self.store.claim_owed(node.node_id, node.until(), now, unleased_before, PAGE).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "looking for owed replies failed");
+                    return settled;
+                }
+            };
+            let n = owed.len();
+            for o in owed {
+                let (conversation_id, message_id) = (o.message.conversation_id, o.message.id);
+                tracing::warn!(%message_id, %conversation_id, "an acked message was owed its reply: answering it now");
+                let bot = match self.store.bot(o.bot_id).await {
+                    Ok(Some(bot)) => bot,
+                    Ok(None) => continue, // deleted with its conversations
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading an owed reply's bot failed");
+                        continue;
+                    }
+                };
+                match EngineSpec::load(&bot.engine) {
+                    Ok(spec) => self.spawn_reply(&spec, bot.id, &bot.name, o.message, Instant::now()).await,
+                    Err(e) => {
+                        tracing::warn!(bot_id = %bot.id, error = %e.message, "an owed reply's bot has unreadable settings");
+                        self.store_empty_outcome(conversation_id, message_id).await;
+                    }
                 }
             }
-        });
+            settled += n;
+            if n < PAGE as usize {
+                return settled;
+            }
+        }
     }
 
     async fn run(
@@ -451,10 +544,9 @@ impl Replier {
             // No delta came: the whole reply is the first token.
             self.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
         }
-        // A failure before any text leaves nothing to store; a cancel is stored either way so
-        // the client sees the reply end.
-        let nothing_to_store = status == MessageStatus::Incomplete && content.is_empty();
-        if !nothing_to_store {
+        // Stored whatever the outcome, even a failure before any text (empty and `incomplete`):
+        // the user message is owed exactly one outcome, and the client sees the reply end.
+        {
             let stored = self
                 .store
                 .append_message(NewMessage {
@@ -481,10 +573,6 @@ impl Replier {
             }
         }
         self.registry.lock().unwrap().generations.remove(&message_id);
-        if leased && nothing_to_store {
-            // Nothing to store; nothing to sweep either.
-            let _ = self.store.end_generation(message_id).await;
-        }
     }
 }
 

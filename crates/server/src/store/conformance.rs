@@ -516,6 +516,7 @@ macro_rules! test_both_stores {
 }
 
 test_both_stores!(conformance, super::run_all);
+test_both_stores!(owed, super::owed_replies);
 
 async fn connection_slots(store: Arc<dyn Store>) {
     let (user, other, node) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
@@ -618,4 +619,80 @@ async fn generations(store: &dyn Store) {
     assert_eq!(store.messages_after(conv.id, 2, 10).await.unwrap(), recovered, "stored as returned");
     assert!(store.recover_generations(now + Duration::seconds(60)).await.unwrap().is_empty(), "once");
     assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 3, "no seq taken for the rest");
+}
+
+/// Every stored user message is owed one reply until a bot message in reply to it is stored;
+/// recovery takes over, once, those no live node is on. Needs a store of its own (the other
+/// tests leave user messages unanswered).
+pub async fn owed_replies(store: Arc<dyn Store>) {
+    let conv = chat_setup(&*store, "owed").await;
+    let now = Utc::now();
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (node_a, node_b) = (Uuid::new_v4(), Uuid::new_v4());
+    let secs = Duration::seconds;
+    let mut asked = Vec::new();
+    for (i, id) in [a, b, c].into_iter().enumerate() {
+        let m = NewMessage { id, ..user_msg(conv.id, &format!("o{i}"), "answer me") };
+        asked.push(store.append_message(m).await.unwrap().message);
+    }
+    let dup = NewMessage { id: Uuid::new_v4(), ..user_msg(conv.id, "o0", "answer me") };
+    assert!(store.append_message(dup).await.unwrap().duplicate);
+    let claim = |node, at| {
+        let store = store.clone();
+        async move { store.claim_owed(node, at + secs(60), at, at - secs(10), 10).await.unwrap() }
+    };
+    assert!(claim(node_b, now).await.is_empty(), "fresh messages are left to the node that took them");
+
+    assert!(store.lease_owed(b, node_a, now + secs(10)).await.unwrap(), "queued on node A");
+    assert!(!store.lease_owed(b, node_b, now + secs(10)).await.unwrap(), "node A holds it");
+    let reply = |in_reply_to| NewMessage {
+        id: Uuid::new_v4(),
+        conversation_id: conv.id,
+        role: MessageRole::Bot,
+        content: "done".into(),
+        client_id: None,
+        in_reply_to: Some(in_reply_to),
+        status: MessageStatus::Complete,
+    };
+    store.append_message(reply(a)).await.unwrap();
+    assert!(!store.lease_owed(a, node_a, now + secs(10)).await.unwrap(), "answered: nothing owed");
+    let running = GenerationLease {
+        message_id: Uuid::new_v4(),
+        conversation_id: conv.id,
+        in_reply_to: c,
+        node_id: node_a,
+        lease_until: now + secs(10),
+    };
+    store.begin_generation(&running).await.unwrap();
+
+    // Node A died: its lease on b ran out; c is being generated, so the generation sweep owns it.
+    let taken = claim(node_b, now + secs(20)).await;
+    assert_eq!(taken, vec![OwedMessage { message: asked[1].clone(), bot_id: conv.bot_id }]);
+    assert!(claim(Uuid::new_v4(), now + secs(20)).await.is_empty(), "taken once");
+    store.renew_node(node_b, &[], now + secs(200)).await.unwrap();
+    assert!(claim(Uuid::new_v4(), now + secs(100)).await.is_empty(), "node B renews its lease");
+    assert!(!store.lease_owed(b, node_a, now + secs(10)).await.unwrap(), "node B holds it now");
+
+    // The cut-off generation is stored `incomplete`: c is settled with it.
+    assert_eq!(store.recover_generations(now + secs(20)).await.unwrap().len(), 1);
+    store.append_message(reply(b)).await.unwrap();
+    assert!(claim(Uuid::new_v4(), now + secs(1000)).await.is_empty(), "all settled");
+
+    // Pages; sweeps racing each other never take the same message.
+    let mut later = Vec::new();
+    for i in 0..8 {
+        later.push(store.append_message(user_msg(conv.id, &format!("p{i}"), "more")).await.unwrap().message.id);
+    }
+    let far = now + secs(1000);
+    let first = store.claim_owed(node_a, far + secs(60), far, far, 2).await.unwrap();
+    assert_eq!(first.len(), 2, "a page at most");
+    let racers: Vec<_> = (0..4).map(|_| tokio::spawn(claim(Uuid::new_v4(), far))).collect();
+    let mut ids: Vec<Uuid> = first.iter().map(|o| o.message.id).collect();
+    for r in racers {
+        ids.extend(r.await.unwrap().into_iter().map(|o| o.message.id));
+    }
+    ids.sort();
+    let mut want = later;
+    want.sort();
+    assert_eq!(ids, want, "each taken exactly once");
 }

@@ -32,6 +32,13 @@ pub struct GenerationLease {
     pub lease_until: DateTime<Utc>,
 }
 
+/// A user message still owed the bot's answer, as recovery takes it over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwedMessage {
+    pub message: WireMessage,
+    pub bot_id: Uuid,
+}
+
 #[async_trait]
 pub trait Coordination: Send + Sync {
     /// Whether other nodes can share this store (PostgreSQL). When none can (SQLite, memory),
@@ -45,7 +52,7 @@ pub trait Coordination: Send + Sync {
     async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize>;
     /// Frees a slot (the socket closed). Unknown ids are ignored.
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()>;
-    /// Extends the generation leases of `node_id`, and its slots in `held` (the sockets it still
+    /// Extends the generation leases and owed replies of `node_id`, and its slots in `held` (the sockets it still
     /// holds), until `until`; deletes its other slots that expire before `until` (sockets it closed
     /// but could not release, e.g. during a store outage). A slot claimed while this runs expires
     /// at or after `until`, so it is kept.
@@ -72,4 +79,21 @@ pub trait Coordination: Send + Sync {
     /// the text of its last checkpoint, and forgets the lease — in one transaction, so each is
     /// stored once however many nodes sweep. Returns the stored messages, to announce.
     async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>>;
+
+    /// Leases the reply owed to this user message (every stored user message is owed one until a
+    /// bot message in reply to it is stored) to `node_id` until `until`; [`Self::renew_node`]
+    /// renews it. False when nothing is owed or another node holds it.
+    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool>;
+    /// Takes over, oldest first, up to `limit` user messages owed a reply that no node is on:
+    /// leased until before `now`, or never leased and stored before `unleased_before`; and with
+    /// no reply being generated. Leases them to `node_id` until `until`, atomically: two nodes
+    /// sweeping at once never take the same message.
+    async fn claim_owed(
+        &self,
+        node_id: Uuid,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        unleased_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OwedMessage>>;
 }

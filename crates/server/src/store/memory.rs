@@ -72,6 +72,15 @@ struct Inner {
     generations: HashMap<Uuid, Generation>,
     /// Insertion counter for `generations` (SQLite's rowid), which orders a sweep's ties.
     generation_counter: u64,
+    /// User messages owed a reply (SQLite's `owed_replies`, kept by its triggers).
+    owed: HashMap<Uuid, Owed>,
+}
+
+struct Owed {
+    conversation_id: Uuid,
+    created_at: i64,
+    node_id: Option<Uuid>,
+    lease_until: Option<i64>,
 }
 
 struct RefreshRow {
@@ -149,7 +158,12 @@ impl Inner {
     }
 
     /// Takes the next seq of the conversation; the caller checked the id is free.
-    fn push_message(conv: &mut Conv, message_ids: &mut HashSet<Uuid>, m: NewMessage) -> WireMessage {
+    fn push_message(
+        conv: &mut Conv,
+        message_ids: &mut HashSet<Uuid>,
+        owed: &mut HashMap<Uuid, Owed>,
+        m: NewMessage,
+    ) -> WireMessage {
         let message = WireMessage {
             id: m.id,
             conversation_id: conv.id,
@@ -165,6 +179,18 @@ impl Inner {
             conv.by_client_id.insert(client_id.clone(), conv.messages.len());
         }
         message_ids.insert(message.id);
+        if message.role == MessageRole::User {
+            let row = Owed {
+                conversation_id: conv.id,
+                created_at: millis(message.created_at),
+                node_id: None,
+                lease_until: None,
+            };
+            owed.entry(message.id).or_insert(row);
+        }
+        if let Some(id) = message.in_reply_to {
+            owed.remove(&id);
+        }
         conv.messages.push(message.clone());
         message
     }
@@ -341,6 +367,7 @@ impl Store for MemoryStore {
         if !convs.is_empty() {
             let convs: HashSet<Uuid> = convs.into_iter().collect();
             inner.generations.retain(|_, g| !convs.contains(&g.conversation_id));
+            inner.owed.retain(|_, o| !convs.contains(&o.conversation_id));
         }
         Ok(())
     }
@@ -423,7 +450,7 @@ impl Store for MemoryStore {
 
     async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
         let mut inner = self.lock()?;
-        let Inner { conversations, message_ids, .. } = &mut *inner;
+        let Inner { conversations, message_ids, owed, .. } = &mut *inner;
         let conv = conversations.get_mut(&m.conversation_id).ok_or(StoreError::NotFound)?;
         // The client_id conflict is SQLite's upsert target, checked before the other keys.
         if let Some(&i) = m.client_id.as_ref().and_then(|c| conv.by_client_id.get(c)) {
@@ -432,7 +459,7 @@ impl Store for MemoryStore {
         if message_ids.contains(&m.id) {
             return Err(unique("messages.id"));
         }
-        let message = Inner::push_message(conv, message_ids, m);
+        let message = Inner::push_message(conv, message_ids, owed, m);
         Ok(Appended { message, duplicate: false })
     }
 
@@ -643,6 +670,9 @@ impl Coordination for MemoryStore {
     }
 
     async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
+        // A set, not a scan of the slice per slot: 10 000 sockets would be 10^8 comparisons
+        // under the store's one mutex.
+        let held: std::collections::HashSet<&Uuid> = held.iter().collect();
         let mut inner = self.lock()?;
         let inner = &mut *inner;
         let until = millis(until);
@@ -665,6 +695,9 @@ impl Coordination for MemoryStore {
         inner.slots.retain(|_, mine| !mine.is_empty());
         for g in inner.generations.values_mut().filter(|g| g.node_id == node_id) {
             g.lease_until = until;
+        }
+        for o in inner.owed.values_mut().filter(|o| o.node_id == Some(node_id)) {
+            o.lease_until = Some(until);
         }
         Ok(())
     }
@@ -713,7 +746,7 @@ impl Coordination for MemoryStore {
 
     async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>> {
         let mut inner = self.lock()?;
-        let Inner { generations, conversations, message_ids, .. } = &mut *inner;
+        let Inner { generations, conversations, message_ids, owed, .. } = &mut *inner;
         let now = millis(now);
         // In the order SQLite's index on lease_until yields them: by lease, then insertion.
         let mut due: Vec<(i64, u64, Uuid)> = generations
@@ -739,9 +772,59 @@ impl Coordination for MemoryStore {
                 in_reply_to: Some(g.in_reply_to),
                 status: MessageStatus::Incomplete,
             };
-            recovered.push(Inner::push_message(conv, message_ids, m));
+            recovered.push(Inner::push_message(conv, message_ids, owed, m));
         }
         Ok(recovered)
+    }
+
+    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool> {
+        let mut inner = self.lock()?;
+        match inner.owed.get_mut(&message_id) {
+            Some(o) if o.node_id.is_none() || o.node_id == Some(node_id) => {
+                o.node_id = Some(node_id);
+                o.lease_until = Some(millis(until));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn claim_owed(
+        &self,
+        node_id: Uuid,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        unleased_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OwedMessage>> {
+        let mut inner = self.lock()?;
+        let Inner { owed, generations, conversations, .. } = &mut *inner;
+        let (now, unleased_before) = (millis(now), millis(unleased_before));
+        let generating: HashSet<Uuid> = generations.values().map(|g| g.in_reply_to).collect();
+        let mut due: Vec<(i64, Uuid)> = owed
+            .iter()
+            .filter(|(id, o)| {
+                let free = match o.lease_until {
+                    Some(l) => l < now,
+                    None => o.created_at < unleased_before,
+                };
+                free && !generating.contains(id)
+            })
+            .map(|(id, o)| (o.created_at, *id))
+            .collect();
+        due.sort_unstable();
+        due.truncate(limit as usize);
+        let mut taken = Vec::with_capacity(due.len());
+        for (_, id) in due {
+            let Some(o) = owed.get_mut(&id) else { continue };
+            let Some(conv) = conversations.get(&o.conversation_id) else { continue };
+            let Some(message) = conv.messages.iter().find(|m| m.id == id) else { continue };
+            o.node_id = Some(node_id);
+            o.lease_until = Some(millis(until));
+            taken.push(OwedMessage { message: message.clone(), bot_id: conv.bot_id });
+        }
+        taken.sort_by_key(|o| (o.message.created_at, o.message.seq));
+        Ok(taken)
     }
 }
 
@@ -754,5 +837,10 @@ mod tests {
     #[tokio::test]
     async fn conformance() {
         super::super::conformance::run_all(Arc::new(MemoryStore::new())).await;
+    }
+
+    #[tokio::test]
+    async fn owed_replies() {
+        super::super::conformance::owed_replies(Arc::new(MemoryStore::new())).await;
     }
 }

@@ -19,7 +19,7 @@ pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-pub use coordination::{Coordination, GenerationLease, SlotClaim};
+pub use coordination::{Coordination, GenerationLease, OwedMessage, SlotClaim};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

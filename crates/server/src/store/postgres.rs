@@ -735,6 +735,11 @@ impl Coordination for PostgresStore {
             .bind(millis(until))
             .execute(&mut *tx)
             .await?;
+        sqlx::query("UPDATE owed_replies SET lease_until = $2 WHERE node_id = $1")
+            .bind(node_id)
+            .bind(millis(until))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -818,6 +823,52 @@ impl Coordination for PostgresStore {
         }
         tx.commit().await?;
         Ok(recovered)
+    }
+
+    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE owed_replies SET node_id = $1, lease_until = $2 \
+             WHERE message_id = $3 AND (node_id IS NULL OR node_id = $1)",
+        )
+        .bind(node_id)
+        .bind(millis(until))
+        .bind(message_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_owed(
+        &self,
+        node_id: Uuid,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        unleased_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OwedMessage>> {
+        // SKIP LOCKED: a row another node's sweep is taking is left to it.
+        let rows = sqlx::query(&format!(
+            "WITH taken AS ( \
+                 UPDATE owed_replies SET node_id = $1, lease_until = $2 WHERE message_id IN ( \
+                     SELECT o.message_id FROM owed_replies o \
+                     WHERE (o.lease_until < $3 OR (o.lease_until IS NULL AND o.created_at < $4)) \
+                       AND NOT EXISTS (SELECT 1 FROM generations g WHERE g.in_reply_to = o.message_id) \
+                     ORDER BY o.created_at LIMIT $5 FOR UPDATE SKIP LOCKED) \
+                 RETURNING message_id) \
+             SELECT m.{}, c.bot_id FROM taken t JOIN messages m ON m.id = t.message_id \
+             JOIN conversations c ON c.id = m.conversation_id ORDER BY m.created_at, m.seq",
+            MSG_COLS.replace(", ", ", m.")
+        ))
+        .bind(node_id)
+        .bind(millis(until))
+        .bind(millis(now))
+        .bind(millis(unleased_before))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(OwedMessage { message: message_from_row(row)?, bot_id: row.try_get("bot_id")? }))
+            .collect()
     }
 }
 

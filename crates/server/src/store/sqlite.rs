@@ -838,6 +838,7 @@ impl Coordination for SqliteStore {
         for q in [
             "DELETE FROM connection_slots WHERE expires_at < ? AND node_id = ?",
             "UPDATE generations SET lease_until = ? WHERE node_id = ?",
+            "UPDATE owed_replies SET lease_until = ? WHERE node_id = ?",
         ] {
             sqlx::query(q).bind(millis(until)).bind(node_id.to_string()).execute(&mut *tx).await?;
         }
@@ -936,6 +937,59 @@ impl Coordination for SqliteStore {
         }
         tx.commit().await?;
         Ok(recovered)
+    }
+
+    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE owed_replies SET node_id = ?1, lease_until = ?2 \
+             WHERE message_id = ?3 AND (node_id IS NULL OR node_id = ?1)",
+        )
+        .bind(node_id.to_string())
+        .bind(millis(until))
+        .bind(message_id.to_string())
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_owed(
+        &self,
+        node_id: Uuid,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+        unleased_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OwedMessage>> {
+        let mut tx = self.write.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "UPDATE owed_replies SET node_id = ?1, lease_until = ?2 WHERE message_id IN ( \
+                 SELECT o.message_id FROM owed_replies o \
+                 WHERE (o.lease_until < ?3 OR (o.lease_until IS NULL AND o.created_at < ?4)) \
+                   AND NOT EXISTS (SELECT 1 FROM generations g WHERE g.in_reply_to = o.message_id) \
+                 ORDER BY o.created_at LIMIT ?5) \
+             RETURNING message_id",
+        )
+        .bind(node_id.to_string())
+        .bind(millis(until))
+        .bind(millis(now))
+        .bind(millis(unleased_before))
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut owed = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&format!(
+                "SELECT m.{}, c.bot_id FROM messages m JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+                MSG_COLS.replace(", ", ", m.")
+            ))
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+            owed.push(OwedMessage { message: message_from_row(&row)?, bot_id: uuid_col(&row, "bot_id")? });
+        }
+        tx.commit().await?;
+        owed.sort_by_key(|o| (o.message.created_at, o.message.seq));
+        Ok(owed)
     }
 }
 

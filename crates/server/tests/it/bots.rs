@@ -230,7 +230,13 @@ async fn provider_failures_become_error_frames_and_the_socket_stays_up() {
                 };
                 assert_eq!((message.content.as_str(), message.status), (text, MessageStatus::Incomplete), "{model}");
             }
-            None => assert!(ws.next_within(Duration::from_millis(200)).await.is_none(), "{model}: nothing stored"),
+            // No text: the outcome is still stored (empty, incomplete), so the message is not
+            // owed a reply any more.
+            None => {
+                let ServerFrame::Message { message } = ws.frame().await else { panic!("{model}: outcome stored") };
+                assert_eq!((message.content.as_str(), message.status), ("", MessageStatus::Incomplete), "{model}");
+                assert_eq!(message.in_reply_to, Some(sent.id));
+            }
         }
         ws.send_json(json!({"type": "ping", "id": 1})).await;
         assert!(matches!(ws.frame().await, ServerFrame::Pong { .. }), "{model}: still up");
@@ -379,20 +385,21 @@ async fn a_busy_bot_queues_then_refuses() {
     }
     let mut acks = Vec::new();
     let mut busy = Vec::new();
-    let mut finals = 0;
-    while finals < 2 {
+    let mut finals = Vec::new();
+    while finals.len() < 3 {
         match ws.frame().await {
             ServerFrame::Ack { message, .. } => acks.push(message.id),
             ServerFrame::Error { code, in_reply_to, .. } => busy.push((code, in_reply_to)),
-            ServerFrame::Message { message } => {
-                assert_eq!(message.status, MessageStatus::Complete);
-                finals += 1;
-            }
+            ServerFrame::Message { message } => finals.push((message.in_reply_to.unwrap(), message.status)),
             ServerFrame::MessageDelta { .. } => {}
             other => panic!("{other:?}"),
         }
     }
     assert_eq!(busy, vec![(ErrorCode::BotBusy, Some(acks[2]))], "one runs, one waits, the third is refused");
+    // The refused one's outcome is stored too (empty, incomplete): every message ends once.
+    finals.sort_by_key(|(id, _)| acks.iter().position(|a| a == id));
+    let done = MessageStatus::Complete;
+    assert_eq!(finals, vec![(acks[0], done), (acks[1], done), (acks[2], MessageStatus::Incomplete)]);
 }
 
 /// Echo and rules answer in one step inside the socket's own task: the per-bot limits that

@@ -1,0 +1,258 @@
+//! A single `natter serve` on SQLite, killed with SIGKILL and restarted on the same data
+//! directory: every acked user message ends with exactly one bot reply (issue 15, items 1 and
+//! 2). Before the fix, messages acked but not yet answered at the kill — an echo reply not yet
+//! stored, a streaming reply waiting in the bot's queue — stayed unanswered for ever (a resend
+//! is a duplicate).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use futures_util::{SinkExt, StreamExt};
+use natter_proto::{MessageRole, ServerFrame, WireMessage};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Starts `natter serve` on SQLite in `dir`; returns it with the address it listens on.
+fn serve(dir: &Path, extra: &[&str]) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
+        .arg("serve")
+        .args(["--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(["--node-lease-ms", "1500", "--messages-per-second", "100000", "--message-burst", "100000"])
+        .args(["--frames-per-second", "100000", "--frame-burst", "100000"])
+        .args(["--user-messages-per-second", "100000", "--user-message-burst", "100000"])
+        .args(["--log-format", "json"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("natter serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).unwrap_or_else(|| panic!("unexpected first line {line:?}")).trim();
+    (child, addr.parse().unwrap())
+}
+
+async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: Value) -> Value {
+    let mut req = reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().await.unwrap();
+    assert!(res.status().is_success(), "{path}: {}", res.status());
+    res.json().await.unwrap()
+}
+
+/// The whole conversation, through the REST history, in pages.
+async fn history(addr: SocketAddr, bot: &str, token: &str) -> Vec<WireMessage> {
+    let mut all: Vec<WireMessage> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |m| m.seq);
+        let page: Value = reqwest::Client::new()
+            .get(format!("http://{addr}/api/bots/{bot}/messages?after_seq={after}&limit=500"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let msgs: Vec<WireMessage> = serde_json::from_value(page["messages"].clone()).unwrap();
+        let more = page["has_more"].as_bool().unwrap() && !msgs.is_empty();
+        all.extend(msgs);
+        if !more {
+            return all;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_restarted() {
+    const SOCKETS: usize = 12;
+    const PER_SOCKET: usize = 150;
+    const KILL_AFTER_ACKS: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = serve(dir.path(), &[]);
+    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
+    post(addr, "/api/auth/register", None, creds.clone()).await;
+    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
+    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
+    let bot = bot["id"].as_str().unwrap().to_owned();
+
+    // Every socket sends its whole burst at once, then reads acks; the server is killed as
+    // soon as enough acks came back, while replies are still being stored.
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<WireMessage>();
+    for s in 0..SOCKETS {
+        let url = format!("ws://{addr}/api/ws/chat/{bot}?token={token}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade accepted");
+        let acks = acks_tx.clone();
+        tokio::spawn(async move {
+            for i in 0..PER_SOCKET {
+                let frame =
+                    json!({"type": "message", "client_id": format!("s{s}-{i}"), "content": format!("m {s} {i}")});
+                if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Text(t) = msg {
+                    if let Ok(ServerFrame::Ack { message, .. }) = serde_json::from_str(&t) {
+                        let _ = acks.send(message);
+                    }
+                }
+            }
+        });
+    }
+    drop(acks_tx);
+    let mut acked = Vec::new();
+    while acked.len() < KILL_AFTER_ACKS {
+        acked.push(acks_rx.recv().await.expect("acks keep coming"));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    while let Some(m) = acks_rx.recv().await {
+        acked.push(m); // acks already in flight when the server died
+    }
+
+    let (mut child, addr) = serve(dir.path(), &[]);
+    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    // The restart settles what is owed before it serves: no waiting for a lease.
+    let all = history(addr, &bot, &token).await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let mut replies: HashMap<_, usize> = HashMap::new();
+    for m in all.iter().filter(|m| m.role == MessageRole::Bot) {
+        *replies.entry(m.in_reply_to.expect("a bot message replies to one")).or_default() += 1;
+    }
+    let users = all.iter().filter(|m| m.role == MessageRole::User).count();
+    let unanswered: Vec<_> = acked.iter().filter(|m| !replies.contains_key(&m.id)).map(|m| m.seq).collect();
+    let doubled: Vec<_> = replies.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} of {} acked messages have no reply: seqs {unanswered:?}",
+        unanswered.len(),
+        acked.len()
+    );
+    assert!(doubled.is_empty(), "replied more than once: {doubled:?}");
+    assert_eq!(replies.len(), users, "every stored user message has its one reply");
+}
+
+/// A fake OpenAI-compatible provider: its first request streams one word and then holds the
+/// stream open for ever; every later one answers "later" at once.
+async fn provider() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            n += 1;
+            let first = n == 1;
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                loop {
+                    let Ok(k) = sock.read(&mut buf).await else { return };
+                    if k == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..k]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let chunk =
+                    |w: &str| format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": {"content": w}}]}));
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                let body = if first { chunk("first ") } else { format!("{}data: [DONE]\n\n", chunk("later")) };
+                if sock.write_all(format!("{head}{body}").as_bytes()).await.is_err() || !first {
+                    return;
+                }
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
+    let provider = provider().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--bot-concurrency", "1", "--bot-egress-allow", "127.0.0.1/32"];
+    let (mut child, addr) = serve(dir.path(), &flags);
+    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
+    post(addr, "/api/auth/register", None, creds.clone()).await;
+    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
+    let engine = json!({"kind": "openai", "base_url": provider, "model": "m", "timeout_ms": 60000});
+    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Slow", "engine": engine})).await;
+    let bot = bot["id"].as_str().unwrap().to_owned();
+
+    let url = format!("ws://{addr}/api/ws/chat/{bot}?token={token}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade accepted");
+    for i in 0..2 {
+        let frame = json!({"type": "message", "client_id": format!("c{i}"), "content": "hi"});
+        ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+    }
+    // Both acked, and the first reply is streaming: the second waits in the bot's queue.
+    let (mut acked, mut streaming) = (Vec::new(), false);
+    while acked.len() < 2 || !streaming {
+        let Some(Ok(Message::Text(t))) = ws.next().await else { panic!("socket ended") };
+        match serde_json::from_str(&t).unwrap() {
+            ServerFrame::Ack { message, .. } => acked.push(message),
+            ServerFrame::MessageDelta { .. } => streaming = true,
+            _ => {}
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (mut child, addr) = serve(dir.path(), &flags);
+    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    // The cut-off reply is stored `incomplete` once its lease ends (1.5 s); the queued one is
+    // run again and answered.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let replies = loop {
+        let all = history(addr, &bot, &token).await;
+        let replies: Vec<WireMessage> = all.into_iter().filter(|m| m.role == MessageRole::Bot).collect();
+        if replies.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break replies;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let outcome = |m: &WireMessage| {
+        replies
+            .iter()
+            .filter(|r| r.in_reply_to == Some(m.id))
+            .map(|r| (r.content.clone(), r.status))
+            .collect::<Vec<_>>()
+    };
+    let cut = outcome(&acked[0]);
+    assert!(
+        matches!(&cut[..], [(text, natter_proto::MessageStatus::Incomplete)] if "first ".starts_with(text.as_str())),
+        "cut off, stored once with the text of its last checkpoint: {replies:?}"
+    );
+    assert_eq!(
+        outcome(&acked[1]),
+        vec![("later".to_owned(), natter_proto::MessageStatus::Complete)],
+        "queued: {replies:?}"
+    );
+}
