@@ -129,8 +129,12 @@ impl Server {
             revocations: Revocations::new(config.access_token_ttl),
             config,
         }));
-        let (shared, node) = (state.store.shared(), state.cluster.node());
-        crate::cluster::settle_owed(state.replier.clone(), shared, node, state.shutdown.clone()).await;
+        // With --reuse-port the previous process may still be answering on the same SQLite file
+        // (a hand-over restart): its replies in progress are not ours to settle at once, so the
+        // start-up sweep waits for the lease rule like a cluster does.
+        let others_may_serve = state.store.shared() || state.config.reuse_port;
+        let node = state.cluster.node();
+        crate::cluster::settle_owed(state.replier.clone(), others_may_serve, node, state.shutdown.clone()).await;
         let revoked = crate::revocation::subscribe(&state).await;
         tokio::spawn(crate::revocation::watch(state.clone(), revoked));
         if state.config.demo {

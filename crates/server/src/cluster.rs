@@ -312,13 +312,19 @@ impl Cluster {
 /// died between the ack and the reply, or while the reply waited in its queue). Once now, then
 /// every third of the lease until `stop`, alongside the lease sweep.
 ///
-/// At start, on a store no other node shares (SQLite, memory), every lease in the store is a
-/// dead process's: whatever is owed is settled before the first socket is served. On a shared
-/// store, a message is taken over once its node's lease ran out, or — never leased, answered
+/// At start, on a store no other process serves (SQLite or memory without `--reuse-port`),
+/// every lease in the store is a dead process's: whatever is owed is settled before the first
+/// socket is served. Otherwise (`others_may_serve`: a shared store, or a hand-over restart
+/// where the old process still answers), a message is taken over once its node's lease ran out, or — never leased, answered
 /// inline by an instant engine — once it is older than a lease.
-pub async fn settle_owed(replier: crate::bots::Replier, shared: bool, node: NodeLease, stop: CancellationToken) {
+pub async fn settle_owed(
+    replier: crate::bots::Replier,
+    others_may_serve: bool,
+    node: NodeLease,
+    stop: CancellationToken,
+) {
     let lease = chrono::Duration::from_std(node.lease).unwrap_or(chrono::Duration::seconds(15));
-    if !shared {
+    if !others_may_serve {
         let after_any_lease = Utc::now() + lease;
         let n = replier.settle_owed(after_any_lease, after_any_lease).await;
         if n > 0 {
