@@ -79,7 +79,9 @@ async fn a_login_flood_keeps_memory_bounded_and_overflow_gets_503() {
     let checked = statuses.iter().filter(|(s, _, code)| *s == 401 && code == "invalid_credentials").count();
     let busy = statuses.iter().filter(|(s, r, code)| *s == 503 && r.as_deref() == Some("2") && code == "auth_busy");
     assert_eq!(checked + busy.count(), statuses.len(), "each is a wrong password or busy: {statuses:?}");
-    assert!(checked >= 2 * 34, "at least the 2 running + 32 queued of each round were checked: {checked}");
+    // Each round, the 32 queued are checked, plus whatever the 2 workers took off the queue
+    // while the burst arrived (0 to 2: the queue is a channel the workers pull from).
+    assert!(checked >= 2 * 32, "at least the 32 queued of each round were checked: {checked}");
     println!("login flood: 2 x 64 concurrent, {checked} checked, peak RSS {over_idle_mib} MiB over idle");
     // 2 workers x 19 MiB, plus this process's HTTP clients and buffers.
     assert!(over_idle_mib < 64, "peak RSS {over_idle_mib} MiB over idle");
