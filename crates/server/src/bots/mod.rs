@@ -487,7 +487,7 @@ impl Replier {
             Generation { conversation_id, in_reply_to, text: String::new(), cancel: cancel.clone() },
         );
         // Subscribed before the lease is visible: a socket on another node that finds the lease
-        // and cancels is heard.
+        // and cancels, or asks for the text so far, is heard.
         // An instant engine (echo, rules) answers in one step: there is no reply in progress
         // to lease, checkpoint or cancel from another node, and two store writes are saved.
         let instant = engine.instant();
@@ -516,7 +516,7 @@ impl Replier {
             _ = cancel.cancelled() => None,
             // The engine is dropped here: a provider still streaming is cut off.
             _ = cut.cancelled() => Some(Err(too_long())),
-            () = cancelled_elsewhere(remote_cancel, message_id) => None,
+            () = requests_from_elsewhere(remote_cancel, self, conversation_id, in_reply_to, message_id) => None,
             () = self.checkpoints(message_id, leased) => unreachable!("checkpoints run until the reply ends"),
         };
         let so_far = self.text_so_far(message_id).unwrap_or_default();
@@ -576,16 +576,33 @@ impl Replier {
     }
 }
 
-/// Resolves when a socket on another node cancels this reply (`ConvEvent::Cancel`); never
-/// without a subscription.
-async fn cancelled_elsewhere(sub: Option<crate::bus::Subscription>, message_id: Uuid) {
+/// Serves the other nodes' requests about this reply until one cancels it
+/// (`ConvEvent::Cancel`, then this resolves): a [`ConvEvent::ReplySync`] is answered with the
+/// text so far, as one delta at offset 0, so a socket that joined mid-reply on another node
+/// (or missed deltas) has all of it. Never resolves without a subscription.
+async fn requests_from_elsewhere(
+    sub: Option<crate::bus::Subscription>,
+    replier: &Replier,
+    conversation_id: Uuid,
+    in_reply_to: Uuid,
+    message_id: Uuid,
+) {
     let Some(mut sub) = sub else { return std::future::pending().await };
     loop {
-        match sub.recv().await {
-            crate::bus::Received::Event(e) if matches!(&*e, ConvEvent::Cancel { message_id: m } if *m == message_id) => {
-                return
-            }
+        let e = match sub.recv().await {
+            crate::bus::Received::Event(e) => e,
+            crate::bus::Received::Lagged(_) => continue,
             crate::bus::Received::Closed => return std::future::pending().await,
+        };
+        match &*e {
+            ConvEvent::Cancel { message_id: m } if *m == message_id => return,
+            ConvEvent::ReplySync { message_id: m } if m.is_none_or(|m| m == message_id) => {
+                let delta = replier.text_so_far(message_id).unwrap_or_default();
+                if !delta.is_empty() {
+                    let event = ConvEvent::Delta { message_id, in_reply_to, offset: 0, delta };
+                    let _ = replier.bus.publish(conversation_id, event).await;
+                }
+            }
             _ => {}
         }
     }

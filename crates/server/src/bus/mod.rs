@@ -33,6 +33,10 @@ pub enum ConvEvent {
     BotChanged,
     /// A socket asked to stop a reply that another node is generating; that node stops it.
     Cancel { message_id: Uuid },
+    /// A socket joined a conversation (`None`: every reply) or missed pieces of a reply
+    /// generated on another node: the node generating it answers with a [`ConvEvent::Delta`]
+    /// at offset 0 holding the whole text so far, which fills every socket's gap.
+    ReplySync { message_id: Option<Uuid> },
     /// A login (refresh-token family) was ended: logout, or a refresh token used twice. On
     /// [`REVOCATIONS`], every node adds it to its revoked set; on a conversation, that
     /// conversation's sockets of this login close 4401.
@@ -119,6 +123,10 @@ pub trait Bus: Send + Sync + 'static {
     /// dependency watch). The in-process bus always can.
     fn health(&self) -> Result<(), BusError> {
         Ok(())
+    }
+    /// Whether other nodes publish and subscribe here too (replies may be generated elsewhere).
+    fn shared(&self) -> bool {
+        false
     }
 }
 

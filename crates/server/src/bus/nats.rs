@@ -36,6 +36,7 @@ enum WireEvent {
     BotError { code: String, message: String, in_reply_to: Uuid },
     BotChanged,
     Cancel { message_id: Uuid },
+    ReplySync { message_id: Option<Uuid> },
     Revoked { family_id: Uuid },
 }
 
@@ -51,6 +52,7 @@ impl From<&ConvEvent> for WireEvent {
             }
             ConvEvent::BotChanged => WireEvent::BotChanged,
             ConvEvent::Cancel { message_id } => WireEvent::Cancel { message_id },
+            ConvEvent::ReplySync { message_id } => WireEvent::ReplySync { message_id },
             ConvEvent::Revoked { family_id } => WireEvent::Revoked { family_id },
         }
     }
@@ -68,6 +70,7 @@ impl WireEvent {
             }
             WireEvent::BotChanged => ConvEvent::BotChanged,
             WireEvent::Cancel { message_id } => ConvEvent::Cancel { message_id },
+            WireEvent::ReplySync { message_id } => ConvEvent::ReplySync { message_id },
             WireEvent::Revoked { family_id } => ConvEvent::Revoked { family_id },
         })
     }
@@ -272,6 +275,10 @@ impl Bus for NatsBus {
             State::Connected => Ok(()),
             State::Disconnected | State::Pending => Err(BusError::Unavailable("not connected to NATS".into())),
         }
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 }
 

@@ -3,7 +3,8 @@
 //! One task per socket: the session reads client frames, bus events and timers, decides what
 //! to send, and writes it itself. Frames wait in a bounded queue ([`Conn`]) that the loop
 //! hands to the socket when it is writable, up to [`WRITE_BATCH`] frames per flush (one
-//! syscall). A client that stops reading fills the queue and, if it stays full for
+//! syscall): once the loop has nothing else ready, or at once when [`WRITE_SOON`] frames wait
+//! (a steady stream of client frames or bus events does not hold replies back). A client that stops reading fills the queue and, if it stays full for
 //! [`SLOW_CONSUMER_WAIT`], is closed with 4409 instead of growing memory.
 //!
 //! Delivery invariant: `delivered` is the highest seq this connection has been sent, and
@@ -68,6 +69,10 @@ enum End {
 
 /// At most this many queued frames are written with one flush.
 const WRITE_BATCH: usize = 32;
+
+/// With this many frames queued the loop writes before it reads anything else: the bound on
+/// how long a busy socket's replies wait (issue 15, item 6).
+const WRITE_SOON: usize = 16;
 
 /// The WebSocket message for a queued frame, and whether it is the last (a close).
 fn frame_of(out: Out) -> (Message, bool) {
@@ -174,6 +179,19 @@ impl Conn {
             Poll::Pending => Poll::Pending,
         })
         .await
+    }
+
+    /// A close frame the client already sent (waiting unread in a buffer), with its code: after a
+    /// failed write it tells that the client ended the connection, not the network.
+    fn buffered_close(&mut self) -> Option<Option<u16>> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        loop {
+            match self.ws.poll_next_unpin(&mut cx) {
+                Poll::Ready(Some(Ok(Message::Close(c)))) => return Some(c.map(|c| c.code)),
+                Poll::Ready(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
     }
 
     /// Writes until everything queued is written and flushed.
@@ -333,7 +351,12 @@ impl Live {
         if let Some(slot) = session.shared_slot.take() {
             state.cluster.release(slot).await;
         }
-        let conn = session.into_conn();
+        let mut conn = session.into_conn();
+        // A write that failed because the client had closed: its close frame may be here, unread.
+        let end = match end {
+            End::Network(e) => conn.buffered_close().map_or(End::Network(e), End::ClientClosed),
+            end => end,
+        };
         // The connection is over for the hub now, even while its close frame is on its way.
         drop(slot);
         metrics.connections_active.dec();
@@ -469,6 +492,9 @@ struct Stream {
     /// Text not yet sent because the outbound queue was full: it goes out as one coalesced
     /// delta when there is room, so a slow reader gets fewer, larger frames instead of a close.
     pending: String,
+    /// A gap in this reply was asked of the node generating it ([`ConvEvent::ReplySync`]) and
+    /// not filled yet.
+    asked: bool,
 }
 
 /// How many finished replies a socket remembers.
@@ -635,7 +661,14 @@ impl Session {
             self.replies
                 .get_or_insert_default()
                 .streams
-                .insert(p.message_id, Stream { in_reply_to: p.in_reply_to, have, pending: p.text });
+                .insert(p.message_id, Stream { in_reply_to: p.in_reply_to, have, pending: p.text, asked: false });
+        }
+        // Replies being generated on other nodes: their nodes answer with the text so far.
+        if state.bus.shared() {
+            let ask = ConvEvent::ReplySync { message_id: None };
+            if let Err(e) = state.bus.publish(self.conversation_id, ask).await {
+                tracing::debug!(error = %e, "asking for replies in progress failed");
+            }
         }
         self.flush_deltas()
     }
@@ -658,6 +691,7 @@ impl Session {
                 biased;
                 _ = shutdown.cancelled() => Err(End::Close(CloseCode::ServiceRestart, "server restarting; reconnect with backoff".into())),
                 reason = cluster.lost() => Err(End::Close(CloseCode::TryAgainLater, reason)),
+                _ = std::future::ready(()), if self.io.queue.len() >= WRITE_SOON && !self.io.blocked => self.io.write_now().await,
                 io = poll_fn(|cx| self.io.poll_io(cx)) => match io {
                     Io::Read(frame) => {
                         timers.heard = Instant::now();
@@ -761,13 +795,20 @@ impl Session {
     }
 
     /// Takes a piece of a streamed reply, dropping what this socket already has and filling
-    /// what it missed (a lagging bus) from the reply's text so far.
-    fn on_delta(&mut self, message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: &str) -> Result<(), End> {
+    /// what it missed (joined mid-reply, a lagging bus) from the reply's text so far: here when
+    /// this node generates it, or asked of the node that does ([`ConvEvent::ReplySync`], whose
+    /// answer is a delta at offset 0).
+    async fn on_delta(&mut self, message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: &str) -> Result<(), End> {
         let r = self.replies.get_or_insert_default();
         if r.finished.contains(&message_id) {
             return Ok(());
         }
-        let stream = r.streams.entry(message_id).or_insert(Stream { in_reply_to, have: 0, pending: String::new() });
+        let stream = r.streams.entry(message_id).or_insert(Stream {
+            in_reply_to,
+            have: 0,
+            pending: String::new(),
+            asked: false,
+        });
         let end = offset + delta.len();
         if end <= stream.have {
             return Ok(());
@@ -776,6 +817,16 @@ impl Session {
             match self.state.replier.text_so_far(message_id) {
                 Some(text) if text.len() >= end && text.is_char_boundary(stream.have) && text.is_char_boundary(end) => {
                     stream.pending.push_str(&text[stream.have..end]);
+                }
+                // Generated elsewhere: ask once; the answer fills the gap.
+                None if self.state.bus.shared() => {
+                    if !std::mem::replace(&mut stream.asked, true) {
+                        let ask = ConvEvent::ReplySync { message_id: Some(message_id) };
+                        if let Err(e) = self.state.bus.publish(self.conversation_id, ask).await {
+                            tracing::debug!(error = %e, "asking for a reply's text failed");
+                        }
+                    }
+                    return Ok(());
                 }
                 // The reply is already over; its final message is on the way.
                 _ => return Ok(()),
@@ -786,6 +837,7 @@ impl Session {
             return Ok(());
         }
         stream.have = end;
+        stream.asked = false;
         self.flush_deltas()
     }
 
@@ -821,11 +873,11 @@ impl Session {
             Received::Event(e) => match &*e {
                 ConvEvent::Message(m) => self.deliver(m).await,
                 ConvEvent::Delta { message_id, in_reply_to, offset, delta } => {
-                    self.on_delta(*message_id, *in_reply_to, *offset, delta)
+                    self.on_delta(*message_id, *in_reply_to, *offset, delta).await
                 }
                 ConvEvent::BotChanged => self.recheck_bot().await,
                 // For the node generating that reply (its `Replier`), not for sockets.
-                ConvEvent::Cancel { .. } => Ok(()),
+                ConvEvent::Cancel { .. } | ConvEvent::ReplySync { .. } => Ok(()),
                 ConvEvent::Revoked { family_id } if self.family == Some(*family_id) => {
                     Err(End::Close(CloseCode::Unauthorized, super::REVOKED_REASON.into()))
                 }

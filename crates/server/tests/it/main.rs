@@ -14,5 +14,6 @@ mod hostile_input;
 mod multinode;
 mod observability;
 mod rest;
+mod session_io;
 mod transcript;
 mod web;

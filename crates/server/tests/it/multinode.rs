@@ -670,3 +670,47 @@ async fn a_postgres_outage_does_not_lock_a_user_out() {
         ws.close().await;
     }
 }
+
+/// Issue 15, item 5: node A streams a reply; a tab opened on node B in the middle of it gets
+/// the text so far, then only what follows, as on one node (before: B dropped every delta,
+/// having no text of its own to fill the gap, and showed nothing until the whole reply).
+#[tokio::test]
+async fn a_tab_that_joins_mid_reply_on_another_node_gets_the_text_so_far() {
+    let Some(svc) =
+        Services::from_env("multinode::a_tab_that_joins_mid_reply_on_another_node_gets_the_text_so_far").await
+    else {
+        return;
+    };
+    let loopback = |c: &mut natter_server::Config| c.bot_egress_allow = vec!["127.0.0.1/32".parse().unwrap()];
+    let a = svc.node(None, loopback).await;
+    let b = svc.node(Some(&a), loopback).await;
+    let alice = a.user("alice").await;
+    let provider = slow_provider().await;
+    let engine = json!({"kind": "openai", "base_url": provider, "model": "slow", "timeout_ms": 60000});
+    let bot = a.bot(&alice, json!({"name": "Slow", "engine": engine})).await;
+    let mut on_a = a.ws(bot.id, &alice.token, "").await;
+    on_a.established().await;
+    on_a.say("c1", "count").await; // generated on A, a word every 100 ms
+    let mut seen_on_a = String::new();
+    while !seen_on_a.contains("w3 ") {
+        match on_a.frame().await {
+            ServerFrame::MessageDelta { delta, .. } => seen_on_a.push_str(&delta),
+            ServerFrame::Ack { .. } => {}
+            other => panic!("unexpected on A: {other:?}"),
+        }
+    }
+
+    let mut on_b = b.ws(bot.id, &alice.token, "").await;
+    on_b.established().await;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !text.contains("w6 ") {
+        match on_b.next_within(deadline - tokio::time::Instant::now()).await {
+            Some(Next::Frame(ServerFrame::MessageDelta { delta, .. })) => text.push_str(&delta),
+            Some(other) => panic!("unexpected on B: {other:?}"),
+            None => panic!("B got only {text:?} of the reply in 3 s (A had {seen_on_a:?} when B joined)"),
+        }
+    }
+    let words: Vec<String> = (0..text.split_whitespace().count()).map(|i| format!("w{i}")).collect();
+    assert_eq!(text, words.join(" ") + " ", "the text so far, then only what follows, in order");
+}
