@@ -6,16 +6,15 @@
 //! Needs `NATTER_TEST_DATABASE_URL` and `NATTER_TEST_NATS_URL`; without them the test prints a
 //! SKIPPED line and passes.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use natter_proto::{MessageStatus, ServerFrame};
 use natter_server::store::postgres::TestSchema;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -27,97 +26,22 @@ fn word(i: usize) -> String {
     format!("w{i} ")
 }
 
-/// A fake OpenAI-compatible provider on a raw socket: answers every request with a slow SSE
-/// stream of [`word`]s.
-async fn slow_provider() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut got = Vec::new();
-                // Headers, then as much body as Content-Length says.
-                loop {
-                    let Ok(n) = sock.read(&mut buf).await else { return };
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if got.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
-                }
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
-                if sock.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                for i in 0..10_000 {
-                    let chunk = json!({"choices": [{"index": 0, "delta": {"content": word(i)}}]});
-                    if sock.write_all(format!("data: {chunk}\n\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
-        }
-    });
-    format!("http://{addr}/v1")
-}
-
-/// A `natter serve` child process, killed (SIGKILL) on drop.
+/// A `natter serve` child process on the shared services, killed (SIGKILL) on drop.
 struct Node {
-    child: Child,
+    node: common::Node,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Node {
     fn start(database_url: &str, nats_url: &str, secret: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("jwt-secret"), secret).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
-            .arg("serve")
-            .args(["--bind", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
-            .args(["--database-url", database_url, "--bus", nats_url, "--node-lease-ms", "1500"])
-            .args(["--max-connections-per-user", "1", "--log-format", "json"])
-            // The fake provider listens on loopback (docs/bots.md, egress policy).
-            .args(["--bot-egress-allow", "127.0.0.1/32"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("natter serve starts");
-        // The first line says where it listens.
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .trim()
-            .parse()
-            .unwrap();
-        Node { child, addr, _dir: dir }
+        let args = ["--database-url", database_url, "--bus", nats_url, "--node-lease-ms", "1500"];
+        // The fake provider listens on loopback (docs/bots.md, egress policy).
+        let args = [&args[..], &["--max-connections-per-user", "1", "--bot-egress-allow", "127.0.0.1/32"]].concat();
+        let node = common::Node::start(dir.path(), &args);
+        Node { addr: node.addr, node, _dir: dir }
     }
 
     async fn post(&self, path: &str, token: Option<&str>, body: Value) -> Value {
@@ -160,7 +84,7 @@ async fn a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling() {
         }
     };
     let Some(schema) = TestSchema::from_env(TEST).await else { return };
-    let provider = slow_provider().await;
+    let provider = common::streaming_provider(10_000, Duration::from_millis(50)).await;
     let secret = "ab".repeat(32);
     let a = Node::start(&schema.url, &nats, &secret);
     let b = Node::start(&schema.url, &nats, &secret);
@@ -194,8 +118,7 @@ async fn a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling() {
     let reply_id = reply_id.unwrap();
 
     let mut a = a;
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
+    a.node.kill(); // SIGKILL
     assert!(next(&mut on_a).await.is_err(), "the socket on A is gone");
 
     // The dead node's socket still holds alice's only slot until its lease ends; then it is

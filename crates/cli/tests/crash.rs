@@ -4,70 +4,27 @@
 //! stored, a streaming reply waiting in the bot's queue — stayed unanswered for ever (a resend
 //! is a duplicate).
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+
+use common::{post, Node, NO_RATE_LIMITS};
 
 use futures_util::{SinkExt, StreamExt};
 use natter_proto::{MessageRole, ServerFrame, WireMessage};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Starts `natter serve` on SQLite in `dir`; returns it with the address it listens on.
-fn serve(dir: &Path, extra: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_natter"))
-        .arg("serve")
-        .args(["--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(["--node-lease-ms", "1500", "--messages-per-second", "100000", "--message-burst", "100000"])
-        .args(["--frames-per-second", "100000", "--frame-burst", "100000"])
-        .args(["--user-messages-per-second", "100000", "--user-message-burst", "100000"])
-        .args(["--log-format", "json"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("natter serve starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split("http://").nth(1).unwrap_or_else(|| panic!("unexpected first line {line:?}")).trim();
-    (child, addr.parse().unwrap())
-}
-
-async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: Value) -> Value {
-    let mut req = reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let res = req.send().await.unwrap();
-    assert!(res.status().is_success(), "{path}: {}", res.status());
-    res.json().await.unwrap()
-}
-
-/// The whole conversation, through the REST history, in pages.
-async fn history(addr: SocketAddr, bot: &str, token: &str) -> Vec<WireMessage> {
-    let mut all: Vec<WireMessage> = Vec::new();
-    loop {
-        let after = all.last().map_or(0, |m| m.seq);
-        let page: Value = reqwest::Client::new()
-            .get(format!("http://{addr}/api/bots/{bot}/messages?after_seq={after}&limit=500"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let msgs: Vec<WireMessage> = serde_json::from_value(page["messages"].clone()).unwrap();
-        let more = page["has_more"].as_bool().unwrap() && !msgs.is_empty();
-        all.extend(msgs);
-        if !more {
-            return all;
-        }
-    }
+/// Starts `natter serve` on SQLite in `dir`, with a short lease and no rate limits.
+fn serve(dir: &Path, extra: &[&str]) -> (Node, SocketAddr) {
+    let mut args = vec!["--node-lease-ms", "1500"];
+    args.extend(NO_RATE_LIMITS);
+    args.extend(extra);
+    let node = Node::start(dir, &args);
+    let addr = node.addr;
+    (node, addr)
 }
 
 #[tokio::test]
@@ -112,8 +69,7 @@ async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_resta
     while acked.len() < KILL_AFTER_ACKS {
         acked.push(acks_rx.recv().await.expect("acks keep coming"));
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill(); // SIGKILL
     while let Some(m) = acks_rx.recv().await {
         acked.push(m); // acks already in flight when the server died
     }
@@ -121,9 +77,8 @@ async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_resta
     let (mut child, addr) = serve(dir.path(), &[]);
     let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
     // The restart settles what is owed before it serves: no waiting for a lease.
-    let all = history(addr, &bot, &token).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    let all = common::history(addr, &bot, &token).await.unwrap();
+    child.kill();
 
     let mut replies: HashMap<_, usize> = HashMap::new();
     for m in all.iter().filter(|m| m.role == MessageRole::Bot) {
@@ -145,7 +100,7 @@ async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_resta
 /// A fake OpenAI-compatible provider: its first request streams one word and then holds the
 /// stream open for ever; every later one answers "later" at once.
 async fn provider() -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -154,28 +109,8 @@ async fn provider() -> String {
             n += 1;
             let first = n == 1;
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut got = Vec::new();
-                loop {
-                    let Ok(k) = sock.read(&mut buf).await else { return };
-                    if k == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..k]);
-                    let text = String::from_utf8_lossy(&got).to_string();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let len = text[..end]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap())
-                            })
-                            .unwrap_or(0);
-                        if got.len() >= end + 4 + len {
-                            break;
-                        }
-                    }
+                if !common::read_request(&mut sock).await {
+                    return;
                 }
                 let chunk =
                     |w: &str| format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": {"content": w}}]}));
@@ -220,8 +155,7 @@ async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
             _ => {}
         }
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill(); // SIGKILL
 
     let (mut child, addr) = serve(dir.path(), &flags);
     let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
@@ -229,15 +163,14 @@ async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
     // run again and answered.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let replies = loop {
-        let all = history(addr, &bot, &token).await;
+        let all = common::history(addr, &bot, &token).await.unwrap();
         let replies: Vec<WireMessage> = all.into_iter().filter(|m| m.role == MessageRole::Bot).collect();
         if replies.len() >= 2 || tokio::time::Instant::now() > deadline {
             break replies;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     let outcome = |m: &WireMessage| {
         replies
             .iter()

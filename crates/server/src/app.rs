@@ -114,7 +114,7 @@ impl Server {
                 },
                 metrics.clone(),
             )
-            .with_node(cluster.node())
+            .with_node(cluster.node(), cluster.work())
             .with_egress(crate::bots::egress::Policy::new(config.bot_egress_allow.clone())),
             metrics,
             ledger,

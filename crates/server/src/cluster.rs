@@ -70,12 +70,52 @@ pub struct Cluster {
     health: watch::Sender<Option<String>>,
     /// The slots of the sockets this node holds: the only ones it renews (issue 15).
     held: HeldSlots,
+    /// The replies it runs and has queued: the only generations and owed replies it renews.
+    work: HeldWork,
     /// Since when the bus has been seen down, while it is.
     bus_down_since: Mutex<Option<Instant>>,
 }
 
 /// Connection ids of this node's live [`Slot`]s. Plain mutex, never held across an await.
 type HeldSlots = Arc<Mutex<HashSet<Uuid>>>;
+
+/// The replies this node is running (reply ids) and the user messages whose reply it has
+/// queued (their ids): the generations and owed replies it renews. Work it drops — a reply it
+/// could not store during a store outage — is no longer renewed, so a sweep settles it
+/// (issue 15). Counted, as one id may be held twice for a moment. Plain mutex, never held
+/// across an await.
+#[derive(Clone, Default)]
+pub struct HeldWork(Arc<Mutex<std::collections::HashMap<Uuid, usize>>>);
+
+impl HeldWork {
+    /// Holds `id` (renews its lease) until the guard drops.
+    pub fn hold(&self, id: Uuid) -> WorkGuard {
+        *self.0.lock().unwrap().entry(id).or_default() += 1;
+        WorkGuard { id, work: self.clone() }
+    }
+
+    fn ids(&self) -> Vec<Uuid> {
+        self.0.lock().unwrap().keys().copied().collect()
+    }
+}
+
+/// See [`HeldWork::hold`].
+pub struct WorkGuard {
+    id: Uuid,
+    work: HeldWork,
+}
+
+impl Drop for WorkGuard {
+    fn drop(&mut self) {
+        let mut held = self.work.0.lock().unwrap();
+        if let Some(n) = held.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.id);
+            }
+        }
+    }
+}
 
 /// A socket's slot in the per-user count shared by every node. Released by
 /// [`Cluster::release`]; if the session ends some other way, dropping releases it in the
@@ -117,6 +157,7 @@ impl Cluster {
             store: store.clone(),
             health: watch::channel(None).0,
             held: HeldSlots::default(),
+            work: HeldWork::default(),
             bus_down_since: Mutex::new(None),
         });
         tracing::info!(node_id = %node.node_id, lease_ms = lease.as_millis() as u64, "node started");
@@ -202,13 +243,19 @@ impl Cluster {
         }
     }
 
-    /// Renews the leases of this node: its generations, and the slots of the sockets it still
-    /// holds; its other slots (sockets closed while the store was away) are deleted. `until`
-    /// is taken before the held set is read: a slot claimed meanwhile expires after it.
+    /// Renews the leases of what this node still holds: the replies it runs or has queued, and
+    /// the slots of its sockets; its other slots (sockets closed while the store was away) are
+    /// deleted, and its other replies left to the sweep. `until` is taken before the held sets
+    /// are read: a slot claimed meanwhile expires after it.
     async fn renew_held(&self) -> StoreResult<()> {
         let until = self.node.until();
         let held: Vec<Uuid> = self.held.lock().unwrap().iter().copied().collect();
-        self.store.renew_node(self.node.node_id, &held, until).await
+        self.store.renew_node(self.node.node_id, &held, &self.work.ids(), until).await
+    }
+
+    /// The replies this node holds, for the [`crate::bots::Replier`] to register its work in.
+    pub fn work(&self) -> HeldWork {
+        self.work.clone()
     }
 
     async fn renew_and_sweep(&self, bus: &dyn Bus) {

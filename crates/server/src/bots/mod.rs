@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::bus::{Bus, ConvEvent};
-use crate::cluster::NodeLease;
+use crate::cluster::{HeldWork, NodeLease};
 use crate::metrics::{CodeLabel, Metrics};
 use crate::store::{NewMessage, Store};
 use tokio::time::Instant;
@@ -117,6 +117,8 @@ pub struct Replier {
     registry: Arc<Mutex<Registry>>,
     /// On a server, replies in progress are leased in the store under this node.
     node: Option<NodeLease>,
+    /// The replies it runs and queues, whose leases the node renews.
+    work: HeldWork,
     /// Compiled rule sets, per bot (the `rules` engine).
     rules: rules::RulesCache,
 }
@@ -202,6 +204,7 @@ impl Replier {
             metrics,
             registry: Arc::default(),
             node: None,
+            work: HeldWork::default(),
             rules: Default::default(),
         }
     }
@@ -220,8 +223,11 @@ impl Replier {
     /// Leases replies in progress in the store under `node` and checkpoints their text, so a
     /// reply cut off when this node dies is stored as `incomplete` by another node (or by this
     /// one, restarted).
-    pub fn with_node(mut self, node: NodeLease) -> Self {
+    /// `work` is where the replies it runs and queues are registered, so that the node renews
+    /// their leases while it holds them (and only then).
+    pub fn with_node(mut self, node: NodeLease, work: HeldWork) -> Self {
         self.node = Some(node);
+        self.work = work;
         self
     }
 
@@ -353,9 +359,10 @@ impl Replier {
         };
         // Queued work is owed like running work: leased under this node from now on, so if the
         // node dies before the reply is stored, another node (or this one, restarted) settles it.
+        let mut owed = None;
         if let Some(node) = self.node {
             match self.store.lease_owed(message.id, node.node_id, node.until()).await {
-                Ok(true) => {}
+                Ok(true) => owed = Some(self.work.hold(message.id)),
                 Ok(false) => {
                     tracing::info!(message_id = %message.id, "reply already settled or taken by another node");
                     self.unload(bot_id);
@@ -371,6 +378,7 @@ impl Replier {
             let permit = permits.acquire_owned().await;
             this.run(engine, context, bot_id, bot_name, message, received).await;
             drop(permit);
+            drop(owed);
             this.unload(bot_id);
         });
     }
@@ -496,6 +504,8 @@ impl Replier {
             _ => None,
         };
         let leased = !instant && self.lease(message_id, conversation_id, in_reply_to).await;
+        // Renewed until the reply is stored or given up (then the sweep stores it `incomplete`).
+        let _running = leased.then(|| self.work.hold(message_id));
         let req = ReplyRequest { bot_id, bot_name, history, message };
         let max = self.limits.max_reply_chars;
         let cut = CancellationToken::new();

@@ -544,18 +544,21 @@ async fn connection_slots(store: Arc<dyn Store>) {
     let (held, closed) = (slot(user, later + Duration::seconds(10)), slot(user, later + Duration::seconds(10)));
     assert!(store.claim_slot(held, 2, later).await.unwrap());
     assert!(store.claim_slot(closed, 2, later).await.unwrap());
-    store.renew_node(node, &[held.connection_id, closed.connection_id], later + Duration::seconds(60)).await.unwrap();
+    store
+        .renew_node(node, &[held.connection_id, closed.connection_id], &[], later + Duration::seconds(60))
+        .await
+        .unwrap();
     let much_later = later + Duration::seconds(30);
     assert!(!store.claim_slot(slot(user, much_later), 2, much_later).await.unwrap(), "renewed slots still count");
     // Issue 15: a socket closed while its slot could not be released is not revived by the
     // renewal; a slot claimed while the renewal runs (it expires later) is kept.
     let claimed_meanwhile = slot(other, later + Duration::seconds(90));
     assert!(store.claim_slot(claimed_meanwhile, 9, later).await.unwrap());
-    store.renew_node(node, &[held.connection_id], later + Duration::seconds(80)).await.unwrap();
+    store.renew_node(node, &[held.connection_id], &[], later + Duration::seconds(80)).await.unwrap();
     assert_eq!(store.slots_in_use(user, much_later).await.unwrap(), 1, "only the held socket's slot is left");
     assert_eq!(store.slots_in_use(user, later + Duration::seconds(79)).await.unwrap(), 1, "and it was renewed");
     assert_eq!(store.slots_in_use(other, later + Duration::seconds(85)).await.unwrap(), 1, "the new slot is kept");
-    store.renew_node(Uuid::new_v4(), &[], later + Duration::seconds(200)).await.unwrap();
+    store.renew_node(Uuid::new_v4(), &[], &[], later + Duration::seconds(200)).await.unwrap();
     assert_eq!(store.slots_in_use(user, much_later).await.unwrap(), 1, "another node's renewal leaves them alone");
 
     // Concurrent claims never overshoot the limit.
@@ -608,7 +611,7 @@ async fn generations(store: &dyn Store) {
         .await
         .unwrap();
     assert!(store.recover_generations(now).await.unwrap().is_empty(), "leases still run");
-    store.renew_node(node, &[], now + Duration::seconds(30)).await.unwrap();
+    store.renew_node(node, &[], &[cut], now + Duration::seconds(30)).await.unwrap();
     assert!(store.recover_generations(now + Duration::seconds(20)).await.unwrap().is_empty(), "renewed");
 
     let recovered = store.recover_generations(now + Duration::seconds(31)).await.unwrap();
@@ -619,6 +622,16 @@ async fn generations(store: &dyn Store) {
     assert_eq!(store.messages_after(conv.id, 2, 10).await.unwrap(), recovered, "stored as returned");
     assert!(store.recover_generations(now + Duration::seconds(60)).await.unwrap().is_empty(), "once");
     assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 3, "no seq taken for the rest");
+
+    // A node renews only the replies it still runs: one it dropped (it could not store it)
+    // expires while the node lives on, and is stored by the sweep.
+    let (kept, dropped) = (Uuid::new_v4(), Uuid::new_v4());
+    for id in [kept, dropped] {
+        store.begin_generation(&lease(id)).await.unwrap();
+    }
+    store.renew_node(node, &[], &[kept], now + Duration::seconds(100)).await.unwrap();
+    let recovered = store.recover_generations(now + Duration::seconds(50)).await.unwrap();
+    assert_eq!(recovered.iter().map(|m| m.id).collect::<Vec<_>>(), vec![dropped], "only the dropped one");
 }
 
 /// Every stored user message is owed one reply until a bot message in reply to it is stored;
@@ -669,12 +682,16 @@ pub async fn owed_replies(store: Arc<dyn Store>) {
     let taken = claim(node_b, now + secs(20)).await;
     assert_eq!(taken, vec![OwedMessage { message: asked[1].clone(), bot_id: conv.bot_id }]);
     assert!(claim(Uuid::new_v4(), now + secs(20)).await.is_empty(), "taken once");
-    store.renew_node(node_b, &[], now + secs(200)).await.unwrap();
+    store.renew_node(node_b, &[], &[b], now + secs(200)).await.unwrap();
     assert!(claim(Uuid::new_v4(), now + secs(100)).await.is_empty(), "node B renews its lease");
     assert!(!store.lease_owed(b, node_a, now + secs(10)).await.unwrap(), "node B holds it now");
 
     // The cut-off generation is stored `incomplete`: c is settled with it.
     assert_eq!(store.recover_generations(now + secs(20)).await.unwrap().len(), 1);
+    // Node B dropped b (not in its work any more): its lease is not renewed and b is taken over.
+    store.renew_node(node_b, &[], &[], now + secs(400)).await.unwrap();
+    let retaken: Vec<Uuid> = claim(node_a, now + secs(250)).await.into_iter().map(|o| o.message.id).collect();
+    assert_eq!(retaken, vec![b], "a dropped reply is settled by a sweep while its node lives");
     store.append_message(reply(b)).await.unwrap();
     assert!(claim(Uuid::new_v4(), now + secs(1000)).await.is_empty(), "all settled");
 

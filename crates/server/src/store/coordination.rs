@@ -52,11 +52,14 @@ pub trait Coordination: Send + Sync {
     async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize>;
     /// Frees a slot (the socket closed). Unknown ids are ignored.
     async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()>;
-    /// Extends the generation leases and owed replies of `node_id`, and its slots in `held` (the sockets it still
-    /// holds), until `until`; deletes its other slots that expire before `until` (sockets it closed
-    /// but could not release, e.g. during a store outage). A slot claimed while this runs expires
-    /// at or after `until`, so it is kept.
-    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()>;
+    /// Extends, until `until`, the leases of `node_id` on what it still holds: the slots in
+    /// `slots` (its live sockets) and the generations and owed replies in `work` (reply ids and
+    /// user message ids of replies it is running or has queued). Deletes its other slots that
+    /// expire before `until` (sockets it closed but could not release, e.g. during a store
+    /// outage); its other generations and owed replies are left to expire, so a sweep settles
+    /// work this node dropped (a reply it could not store) while it lives on. A slot claimed
+    /// while this runs expires at or after `until`, so it is kept.
+    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()>;
 
     /// Counts one message of the user in the current window of `window_ms` on the store's
     /// clock (every node counts in the same window) and returns the window's count with it and

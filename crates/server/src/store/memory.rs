@@ -669,10 +669,11 @@ impl Coordination for MemoryStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
-        // A set, not a scan of the slice per slot: 10 000 sockets would be 10^8 comparisons
+    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
+        // Sets, not a scan of the slice per slot: 10 000 sockets would be 10^8 comparisons
         // under the store's one mutex.
-        let held: std::collections::HashSet<&Uuid> = held.iter().collect();
+        let held: std::collections::HashSet<&Uuid> = slots.iter().collect();
+        let work: std::collections::HashSet<&Uuid> = work.iter().collect();
         let mut inner = self.lock()?;
         let inner = &mut *inner;
         let until = millis(until);
@@ -693,10 +694,10 @@ impl Coordination for MemoryStore {
             });
         }
         inner.slots.retain(|_, mine| !mine.is_empty());
-        for g in inner.generations.values_mut().filter(|g| g.node_id == node_id) {
+        for (_, g) in inner.generations.iter_mut().filter(|(id, g)| g.node_id == node_id && work.contains(id)) {
             g.lease_until = until;
         }
-        for o in inner.owed.values_mut().filter(|o| o.node_id == Some(node_id)) {
+        for (_, o) in inner.owed.iter_mut().filter(|(id, o)| o.node_id == Some(node_id) && work.contains(id)) {
             o.lease_until = Some(until);
         }
         Ok(())

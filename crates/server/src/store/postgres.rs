@@ -717,12 +717,12 @@ impl Coordination for PostgresStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
+    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE connection_slots SET expires_at = $2 WHERE node_id = $1 AND connection_id = ANY($3)")
             .bind(node_id)
             .bind(millis(until))
-            .bind(held)
+            .bind(slots)
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM connection_slots WHERE node_id = $1 AND expires_at < $2")
@@ -730,16 +730,12 @@ impl Coordination for PostgresStore {
             .bind(millis(until))
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE generations SET lease_until = $2 WHERE node_id = $1")
-            .bind(node_id)
-            .bind(millis(until))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE owed_replies SET lease_until = $2 WHERE node_id = $1")
-            .bind(node_id)
-            .bind(millis(until))
-            .execute(&mut *tx)
-            .await?;
+        for q in [
+            "UPDATE generations SET lease_until = $2 WHERE node_id = $1 AND message_id = ANY($3)",
+            "UPDATE owed_replies SET lease_until = $2 WHERE node_id = $1 AND message_id = ANY($3)",
+        ] {
+            sqlx::query(q).bind(node_id).bind(millis(until)).bind(work).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

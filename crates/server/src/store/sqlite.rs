@@ -823,8 +823,10 @@ impl Coordination for SqliteStore {
         Ok(())
     }
 
-    async fn renew_node(&self, node_id: Uuid, held: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
-        let held = serde_json::to_string(&held.iter().map(Uuid::to_string).collect::<Vec<_>>()).expect("ids serialize");
+    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
+        let ids = |ids: &[Uuid]| {
+            serde_json::to_string(&ids.iter().map(Uuid::to_string).collect::<Vec<_>>()).expect("ids serialize")
+        };
         let mut tx = self.write.begin().await?;
         sqlx::query(
             "UPDATE connection_slots SET expires_at = ? WHERE node_id = ? \
@@ -832,15 +834,19 @@ impl Coordination for SqliteStore {
         )
         .bind(millis(until))
         .bind(node_id.to_string())
-        .bind(held)
+        .bind(ids(slots))
         .execute(&mut *tx)
         .await?;
+        sqlx::query("DELETE FROM connection_slots WHERE expires_at < ? AND node_id = ?")
+            .bind(millis(until))
+            .bind(node_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         for q in [
-            "DELETE FROM connection_slots WHERE expires_at < ? AND node_id = ?",
-            "UPDATE generations SET lease_until = ? WHERE node_id = ?",
-            "UPDATE owed_replies SET lease_until = ? WHERE node_id = ?",
+            "UPDATE generations SET lease_until = ? WHERE node_id = ? AND message_id IN (SELECT value FROM json_each(?))",
+            "UPDATE owed_replies SET lease_until = ? WHERE node_id = ? AND message_id IN (SELECT value FROM json_each(?))",
         ] {
-            sqlx::query(q).bind(millis(until)).bind(node_id.to_string()).execute(&mut *tx).await?;
+            sqlx::query(q).bind(millis(until)).bind(node_id.to_string()).bind(ids(work)).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
