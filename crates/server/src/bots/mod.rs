@@ -413,6 +413,7 @@ impl Replier {
             Ok(a) => {
                 let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
             }
+            Err(crate::store::StoreError::AlreadyAnswered) => {}
             Err(e) => tracing::error!(%conversation_id, error = %e, "storing a failed reply's outcome failed"),
         }
     }
@@ -578,6 +579,13 @@ impl Replier {
                         let _ = self.store.end_generation(message_id).await;
                     }
                     let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+                }
+                Err(crate::store::StoreError::AlreadyAnswered) => {
+                    // This node stalled past its lease and another answered meanwhile.
+                    tracing::warn!(%bot_id, %conversation_id, %in_reply_to, "reply dropped: the message was answered elsewhere");
+                    if leased {
+                        let _ = self.store.end_generation(message_id).await;
+                    }
                 }
                 Err(e) => tracing::error!(%bot_id, %conversation_id, error = %e, "storing a bot reply failed"),
             }

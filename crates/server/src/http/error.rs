@@ -82,7 +82,7 @@ impl From<StoreError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, ErrorCode::UsernameTaken, "that username is already registered")
             }
             StoreError::NotFound => ApiError::not_found("not found"),
-            StoreError::Backend(_) => ApiError::internal(e),
+            StoreError::Backend(_) | StoreError::AlreadyAnswered => ApiError::internal(e),
         }
     }
 }

@@ -21,6 +21,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     ledger(&*store).await;
     connection_slots(store.clone()).await;
     generations(&*store).await;
+    one_outcome_per_message(store.clone()).await;
     closed(&*store).await;
 }
 
@@ -578,19 +579,23 @@ async fn connection_slots(store: Arc<dyn Store>) {
 
 async fn generations(store: &dyn Store) {
     let conv = chat_setup(store, "generator").await;
-    let asked = store.append_message(user_msg(conv.id, "q1", "tell me")).await.unwrap().message;
+    let ask = |client_id: &'static str| {
+        let m = user_msg(conv.id, client_id, "tell me");
+        async move { store.append_message(m).await.unwrap().message.id }
+    };
+    let (asked_cut, asked_stored) = (ask("q1").await, ask("q2").await);
     let node = Uuid::new_v4();
     let now = Utc::now();
-    let lease = |message_id| GenerationLease {
+    let lease = |message_id, in_reply_to| GenerationLease {
         message_id,
         conversation_id: conv.id,
-        in_reply_to: asked.id,
+        in_reply_to,
         node_id: node,
         lease_until: now + Duration::seconds(10),
     };
     let (cut, finished, stored) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-    for id in [cut, finished, stored] {
-        store.begin_generation(&lease(id)).await.unwrap();
+    for (id, asked) in [(cut, asked_cut), (finished, asked_stored), (stored, asked_stored)] {
+        store.begin_generation(&lease(id, asked)).await.unwrap();
     }
     store.checkpoint_generation(cut, "half a rep").await.unwrap();
     assert!(store.generation_in_progress(conv.id, finished).await.unwrap());
@@ -598,18 +603,7 @@ async fn generations(store: &dyn Store) {
     store.end_generation(finished).await.unwrap();
     assert!(!store.generation_in_progress(conv.id, finished).await.unwrap());
     // `stored` was stored, but its node died before forgetting the lease.
-    store
-        .append_message(NewMessage {
-            id: stored,
-            conversation_id: conv.id,
-            role: MessageRole::Bot,
-            content: "whole".into(),
-            client_id: None,
-            in_reply_to: Some(asked.id),
-            status: MessageStatus::Complete,
-        })
-        .await
-        .unwrap();
+    store.append_message(bot_reply(conv.id, stored, asked_stored)).await.unwrap();
     assert!(store.recover_generations(now).await.unwrap().is_empty(), "leases still run");
     store.renew_node(node, &[], &[cut], now + Duration::seconds(30)).await.unwrap();
     assert!(store.recover_generations(now + Duration::seconds(20)).await.unwrap().is_empty(), "renewed");
@@ -617,21 +611,73 @@ async fn generations(store: &dyn Store) {
     let recovered = store.recover_generations(now + Duration::seconds(31)).await.unwrap();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     let m = &recovered[0];
-    assert_eq!((m.id, m.seq, m.role, m.status), (cut, 3, MessageRole::Bot, MessageStatus::Incomplete));
-    assert_eq!((m.content.as_str(), m.in_reply_to), ("half a rep", Some(asked.id)));
-    assert_eq!(store.messages_after(conv.id, 2, 10).await.unwrap(), recovered, "stored as returned");
+    assert_eq!((m.id, m.seq, m.role, m.status), (cut, 4, MessageRole::Bot, MessageStatus::Incomplete));
+    assert_eq!((m.content.as_str(), m.in_reply_to), ("half a rep", Some(asked_cut)));
+    assert_eq!(store.messages_after(conv.id, 3, 10).await.unwrap(), recovered, "stored as returned");
     assert!(store.recover_generations(now + Duration::seconds(60)).await.unwrap().is_empty(), "once");
-    assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 3, "no seq taken for the rest");
+    assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, 4, "no seq taken for the rest");
 
     // A node renews only the replies it still runs: one it dropped (it could not store it)
     // expires while the node lives on, and is stored by the sweep.
     let (kept, dropped) = (Uuid::new_v4(), Uuid::new_v4());
-    for id in [kept, dropped] {
-        store.begin_generation(&lease(id)).await.unwrap();
+    for (id, client_id) in [(kept, "q3"), (dropped, "q4")] {
+        store.begin_generation(&lease(id, ask(client_id).await)).await.unwrap();
     }
     store.renew_node(node, &[], &[kept], now + Duration::seconds(100)).await.unwrap();
     let recovered = store.recover_generations(now + Duration::seconds(50)).await.unwrap();
     assert_eq!(recovered.iter().map(|m| m.id).collect::<Vec<_>>(), vec![dropped], "only the dropped one");
+}
+
+fn bot_reply(conversation_id: Uuid, id: Uuid, in_reply_to: Uuid) -> NewMessage {
+    NewMessage {
+        id,
+        conversation_id,
+        role: MessageRole::Bot,
+        content: "whole".into(),
+        client_id: None,
+        in_reply_to: Some(in_reply_to),
+        status: MessageStatus::Complete,
+    }
+}
+
+/// A user message gets one outcome, however many nodes finish a reply to it (one stalled past
+/// its lease while another took over): the second reply is refused, a cut-off one not stored.
+async fn one_outcome_per_message(store: Arc<dyn Store>) {
+    let conv = chat_setup(&*store, "one-outcome").await;
+    let asked = store.append_message(user_msg(conv.id, "u1", "once")).await.unwrap().message.id;
+    store.append_message(bot_reply(conv.id, Uuid::new_v4(), asked)).await.unwrap();
+    let again = store.append_message(bot_reply(conv.id, Uuid::new_v4(), asked)).await;
+    assert!(matches!(again, Err(StoreError::AlreadyAnswered)), "{again:?}");
+    let late = GenerationLease {
+        message_id: Uuid::new_v4(),
+        conversation_id: conv.id,
+        in_reply_to: asked,
+        node_id: Uuid::new_v4(),
+        lease_until: Utc::now(),
+    };
+    store.begin_generation(&late).await.unwrap();
+    let swept = store.recover_generations(Utc::now() + Duration::seconds(1)).await.unwrap();
+    assert!(swept.is_empty(), "a cut-off second reply is not stored: {swept:?}");
+
+    // Two replies racing (in one SQLite batch, or two PostgreSQL transactions): one is stored.
+    let asked = store.append_message(user_msg(conv.id, "u2", "once")).await.unwrap().message.id;
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_message(bot_reply(conv.id, Uuid::new_v4(), asked)).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for r in racers {
+        match r.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(StoreError::AlreadyAnswered) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(stored, 1);
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4], "no seq taken by a refused reply");
 }
 
 /// Every stored user message is owed one reply until a bot message in reply to it is stored;

@@ -157,6 +157,13 @@ impl Inner {
         }
     }
 
+    /// Whether `in_reply_to` already has its one outcome: not owed any more, and a bot message in
+    /// reply to it is stored (messages from before owed replies were tracked are never owed).
+    fn answered(conv: &Conv, owed: &HashMap<Uuid, Owed>, in_reply_to: Uuid) -> bool {
+        !owed.contains_key(&in_reply_to)
+            && conv.messages.iter().any(|m| m.role == MessageRole::Bot && m.in_reply_to == Some(in_reply_to))
+    }
+
     /// Takes the next seq of the conversation; the caller checked the id is free.
     fn push_message(
         conv: &mut Conv,
@@ -458,6 +465,11 @@ impl Store for MemoryStore {
         }
         if message_ids.contains(&m.id) {
             return Err(unique("messages.id"));
+        }
+        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
+            if Inner::answered(conv, owed, asked) {
+                return Err(StoreError::AlreadyAnswered);
+            }
         }
         let message = Inner::push_message(conv, message_ids, owed, m);
         Ok(Appended { message, duplicate: false })
@@ -764,6 +776,9 @@ impl Coordination for MemoryStore {
                 continue;
             }
             let Some(conv) = conversations.get_mut(&g.conversation_id) else { continue };
+            if Inner::answered(conv, owed, g.in_reply_to) {
+                continue;
+            }
             let m = NewMessage {
                 id,
                 conversation_id: g.conversation_id,

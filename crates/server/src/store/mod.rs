@@ -32,6 +32,10 @@ pub enum StoreError {
     UsernameTaken,
     #[error("not found")]
     NotFound,
+    /// A bot message in reply to a user message that already has its one outcome (a node that
+    /// stalled past its lease finished a reply another node had given): not stored.
+    #[error("the message already has its reply")]
+    AlreadyAnswered,
     #[error("store backend error: {0}")]
     Backend(String),
 }

@@ -96,6 +96,24 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// Takes the conversation's next seq and inserts the message, inside `tx`. The `UPDATE` holds
 /// the conversation's row lock until the transaction ends.
+/// Whether `in_reply_to` already has its one outcome: it is not owed a reply any more and a bot
+/// message in reply to it is stored (a message stored before owed replies were tracked is never
+/// owed; for it the stored replies decide). Call with the conversation's row locked.
+async fn already_answered(
+    tx: &mut Transaction<'_, Postgres>,
+    conversation_id: Uuid,
+    in_reply_to: Uuid,
+) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM owed_replies WHERE message_id = $2) \
+           AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1 AND in_reply_to = $2 AND role = 'bot')",
+    )
+    .bind(conversation_id)
+    .bind(in_reply_to)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 async fn insert_with_next_seq(tx: &mut Transaction<'_, Postgres>, m: NewMessage) -> StoreResult<WireMessage> {
     let seq: i64 =
         sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")
@@ -436,6 +454,12 @@ impl Store for PostgresStore {
                     .await?;
             if let Some(row) = row {
                 return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
+            }
+        }
+        // One outcome per user message, whichever node finishes last.
+        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
+            if already_answered(&mut tx, m.conversation_id, asked).await? {
+                return Err(StoreError::AlreadyAnswered);
             }
         }
         let message = insert_with_next_seq(&mut tx, m).await?;
@@ -790,8 +814,15 @@ impl Coordination for PostgresStore {
         .fetch_all(&mut *tx)
         .await?;
         let mut recovered = Vec::new();
+        let mut due = Vec::with_capacity(rows.len());
         for row in rows {
-            let message_id: Uuid = row.try_get("message_id")?;
+            let ids: (Uuid, Uuid, Uuid) =
+                (row.try_get("conversation_id")?, row.try_get("message_id")?, row.try_get("in_reply_to")?);
+            due.push((ids, row.try_get::<String, _>("text")?));
+        }
+        // Conversation rows are locked in one order by every sweeper: no deadlock.
+        due.sort_by_key(|(ids, _)| *ids);
+        for ((conversation_id, message_id, in_reply_to), text) in due {
             sqlx::query("DELETE FROM generations WHERE message_id = $1").bind(message_id).execute(&mut *tx).await?;
             // The node may have stored the reply and died before forgetting its lease.
             let stored: Option<Uuid> = sqlx::query_scalar("SELECT id FROM messages WHERE id = $1")
@@ -801,13 +832,21 @@ impl Coordination for PostgresStore {
             if stored.is_some() {
                 continue;
             }
+            let locked: Option<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = $1 FOR UPDATE")
+                .bind(conversation_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            // Gone with its conversation, or answered by another reply meanwhile.
+            if locked.is_none() || already_answered(&mut tx, conversation_id, in_reply_to).await? {
+                continue;
+            }
             let msg = NewMessage {
                 id: message_id,
-                conversation_id: row.try_get("conversation_id")?,
+                conversation_id,
                 role: MessageRole::Bot,
-                content: row.try_get("text")?,
+                content: text,
                 client_id: None,
-                in_reply_to: Some(row.try_get("in_reply_to")?),
+                in_reply_to: Some(in_reply_to),
                 status: MessageStatus::Incomplete,
             };
             match insert_with_next_seq(&mut tx, msg).await {

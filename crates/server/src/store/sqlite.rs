@@ -128,7 +128,8 @@ struct BatchRow<'a> {
 /// Stores a batch in one statement and says, for each message in order, what became of it.
 ///
 /// Inside the statement, a message whose `client_id` is already stored, or appears earlier in
-/// the batch, is not inserted; the others of a conversation take `last_seq + 1, + 2, …` in
+/// the batch, is not inserted, nor is a bot message in reply to a user message that already
+/// has its outcome (not owed any more, and a reply stored or earlier in the batch); the others of a conversation take `last_seq + 1, + 2, …` in
 /// batch order (a window function over the batch, computed before any row is inserted: the
 /// statement reads `messages`, so SQLite materialises it first). The trigger of migration
 /// 0005 advances `last_seq`. Seqs stay gap-free because every write goes through the one
@@ -158,10 +159,15 @@ async fn append_batch(write: &SqlitePool, messages: Vec<NewMessage>) -> StoreRes
                     value ->> 'created_at' AS created_at \
              FROM json_each(?1)), \
          d AS ( \
-             SELECT b.*, ROW_NUMBER() OVER (PARTITION BY conv, client_id ORDER BY ord) AS nth FROM b), \
+             SELECT b.*, ROW_NUMBER() OVER (PARTITION BY conv, client_id ORDER BY ord) AS nth, \
+                    ROW_NUMBER() OVER (PARTITION BY role, in_reply_to ORDER BY ord) AS nth_reply FROM b), \
          k AS ( \
-             SELECT * FROM d WHERE client_id IS NULL OR (nth = 1 AND NOT EXISTS ( \
+             SELECT * FROM d WHERE (client_id IS NULL OR (nth = 1 AND NOT EXISTS ( \
                  SELECT 1 FROM messages m WHERE m.conversation_id = d.conv AND m.client_id = d.client_id))) \
+             AND (role <> 'bot' OR in_reply_to IS NULL OR (nth_reply = 1 AND ( \
+                 EXISTS (SELECT 1 FROM owed_replies o WHERE o.message_id = d.in_reply_to) \
+                 OR NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = d.conv \
+                     AND m.in_reply_to = d.in_reply_to AND m.role = 'bot'))))) \
          INSERT INTO messages (id, conversation_id, seq, role, content, client_id, in_reply_to, status, created_at) \
          SELECT k.id, k.conv, c.last_seq + ROW_NUMBER() OVER (PARTITION BY k.conv ORDER BY k.ord), \
                 k.role, k.content, k.client_id, k.in_reply_to, k.status, k.created_at \
@@ -190,17 +196,26 @@ async fn append_batch(write: &SqlitePool, messages: Vec<NewMessage>) -> StoreRes
                 },
                 duplicate: false,
             }),
-            // Not inserted: its client_id is already stored (maybe by this very batch), or the
-            // conversation does not exist.
-            None => stored_duplicate(write, &m).await,
+            // Not inserted: its client_id is already stored (maybe by this very batch), it
+            // replies to a message already answered, or the conversation does not exist.
+            None => not_inserted(write, &m).await,
         };
         results.push(result);
     }
     Ok(results)
 }
 
-async fn stored_duplicate(write: &SqlitePool, m: &NewMessage) -> StoreResult<Appended> {
-    let Some(client_id) = &m.client_id else { return Err(StoreError::NotFound) };
+async fn not_inserted(write: &SqlitePool, m: &NewMessage) -> StoreResult<Appended> {
+    let Some(client_id) = &m.client_id else {
+        let conversation: Option<String> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = ?")
+            .bind(m.conversation_id.to_string())
+            .fetch_optional(write)
+            .await?;
+        return Err(match (conversation, m.role, m.in_reply_to) {
+            (Some(_), MessageRole::Bot, Some(_)) => StoreError::AlreadyAnswered,
+            _ => StoreError::NotFound,
+        });
+    };
     let row = sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ? AND client_id = ?"))
         .bind(m.conversation_id.to_string())
         .bind(client_id)
@@ -912,6 +927,19 @@ impl Coordination for SqliteStore {
             if stored.is_some() {
                 continue;
             }
+            let in_reply_to: String = row.try_get("in_reply_to")?;
+            // Answered by another reply meanwhile (its node stalled past the lease, then finished).
+            let answered: bool = sqlx::query_scalar(
+                "SELECT NOT EXISTS (SELECT 1 FROM owed_replies WHERE message_id = ?2) \
+                   AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = ?1 AND in_reply_to = ?2 AND role = 'bot')",
+            )
+            .bind(&conv)
+            .bind(&in_reply_to)
+            .fetch_one(&mut *tx)
+            .await?;
+            if answered {
+                continue;
+            }
             let Some(seq) = sqlx::query_scalar::<_, i64>(
                 "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
             )
@@ -923,7 +951,6 @@ impl Coordination for SqliteStore {
             };
             let created = millis(Utc::now());
             let text: String = row.try_get("text")?;
-            let in_reply_to: String = row.try_get("in_reply_to")?;
             sqlx::query(&format!(
                 "INSERT INTO messages ({MSG_COLS}) VALUES (?, ?, ?, 'bot', ?, NULL, ?, 'incomplete', ?)"
             ))
