@@ -9,6 +9,7 @@ import { formatReport, runWebSocketDiagnostics, type DiagnosticStep, type Diagno
 import { ClosePolicy } from '../lib/policy';
 import { closeHeadline, closeTechnical } from '../lib/words';
 import { clear, h } from './dom';
+import { copyToClipboard } from './markdown';
 
 /** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */
 export interface StatusText {
@@ -152,7 +153,7 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
       onclick: async () => {
         if (!report) return;
         const text = `${formatReport(report)}\n\n--- report (JSON) ---\n${JSON.stringify(report, null, 2)}\n\n--- flight recorder ---\n${socket.exportFlightRecorder()}`;
-        copied.textContent = (await copyText(text)) ? 'Copied.' : 'Copy failed: select the text below.';
+        copied.textContent = (await copyToClipboard(text)) ? 'Copied.' : 'Copy failed: select the text below.';
         if (!copied.textContent.startsWith('Copied')) {
           const ta = h('textarea', { class: 'report-text', readonly: true, rows: 8 }, text);
           dialog.appendChild(ta);
@@ -194,23 +195,4 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
     dialog.dataset.done = 'true';
     copyBtn.disabled = false;
   });
-}
-
-async function copyText(text: string): Promise<boolean> {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    const ta = h('textarea', { style: 'position:fixed;opacity:0' }, text);
-    document.body.appendChild(ta);
-    ta.select();
-    let ok = false;
-    try {
-      ok = document.execCommand('copy');
-    } catch {
-      ok = false;
-    }
-    ta.remove();
-    return ok;
-  }
 }
