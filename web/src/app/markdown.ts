@@ -9,7 +9,7 @@
 
 import DOMPurify from 'dompurify';
 import { Marked } from 'marked';
-import { h } from './dom';
+import { copyToClipboard, h } from './dom';
 
 const escapeHtml = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
 
@@ -74,24 +74,4 @@ export function renderMarkdown(text: string): DocumentFragment {
     block.append(pre, copy);
   }
   return frag;
-}
-
-/** The clipboard API, or the old way where it is missing (plain http on another host). */
-export async function copyToClipboard(text: string): Promise<boolean> {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    const ta = h('textarea', { style: 'position:fixed;opacity:0' }, text);
-    document.body.appendChild(ta);
-    ta.select();
-    let ok = false;
-    try {
-      ok = document.execCommand('copy');
-    } catch {
-      ok = false;
-    }
-    ta.remove();
-    return ok;
-  }
 }

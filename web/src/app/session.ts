@@ -2,12 +2,14 @@
  * The login session: tokens in `localStorage` (under `access_token`, the key the seed's
  * console snippets read, and `refresh_token`), a REST wrapper that refreshes the access token
  * silently on a 401, and one refresh at a time across tabs (refresh tokens rotate: two tabs
- * refreshing with the same one would revoke the whole login).
+ * refreshing with the same one would revoke the whole login). The access token is refreshed
+ * shortly before it expires (`keepFresh`), so a long-open chat never meets a 401 or a 4401.
  */
 
 import { http, type HttpResult } from '../lib/http';
 import type { TokenPair, UserView } from '../lib/protocol';
 import { resolveEndpoints } from '../lib/config';
+import { decodeJwt } from '../lib/diagnostics';
 
 const ACCESS = 'access_token';
 const REFRESH = 'refresh_token';
@@ -37,6 +39,9 @@ export class Session {
   readonly apiUrl: string;
   private listeners = new Set<Listener>();
   private inflight: Promise<string | null> | null = null;
+  private freshTimer: ReturnType<typeof setTimeout> | null = null;
+  /** When this tab last refreshed ahead of expiry (a clock far ahead of the server's must not make it loop). */
+  private lastEarlyRefresh = 0;
 
   constructor(apiUrl = resolveEndpoints().apiUrl) {
     this.apiUrl = apiUrl;
@@ -126,6 +131,43 @@ export class Session {
     });
     this.inflight = p;
     return p;
+  }
+
+  /**
+   * Refreshes the access token ahead of its expiry: a quarter of its lifetime before (at most
+   * a minute). Every tab plans it; the refresh lock and the `stale` check in `refresh` make the
+   * first tab's refresh serve them all, and a tab that sees a new token (storage event) plans
+   * again from it.
+   */
+  keepFresh(): void {
+    const plan = () => {
+      if (this.freshTimer) clearTimeout(this.freshTimer);
+      this.freshTimer = null;
+      const token = this.accessToken;
+      const claims = token ? decodeJwt(token) : null;
+      if (!token || !this.loggedIn || typeof claims?.exp !== 'number') return;
+      const lifetime = typeof claims.iat === 'number' && claims.exp > claims.iat ? claims.exp - claims.iat : 900;
+      const ahead = Math.min(60, lifetime / 4);
+      const due = Math.max((claims.exp - ahead) * 1000 - Date.now(), this.lastEarlyRefresh + (lifetime * 1000) / 2 - Date.now(), 0);
+      this.freshTimer = setTimeout(async () => {
+        this.freshTimer = null;
+        if (this.accessToken !== token) return plan(); // another tab has refreshed it
+        this.lastEarlyRefresh = Date.now();
+        const fresh = await this.refresh(token);
+        // Server unreachable: the login is kept; try again in a while (a 401 refreshes too).
+        if (!fresh && this.loggedIn) this.freshTimer = setTimeout(plan, 15_000);
+        else plan();
+      }, due);
+    };
+    window.addEventListener('storage', (e) => {
+      if (e.key === ACCESS) plan();
+    });
+    // Background tabs' timers are throttled: look again when the tab is shown.
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'visible') plan();
+    });
+    this.onChange(plan);
+    plan();
   }
 
   private expire(): null {

@@ -8,8 +8,7 @@ import type { ChatSocket, ConnectionState } from '../lib/chat-socket';
 import { formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport } from '../lib/diagnostics';
 import { ClosePolicy } from '../lib/policy';
 import { closeHeadline, closeTechnical } from '../lib/words';
-import { clear, h } from './dom';
-import { copyToClipboard } from './markdown';
+import { clear, copyToClipboard, h } from './dom';
 
 /** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */
 export interface StatusText {

@@ -906,14 +906,23 @@ export class ChatSocket {
 
   private onVisible(): void {
     const st = this._state;
-    if ((st.kind === 'reconnecting' || st.kind === 'backend_unavailable') && st.retryAt <= Date.now()) {
-      // Background tabs throttle timers: a retry that is already due goes now.
-      this.recorder.record('visible_retry', { late_ms: Date.now() - st.retryAt });
+    if (st.kind === 'reconnecting' || st.kind === 'backend_unavailable') {
+      // Shown again: try now rather than wait out a backoff that grew while nobody looked (and
+      // that background timers stretch further). The attempt count stays, so a server still
+      // down is backed off from as before.
+      this.recorder.record('visible_retry', { early_ms: st.retryAt - Date.now(), attempt: st.attempt });
       void this.startAttempt();
       return;
     }
     if (st.kind !== 'open') return;
     const gen = this.gen;
+    const quietMs = this.lastFrameAt ? Date.now() - this.lastFrameAt : 0;
+    if (this.established && quietMs > this.established.heartbeat_interval_ms) {
+      // A frozen (phone) tab: pings should have brought pongs long ago; this socket is dead.
+      this.recorder.record('visible_check', { quiet_ms: quietMs });
+      this.onClosed(gen, CLIENT_CLOSE.LIVENESS_FAILED, `nothing heard for ${quietMs} ms while the tab was hidden`, 'client');
+      return;
+    }
     this.recorder.record('visible_check', {});
     void this.ping(this.opts.livenessTimeoutMs).then((rtt) => {
       if (gen !== this.gen || rtt !== null) return;
