@@ -73,7 +73,7 @@ scenario('connect and chat (log in through the form)', async () => {
   await page.waitForSelector('[data-testid=status-label]:text-is("Connected")');
   const traffic = countTraffic(page);
   await sendMessage(page, 'hello natter');
-  await page.waitForSelector('.msg.bot .body:text-is("hello natter")', { timeout: 10_000 });
+  await page.waitForSelector('.msg.bot .body > p:text-is("hello natter")', { timeout: 10_000 });
   await page.waitForSelector('.msg.user[data-status=sent] .body:text-is("hello natter")');
   const shown = await shownMessages(page);
   assert(shown.length === 2, `two messages shown, got ${JSON.stringify(shown)}`);
@@ -101,7 +101,7 @@ async function restartScenario(signal) {
   await watchStates(page);
   for (const m of ['one', 'two']) {
     await sendMessage(page, m);
-    await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+    await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
   }
   await srv.kill(signal);
   await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, { timeout: 10_000 });
@@ -111,9 +111,9 @@ async function restartScenario(signal) {
   await sleep(1500);
   await srv.start();
   await waitState(page, 'open', 40_000);
-  await page.waitForSelector('.msg.bot .body:text-is("three (typed while down)")', { timeout: 10_000 });
+  await page.waitForSelector('.msg.bot .body > p:text-is("three (typed while down)")', { timeout: 10_000 });
   await sendMessage(page, 'four');
-  await page.waitForSelector('.msg.bot .body:text-is("four")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("four")');
   const labels = await page.evaluate(() => window.__labels);
   const iRe = labels.findIndex((l) => /— reconnecting|^Can't reach the server/.test(l));
   assert(iRe >= 0, `indicator showed reconnecting: ${JSON.stringify(labels)}`);
@@ -184,7 +184,7 @@ scenario('expired access token in the app: silent refresh, then chat', async () 
   await page.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(page, 'open');
   await sendMessage(page, 'after refresh');
-  await page.waitForSelector('.msg.bot .body:text-is("after refresh")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("after refresh")');
   assert(traffic.refresh === 1, `exactly one refresh request, got ${traffic.refresh}`);
   // Kill the login elsewhere: logout revokes the login at once (issue 14), so the open chat's
   // socket is closed 4401, the refresh is refused → "Session expired, log in again", by itself.
@@ -228,8 +228,8 @@ scenario('4404: failed with advice, no retry loop', async () => {
   assert(label === "This bot doesn't exist", `label: ${label}`);
   await page.click('[data-testid=status-more]');
   const tech = await page.textContent('[data-testid=status-tech]');
-  assert(/^4404 bot_not_found: .*no bot/.test(tech), `the code, its name and the reason one click away: ${tech}`);
-  assert(/Check the bot id/.test(detail), `advice shown: ${detail}`);
+  assert(/^4404 bot_not_found: .*no bot.*Check the bot id/.test(tech), `the code, its name, the reason and the registry's advice one click away: ${tech}`);
+  assert(/Check the link, or pick the bot from the list/.test(detail), `advice shown: ${detail}`);
   const n = traffic.ticket + traffic.sockets.length;
   await sleep(4000);
   assert(traffic.ticket + traffic.sockets.length === n, 'no retries after failing');
@@ -256,7 +256,7 @@ scenario('offline emulation pauses retries; back online reconnects at once', asy
   await waitState(page, 'open', 5000);
   const took = Date.now() - t0;
   assert(took < 5000, `reconnected at once (${took} ms)`);
-  await page.waitForSelector('.msg.bot .body:text-is("typed offline")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("typed offline")');
 });
 
 scenario('diagnostics name the failing step: bad token, missing bot, stopped server', async () => {
@@ -351,7 +351,7 @@ scenario('register → create bot → chat', async () => {
   await page.click('[data-testid=chat-link] >> text=Parrot');
   await waitState(page, 'open');
   await sendMessage(page, 'polly wants a test');
-  await page.waitForSelector('.msg.bot .body:text-is("polly wants a test")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("polly wants a test")');
   assert((await page.textContent('[data-testid=chat-title]')) === 'Parrot', 'title');
   await page.click('[data-testid=logout]');
   await page.waitForSelector('[data-testid=auth-submit]');
@@ -395,7 +395,7 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
       }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
     });
     await sendMessage(page, 'hi');
-    await page.waitForSelector('.msg.bot[data-status=received] .body:text-is("Streaming reply to: hi")', { timeout: 15_000 });
+    await page.waitForSelector('.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: hi")', { timeout: 15_000 });
     const partials = await page.evaluate(() => window.__partials);
     assert(partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply'), `grew token by token: ${JSON.stringify(partials)}`);
     assert((await page.$$('.msg.bot')).length === 1, 'one reply bubble (deltas and final merged)');
@@ -438,7 +438,7 @@ scenario('a refused message shows Not sent with the reason, Retry and Discard', 
   await page.waitForSelector('.msg.user[data-status=failed] .msg-error:text("the limit is 20")');
   await page.click('.msg.user[data-status=failed] button:text("Discard")');
   await sendMessage(page, 'short one');
-  await page.waitForSelector('.msg.bot .body:text-is("short one")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("short one")');
   const shown = await shownMessages(page);
   assert(shown.length === 2 && shown.every((m) => m.status !== 'failed'), `failed one discarded: ${JSON.stringify(shown)}`);
   assert((await page.evaluate(() => window.chatWebSocketService.state.kind)) === 'open', 'the socket stayed up');
@@ -484,7 +484,7 @@ scenario('revoke access: Failed with a readable reason, no retry loop', async ()
   await page.goto(`${srv.url}/#/chat/${bot.id}`);
   await waitState(page, 'open');
   await sendMessage(page, 'hi');
-  await page.waitForSelector('.msg.bot .body:text-is("hi")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("hi")');
   // The open socket is closed at once (4403), with the reason.
   await api(srv.url, `/api/bots/${bot.id}/members/guest`, { method: 'DELETE', token: owner.access_token });
   await waitState(page, 'failed', 30_000);
@@ -532,16 +532,17 @@ scenario('two tabs on the same conversation stay in step', async () => {
   const { ctx, page: a } = await newPage();
   await loginPage(a, srv, t, 'demo');
   await a.goto(`${srv.url}/#/chat/${botId}`);
+  await a.reload(); // as a tab opened when logged in (loginPage only wrote the tokens)
   const b = await ctx.newPage();
   await b.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(a, 'open');
   await waitState(b, 'open');
   await sendMessage(a, 'from tab A');
   await b.waitForSelector('.msg.user .body:text-is("from tab A")');
-  await b.waitForSelector('.msg.bot .body:text-is("from tab A")');
+  await b.waitForSelector('.msg.bot .body > p:text-is("from tab A")');
   await sendMessage(b, 'from tab B');
-  await a.waitForSelector('.msg.bot .body:text-is("from tab B")');
-  await b.waitForSelector('.msg.bot .body:text-is("from tab B")');
+  await a.waitForSelector('.msg.bot .body > p:text-is("from tab B")');
+  await b.waitForSelector('.msg.bot .body > p:text-is("from tab B")');
   await sleep(300);
   const sa = (await shownMessages(a)).map((m) => `${m.seq}:${m.role}:${m.text}`);
   const sb = (await shownMessages(b)).map((m) => `${m.seq}:${m.role}:${m.text}`);
@@ -592,7 +593,7 @@ scenario('keyboard only: log in, open a chat, send, open Diagnose', async () => 
   await page.waitForSelector('[data-testid=composer]:focus');
   await page.keyboard.type('typed with keys');
   await page.keyboard.press('Enter');
-  await page.waitForSelector('.msg.bot .body:text-is("typed with keys")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("typed with keys")');
   await tabTo(() => document.activeElement?.dataset.testid === 'diagnose', 'Diagnose');
   await page.keyboard.press('Enter');
   await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
@@ -615,7 +616,7 @@ scenario('history: older messages load on scroll up', async () => {
       await new Promise((r) => setTimeout(r, 210)); // within 5 messages/s
     }
   });
-  await page.waitForSelector('.msg.bot .body:text-is("m60")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("m60")');
   await page.reload();
   await waitState(page, 'open');
   let shown = await shownMessages(page);
@@ -753,7 +754,7 @@ scenario('issue 18: a chat opened while the server is down heals itself when it 
   await waitState(page, 'open');
   for (const m of ['one', 'two', 'three']) {
     await sendMessage(page, m);
-    await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+    await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
   }
   await srv.kill();
   await page.evaluate(() => (window.__sameDocument = true));
@@ -768,13 +769,13 @@ scenario('issue 18: a chat opened while the server is down heals itself when it 
   await waitState(page, 'open', 40_000);
   await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 6, null, { timeout: 15_000 });
   await page.waitForSelector('[data-testid=chat-title]:text-is("Echo")');
-  await page.waitForSelector('[data-testid=chat-error]:empty');
+  await page.waitForSelector('[data-testid=chat-error]:empty', { state: 'attached' });
   const shown = await shownMessages(page);
   assert(shown.map((m) => m.seq).join() === '1,2,3,4,5,6' && shown.map((m) => m.text).join() === 'one,one,two,two,three,three', `history in order, once: ${JSON.stringify(shown)}`);
   assert(await page.evaluate(() => window.__sameDocument === true), 'healed without a reload');
   // And it goes on as usual.
   await sendMessage(page, 'four');
-  await page.waitForSelector('.msg.bot .body:text-is("four")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("four")');
   assert((await shownMessages(page)).length === 8, 'eight messages');
 });
 
@@ -953,6 +954,7 @@ scenario('issue 18: the access token is refreshed before it expires, once for al
   ctx.on('response', (r) => r.status() === 401 && refused.push(r.url()));
   await loginPage(a, srv, t, 'demo');
   await a.goto(`${srv.url}/#/chat/${botId}`);
+  await a.reload(); // as a tab opened when logged in (loginPage only wrote the tokens)
   const b = await ctx.newPage();
   await b.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(a, 'open');
@@ -964,10 +966,14 @@ scenario('issue 18: the access token is refreshed before it expires, once for al
   // Past the first token's end (12 s + the server's 5 s leeway): reconnect both tabs.
   await sleep(t0 + 19_000 - Date.now());
   for (const p of [a, b]) await p.evaluate(() => window.chatWebSocketService.retryNow());
-  await waitState(a, 'open');
-  await waitState(b, 'open');
+  for (const p of [a, b]) {
+    await waitState(p, 'open').catch(async (e) => {
+      console.log(await p.evaluate(() => [location.hash, window.chatWebSocketService.exportFlightRecorder()]));
+      throw e;
+    });
+  }
   await sendMessage(a, 'still here');
-  await b.waitForSelector('.msg.bot .body:text-is("still here")');
+  await b.waitForSelector('.msg.bot .body > p:text-is("still here")');
   for (const p of [a, b]) {
     const ev = await p.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
     assert(!ev.some((e) => (e.type === 'close' && e.code === 4401) || e.type === 'reauth'), `no 4401 round trip: ${JSON.stringify(ev.filter((e) => e.type === 'close' || e.type === 'reauth'))}`);
@@ -987,7 +993,7 @@ scenario('issue 18: phone width, hidden tab: no error flashes, retries back off,
   await page.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(page, 'open');
   await sendMessage(page, 'before');
-  await page.waitForSelector('.msg.bot .body:text-is("before")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("before")');
   const other = await ctx.newPage();
   await other.setViewportSize({ width: 1000, height: 760 });
   await other.goto(`${srv.url}/#/chat/${botId}`);
@@ -1013,14 +1019,14 @@ scenario('issue 18: phone width, hidden tab: no error flashes, retries back off,
   await other.evaluate(() => window.chatWebSocketService.retryNow());
   await waitState(other, 'open');
   await sendMessage(other, 'while you were away');
-  await other.waitForSelector('.msg.bot .body:text-is("while you were away")');
+  await other.waitForSelector('.msg.bot .body > p:text-is("while you were away")');
   const shownAt = Date.now();
   assert(retryAt - shownAt > 1500, `the hidden tab's next try is still ahead (${retryAt - shownAt} ms)`);
   await setHidden(page, false);
   await waitState(page, 'open', 10_000);
   const took = Date.now() - shownAt;
   assert(took < Math.min(3000, retryAt - shownAt), `shown again, it reconnected at once (${took} ms; the backoff said ${retryAt - shownAt} ms)`);
-  await page.waitForSelector('.msg.bot .body:text-is("while you were away")', { timeout: 5000 });
+  await page.waitForSelector('.msg.bot .body > p:text-is("while you were away")', { timeout: 5000 });
   const texts = (await shownMessages(page)).map((m) => m.text);
   assert(texts.join() === 'before,before,while you were away,while you were away', `caught up, nothing doubled: ${texts}`);
   const shown = await page.evaluate(() => window.__shown);

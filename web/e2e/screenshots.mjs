@@ -39,7 +39,7 @@ async function main() {
     await waitState(page, 'open');
     for (const m of ['Hello! Are you there?', 'Tell me about reconnects.', 'Thanks — see you.']) {
       await sendMessage(page, m);
-      await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+      await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
     }
     await page.screenshot({ path: join(OUT, 'chat-connected.png') });
 

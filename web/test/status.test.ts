@@ -86,8 +86,12 @@ describe('status indicator text', () => {
       const d = describeState({ kind: 'failed', code: c, reason: `token_expired: reason for ${c}`, advice: v.description }, now);
       expect(d.label, `close code ${c}`).toBe(words);
       expect(d.tone).toBe('bad');
-      expect(d.label).not.toMatch(SNAKE);
+      for (const shown of [d.label, d.detail ?? '']) {
+        expect(shown, `close code ${c}`).not.toMatch(SNAKE);
+        expect(shown, `close code ${c}`).not.toMatch(CODE);
+      }
       expect(d.tech).toContain(`${c} ${v.name}`);
+      expect(d.tech).toContain(v.description);
       expect(d.tech).toContain(`reason for ${c}`);
     }
   });

@@ -126,7 +126,16 @@ export class Session {
       return null;
     };
     const locks = (navigator as Navigator & { locks?: LockManager }).locks;
-    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', run) as unknown as Promise<string | null>) : run()).finally(() => {
+    // The lock is held a moment after a new pair is stored: another tab's localStorage sees it
+    // a few milliseconds later, and a tab that took the lock before then would spend the
+    // rotated refresh token again (which revokes the login).
+    const locked = async () => {
+      const before = localStorage.getItem(REFRESH);
+      const token = await run();
+      if (localStorage.getItem(REFRESH) !== before) await new Promise((r) => setTimeout(r, 250));
+      return token;
+    };
+    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', locked) as unknown as Promise<string | null>) : run()).finally(() => {
       this.inflight = null;
     });
     this.inflight = p;
@@ -135,12 +144,16 @@ export class Session {
 
   /**
    * Refreshes the access token ahead of its expiry: a quarter of its lifetime before (at most
-   * a minute). Every tab plans it; the refresh lock and the `stale` check in `refresh` make the
-   * first tab's refresh serve them all, and a tab that sees a new token (storage event) plans
-   * again from it.
+   * a minute). One tab does it for all: the one holding the `natter-token-keeper` lock (the
+   * next in line takes over when it closes). Were every tab to plan it, their timers would
+   * fire together, and a tab whose `localStorage` had not yet seen the first tab's new pair
+   * would spend the rotated refresh token again, which revokes the login.
    */
   keepFresh(): void {
+    const locks = (navigator as Navigator & { locks?: LockManager }).locks;
+    let keeper = !locks;
     const plan = () => {
+      if (!keeper) return;
       if (this.freshTimer) clearTimeout(this.freshTimer);
       this.freshTimer = null;
       const token = this.accessToken;
@@ -151,7 +164,7 @@ export class Session {
       const due = Math.max((claims.exp - ahead) * 1000 - Date.now(), this.lastEarlyRefresh + (lifetime * 1000) / 2 - Date.now(), 0);
       this.freshTimer = setTimeout(async () => {
         this.freshTimer = null;
-        if (this.accessToken !== token) return plan(); // another tab has refreshed it
+        if (this.accessToken !== token) return plan(); // refreshed meanwhile (after a 401)
         this.lastEarlyRefresh = Date.now();
         const fresh = await this.refresh(token);
         // Server unreachable: the login is kept; try again in a while (a 401 refreshes too).
@@ -167,7 +180,13 @@ export class Session {
       if (document.visibilityState === 'visible') plan();
     });
     this.onChange(plan);
-    plan();
+    if (locks) {
+      void locks.request('natter-token-keeper', () => {
+        keeper = true;
+        plan();
+        return new Promise<never>(() => {}); // held for the life of the tab
+      });
+    } else plan();
   }
 
   private expire(): null {

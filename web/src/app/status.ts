@@ -7,7 +7,7 @@
 import type { ChatSocket, ConnectionState } from '../lib/chat-socket';
 import { formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport } from '../lib/diagnostics';
 import { ClosePolicy } from '../lib/policy';
-import { closeHeadline, closeTechnical } from '../lib/words';
+import { closeAdvice, closeHeadline, closeTechnical } from '../lib/words';
 import { clear, copyToClipboard, h } from './dom';
 
 /** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */
@@ -57,8 +57,8 @@ export function describeState(s: ConnectionState, now = Date.now(), opts: { hidd
       return {
         label: closeHeadline(s.code) ?? 'Not connected',
         tone: 'bad',
-        detail: s.advice,
-        tech: closeTechnical({ code: s.code, name: names.verdict(s.code).name, reason: s.reason }),
+        detail: closeAdvice(s.code),
+        tech: `${closeTechnical({ code: s.code, name: names.verdict(s.code).name, reason: s.reason })} — ${s.advice}`,
       };
   }
 }
@@ -112,15 +112,18 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
     bar.dataset.tone = d.tone;
     label.textContent = d.label;
     detail.textContent = d.detail ? ` — ${d.detail}` : '';
-    tech.textContent = d.tech ?? '';
-    more.hidden = !d.tech;
-    if (!d.tech) {
+    // A new try keeps the last problem's details at hand until it connects or fails anew.
+    const keep = s.kind === 'checking' || s.kind === 'connecting';
+    const techText = d.tech ?? (keep ? tech.textContent : '') ?? '';
+    tech.textContent = techText;
+    more.hidden = !techText;
+    if (!techText) {
       tech.hidden = true;
       more.setAttribute('aria-expanded', 'false');
     }
     retry.disabled = !socket.getCurrentBotId() || s.kind === 'open' || s.kind === 'connecting' || s.kind === 'checking';
     diagnose.disabled = !(socket.getCurrentBotId() ?? lastBot);
-    bar.title = d.tech ?? d.detail ?? d.label;
+    bar.title = techText || d.detail || d.label;
     if (announced !== s.kind) {
       announced = s.kind;
       announce.textContent = `Connection: ${d.label.replace(/ in \d+ s/, '')}`;

@@ -40,6 +40,23 @@ export function closeHeadline(code: number): string | null {
   return HEADLINES[code] ?? 'Connection lost';
 }
 
+const WHAT_TO_DO: Record<number, string> = {
+  1000: 'Press Retry to connect again.',
+  1002: 'Reload the page. If it happens again, run Diagnose and send the report to whoever runs the server.',
+  1007: 'Reload the page. If it happens again, run Diagnose and send the report to whoever runs the server.',
+  1008: "Whoever runs the server must allow this site's address.",
+  1011: 'Run Diagnose and send the report to whoever runs the server.',
+  4400: 'Reload the page. If it happens again, run Diagnose and send the report to whoever runs the server.',
+  4401: 'Log in again.',
+  4403: "Ask the bot's owner to share it with you.",
+  4404: 'Check the link, or pick the bot from the list.',
+};
+
+/** What a person can do about a close that ends the connection, in plain words. */
+export function closeAdvice(code: number): string {
+  return WHAT_TO_DO[code] ?? 'Press Retry to try again, or Diagnose to find out more.';
+}
+
 /** The technical name of a close, as the details and the flight recorder show it. */
 export function closeTechnical(close: { code: number; name: string; reason?: string }): string {
   return `${close.code} ${close.name}${close.reason ? `: ${close.reason}` : ''}`;
