@@ -434,7 +434,7 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     const bad = partials2.filter((p) => p && !full.startsWith(p));
     assert(bad.length === 0 && partials2.length > 5, `every partial is a prefix of the reply: ${JSON.stringify(bad)}`);
     const bodies = await page.$$eval('.msg.bot .body', (els) => els.map((e) => e.textContent));
-    assert(bodies.at(-1) === full.trim() && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
+    assert(bodies.at(-1).trim() === full.trim() && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
   } finally {
     close();
   }
@@ -548,7 +548,6 @@ scenario('two tabs on the same conversation stay in step', async () => {
   const { ctx, page: a } = await newPage();
   await loginPage(a, srv, t, 'demo');
   await a.goto(`${srv.url}/#/chat/${botId}`);
-  await a.reload(); // as a tab opened when logged in (loginPage only wrote the tokens)
   const b = await ctx.newPage();
   await b.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(a, 'open');
@@ -679,14 +678,20 @@ async function setHidden(page, hidden) {
   }, hidden);
 }
 
-scenario('issue 18: the status bar speaks plain words for every close code; details one click away', async () => {
+/** A demo server and a page logged in as demo, open on the Echo bot's chat. */
+async function openDemoChat(pageOpts = {}) {
   const srv = await startServer();
   const t = await login(srv.url, 'demo', 'demo-password');
   const botId = await demoBotId(srv, t.access_token);
-  const { page } = await newPage();
+  const { ctx, page } = await newPage(pageOpts);
   await loginPage(page, srv, t, 'demo');
   await page.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(page, 'open');
+  return { srv, t, botId, ctx, page };
+}
+
+scenario('issue 18: the status bar speaks plain words for every close code; details one click away', async () => {
+  const { srv, page } = await openDemoChat();
   await watchStatus(page);
   // Restarting, then down.
   await srv.kill('SIGTERM');
@@ -761,13 +766,7 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
 });
 
 scenario('issue 18: a chat opened while the server is down heals itself when it returns', async () => {
-  const srv = await startServer();
-  const t = await login(srv.url, 'demo', 'demo-password');
-  const botId = await demoBotId(srv, t.access_token);
-  const { page } = await newPage();
-  await loginPage(page, srv, t, 'demo');
-  await page.goto(`${srv.url}/#/chat/${botId}`);
-  await waitState(page, 'open');
+  const { srv, botId, page } = await openDemoChat();
   for (const m of ['one', 'two', 'three']) {
     await sendMessage(page, m);
     await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
@@ -796,10 +795,7 @@ scenario('issue 18: a chat opened while the server is down heals itself when it 
 });
 
 scenario('issue 18: bot replies are Markdown, sanitised; hostile input executes nothing; user text stays plain', async () => {
-  const srv = await startServer();
-  const t = await login(srv.url, 'demo', 'demo-password');
-  const botId = await demoBotId(srv, t.access_token);
-  const { ctx, page } = await newPage();
+  const { srv, ctx, page } = await openDemoChat();
   await ctx.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: srv.url });
   const dialogs = [];
   page.on('dialog', (d) => {
@@ -808,9 +804,6 @@ scenario('issue 18: bot replies are Markdown, sanitised; hostile input executes 
   });
   const popups = [];
   ctx.on('page', (p) => popups.push(p.url()));
-  await loginPage(page, srv, t, 'demo');
-  await page.goto(`${srv.url}/#/chat/${botId}`);
-  await waitState(page, 'open');
   const hostile = [
     '# Plan',
     '**bold**, _em_, `inline` and a [good link](https://example.com/docs).',
