@@ -159,6 +159,8 @@ export class Session {
       const token = this.accessToken;
       const claims = token ? decodeJwt(token) : null;
       if (!token || !this.loggedIn || typeof claims?.exp !== 'number') return;
+      // Already expired (a tab opened or woken after the end): the first call's 401 refreshes it.
+      if (claims.exp * 1000 <= Date.now()) return;
       const lifetime = typeof claims.iat === 'number' && claims.exp > claims.iat ? claims.exp - claims.iat : 900;
       const ahead = Math.min(60, lifetime / 4);
       const due = Math.max((claims.exp - ahead) * 1000 - Date.now(), this.lastEarlyRefresh + (lifetime * 1000) / 2 - Date.now(), 0);
@@ -180,6 +182,11 @@ export class Session {
       if (document.visibilityState === 'visible') plan();
     });
     this.onChange(plan);
+    // A refresh whose answer is lost with the page would leave a spent refresh token behind.
+    window.addEventListener('pagehide', () => {
+      keeper = false;
+      if (this.freshTimer) clearTimeout(this.freshTimer);
+    });
     if (locks) {
       void locks.request('natter-token-keeper', () => {
         keeper = true;
