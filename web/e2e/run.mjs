@@ -73,7 +73,7 @@ scenario('connect and chat (log in through the form)', async () => {
   await page.waitForSelector('[data-testid=status-label]:text-is("Connected")');
   const traffic = countTraffic(page);
   await sendMessage(page, 'hello natter');
-  await page.waitForSelector('.msg.bot .body:text-is("hello natter")', { timeout: 10_000 });
+  await page.waitForSelector('.msg.bot .body > p:text-is("hello natter")', { timeout: 10_000 });
   await page.waitForSelector('.msg.user[data-status=sent] .body:text-is("hello natter")');
   const shown = await shownMessages(page);
   assert(shown.length === 2, `two messages shown, got ${JSON.stringify(shown)}`);
@@ -101,7 +101,7 @@ async function restartScenario(signal) {
   await watchStates(page);
   for (const m of ['one', 'two']) {
     await sendMessage(page, m);
-    await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+    await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
   }
   await srv.kill(signal);
   await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, { timeout: 10_000 });
@@ -111,13 +111,15 @@ async function restartScenario(signal) {
   await sleep(1500);
   await srv.start();
   await waitState(page, 'open', 40_000);
-  await page.waitForSelector('.msg.bot .body:text-is("three (typed while down)")', { timeout: 10_000 });
+  await page.waitForSelector('.msg.bot .body > p:text-is("three (typed while down)")', { timeout: 10_000 });
   await sendMessage(page, 'four');
-  await page.waitForSelector('.msg.bot .body:text-is("four")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("four")');
   const labels = await page.evaluate(() => window.__labels);
-  const iRe = labels.findIndex((l) => /^Reconnecting|^Server unavailable/.test(l));
-  assert(iRe >= 0, `indicator showed Reconnecting: ${JSON.stringify(labels)}`);
-  assert(labels.some((l) => /^Reconnecting/.test(l)), `indicator said "Reconnecting": ${JSON.stringify(labels)}`);
+  const iRe = labels.findIndex((l) => /— reconnecting|^Can't reach the server/.test(l));
+  assert(iRe >= 0, `indicator showed reconnecting: ${JSON.stringify(labels)}`);
+  const said = signal === 'SIGTERM' ? /^The server is restarting — reconnecting/ : /^Connection lost — reconnecting/;
+  assert(labels.some((l) => said.test(l)), `indicator said ${said}: ${JSON.stringify(labels)}`);
+  assert(labels.every((l) => !/\b[a-z]+_[a-z_]+\b|\b[14]\d{3}\b|fetch/i.test(l)), `plain words only: ${JSON.stringify(labels)}`);
   assert(labels.slice(iRe).includes('Connected'), `then Connected: ${JSON.stringify(labels)}`);
   const shown = await shownMessages(page);
   const server = await api(srv.url, `/api/bots/${botId}/messages?limit=100`, { token: t.access_token });
@@ -182,7 +184,7 @@ scenario('expired access token in the app: silent refresh, then chat', async () 
   await page.goto(`${srv.url}/#/chat/${botId}`);
   await waitState(page, 'open');
   await sendMessage(page, 'after refresh');
-  await page.waitForSelector('.msg.bot .body:text-is("after refresh")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("after refresh")');
   assert(traffic.refresh === 1, `exactly one refresh request, got ${traffic.refresh}`);
   // Kill the login elsewhere: logout revokes the login at once (issue 14), so the open chat's
   // socket is closed 4401, the refresh is refused → "Session expired, log in again", by itself.
@@ -223,8 +225,11 @@ scenario('4404: failed with advice, no retry loop', async () => {
   await waitState(page, 'failed');
   const label = await page.textContent('[data-testid=status-label]');
   const detail = await page.textContent('[data-testid=status-detail]');
-  assert(/^Failed: .*no bot/.test(label), `label: ${label}`);
-  assert(/Check the bot id/.test(detail), `advice shown: ${detail}`);
+  assert(label === "This bot doesn't exist", `label: ${label}`);
+  await page.click('[data-testid=status-more]');
+  const tech = await page.textContent('[data-testid=status-tech]');
+  assert(/^4404 bot_not_found: .*no bot.*Check the bot id/.test(tech), `the code, its name, the reason and the registry's advice one click away: ${tech}`);
+  assert(/Check the link, or pick the bot from the list/.test(detail), `advice shown: ${detail}`);
   const n = traffic.ticket + traffic.sockets.length;
   await sleep(4000);
   assert(traffic.ticket + traffic.sockets.length === n, 'no retries after failing');
@@ -241,7 +246,7 @@ scenario('offline emulation pauses retries; back online reconnects at once', asy
   const traffic = countTraffic(page);
   await ctx.setOffline(true);
   await waitState(page, 'offline', 5000);
-  await page.waitForSelector('[data-testid=status-label]:text-is("Offline")');
+  await page.waitForSelector(`[data-testid=status-label]:text-is("You're offline — waiting for the network")`);
   await sendMessage(page, 'typed offline');
   await page.waitForSelector('.msg.user[data-status=pending] .msg-status:text("Queued")');
   await sleep(5000);
@@ -251,7 +256,7 @@ scenario('offline emulation pauses retries; back online reconnects at once', asy
   await waitState(page, 'open', 5000);
   const took = Date.now() - t0;
   assert(took < 5000, `reconnected at once (${took} ms)`);
-  await page.waitForSelector('.msg.bot .body:text-is("typed offline")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("typed offline")');
 });
 
 scenario('diagnostics name the failing step: bad token, missing bot, stopped server', async () => {
@@ -346,29 +351,35 @@ scenario('register → create bot → chat', async () => {
   await page.click('[data-testid=chat-link] >> text=Parrot');
   await waitState(page, 'open');
   await sendMessage(page, 'polly wants a test');
-  await page.waitForSelector('.msg.bot .body:text-is("polly wants a test")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("polly wants a test")');
   assert((await page.textContent('[data-testid=chat-title]')) === 'Parrot', 'title');
   await page.click('[data-testid=logout]');
   await page.waitForSelector('[data-testid=auth-submit]');
 });
 
-scenario('streamed reply grows token by token, survives a reconnect mid-reply; Stop cancels one', async () => {
-  // A webhook bot whose endpoint streams NDJSON deltas slowly.
+/**
+ * A webhook bot whose endpoint streams NDJSON deltas: `piecesFor(content)` gives the pieces,
+ * written `delayMs` apart. Its server, the demo login and a page open on its chat; call
+ * `close()` when done.
+ */
+async function streamingBot(name, piecesFor, delayMs) {
   const hookPort = await freePort();
   const hook = createHttpServer(async (req, res) => {
     let body = '';
     for await (const c of req) body += c;
-    const content = JSON.parse(body).message.content;
     res.writeHead(200, { 'Content-Type': 'application/x-ndjson' });
-    const pieces = content === 'long one' ? Array.from({ length: 30 }, (_, i) => `w${i} `) : ['Stream', 'ing ', 'reply ', 'to: ', content];
-    for (const p of pieces) {
+    for (const p of piecesFor(JSON.parse(body).message.content)) {
       if (res.destroyed) break;
       res.write(JSON.stringify({ delta: p }) + '\n');
-      await sleep(350);
+      await sleep(delayMs);
     }
     res.end();
   });
   await new Promise((r) => hook.listen(hookPort, '127.0.0.1', r));
+  const close = () => {
+    hook.closeAllConnections?.();
+    hook.close();
+  };
   try {
     // The hook listens on loopback: the operator lets every user's bots reach it (docs/bots.md).
     const srv = await startServer({ args: ['--bot-egress-allow', '127.0.0.1/32'] });
@@ -376,12 +387,22 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     const bot = await api(srv.url, '/api/bots', {
       method: 'POST',
       token: t.access_token,
-      body: { name: 'Streamer', engine: { kind: 'webhook', url: `http://127.0.0.1:${hookPort}/hook`, secret: '0123456789abcdef0123' } },
+      body: { name, engine: { kind: 'webhook', url: `http://127.0.0.1:${hookPort}/hook`, secret: '0123456789abcdef0123' } },
     });
     const { page } = await newPage();
     await loginPage(page, srv, t, 'demo');
     await page.goto(`${srv.url}/#/chat/${bot.id}`);
     await waitState(page, 'open');
+    return { page, close };
+  } catch (e) {
+    close();
+    throw e;
+  }
+}
+
+scenario('streamed reply grows token by token, survives a reconnect mid-reply; Stop cancels one', async () => {
+  const { page, close } = await streamingBot('Streamer', (content) => (content === 'long one' ? Array.from({ length: 30 }, (_, i) => `w${i} `) : ['Stream', 'ing ', 'reply ', 'to: ', content]), 350);
+  try {
     await page.evaluate(() => {
       window.__partials = [];
       new MutationObserver(() => {
@@ -390,9 +411,10 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
       }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
     });
     await sendMessage(page, 'hi');
-    await page.waitForSelector('.msg.bot[data-status=received] .body:text-is("Streaming reply to: hi")', { timeout: 15_000 });
-    const partials = await page.evaluate(() => window.__partials);
-    assert(partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply '), `grew token by token: ${JSON.stringify(partials)}`);
+    await page.waitForSelector('.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: hi")', { timeout: 15_000 });
+    // Markdown: the empty reply's first render shows nothing, and spaces at its end are layout.
+    const partials = (await page.evaluate(() => window.__partials)).map((p) => p.trim()).filter(Boolean);
+    assert(partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply'), `grew token by token: ${JSON.stringify(partials)}`);
     assert((await page.$$('.msg.bot')).length === 1, 'one reply bubble (deltas and final merged)');
     // Stop a long reply part-way.
     await sendMessage(page, 'long one');
@@ -412,10 +434,9 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     const bad = partials2.filter((p) => p && !full.startsWith(p));
     assert(bad.length === 0 && partials2.length > 5, `every partial is a prefix of the reply: ${JSON.stringify(bad)}`);
     const bodies = await page.$$eval('.msg.bot .body', (els) => els.map((e) => e.textContent));
-    assert(bodies.at(-1) === full && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
+    assert(bodies.at(-1).trim() === full.trim() && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
   } finally {
-    hook.closeAllConnections?.();
-    hook.close();
+    close();
   }
 });
 
@@ -433,7 +454,7 @@ scenario('a refused message shows Not sent with the reason, Retry and Discard', 
   await page.waitForSelector('.msg.user[data-status=failed] .msg-error:text("the limit is 20")');
   await page.click('.msg.user[data-status=failed] button:text("Discard")');
   await sendMessage(page, 'short one');
-  await page.waitForSelector('.msg.bot .body:text-is("short one")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("short one")');
   const shown = await shownMessages(page);
   assert(shown.length === 2 && shown.every((m) => m.status !== 'failed'), `failed one discarded: ${JSON.stringify(shown)}`);
   assert((await page.evaluate(() => window.chatWebSocketService.state.kind)) === 'open', 'the socket stayed up');
@@ -479,12 +500,13 @@ scenario('revoke access: Failed with a readable reason, no retry loop', async ()
   await page.goto(`${srv.url}/#/chat/${bot.id}`);
   await waitState(page, 'open');
   await sendMessage(page, 'hi');
-  await page.waitForSelector('.msg.bot .body:text-is("hi")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("hi")');
   // The open socket is closed at once (4403), with the reason.
   await api(srv.url, `/api/bots/${bot.id}/members/guest`, { method: 'DELETE', token: owner.access_token });
   await waitState(page, 'failed', 30_000);
   const label = await page.textContent('[data-testid=status-label]');
-  assert(/^Failed: .*access to this bot was revoked/.test(label), `readable reason: ${label}`);
+  assert(label === "You don't have access to this bot", `plain words: ${label}`);
+  assert(/access to this bot was revoked/.test(await page.textContent('[data-testid=status-tech]')), 'the reason behind Details');
   const traffic = countTraffic(page);
   await sleep(4000);
   assert(traffic.sockets.length === 0 && traffic.ticket === 0, `no retry loop: ${JSON.stringify(traffic)}`);
@@ -493,8 +515,8 @@ scenario('revoke access: Failed with a readable reason, no retry loop', async ()
   await waitState(page, 'failed');
   await sleep(1500);
   assert(traffic.ticket === 1, `Retry made one attempt (${traffic.ticket})`);
-  const again = await page.textContent('[data-testid=status-label]');
-  assert(/^Failed: .*not shared with you/.test(again), `readable reason on Retry: ${again}`);
+  const again = await page.textContent('[data-testid=status-tech]');
+  assert(/^4403 forbidden: .*not shared with you/.test(again), `the reason on Retry: ${again}`);
 });
 
 scenario('Diagnose on a broken setup shows the failing step and copies the report', async () => {
@@ -532,10 +554,10 @@ scenario('two tabs on the same conversation stay in step', async () => {
   await waitState(b, 'open');
   await sendMessage(a, 'from tab A');
   await b.waitForSelector('.msg.user .body:text-is("from tab A")');
-  await b.waitForSelector('.msg.bot .body:text-is("from tab A")');
+  await b.waitForSelector('.msg.bot .body > p:text-is("from tab A")');
   await sendMessage(b, 'from tab B');
-  await a.waitForSelector('.msg.bot .body:text-is("from tab B")');
-  await b.waitForSelector('.msg.bot .body:text-is("from tab B")');
+  await a.waitForSelector('.msg.bot .body > p:text-is("from tab B")');
+  await b.waitForSelector('.msg.bot .body > p:text-is("from tab B")');
   await sleep(300);
   const sa = (await shownMessages(a)).map((m) => `${m.seq}:${m.role}:${m.text}`);
   const sb = (await shownMessages(b)).map((m) => `${m.seq}:${m.role}:${m.text}`);
@@ -586,7 +608,7 @@ scenario('keyboard only: log in, open a chat, send, open Diagnose', async () => 
   await page.waitForSelector('[data-testid=composer]:focus');
   await page.keyboard.type('typed with keys');
   await page.keyboard.press('Enter');
-  await page.waitForSelector('.msg.bot .body:text-is("typed with keys")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("typed with keys")');
   await tabTo(() => document.activeElement?.dataset.testid === 'diagnose', 'Diagnose');
   await page.keyboard.press('Enter');
   await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
@@ -609,7 +631,7 @@ scenario('history: older messages load on scroll up', async () => {
       await new Promise((r) => setTimeout(r, 210)); // within 5 messages/s
     }
   });
-  await page.waitForSelector('.msg.bot .body:text-is("m60")');
+  await page.waitForSelector('.msg.bot .body > p:text-is("m60")');
   await page.reload();
   await waitState(page, 'open');
   let shown = await shownMessages(page);
@@ -620,6 +642,389 @@ scenario('history: older messages load on scroll up', async () => {
   await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 120);
   shown = await shownMessages(page);
   assert(shown.every((m, i) => m.seq === i + 1), 'all 120 in order, none twice');
+});
+
+// ---- issue 18: plain words, a chat that heals, Markdown replies, early refresh, hidden tabs ----
+
+const SNAKE = /\b[a-z]+_[a-z_]+\b/;
+const CODE_NUMBER = /\b[14]\d{3}\b/;
+
+/** Records every status label and tone shown, and whether the tab was hidden at the time. */
+async function watchStatus(page) {
+  await page.evaluate(() => {
+    window.__shown = [];
+    const bar = document.querySelector('[data-testid=status]');
+    const note = () => {
+      const e = { label: bar.querySelector('[data-testid=status-label]').textContent, detail: bar.querySelector('[data-testid=status-detail]').textContent, tone: bar.dataset.tone, hidden: document.visibilityState === 'hidden', state: window.chatWebSocketService.state.kind };
+      const last = window.__shown.at(-1);
+      if (!last || last.label !== e.label || last.tone !== e.tone || last.hidden !== e.hidden) window.__shown.push(e);
+    };
+    new MutationObserver(note).observe(bar, { attributes: true, childList: true, characterData: true, subtree: true });
+    document.addEventListener('visibilitychange', note);
+    note();
+  });
+}
+
+/** Hides or shows the tab as a phone does when another app comes to the front. */
+async function setHidden(page, hidden) {
+  await page.evaluate((hidden) => {
+    if (!window.__visibilityPatched) {
+      window.__visibilityPatched = true;
+      Object.defineProperty(document, 'visibilityState', { configurable: true, get: () => (window.__hidden ? 'hidden' : 'visible') });
+      Object.defineProperty(document, 'hidden', { configurable: true, get: () => !!window.__hidden });
+    }
+    window.__hidden = hidden;
+    document.dispatchEvent(new Event('visibilitychange'));
+  }, hidden);
+}
+
+/** A demo server and a page logged in as demo, open on the Echo bot's chat. */
+async function openDemoChat(pageOpts = {}) {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { ctx, page } = await newPage(pageOpts);
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  return { srv, t, botId, ctx, page };
+}
+
+scenario('issue 18: the status bar speaks plain words for every close code; details one click away', async () => {
+  const { srv, page } = await openDemoChat();
+  await watchStatus(page);
+  // Restarting, then down.
+  await srv.kill('SIGTERM');
+  await page.waitForSelector(`[data-testid=status-label]:text-matches("^Can't reach the server — retrying")`, { timeout: 20_000 });
+  const shown = await page.evaluate(() => window.__shown);
+  assert(shown.some((s) => /^The server is restarting — reconnecting/.test(s.label)), `said the server is restarting: ${JSON.stringify(shown)}`);
+  for (const s of shown) assert(!SNAKE.test(s.label + s.detail) && !CODE_NUMBER.test(s.label + s.detail) && !/fetch/i.test(s.label + s.detail), `plain words: ${JSON.stringify(s)}`);
+  assert(!(await page.isVisible('[data-testid=status-tech]')), 'details hidden until asked for');
+  await page.click('[data-testid=status-more]');
+  const tech = await page.textContent('[data-testid=status-tech]');
+  assert(/server unreachable/.test(tech) && /attempt \d/.test(tech), `the technical words one click away: ${tech}`);
+  assert((await page.getAttribute('[data-testid=status]', 'title')).includes('server unreachable'), 'and on hover');
+  const recorded = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'close'));
+  assert(recorded[0].code === 1012 && recorded[0].name === 'server_restarting' && recorded[0].said === 'The server is restarting', `the flight recorder has the code, its name and the words: ${JSON.stringify(recorded[0])}`);
+  // Diagnose: a sentence, not a URL.
+  await page.click('[data-testid=diagnose]');
+  await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
+  const headline = await page.textContent('[data-testid=diag-summary]');
+  assert(/^✗ Can't reach the server/.test(headline) && !/http|fetch|\/api\//i.test(headline), `Diagnose headline: ${headline}`);
+  await page.keyboard.press('Escape');
+  await srv.start();
+  await waitState(page, 'open', 40_000);
+
+  // Every close code of the server's registry, and the client's own, through the real status bar.
+  const registry = await api(srv.url, '/api/ws/codes');
+  const codes = [...registry.close_codes.map((c) => c.code), 1005, 1006, 4000, 4001, 4003];
+  await page.evaluate(() => {
+    window.__RealWebSocket = window.WebSocket;
+    // A socket whose server refuses with the code under test.
+    window.WebSocket = class {
+      constructor(url) {
+        this.url = url;
+        this.readyState = 0;
+        this.bufferedAmount = 0;
+        setTimeout(() => {
+          this.readyState = 3;
+          this.onclose?.({ code: window.__closeWith, reason: `refused for the test (${window.__closeWith})` });
+        }, 20);
+      }
+      send() {}
+      close() {
+        this.readyState = 3;
+      }
+    };
+  });
+  for (const code of codes) {
+    await page.evaluate((code) => {
+      window.__closeWith = code;
+      window.chatWebSocketService.retryNow();
+    }, code);
+    await page.waitForFunction(
+      (code) => {
+        const s = window.chatWebSocketService.state;
+        return (s.kind === 'failed' && s.code === code) || (s.kind === 'reconnecting' && s.lastClose?.code === code) || (code === 4401 && s.kind === 'failed');
+      },
+      code,
+      { timeout: 15_000 },
+    );
+    const label = await page.textContent('[data-testid=status-label]');
+    const detail = await page.textContent('[data-testid=status-detail]');
+    assert(label.length > 5 && !SNAKE.test(label + detail) && !CODE_NUMBER.test(label + detail), `${code}: plain words in the headline: ${label}${detail}`);
+    if (!(await page.isVisible('[data-testid=status-tech]'))) await page.click('[data-testid=status-more]');
+    const tech = await page.textContent('[data-testid=status-tech]');
+    const name = code === 1005 ? 'no_status' : code === 1006 ? 'abnormal_closure' : code >= 4000 && code < 4100 ? '' : registry.close_codes.find((c) => c.code === code).name;
+    assert(tech.startsWith(`${code} ${name}`), `${code}: the code and its name behind Details: ${tech}`);
+  }
+  await page.evaluate(() => {
+    window.WebSocket = window.__RealWebSocket;
+    window.chatWebSocketService.retryNow();
+  });
+  await waitState(page, 'open');
+});
+
+scenario('issue 18: a chat opened while the server is down heals itself when it returns', async () => {
+  const { srv, botId, page } = await openDemoChat();
+  for (const m of ['one', 'two', 'three']) {
+    await sendMessage(page, m);
+    await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
+  }
+  await srv.kill();
+  await page.evaluate(() => (window.__sameDocument = true));
+  await page.click('a.back');
+  await page.waitForSelector('main');
+  await page.evaluate((id) => (location.hash = `#/chat/${id}`), botId);
+  await page.waitForSelector('[data-testid=chat-error]:not(:empty)', { timeout: 15_000 });
+  const notice = await page.textContent('[data-testid=chat-error]');
+  assert(!/fetch/i.test(notice) && /server/.test(notice), `the notice is in plain words: ${notice}`);
+  await sleep(1000);
+  await srv.start();
+  await waitState(page, 'open', 40_000);
+  await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 6, null, { timeout: 15_000 });
+  await page.waitForSelector('[data-testid=chat-title]:text-is("Echo")');
+  await page.waitForSelector('[data-testid=chat-error]:empty', { state: 'attached' });
+  const shown = await shownMessages(page);
+  assert(shown.map((m) => m.seq).join() === '1,2,3,4,5,6' && shown.map((m) => m.text).join() === 'one,one,two,two,three,three', `history in order, once: ${JSON.stringify(shown)}`);
+  assert(await page.evaluate(() => window.__sameDocument === true), 'healed without a reload');
+  // And it goes on as usual.
+  await sendMessage(page, 'four');
+  await page.waitForSelector('.msg.bot .body > p:text-is("four")');
+  assert((await shownMessages(page)).length === 8, 'eight messages');
+});
+
+scenario('issue 18: bot replies are Markdown, sanitised; hostile input executes nothing; user text stays plain', async () => {
+  const { srv, ctx, page } = await openDemoChat();
+  await ctx.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: srv.url });
+  const dialogs = [];
+  page.on('dialog', (d) => {
+    dialogs.push(d.message());
+    void d.dismiss();
+  });
+  const popups = [];
+  ctx.on('page', (p) => popups.push(p.url()));
+  const hostile = [
+    '# Plan',
+    '**bold**, _em_, `inline` and a [good link](https://example.com/docs).',
+    '',
+    '- [js](javascript:window.__xss=1) [JS](JaVaScRiPt:alert(2)) [ent](&#106;avascript:window.__xss=3) [data](data:text/html,<script>window.__xss=4</script>)',
+    '- <img src=x onerror="window.__xss=5"> <svg onload="window.__xss=6"></svg> <iframe src="javascript:window.__xss=7"></iframe>',
+    '- <script>window.__xss=8</script><a href="javascript:window.__xss=9">raw link</a> <b onmouseover="window.__xss=10">raw bold</b>',
+    '- ![pic](x" onerror="window.__xss=11) <details open ontoggle="window.__xss=12">x</details> <style>body{display:none}</style>',
+    '',
+    '| plan | price |',
+    '|------|-------|',
+    '| free | 0 |',
+    '',
+    '```js',
+    'const x = "<b>not bold</b>";',
+    'console.log(x);',
+    '```',
+  ].join('\n');
+  await sendMessage(page, hostile);
+  await page.waitForSelector('.msg.bot[data-status=received] .body table', { timeout: 10_000 });
+  await sleep(300);
+  const bot = page.locator('.msg.bot .body').last();
+  const report = await bot.evaluate((b) => ({
+    h1: b.querySelector('h1')?.textContent,
+    strong: b.querySelector('strong')?.textContent,
+    em: !!b.querySelector('em'),
+    li: b.querySelectorAll('li').length,
+    th: [...b.querySelectorAll('th')].map((e) => e.textContent),
+    code: b.querySelector('pre code')?.textContent,
+    copyButtons: b.querySelectorAll('pre + button, .code-block button').length,
+    scripts: b.querySelectorAll('script, iframe, svg, style, object, embed, form, img').length,
+    onAttrs: [...b.querySelectorAll('*')].flatMap((e) => [...e.attributes].map((a) => a.name)).filter((n) => n.startsWith('on')),
+    links: [...b.querySelectorAll('a')].map((a) => ({ href: a.getAttribute('href'), target: a.target, rel: a.rel, text: a.textContent })),
+    rawBold: b.textContent.includes('raw bold'),
+  }));
+  assert(report.h1 === 'Plan' && report.strong === 'bold' && report.em && report.li >= 4, `Markdown rendered: ${JSON.stringify(report)}`);
+  assert(report.th.join() === 'plan,price', `a table: ${JSON.stringify(report.th)}`);
+  assert(report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);\n' || report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);', `code kept as text: ${JSON.stringify(report.code)}`);
+  assert(report.copyButtons === 1, `a copy button on the code block: ${report.copyButtons}`);
+  assert(report.scripts === 0 && report.onAttrs.length === 0, `no active content: ${JSON.stringify(report)}`);
+  for (const l of report.links) {
+    assert(!/^\s*(javascript|data|vbscript):/i.test(l.href ?? ''), `no dangerous link: ${JSON.stringify(l)}`);
+    if (l.href) assert(l.target === '_blank' && /noopener/.test(l.rel) && /noreferrer/.test(l.rel), `links open safely: ${JSON.stringify(l)}`);
+  }
+  assert(report.links.some((l) => l.href === 'https://example.com/docs'), `the good link kept: ${JSON.stringify(report.links)}`);
+  // Click everything that is a link or could be one; hover the raw bold.
+  for (const a of await bot.locator('a:not([href^="http"])').all()) await a.click({ timeout: 2000 }).catch(() => {});
+  await bot.hover();
+  await sleep(500);
+  const xss = await page.evaluate(() => window.__xss);
+  assert(xss === undefined && dialogs.length === 0, `nothing executed: __xss=${xss}, dialogs=${JSON.stringify(dialogs)}`);
+  assert(popups.every((u) => !/^(javascript|data):/i.test(u)), `no script popups: ${JSON.stringify(popups)}`);
+  assert(await page.isVisible('.messages'), 'the page is not hidden by injected style');
+  // The user's own message is plain text, exactly as typed.
+  const mine = await page.locator('.msg.user .body').last().evaluate((b) => ({ text: b.textContent, elements: b.children.length }));
+  assert(mine.text === hostile && mine.elements === 0, `user text stays plain: ${JSON.stringify(mine).slice(0, 200)}`);
+  // Copy the code.
+  await bot.locator('[data-testid=copy-code]').click();
+  await page.waitForSelector('[data-testid=copy-code]:text("Copied")');
+  const clip = await page.evaluate(() => navigator.clipboard.readText());
+  assert(clip.trimEnd() === 'const x = "<b>not bold</b>";\nconsole.log(x);', `copied the code: ${JSON.stringify(clip)}`);
+});
+
+scenario('issue 18: a streamed Markdown reply re-renders only itself, at most once a frame', async () => {
+  const pieces = ['Here is **a list', '**:\n\n', ...Array.from({ length: 120 }, (_, i) => `- item ${i}\n`), '\n```\ncode()\n```\n'];
+  const { page, close } = await streamingBot('Lister', () => pieces, 4);
+  try {
+    // Some history first, which must not be touched while the reply streams.
+    await page.evaluate(() => {
+      window.__deltas = 0;
+      window.chatWebSocketService.on('delta', () => window.__deltas++);
+    });
+    await sendMessage(page, 'first');
+    await page.waitForSelector('.msg.bot[data-status=received] pre', { timeout: 15_000 });
+    await page.evaluate(() => {
+      window.__deltas = 0;
+      window.__frames = 0;
+      window.__renders = 0;
+      window.__foreign = [];
+      window.__sawMarkdownWhileStreaming = false;
+      window.__kept = [...document.querySelectorAll('[data-testid=messages] .msg .body')].map((b) => [b, b.firstChild]);
+      const tick = () => {
+        window.__frames++;
+        if (!window.__stopFrames) requestAnimationFrame(tick);
+      };
+      requestAnimationFrame(tick);
+      new MutationObserver((records) => {
+        for (const r of records) {
+          const row = document.querySelector('.msg.bot[data-status=streaming]');
+          if (!row) continue;
+          if (row.contains(r.target)) {
+            if (r.target === row.querySelector('.body') && r.type === 'childList') window.__renders++;
+            if (row.querySelector('.body strong')) window.__sawMarkdownWhileStreaming = true;
+          } else if (!(r.target.matches?.('[data-testid=messages]') && [...r.addedNodes, ...r.removedNodes].every((n) => n === row))) {
+            window.__foreign.push(r.target.outerHTML?.slice(0, 80) ?? String(r.target.nodeName));
+          }
+        }
+      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true, attributes: true });
+    });
+    await sendMessage(page, 'second');
+    await page.waitForSelector('.msg.bot[data-status=streaming]', { timeout: 15_000 });
+    await page.evaluate(() => {
+      // Own message rows settle (ack) before the reply starts; from here only the reply may change.
+      window.__foreign = [];
+    });
+    await page.waitForFunction(() => document.querySelectorAll('.msg.bot[data-status=received]').length === 2, null, { timeout: 20_000 });
+    const r = await page.evaluate(() => {
+      window.__stopFrames = true;
+      return {
+        deltas: window.__deltas,
+        frames: window.__frames,
+        renders: window.__renders,
+        foreign: window.__foreign,
+        markdown: window.__sawMarkdownWhileStreaming,
+        kept: window.__kept.every(([b, first]) => b.isConnected && b.firstChild === first),
+      };
+    });
+    assert(r.markdown, 'the reply is Markdown while it streams');
+    assert(r.kept, 'earlier messages were not re-rendered');
+    assert(r.foreign.length === 0, `nothing but the streaming reply changed: ${JSON.stringify(r.foreign.slice(0, 5))}`);
+    assert(r.renders >= 2 && r.renders <= r.frames + 1 && r.renders <= r.deltas, `renders throttled to frames: ${JSON.stringify(r)}`);
+    const items = await page.locator('.msg.bot .body').last().evaluate((b) => b.querySelectorAll('li').length);
+    assert(items === 120, `the whole list at the end: ${items}`);
+  } finally {
+    close();
+  }
+});
+
+scenario('issue 18: the access token is refreshed before it expires, once for all tabs; no 4401 round trip', async () => {
+  const srv = await startServer({ args: ['--access-token-ttl-secs', '12'] });
+  const t0 = Date.now();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { ctx, page: a } = await newPage();
+  let refreshes = 0;
+  const refused = [];
+  ctx.on('request', (r) => r.url().endsWith('/api/auth/refresh') && refreshes++);
+  ctx.on('response', (r) => r.status() === 401 && refused.push(r.url()));
+  await loginPage(a, srv, t, 'demo');
+  await a.goto(`${srv.url}/#/chat/${botId}`);
+  await a.reload(); // as a tab opened when logged in (loginPage only wrote the tokens)
+  const b = await ctx.newPage();
+  await b.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(a, 'open');
+  await waitState(b, 'open');
+  await sleep(t0 + 11_000 - Date.now());
+  assert(refreshes === 1, `one refresh before expiry, shared by both tabs: ${refreshes}`);
+  const fresh = await a.evaluate(() => localStorage.getItem('access_token'));
+  assert(fresh && fresh !== t.access_token, 'a new access token');
+  // Past the first token's end (12 s + the server's 5 s leeway): reconnect both tabs.
+  await sleep(t0 + 19_000 - Date.now());
+  for (const p of [a, b]) await p.evaluate(() => window.chatWebSocketService.retryNow());
+  for (const p of [a, b]) {
+    await waitState(p, 'open').catch(async (e) => {
+      console.log(await p.evaluate(() => [location.hash, window.chatWebSocketService.exportFlightRecorder()]));
+      throw e;
+    });
+  }
+  await sendMessage(a, 'still here');
+  await b.waitForSelector('.msg.bot .body > p:text-is("still here")');
+  for (const p of [a, b]) {
+    const ev = await p.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
+    assert(!ev.some((e) => (e.type === 'close' && e.code === 4401) || e.type === 'reauth'), `no 4401 round trip: ${JSON.stringify(ev.filter((e) => e.type === 'close' || e.type === 'reauth'))}`);
+  }
+  assert(refused.length === 0, `no request was refused: ${JSON.stringify(refused)}`);
+  assert(refreshes >= 1 && refreshes <= 2, `a refresh per lifetime, not per tab: ${refreshes}`);
+});
+
+scenario('issue 18: phone width, hidden tab: no error flashes, retries back off, shown again it reconnects at once and catches up', async () => {
+  const srv = await startServer();
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { ctx, page } = await newPage({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
+  // Backoff delays near their ceiling, so the wait after a few tries is long enough to see.
+  await page.addInitScript(() => (Math.random = () => 0.99));
+  await loginPage(page, srv, t, 'demo');
+  await page.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(page, 'open');
+  await sendMessage(page, 'before');
+  await page.waitForSelector('.msg.bot .body > p:text-is("before")');
+  const other = await ctx.newPage();
+  await other.setViewportSize({ width: 1000, height: 760 });
+  await other.goto(`${srv.url}/#/chat/${botId}`);
+  await waitState(other, 'open');
+  await watchStatus(page);
+  await setHidden(page, true);
+  await srv.kill();
+  // Wait until the hidden tab's next try is far off.
+  const handle = await page.waitForFunction(
+    () => {
+      const s = window.chatWebSocketService.state;
+      return (s.kind === 'reconnecting' || s.kind === 'backend_unavailable') && s.retryAt - Date.now() > 6000 ? s.retryAt : false;
+    },
+    null,
+    { timeout: 40_000, polling: 100 },
+  );
+  const retryAt = await handle.jsonValue();
+  const ev = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
+  const waits = ev.filter((e) => e.type === 'state' && (e.to === 'reconnecting' || e.to === 'backend_unavailable')).map((e) => ({ attempt: e.attempt, ms: e.retryAt - e.t }));
+  assert(waits.length >= 3 && waits.every((w, i) => w.attempt === i + 1 && w.ms <= 500 * 2 ** (w.attempt - 1)), `hidden, the retries follow the backoff: ${JSON.stringify(waits)}`);
+  // The server is back and the conversation moves on without this tab.
+  await srv.start();
+  await other.evaluate(() => window.chatWebSocketService.retryNow());
+  await waitState(other, 'open');
+  await sendMessage(other, 'while you were away');
+  await other.waitForSelector('.msg.bot .body > p:text-is("while you were away")');
+  const shownAt = Date.now();
+  assert(retryAt - shownAt > 1500, `the hidden tab's next try is still ahead (${retryAt - shownAt} ms)`);
+  await setHidden(page, false);
+  await waitState(page, 'open', 10_000);
+  const took = Date.now() - shownAt;
+  assert(took < Math.min(3000, retryAt - shownAt), `shown again, it reconnected at once (${took} ms; the backoff said ${retryAt - shownAt} ms)`);
+  await page.waitForSelector('.msg.bot .body > p:text-is("while you were away")', { timeout: 5000 });
+  const texts = (await shownMessages(page)).map((m) => m.text);
+  assert(texts.join() === 'before,before,while you were away,while you were away', `caught up, nothing doubled: ${texts}`);
+  const shown = await page.evaluate(() => window.__shown);
+  const hiddenBad = shown.filter((s) => s.hidden && s.tone === 'bad');
+  assert(hiddenBad.length === 0, `no error state while hidden: ${JSON.stringify(hiddenBad)}`);
+  const afterShown = shown.slice(shown.findLastIndex((s) => s.hidden) + 1);
+  assert(afterShown.every((s) => s.tone !== 'bad'), `no error flash on the way back: ${JSON.stringify(afterShown)}`);
+  assert(await page.evaluate(() => document.documentElement.scrollWidth <= 375), 'nothing wider than the phone');
 });
 
 // ---- runner -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // Screenshots of the main screens into docs/screenshots/: login, bot list, chat with the
-// status indicator (connected and reconnecting), the diagnostics report, and a phone-width chat.
+// status indicator (connected with a Markdown reply, and reconnecting with its Details open), the
+// diagnostics report, and a phone-width chat.
 // Needs web/dist built and target/debug/natter. Usage: node e2e/screenshots.mjs
 
 import { mkdirSync } from 'node:fs';
@@ -37,15 +38,19 @@ async function main() {
 
     await page.goto(`${srv.url}/#/chat/${echo.id}`);
     await waitState(page, 'open');
-    for (const m of ['Hello! Are you there?', 'Tell me about reconnects.', 'Thanks — see you.']) {
+    for (const m of ['Hello! Are you there?', 'Tell me about reconnects.']) {
       await sendMessage(page, m);
-      await page.waitForSelector(`.msg.bot .body:text-is("${m}")`);
+      await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
     }
+    // Bot replies are Markdown (the echo bot repeats it; what you type stays plain text).
+    await sendMessage(page, 'Reconnects in **three** steps:\n\n1. back off\n2. resume after the last `seq`\n3. resend the outbox\n\n```sh\nnatter doctor http://127.0.0.1:8000\n```');
+    await page.waitForSelector('.msg.bot .body ol');
     await page.screenshot({ path: join(OUT, 'chat-connected.png') });
 
     await srv.kill();
-    await page.waitForFunction(() => /Reconnecting in|Server unavailable/.test(document.querySelector('[data-testid=status-label]').textContent), null, { timeout: 15_000 });
+    await page.waitForFunction(() => /^Can't reach the server — retrying in/.test(document.querySelector('[data-testid=status-label]').textContent), null, { timeout: 15_000 });
     await sendMessage(page, 'Typed while the server is down');
+    await page.click('[data-testid=status-more]');
     await sleep(300);
     await page.screenshot({ path: join(OUT, 'chat-reconnecting.png') });
     await srv.start();

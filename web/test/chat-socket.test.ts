@@ -384,6 +384,44 @@ describe('state machine', () => {
     expect(FakeWebSocket.instances).toHaveLength(2);
   });
 
+  it('shown again, reconnects at once even when the backoff has long to go, keeping the attempt count', async () => {
+    const { s, env } = setup({ socket: { random: () => 0.99 } });
+    s.connect('b1');
+    await flush();
+    FakeWebSocket.last.establish();
+    for (let i = 0; i < 6; i++) {
+      FakeWebSocket.last.serverClose(1006, '');
+      await flush();
+      await vi.advanceTimersByTimeAsync((s.state as { retryAt: number }).retryAt - Date.now());
+      await flush();
+    }
+    FakeWebSocket.last.serverClose(1006, '');
+    await flush();
+    const st = s.state as { kind: string; attempt: number; retryAt: number };
+    expect(st.kind).toBe('reconnecting');
+    expect(st.retryAt - Date.now()).toBeGreaterThan(10_000);
+    const n = FakeWebSocket.instances.length;
+    env.becomeVisible();
+    await flush();
+    expect(FakeWebSocket.instances).toHaveLength(n + 1);
+    // Still down: the next wait follows the backoff from where it was, not from zero.
+    FakeWebSocket.last.serverClose(1006, '');
+    await flush();
+    expect((s.state as { attempt: number }).attempt).toBe(st.attempt + 1);
+  });
+
+  it('shown again after a freeze, a socket that has been quiet too long is replaced at once', async () => {
+    const { s, env } = setup({ socket: { livenessTimeoutMs: 5000 } });
+    s.connect('b1');
+    await flush();
+    FakeWebSocket.last.establish({ heartbeat_interval_ms: 20_000 });
+    // Frozen: no timer ran, no frame came.
+    vi.setSystemTime(Date.now() + 120_000);
+    env.becomeVisible();
+    await flush();
+    expect(s.state).toMatchObject({ kind: 'reconnecting', lastClose: { code: 4003 } });
+  });
+
   it('Retry skips the backoff wait', async () => {
     const { s } = setup();
     s.connect('b1');

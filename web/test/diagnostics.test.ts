@@ -135,6 +135,26 @@ describe('runWebSocketDiagnostics', () => {
     const r = await diag({ ws: ws as unknown as ReturnType<typeof autoSocket> });
     expect(r.summary.failing_step).toBe('established');
     expect(r.steps.find((s) => s.id === 'established')?.detail).toMatch(/4403 forbidden: this bot is private/);
+    expect(r.summary.headline).toBe("The server closed the chat connection: you don't have access to this bot.");
+  });
+
+  it('headlines a failure with one plain sentence: no URL, no browser words, no code names', async () => {
+    const cases = [
+      await diag({ routes: () => 'network_error' }),
+      await diag({ bot: '11111111-2222-4333-8444-555555555555' }),
+      await diag({ token: null }),
+      await diag({ ws: autoSocket({ closeWith: [1006, ''] }) }),
+      await diag({ routes: (q) => (q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4429, reason: 'too many' } } : undefined) }),
+    ];
+    for (const r of cases) {
+      const h = r.summary.headline;
+      expect(r.summary.status).toBe('fail');
+      expect(h, h).toMatch(/^[A-Z].*[.]$/);
+      expect(h, h).not.toMatch(/https?:|wss?:|\/api\/|fetch|\b[a-z]+_[a-z_]+\b|\b[14]\d{3}\b/i);
+      expect(h.length, h).toBeLessThan(110);
+    }
+    expect(cases[0].summary.headline).toMatch(/^Can't reach the server/);
+    expect(cases[4].summary.headline).toBe('The server would refuse the chat connection: too many tabs are open.');
   });
 });
 

@@ -9,6 +9,7 @@ import { ChatError, type ChatSocket } from '../lib/chat-socket';
 import { uuid } from '../lib/http';
 import type { BotView, MessagesPage, WireMessage } from '../lib/protocol';
 import { fmtTime, h } from './dom';
+import { renderMarkdown } from './markdown';
 import { ApiError, SessionExpired, type Session } from './session';
 import { errorText } from './views';
 
@@ -97,10 +98,34 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
   }
 
   function makeRow(role: Row['role'], content: string, status: RowStatus): Row {
-    const body = h('div', { class: 'body' }, content);
+    const body = h('div', { class: role === 'bot' ? 'body md' : 'body' });
     const meta = h('div', { class: 'meta' });
     const el = h('div', { class: `msg ${role}`, 'data-testid': 'message' }, body, meta);
-    return { el, body, meta, seq: null, id: null, clientId: null, role, content, status };
+    const r: Row = { el, body, meta, seq: null, id: null, clientId: null, role, content, status };
+    setBody(r);
+    return r;
+  }
+
+  /** Bot replies are Markdown (sanitised); what people type stays plain text. */
+  function setBody(r: Row): void {
+    if (r.role === 'bot') r.body.replaceChildren(renderMarkdown(r.content));
+    else r.body.textContent = r.content;
+  }
+
+  // A streaming reply is re-rendered at most once a frame, and only that reply: deltas can come
+  // far faster than a screen refreshes, and each render parses the whole reply so far.
+  const dirty = new Set<Row>();
+  let frame = 0;
+  function renderSoon(r: Row): void {
+    dirty.add(r);
+    if (!frame) frame = requestAnimationFrame(flushRenders);
+  }
+  function flushRenders(): void {
+    frame = 0;
+    const stick = nearBottom();
+    for (const r of dirty) if (r.status === 'streaming') setBody(r);
+    dirty.clear();
+    if (stick) scrollToEnd();
   }
 
   /** Puts a row where its seq says (rows without a seq stay at the end). */
@@ -127,7 +152,8 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     r.id = m.id;
     r.seq = m.seq;
     r.content = m.content;
-    r.body.textContent = m.content;
+    dirty.delete(r);
+    setBody(r);
     r.el.dataset.id = m.id;
     r.el.dataset.time = m.created_at;
     if (m.status !== 'complete') r.el.dataset.msgStatus = m.status;
@@ -287,19 +313,21 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
         r.el.dataset.id = d.message_id;
         byId.set(d.message_id, r);
         place(r);
+        renderMeta(r);
       }
       if (r.status !== 'streaming') return;
       r.content += d.delta;
-      r.body.textContent = r.content;
-      renderMeta(r);
-      if (nearBottom()) scrollToEnd();
+      renderSoon(r);
     }),
     socket.on('established', () => {
+      // The connection is back: a history that could not load then loads now.
+      if (!loaded) void loadLatest();
       // A reply still streaming is resent from its start in the first delta after a reconnect.
       for (const r of byId.values()) {
         if (r.status === 'streaming') {
           r.content = '';
-          r.body.textContent = '';
+          dirty.delete(r);
+          r.body.replaceChildren();
         }
       }
     }),
@@ -318,26 +346,52 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     }),
   ];
 
-  async function start(): Promise<void> {
-    let afterSeq: number | undefined;
+  /**
+   * Loads the bot's name and the latest page of history. A chat opened while the server is
+   * down shows a notice and loads both once a connection is established: the socket resumes
+   * from the server's latest seq, so nothing else would bring the history back.
+   */
+  let loaded = false;
+  let loading = false;
+  async function loadLatest(): Promise<number | undefined> {
+    if (loading || loaded) return undefined;
+    loading = true;
     try {
       const [bot, page] = await Promise.all([
         session.api<BotView>(`/api/bots/${botId}`),
         session.api<MessagesPage>(`/api/bots/${botId}/messages?before_seq=${Number.MAX_SAFE_INTEGER}&limit=${PAGE}`),
       ]);
-      if (disposed) return;
+      if (disposed) return undefined;
+      loaded = true;
       title.textContent = bot.name;
       document.title = `${bot.name} — natter`;
       for (const m of page.messages) upsert(m);
       oldestSeq = page.messages.length ? page.messages[0].seq : null;
       hasMore = page.has_more;
       older.hidden = !hasMore;
-      afterSeq = page.last_seq;
+      notice.textContent = '';
       scrollToEnd();
+      return page.last_seq;
     } catch (e) {
-      if (e instanceof SessionExpired) return onFatal(e);
-      notice.textContent = e instanceof ApiError && (e.status === 403 || e.status === 404) ? `${e.message}` : `Could not load the history: ${errorText(e)}`;
+      if (disposed) return undefined;
+      if (e instanceof SessionExpired) {
+        onFatal(e);
+        return undefined;
+      }
+      notice.textContent =
+        e instanceof ApiError && (e.status === 403 || e.status === 404)
+          ? `${e.message}`
+          : e instanceof ApiError && e.status === 0
+            ? `${errorText(e)} The messages will appear when it's back.`
+            : `Could not load the messages: ${errorText(e)}`;
+      return undefined;
+    } finally {
+      loading = false;
     }
+  }
+
+  async function start(): Promise<void> {
+    const afterSeq = await loadLatest();
     if (disposed) return;
     for (const e of socket.outboxFor(botId)) if (!byClient.has(e.client_id)) addPending(e.client_id, e.content);
     socket.connect(botId, afterSeq !== undefined ? { afterSeq } : {});
@@ -349,6 +403,7 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     el,
     dispose() {
       disposed = true;
+      if (frame) cancelAnimationFrame(frame);
       for (const u of subs) u();
       socket.disconnect();
     },

@@ -15,6 +15,7 @@ import { botEditView, botsView, errorText, loginView } from './views';
 
 const { apiUrl, wsUrl } = resolveEndpoints();
 const session = new Session(apiUrl);
+session.keepFresh();
 const socket = chatWebSocketService;
 socket.configure({ apiUrl, wsUrl, getToken: () => session.accessToken, refreshToken: () => session.refresh(session.accessToken) });
 installOnWindow(socket);

@@ -2,12 +2,14 @@
  * The login session: tokens in `localStorage` (under `access_token`, the key the seed's
  * console snippets read, and `refresh_token`), a REST wrapper that refreshes the access token
  * silently on a 401, and one refresh at a time across tabs (refresh tokens rotate: two tabs
- * refreshing with the same one would revoke the whole login).
+ * refreshing with the same one would revoke the whole login). The access token is refreshed
+ * shortly before it expires (`keepFresh`), so a long-open chat never meets a 401 or a 4401.
  */
 
 import { http, type HttpResult } from '../lib/http';
 import type { TokenPair, UserView } from '../lib/protocol';
 import { resolveEndpoints } from '../lib/config';
+import { decodeJwt } from '../lib/diagnostics';
 
 const ACCESS = 'access_token';
 const REFRESH = 'refresh_token';
@@ -37,6 +39,9 @@ export class Session {
   readonly apiUrl: string;
   private listeners = new Set<Listener>();
   private inflight: Promise<string | null> | null = null;
+  private freshTimer: ReturnType<typeof setTimeout> | null = null;
+  /** When this tab last refreshed ahead of expiry (a clock far ahead of the server's must not make it loop). */
+  private lastEarlyRefresh = 0;
 
   constructor(apiUrl = resolveEndpoints().apiUrl) {
     this.apiUrl = apiUrl;
@@ -121,11 +126,74 @@ export class Session {
       return null;
     };
     const locks = (navigator as Navigator & { locks?: LockManager }).locks;
-    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', run) as unknown as Promise<string | null>) : run()).finally(() => {
+    // The lock is held a moment after a new pair is stored: another tab's localStorage sees it
+    // a few milliseconds later, and a tab that took the lock before then would spend the
+    // rotated refresh token again (which revokes the login).
+    const locked = async () => {
+      const before = localStorage.getItem(REFRESH);
+      const token = await run();
+      if (localStorage.getItem(REFRESH) !== before) await new Promise((r) => setTimeout(r, 250));
+      return token;
+    };
+    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', locked) as unknown as Promise<string | null>) : run()).finally(() => {
       this.inflight = null;
     });
     this.inflight = p;
     return p;
+  }
+
+  /**
+   * Refreshes the access token ahead of its expiry: a quarter of its lifetime before (at most
+   * a minute). One tab does it for all: the one holding the `natter-token-keeper` lock (the
+   * next in line takes over when it closes). Were every tab to plan it, their timers would
+   * fire together, and a tab whose `localStorage` had not yet seen the first tab's new pair
+   * would spend the rotated refresh token again, which revokes the login.
+   */
+  keepFresh(): void {
+    const locks = (navigator as Navigator & { locks?: LockManager }).locks;
+    let keeper = !locks;
+    const plan = () => {
+      if (!keeper) return;
+      if (this.freshTimer) clearTimeout(this.freshTimer);
+      this.freshTimer = null;
+      const token = this.accessToken;
+      const claims = token ? decodeJwt(token) : null;
+      if (!token || !this.loggedIn || typeof claims?.exp !== 'number') return;
+      // Already expired (a tab opened or woken after the end): the first call's 401 refreshes it.
+      if (claims.exp * 1000 <= Date.now()) return;
+      const lifetime = typeof claims.iat === 'number' && claims.exp > claims.iat ? claims.exp - claims.iat : 900;
+      const ahead = Math.min(60, lifetime / 4);
+      const due = Math.max((claims.exp - ahead) * 1000 - Date.now(), this.lastEarlyRefresh + (lifetime * 1000) / 2 - Date.now(), 0);
+      this.freshTimer = setTimeout(async () => {
+        this.freshTimer = null;
+        if (this.accessToken !== token) return plan(); // refreshed meanwhile (after a 401)
+        this.lastEarlyRefresh = Date.now();
+        const fresh = await this.refresh(token);
+        // Server unreachable: the login is kept; try again in a while (a 401 refreshes too).
+        if (!fresh && this.loggedIn) this.freshTimer = setTimeout(plan, 15_000);
+        else plan();
+      }, due);
+    };
+    window.addEventListener('storage', (e) => {
+      if (e.key === ACCESS) plan();
+    });
+    // Background tabs' timers are throttled: look again when the tab is shown.
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'visible') plan();
+    });
+    this.onChange(plan);
+    // A refresh whose answer is lost with the page would leave a spent refresh token behind.
+    window.addEventListener('pagehide', () => {
+      keeper = false;
+      if (this.freshTimer) clearTimeout(this.freshTimer);
+    });
+    if (locks) {
+      void locks.request('natter-token-keeper', () => {
+        keeper = true;
+        plan();
+        return new Promise<never>(() => {}); // held for the life of the tab
+      });
+    } else plan();
   }
 
   private expire(): null {

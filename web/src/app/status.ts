@@ -1,14 +1,37 @@
 /**
- * The connection status indicator (always visible) with Retry and Diagnose, and the
+ * The connection status indicator (always visible, in plain words, with the close code and its
+ * name behind Details) with Retry and Diagnose, and the
  * diagnostics dialog that fills in step by step and copies the report.
  */
 
 import type { ChatSocket, ConnectionState } from '../lib/chat-socket';
 import { formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport } from '../lib/diagnostics';
-import { clear, h } from './dom';
+import { ClosePolicy } from '../lib/policy';
+import { closeAdvice, closeHeadline, closeTechnical } from '../lib/words';
+import { clear, copyToClipboard, h } from './dom';
 
-export function describeState(s: ConnectionState, now = Date.now()): { label: string; tone: 'ok' | 'busy' | 'warn' | 'bad' | 'idle'; detail?: string } {
+/** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */
+export interface StatusText {
+  label: string;
+  tone: 'ok' | 'busy' | 'warn' | 'bad' | 'idle';
+  detail?: string;
+  tech?: string;
+}
+
+const names = new ClosePolicy();
+
+/**
+ * The status line for a state. While the tab is hidden (`hidden`), a problem that is being
+ * retried reads as a quiet "Reconnecting…": nobody is looking, and the tab reconnects at once
+ * when it is shown again, so no error state flashes up on the way back.
+ */
+export function describeState(s: ConnectionState, now = Date.now(), opts: { hidden?: boolean } = {}): StatusText {
   const secs = (at: number) => Math.max(0, Math.ceil((at - now) / 1000));
+  const retrying = (what: string | null, verb: string, at: number) => {
+    const n = secs(at);
+    const tail = n > 0 ? `${verb} in ${n} s` : `${verb}…`;
+    return what ? `${what} — ${tail}` : tail.charAt(0).toUpperCase() + tail.slice(1);
+  };
   switch (s.kind) {
     case 'idle':
       return { label: 'Not connected', tone: 'idle' };
@@ -19,18 +42,24 @@ export function describeState(s: ConnectionState, now = Date.now()): { label: st
     case 'open':
       return { label: 'Connected', tone: 'ok' };
     case 'reconnecting': {
-      const why = s.lastClose ? `${s.lastClose.code} ${s.lastClose.name}${s.lastClose.reason ? `: ${s.lastClose.reason}` : ''}` : undefined;
-      const n = secs(s.retryAt);
-      return { label: n > 0 ? `Reconnecting in ${n} s (attempt ${s.attempt})` : `Reconnecting… (attempt ${s.attempt})`, tone: 'warn', detail: why };
+      const tech = [s.lastClose ? closeTechnical(s.lastClose) : null, `attempt ${s.attempt}`].filter(Boolean).join(' · ');
+      if (opts.hidden) return { label: 'Reconnecting…', tone: 'warn', tech };
+      return { label: retrying(s.lastClose ? closeHeadline(s.lastClose.code) : null, 'reconnecting', s.retryAt), tone: 'warn', tech };
     }
     case 'offline':
-      return { label: 'Offline', tone: 'warn', detail: 'waiting for the network to come back' };
+      return { label: "You're offline — waiting for the network", tone: 'warn', tech: s.lastClose ? closeTechnical(s.lastClose) : undefined };
     case 'backend_unavailable': {
-      const n = secs(s.retryAt);
-      return { label: 'Server unavailable', tone: 'bad', detail: `${s.error}${n > 0 ? ` — retrying in ${n} s (attempt ${s.attempt})` : ''}` };
+      const tech = `${s.error} · attempt ${s.attempt}`;
+      if (opts.hidden) return { label: 'Reconnecting…', tone: 'warn', tech };
+      return { label: retrying(s.status === 0 ? "Can't reach the server" : 'The server is not ready', 'retrying', s.retryAt), tone: 'bad', tech };
     }
     case 'failed':
-      return { label: `Failed: ${s.reason}`, tone: 'bad', detail: s.advice };
+      return {
+        label: closeHeadline(s.code) ?? 'Not connected',
+        tone: 'bad',
+        detail: closeAdvice(s.code),
+        tech: `${closeTechnical({ code: s.code, name: names.verdict(s.code).name, reason: s.reason })} — ${s.advice}`,
+      };
   }
 }
 
@@ -38,6 +67,22 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
   const dot = h('span', { class: 'dot', 'aria-hidden': 'true' });
   const label = h('span', { class: 'status-label', 'data-testid': 'status-label' });
   const detail = h('span', { class: 'status-detail', 'data-testid': 'status-detail' });
+  const tech = h('span', { id: 'status-tech', class: 'status-tech', hidden: true, 'data-testid': 'status-tech' });
+  const more = h(
+    'button',
+    {
+      type: 'button',
+      class: 'link status-more',
+      'aria-expanded': 'false',
+      'aria-controls': 'status-tech',
+      'data-testid': 'status-more',
+      onclick: () => {
+        tech.hidden = !tech.hidden;
+        more.setAttribute('aria-expanded', String(!tech.hidden));
+      },
+    },
+    'Details',
+  );
   const retry = h('button', { type: 'button', class: 'small', 'data-testid': 'retry', onclick: () => socket.retryNow() }, 'Retry');
   const diagnose = h(
     'button',
@@ -54,7 +99,7 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
   );
   // Screen readers hear state changes, not every tick of a countdown.
   const announce = h('span', { class: 'sr-only', role: 'status', 'aria-live': 'polite' });
-  const bar = h('div', { class: 'status', 'data-testid': 'status' }, dot, h('span', { class: 'status-text' }, label, detail), retry, diagnose, announce);
+  const bar = h('div', { class: 'status', 'data-testid': 'status' }, dot, h('span', { class: 'status-text' }, label, detail, ' ', more, tech), retry, diagnose, announce);
   root.appendChild(bar);
   let lastBot: string | null = null;
   let announced = '';
@@ -62,20 +107,30 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
   const render = () => {
     const s = socket.state;
     if (socket.getCurrentBotId()) lastBot = socket.getCurrentBotId();
-    const d = describeState(s);
+    const d = describeState(s, Date.now(), { hidden: document.visibilityState === 'hidden' });
     bar.dataset.state = s.kind;
     bar.dataset.tone = d.tone;
     label.textContent = d.label;
     detail.textContent = d.detail ? ` — ${d.detail}` : '';
+    // A new try keeps the last problem's details at hand until it connects or fails anew.
+    const keep = s.kind === 'checking' || s.kind === 'connecting';
+    const techText = d.tech ?? (keep ? tech.textContent : '') ?? '';
+    tech.textContent = techText;
+    more.hidden = !techText;
+    if (!techText) {
+      tech.hidden = true;
+      more.setAttribute('aria-expanded', 'false');
+    }
     retry.disabled = !socket.getCurrentBotId() || s.kind === 'open' || s.kind === 'connecting' || s.kind === 'checking';
     diagnose.disabled = !(socket.getCurrentBotId() ?? lastBot);
-    bar.title = d.detail ?? d.label;
+    bar.title = techText || d.detail || d.label;
     if (announced !== s.kind) {
       announced = s.kind;
       announce.textContent = `Connection: ${d.label.replace(/ in \d+ s/, '')}`;
     }
   };
   socket.on('state', render);
+  document.addEventListener('visibilitychange', render);
   // Countdowns tick.
   setInterval(() => {
     if (socket.state.kind === 'reconnecting' || socket.state.kind === 'backend_unavailable') render();
@@ -100,7 +155,7 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
       onclick: async () => {
         if (!report) return;
         const text = `${formatReport(report)}\n\n--- report (JSON) ---\n${JSON.stringify(report, null, 2)}\n\n--- flight recorder ---\n${socket.exportFlightRecorder()}`;
-        copied.textContent = (await copyText(text)) ? 'Copied.' : 'Copy failed: select the text below.';
+        copied.textContent = (await copyToClipboard(text)) ? 'Copied.' : 'Copy failed: select the text below.';
         if (!copied.textContent.startsWith('Copied')) {
           const ta = h('textarea', { class: 'report-text', readonly: true, rows: 8 }, text);
           dialog.appendChild(ta);
@@ -142,23 +197,4 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
     dialog.dataset.done = 'true';
     copyBtn.disabled = false;
   });
-}
-
-async function copyText(text: string): Promise<boolean> {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    const ta = h('textarea', { style: 'position:fixed;opacity:0' }, text);
-    document.body.appendChild(ta);
-    ta.select();
-    let ok = false;
-    try {
-      ok = document.execCommand('copy');
-    } catch {
-      ok = false;
-    }
-    ta.remove();
-    return ok;
-  }
 }

@@ -16,6 +16,8 @@ const ENGINES: Record<string, { label: string; example?: Record<string, unknown>
 };
 
 export function errorText(e: unknown): string {
+  // status 0: the request never got an answer; the browser's own words ("Failed to fetch") mean nothing to a person.
+  if (e instanceof ApiError && e.status === 0) return e.code === 'timeout' ? 'The server took too long to answer.' : "Can't reach the server.";
   if (e instanceof ApiError) return e.message;
   if (e instanceof SessionExpired) return e.message;
   return e instanceof Error ? e.message : String(e);

@@ -30,6 +30,7 @@ import {
   type WireMessage,
 } from './protocol';
 import { FlightRecorder } from './recorder';
+import { closeHeadline } from './words';
 
 /** How a connection ended, as the UI shows it. */
 export interface CloseInfo {
@@ -48,7 +49,8 @@ export type ConnectionState =
   | { kind: 'open'; connectionId: string; since: number; heartbeatIntervalMs: number }
   | { kind: 'reconnecting'; attempt: number; retryAt: number; lastClose: CloseInfo | null }
   | { kind: 'offline'; lastClose: CloseInfo | null }
-  | { kind: 'backend_unavailable'; attempt: number; retryAt: number; error: string }
+  /** `status`: the health check's HTTP status, 0 when the server could not be reached at all. */
+  | { kind: 'backend_unavailable'; attempt: number; retryAt: number; error: string; status: number }
   | { kind: 'failed'; code: number; reason: string; advice: string };
 
 export type StateKind = ConnectionState['kind'];
@@ -462,7 +464,7 @@ export class ChatSocket {
     this.recorder.record('health', { ok: health.ok, status: health.status, ms: Math.round(health.ms), ...(health.ok ? {} : { error: health.message }) });
     if (!health.ok) {
       const error = health.network ? `server unreachable (${health.message})` : `health check answered ${health.status}: ${health.message}`;
-      this.scheduleRetry('backend_unavailable', fullJitterDelay(this.attempt, this.backoffOpts, this.random), error);
+      this.scheduleRetry('backend_unavailable', fullJitterDelay(this.attempt, this.backoffOpts, this.random), error, health.network ? 0 : health.status);
       return;
     }
 
@@ -759,6 +761,7 @@ export class ChatSocket {
     this.recorder.record('close', {
       code,
       name: v.name,
+      said: closeHeadline(code),
       reason: redact(reason),
       by,
       retry: v.retry,
@@ -858,12 +861,12 @@ export class ChatSocket {
     void this.startAttempt();
   }
 
-  private scheduleRetry(kind: 'reconnecting' | 'backend_unavailable', delay: number, error = ''): void {
+  private scheduleRetry(kind: 'reconnecting' | 'backend_unavailable', delay: number, error = '', status = 0): void {
     this.attempt += 1;
     const retryAt = Date.now() + delay;
     const gen = this.gen;
     if (kind === 'reconnecting') this.setState({ kind, attempt: this.attempt, retryAt, lastClose: this.lastClose });
-    else this.setState({ kind, attempt: this.attempt, retryAt, error });
+    else this.setState({ kind, attempt: this.attempt, retryAt, error, status });
     this.retryTimer = setTimeout(() => {
       if (gen === this.gen) void this.startAttempt();
     }, delay);
@@ -903,14 +906,23 @@ export class ChatSocket {
 
   private onVisible(): void {
     const st = this._state;
-    if ((st.kind === 'reconnecting' || st.kind === 'backend_unavailable') && st.retryAt <= Date.now()) {
-      // Background tabs throttle timers: a retry that is already due goes now.
-      this.recorder.record('visible_retry', { late_ms: Date.now() - st.retryAt });
+    if (st.kind === 'reconnecting' || st.kind === 'backend_unavailable') {
+      // Shown again: try now rather than wait out a backoff that grew while nobody looked (and
+      // that background timers stretch further). The attempt count stays, so a server still
+      // down is backed off from as before.
+      this.recorder.record('visible_retry', { early_ms: st.retryAt - Date.now(), attempt: st.attempt });
       void this.startAttempt();
       return;
     }
     if (st.kind !== 'open') return;
     const gen = this.gen;
+    const quietMs = this.lastFrameAt ? Date.now() - this.lastFrameAt : 0;
+    if (this.established && quietMs > this.established.heartbeat_interval_ms) {
+      // A frozen (phone) tab: pings should have brought pongs long ago; this socket is dead.
+      this.recorder.record('visible_check', { quiet_ms: quietMs });
+      this.onClosed(gen, CLIENT_CLOSE.LIVENESS_FAILED, `nothing heard for ${quietMs} ms while the tab was hidden`, 'client');
+      return;
+    }
     this.recorder.record('visible_check', {});
     void this.ping(this.opts.livenessTimeoutMs).then((rtt) => {
       if (gen !== this.gen || rtt !== null) return;

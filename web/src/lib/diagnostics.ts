@@ -12,6 +12,7 @@ import { resolveEndpoints } from './config';
 import { http, now as monoNow, uuid } from './http';
 import { log, redact } from './log';
 import { ClosePolicy } from './policy';
+import { closeHeadline } from './words';
 import { decodeCodeRegistry, parseServerFrame, PROTOCOL_VERSION, type BotView, type Preflight, type ServerFrame, type TicketResponse, type UserView } from './protocol';
 
 export type StepStatus = 'ok' | 'warn' | 'fail' | 'skip';
@@ -434,6 +435,7 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
           const v = policy.verdict(c.code);
           add('established', 'fail', `The server accepted the socket, then closed it with ${c.code} ${v.name}: ${c.reason || 'no reason'}.`, {
             value: String(c.code),
+            data: { close_code: c.code },
             fix: v.description,
           });
         } else {
@@ -488,6 +490,7 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
           const v = policy.verdict(c.code);
           add('stability', 'fail', `The connection dropped after connecting: ${c.code} ${v.name}${c.reason ? ` (${c.reason})` : ''}.`, {
             value: String(c.code),
+            data: { close_code: c.code },
             fix: c.code === 1011 ? 'A server error after connect: look up the error id in the server log.' : v.description,
           });
         } else {
@@ -534,10 +537,48 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
     user_agent: typeof navigator !== 'undefined' ? navigator.userAgent : null,
     steps,
     summary: firstFail
-      ? { status: 'fail', failing_step: firstFail.id, headline: `${firstFail.title}: ${firstFail.detail}` }
+      ? { status: 'fail', failing_step: firstFail.id, headline: failHeadline(firstFail) }
       : { status: anyWarn ? 'warn' : 'ok', failing_step: null, headline: anyWarn ? 'Works, with warnings.' : 'Everything works.' },
   };
   return report;
+}
+
+/**
+ * The report's headline when a step fails: one sentence a person understands. The step's own
+ * detail (with URLs, status codes and the browser's words) stays in the step list.
+ */
+export function failHeadline(step: DiagnosticStep): string {
+  const code = typeof step.data?.close_code === 'number' ? step.data.close_code : null;
+  switch (step.id) {
+    case 'browser':
+      return 'This browser lacks something the chat needs: use a current browser.';
+    case 'api':
+      return "Can't reach the server: it is down, or something between here and it is blocking the way.";
+    case 'cors':
+      return "The server doesn't allow this page's address to use it.";
+    case 'ready':
+      return 'The server is up, but its database or message bus is not.';
+    case 'token_decoded':
+    case 'token_accepted':
+      return 'Your login has expired or is not valid on this server: log in again.';
+    case 'bot':
+      return step.value === 'forbidden' ? "You don't have access to this bot." : "This bot doesn't exist, or you can't see it.";
+    case 'preflight':
+      return `The server would refuse the chat connection: ${lowerFirst(closeHeadline(code ?? 0) ?? 'no reason given')}.`;
+    case 'handshake':
+      return 'The server works, but the chat connection is blocked on the way (a proxy, firewall or extension).';
+    case 'established':
+    case 'stability':
+      return code !== null ? `The server closed the chat connection: ${lowerFirst(closeHeadline(code) ?? 'no reason given')}.` : 'The server accepted the chat connection, then stopped answering.';
+    case 'ping':
+      return "The chat connection opened, but the server doesn't answer on it.";
+    default:
+      return `${step.title} failed.`;
+  }
+}
+
+function lowerFirst(s: string): string {
+  return /^[A-Z][a-z]/.test(s) ? s.charAt(0).toLowerCase() + s.slice(1) : s;
 }
 
 const MARK: Record<StepStatus, string> = { ok: '✓', warn: '⚠', fail: '✗', skip: '–' };
