@@ -4,19 +4,19 @@
 CARGO ?= cargo
 WEB_DEPS := web/node_modules/.package-lock.json
 
-.PHONY: run test deps lint rust-test web web-test browser-test clean-data fuzz-rest
+.PHONY: run test deps lint rust-test web web-test browser-test package-test clean-data fuzz-rest
 
 # The release binary carries web/dist inside it, so `web` comes first.
 run: web
 	$(CARGO) run --release -p natter -- serve --demo --bot-egress-allow 127.0.0.1/32,::1,localhost
 
-$(WEB_DEPS): web/package.json web/package-lock.json
+$(WEB_DEPS): web/package.json web/package-lock.json web/packages/client/package.json
 	cd web && npm ci --no-audit --no-fund
 
 web: $(WEB_DEPS)
 	cd web && npm run build
 
-test: deps lint rust-test web-test browser-test fuzz-rest
+test: deps lint rust-test web-test browser-test package-test fuzz-rest
 
 deps:
 	@command -v cargo-nextest >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
@@ -47,6 +47,12 @@ web-test: web
 browser-test: web
 	$(CARGO) build -p natter
 	cd web && npm run test:browser
+
+# @natter/client as a user gets it: npm pack, installed into a scratch Vite app, type-checked,
+# built, served by natter and chatted with in Chromium (~30 s).
+package-test: web
+	$(CARGO) build -p natter
+	cd web && npm run test:package
 
 # REST fuzz of /api/openapi.json with schemathesis (pinned; pip-installed when missing) against
 # a real `natter serve`: fails on any 5xx. ~2.5 min. NATTER_FUZZ_DATABASE_URL=postgres://... for PostgreSQL.

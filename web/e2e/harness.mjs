@@ -42,17 +42,17 @@ const servers = new Set();
 const dirs = new Set();
 
 /**
- * Starts `natter serve` and waits until /api/health answers. `restart()` starts it again on
+ * Starts `natter serve` (serving the web app in `webDir`) and waits until /api/health answers. `restart()` starts it again on
  * the same port and data dir (after `kill()`).
  */
-export async function startServer({ demo = true, args = [], port, dataDir } = {}) {
+export async function startServer({ demo = true, args = [], port, dataDir, webDir = DIST } = {}) {
   port ??= await freePort();
   if (!dataDir) {
     dataDir = mkdtempSync(join(tmpdir(), 'natter-e2e-'));
     dirs.add(dataDir);
   }
   const url = `http://127.0.0.1:${port}`;
-  const argv = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', dataDir, '--web-dir', DIST, ...(demo ? ['--demo'] : []), ...args];
+  const argv = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', dataDir, '--web-dir', webDir, ...(demo ? ['--demo'] : []), ...args];
   const srv = { url, port, dataDir, proc: null, log: [] };
   srv.start = async () => {
     const proc = spawn(NATTER, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });

@@ -1,6 +1,6 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import createDebug from 'debug';
-import { ChatSocket, type ChatSocketOptions, type ConnectionState } from '../src/lib/chat-socket';
+import { ChatSocket, type ChatSocketOptions, type ConnectionState } from '../packages/client/src/chat-socket';
 import { FakeEnv, FakeWebSocket, MapStorage, fakeFetch, happyRoutes, wireMessage, type Route } from './fakes';
 
 const TOKEN = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSIsIm5hbWUiOiJhbGljZSJ9.SECRETSIGNATURExyz';

@@ -1,5 +1,5 @@
 import { beforeEach, describe, expect, it } from 'vitest';
-import { decodeJwt, formatReport, runWebSocketDiagnostics } from '../src/lib/diagnostics';
+import { decodeJwt, formatReport, runWebSocketDiagnostics } from '../packages/client/src/diagnostics';
 import { FakeWebSocket, established, fakeFetch, happyRoutes, type Route } from './fakes';
 
 const TOKEN = `eyJhbGciOiJIUzI1NiJ9.${Buffer.from(JSON.stringify({ sub: 'u1', name: 'alice', exp: Math.floor(Date.now() / 1000) + 900, iat: Math.floor(Date.now() / 1000) })).toString('base64url')}.SIGNATURE-SECRET`;

@@ -1,6 +1,6 @@
 /** Test doubles: a scriptable WebSocket, a routed fetch, an online/offline switch, storage. */
 
-import type { Environment } from '../src/lib/chat-socket';
+import type { Environment } from '../packages/client/src/chat-socket';
 
 export class FakeWebSocket {
   static instances: FakeWebSocket[] = [];

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { CLIENT_CLOSE, ClosePolicy, fullJitterDelay, parseRetryHint } from '../src/lib/policy';
+import { CLIENT_CLOSE, ClosePolicy, fullJitterDelay, parseRetryHint } from '../packages/client/src/policy';
 
 describe('full-jitter backoff', () => {
   it('grows from base 500 ms and caps at 30 s', () => {

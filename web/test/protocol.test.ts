@@ -4,8 +4,8 @@ import { readFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { DEFAULT_CLOSE_CODES } from '../src/lib/policy';
-import { decodeCodeRegistry, decodeServerFrame, encodeClientFrame, parseServerFrame, PROTOCOL_VERSION, ProtocolError, RETRY_POLICIES } from '../src/lib/protocol';
+import { DEFAULT_CLOSE_CODES } from '../packages/client/src/policy';
+import { decodeCodeRegistry, decodeServerFrame, encodeClientFrame, parseServerFrame, PROTOCOL_VERSION, ProtocolError, RETRY_POLICIES } from '../packages/client/src/protocol';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const examples = JSON.parse(readFileSync(resolve(here, '../../docs/protocol-examples.json'), 'utf8'));

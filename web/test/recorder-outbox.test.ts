@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { Outbox, OutboxFullError } from '../src/lib/outbox';
-import { FlightRecorder } from '../src/lib/recorder';
-import { redact } from '../src/lib/log';
+import { Outbox, OutboxFullError } from '../packages/client/src/outbox';
+import { FlightRecorder } from '../packages/client/src/recorder';
+import { redact } from '../packages/client/src/log';
 import { MapStorage } from './fakes';
 
 describe('flight recorder', () => {

@@ -5,9 +5,9 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { describeState } from '../src/app/status';
-import type { CloseInfo, ConnectionState } from '../src/lib/chat-socket';
-import { CLIENT_CLOSE, ClosePolicy } from '../src/lib/policy';
-import { decodeCodeRegistry } from '../src/lib/protocol';
+import type { CloseInfo, ConnectionState } from '../packages/client/src/chat-socket';
+import { CLIENT_CLOSE, ClosePolicy } from '../packages/client/src/policy';
+import { decodeCodeRegistry } from '../packages/client/src/protocol';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const examples = JSON.parse(readFileSync(resolve(here, '../../docs/protocol-examples.json'), 'utf8'));

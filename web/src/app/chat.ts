@@ -5,9 +5,7 @@
  * ack and other-tab frames delivers it.
  */
 
-import { ChatError, type ChatSocket } from '../lib/chat-socket';
-import { uuid } from '../lib/http';
-import type { BotView, MessagesPage, WireMessage } from '../lib/protocol';
+import { ChatError, type ChatSocket, uuid, type BotView, type MessagesPage, type WireMessage } from '@natter/client';
 import { fmtTime, h } from './dom';
 import { renderMarkdown } from './markdown';
 import { ApiError, SessionExpired, type Session } from './session';

@@ -5,8 +5,7 @@
  */
 
 import './style.css';
-import { chatWebSocketService, installOnWindow } from '../lib';
-import { resolveEndpoints } from '../lib/config';
+import { chatWebSocketService, installOnWindow, resolveEndpoints } from '@natter/client';
 import { chatView } from './chat';
 import { clear, h } from './dom';
 import { Session, SessionExpired } from './session';

@@ -6,10 +6,7 @@
  * shortly before it expires (`keepFresh`), so a long-open chat never meets a 401 or a 4401.
  */
 
-import { http, type HttpResult } from '../lib/http';
-import type { TokenPair, UserView } from '../lib/protocol';
-import { resolveEndpoints } from '../lib/config';
-import { decodeJwt } from '../lib/diagnostics';
+import { http, type HttpResult, type TokenPair, type UserView, resolveEndpoints, decodeJwt } from '@natter/client';
 
 const ACCESS = 'access_token';
 const REFRESH = 'refresh_token';

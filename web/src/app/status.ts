@@ -4,10 +4,7 @@
  * diagnostics dialog that fills in step by step and copies the report.
  */
 
-import type { ChatSocket, ConnectionState } from '../lib/chat-socket';
-import { formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport } from '../lib/diagnostics';
-import { ClosePolicy } from '../lib/policy';
-import { closeAdvice, closeHeadline, closeTechnical } from '../lib/words';
+import { type ChatSocket, type ConnectionState, formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport, ClosePolicy, closeAdvice, closeHeadline, closeTechnical } from '@natter/client';
 import { clear, copyToClipboard, h } from './dom';
 
 /** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */

@@ -1,6 +1,6 @@
 /** Login/register, the bot list, and the bot editor with sharing. */
 
-import type { BotView, MemberView, Visibility } from '../lib/protocol';
+import type { BotView, MemberView, Visibility } from '@natter/client';
 import { h } from './dom';
 import { ApiError, SessionExpired, type Session } from './session';
 

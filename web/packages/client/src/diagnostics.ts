@@ -8,12 +8,12 @@
  * Neither ever puts the token in its report or its log.
  */
 
-import { resolveEndpoints } from './config';
-import { http, now as monoNow, uuid } from './http';
-import { log, redact } from './log';
-import { ClosePolicy } from './policy';
-import { closeHeadline } from './words';
-import { decodeCodeRegistry, parseServerFrame, PROTOCOL_VERSION, type BotView, type Preflight, type ServerFrame, type TicketResponse, type UserView } from './protocol';
+import { resolveEndpoints } from './config.js';
+import { http, now as monoNow, uuid } from './http.js';
+import { log, redact } from './log.js';
+import { ClosePolicy } from './policy.js';
+import { closeHeadline } from './words.js';
+import { decodeCodeRegistry, parseServerFrame, PROTOCOL_VERSION, type BotView, type Preflight, type ServerFrame, type TicketResponse, type UserView } from './protocol.js';
 
 export type StepStatus = 'ok' | 'warn' | 'fail' | 'skip';
 
@@ -86,7 +86,7 @@ export function decodeJwt(token: string): Record<string, unknown> | null {
   try {
     const b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
     const pad = b64 + '='.repeat((4 - (b64.length % 4)) % 4);
-    const json = typeof atob === 'function' ? atob(pad) : Buffer.from(pad, 'base64').toString('binary');
+    const json = atob(pad); // in every browser, and in Node 16+
     const v = JSON.parse(decodeURIComponent(escape(json)));
     return typeof v === 'object' && v ? (v as Record<string, unknown>) : null;
   } catch {

@@ -1,19 +1,22 @@
 /**
- * natter's browser client library: `ChatSocket` (and the singleton `chatWebSocketService`),
- * the diagnostics, and the wire types. Framework-free; the only dependency is `debug`.
+ * `@natter/client`, natter's browser client library: `ChatSocket` (and the singleton
+ * `chatWebSocketService`), the diagnostics, plain words for close codes, and the wire types.
+ * Framework-free; the only dependency is `debug`.
  */
 
-import { ChatSocket } from './chat-socket';
-import { runWebSocketDiagnostics, testWebSocket } from './diagnostics';
+import { ChatSocket } from './chat-socket.js';
+import { runWebSocketDiagnostics, testWebSocket } from './diagnostics.js';
 
-export * from './chat-socket';
-export * from './diagnostics';
-export * from './protocol';
-export { ClosePolicy, CLIENT_CLOSE, DEFAULT_CLOSE_CODES, fullJitterDelay, parseRetryHint } from './policy';
-export { Outbox, OutboxFullError, type OutboxEntry } from './outbox';
-export { FlightRecorder, type FlightEvent } from './recorder';
-export { resolveEndpoints, type Endpoints } from './config';
-export { redact } from './log';
+export * from './chat-socket.js';
+export * from './diagnostics.js';
+export * from './protocol.js';
+export { ClosePolicy, CLIENT_CLOSE, DEFAULT_CLOSE_CODES, fullJitterDelay, parseRetryHint } from './policy.js';
+export { Outbox, OutboxFullError, type OutboxEntry } from './outbox.js';
+export { FlightRecorder, type FlightEvent } from './recorder.js';
+export { resolveEndpoints, type Endpoints } from './config.js';
+export { redact } from './log.js';
+export { http, uuid, type HttpOptions, type HttpResult } from './http.js';
+export { closeAdvice, closeHeadline, closeTechnical } from './words.js';
 
 /**
  * The shared connection, under the name the seed's console snippets use. Configure it with

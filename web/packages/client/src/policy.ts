@@ -4,7 +4,7 @@
  * hint of 1013, and the full-jitter exponential backoff.
  */
 
-import type { CloseCodeInfo, CodeRegistry, RetryPolicy } from './protocol';
+import type { CloseCodeInfo, CodeRegistry, RetryPolicy } from './protocol.js';
 
 /**
  * Codes the client itself gives a close that the server did not explain. They live in the

@@ -10,12 +10,12 @@
  * abandoned socket can never move the machine.
  */
 
-import { resolveEndpoints } from './config';
-import { Emitter } from './emitter';
-import { http, now as monoNow, uuid } from './http';
-import { log, redact } from './log';
-import { Outbox, type KeyValueStorage, type OutboxEntry } from './outbox';
-import { CLIENT_CLOSE, ClosePolicy, fullJitterDelay, parseRetryHint, type BackoffOptions, type CloseVerdict } from './policy';
+import { resolveEndpoints } from './config.js';
+import { Emitter } from './emitter.js';
+import { http, now as monoNow, uuid } from './http.js';
+import { log, redact } from './log.js';
+import { Outbox, type KeyValueStorage, type OutboxEntry } from './outbox.js';
+import { CLIENT_CLOSE, ClosePolicy, fullJitterDelay, parseRetryHint, type BackoffOptions, type CloseVerdict } from './policy.js';
 import {
   decodeCodeRegistry,
   encodeClientFrame,
@@ -28,9 +28,9 @@ import {
   type ServerFrame,
   type TicketResponse,
   type WireMessage,
-} from './protocol';
-import { FlightRecorder } from './recorder';
-import { closeHeadline } from './words';
+} from './protocol.js';
+import { FlightRecorder } from './recorder.js';
+import { closeHeadline } from './words.js';
 
 /** How a connection ended, as the UI shows it. */
 export interface CloseInfo {

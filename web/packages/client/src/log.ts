@@ -5,7 +5,10 @@
  */
 import createDebug from 'debug';
 
-export const log = {
+/** A `debug` logger, typed here so the published types need no `@types/debug`. */
+export type Logger = (formatter: unknown, ...args: unknown[]) => void;
+
+export const log: Record<'state' | 'close' | 'frame' | 'connect' | 'outbox' | 'diag', Logger> = {
   state: createDebug('websocket:state'),
   close: createDebug('websocket:close'),
   frame: createDebug('websocket:frame'),

@@ -4,7 +4,7 @@
  * so callers can tell "server said no" from "server unreachable".
  */
 
-import type { ApiErrorBody } from './protocol';
+import type { ApiErrorBody } from './protocol.js';
 
 export type HttpResult<T> =
   | { ok: true; status: number; body: T; ms: number }
