@@ -41,8 +41,9 @@ rust-test: web
 	  else echo "*** SKIPPED: NATS does not answer on 127.0.0.1:4222: the NATS and multi-node tests will not run ***"; fi; fi; \
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# Biome: the formatter (140 columns, biome.json) and the linter, then the unit tests.
 web-test: web
-	cd web && npm test
+	cd web && npm run lint && npm test
 
 browser-test: web
 	$(CARGO) build -p natter

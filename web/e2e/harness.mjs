@@ -55,7 +55,10 @@ export async function startServer({ demo = true, args = [], port, dataDir, webDi
   const argv = ['serve', '--bind', `127.0.0.1:${port}`, '--data-dir', dataDir, '--web-dir', webDir, ...(demo ? ['--demo'] : []), ...args];
   const srv = { url, port, dataDir, proc: null, log: [] };
   srv.start = async () => {
-    const proc = spawn(NATTER, argv, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });
+    const proc = spawn(NATTER, argv, {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
+    });
     srv.proc = proc;
     servers.add(proc);
     const keep = (d) => {
@@ -110,7 +113,16 @@ export async function launchBrowser() {
   return chromium.launch({
     executablePath: CHROMIUM,
     headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
   });
 }
 
@@ -179,7 +191,12 @@ export async function waitState(page, kind, timeout = 15_000) {
 /** The messages shown in the chat, in order. */
 export async function shownMessages(page) {
   return page.$$eval('[data-testid=messages] .msg', (els) =>
-    els.map((e) => ({ role: [...e.classList].find((c) => c !== 'msg'), text: e.querySelector('.body').textContent, seq: e.dataset.seq ? Number(e.dataset.seq) : null, status: e.dataset.status })),
+    els.map((e) => ({
+      role: [...e.classList].find((c) => c !== 'msg'),
+      text: e.querySelector('.body').textContent,
+      seq: e.dataset.seq ? Number(e.dataset.seq) : null,
+      status: e.dataset.status,
+    })),
   );
 }
 

@@ -44,7 +44,18 @@ async function main() {
     );
     writeFileSync(
       join(scratch, 'tsconfig.json'),
-      JSON.stringify({ compilerOptions: { target: 'ES2022', module: 'ESNext', moduleResolution: 'Bundler', lib: ['ES2022', 'DOM'], strict: true, noEmit: true, skipLibCheck: false }, include: ['main.ts'] }),
+      JSON.stringify({
+        compilerOptions: {
+          target: 'ES2022',
+          module: 'ESNext',
+          moduleResolution: 'Bundler',
+          lib: ['ES2022', 'DOM'],
+          strict: true,
+          noEmit: true,
+          skipLibCheck: false,
+        },
+        include: ['main.ts'],
+      }),
     );
     writeFileSync(
       join(scratch, 'main.ts'),
@@ -95,7 +106,10 @@ log('1012 means: ' + closeHeadline(1012));
       await page.locator('li', { hasText: 'bot: ' }).first().waitFor({ timeout: 15_000 });
       const lines = await page.locator('#log li').allTextContents();
       console.log(`  the scratch app shows: ${JSON.stringify(lines)}`);
-      assert(lines.some((l) => l.startsWith('bot: ') && l.includes('hello from the package')), 'the echo bot answered');
+      assert(
+        lines.some((l) => l.startsWith('bot: ') && l.includes('hello from the package')),
+        'the echo bot answered',
+      );
       assert(lines.includes('acked seq 1'), 'the send was acked with seq 1');
       assert(lines.includes('1012 means: The server is restarting'), 'plain words come with the package');
       assert(errors.length === 0, `page errors: ${errors.join('; ')}`);

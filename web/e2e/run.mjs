@@ -79,14 +79,27 @@ scenario('connect and chat (log in through the form)', async () => {
   assert(shown.length === 2, `two messages shown, got ${JSON.stringify(shown)}`);
   assert(shown[0].seq === 1 && shown[1].seq === 2, 'seqs 1 and 2');
   // The token never appears in a socket URL: the library uses a ticket.
-  const urls = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'ws_connect').map((e) => e.url));
-  assert(urls.length >= 1 && urls.every((u) => u.includes('ticket=<redacted>') && !u.includes('token=')), `socket URLs use tickets: ${urls}`);
+  const urls = await page.evaluate(() =>
+    JSON.parse(window.chatWebSocketService.exportFlightRecorder())
+      .events.filter((e) => e.type === 'ws_connect')
+      .map((e) => e.url),
+  );
+  assert(
+    urls.length >= 1 && urls.every((u) => u.includes('ticket=<redacted>') && !u.includes('token=')),
+    `socket URLs use tickets: ${urls}`,
+  );
   assert(traffic.sockets.length === 0, 'no new socket for sending');
   // The logs say what happened, and never give a credential away.
   const logs = consoleLines.join('\n');
-  assert(/websocket:state/.test(logs) && /Attempting to connect to chat WebSocket/.test(logs) && /connection established/.test(logs), `verbose logs present: ${logs.slice(0, 500)}`);
+  assert(
+    /websocket:state/.test(logs) && /Attempting to connect to chat WebSocket/.test(logs) && /connection established/.test(logs),
+    `verbose logs present: ${logs.slice(0, 500)}`,
+  );
   const secrets = await page.evaluate(() => [localStorage.getItem('access_token'), localStorage.getItem('refresh_token')]);
-  assert(secrets.every((x) => x && !logs.includes(x)), 'no token in the console');
+  assert(
+    secrets.every((x) => x && !logs.includes(x)),
+    'no token in the console',
+  );
   assert(!/ticket=(?!<redacted>)/.test(logs), 'no ticket in the console');
 });
 
@@ -104,7 +117,9 @@ async function restartScenario(signal) {
     await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
   }
   await srv.kill(signal);
-  await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, { timeout: 10_000 });
+  await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, {
+    timeout: 10_000,
+  });
   // Typed while the server is down: queued, then sent on reconnect.
   await sendMessage(page, 'three (typed while down)');
   await page.waitForSelector('.msg.user[data-status=pending] .body:text-is("three (typed while down)")');
@@ -118,17 +133,30 @@ async function restartScenario(signal) {
   const iRe = labels.findIndex((l) => /— reconnecting|^Can't reach the server/.test(l));
   assert(iRe >= 0, `indicator showed reconnecting: ${JSON.stringify(labels)}`);
   const said = signal === 'SIGTERM' ? /^The server is restarting — reconnecting/ : /^Connection lost — reconnecting/;
-  assert(labels.some((l) => said.test(l)), `indicator said ${said}: ${JSON.stringify(labels)}`);
-  assert(labels.every((l) => !/\b[a-z]+_[a-z_]+\b|\b[14]\d{3}\b|fetch/i.test(l)), `plain words only: ${JSON.stringify(labels)}`);
+  assert(
+    labels.some((l) => said.test(l)),
+    `indicator said ${said}: ${JSON.stringify(labels)}`,
+  );
+  assert(
+    labels.every((l) => !/\b[a-z]+_[a-z_]+\b|\b[14]\d{3}\b|fetch/i.test(l)),
+    `plain words only: ${JSON.stringify(labels)}`,
+  );
   assert(labels.slice(iRe).includes('Connected'), `then Connected: ${JSON.stringify(labels)}`);
   const shown = await shownMessages(page);
   const server = await api(srv.url, `/api/bots/${botId}/messages?limit=100`, { token: t.access_token });
   assert(server.messages.length === 8, `server stored 8 messages, got ${server.messages.length}`);
-  assert(JSON.stringify(shown.map((m) => m.seq)) === JSON.stringify(server.messages.map((m) => m.seq)), `shown seqs ${shown.map((m) => m.seq)} = stored ${server.messages.map((m) => m.seq)}`);
+  assert(
+    JSON.stringify(shown.map((m) => m.seq)) === JSON.stringify(server.messages.map((m) => m.seq)),
+    `shown seqs ${shown.map((m) => m.seq)} = stored ${server.messages.map((m) => m.seq)}`,
+  );
   assert(JSON.stringify(shown.map((m) => m.text)) === JSON.stringify(server.messages.map((m) => m.content)), 'shown texts = stored texts');
   const outbox = await page.evaluate(() => sessionStorage.getItem('natter.outbox'));
   assert(outbox === null, 'outbox empty');
-  const closes = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'close').map((e) => e.code));
+  const closes = await page.evaluate(() =>
+    JSON.parse(window.chatWebSocketService.exportFlightRecorder())
+      .events.filter((e) => e.type === 'close')
+      .map((e) => e.code),
+  );
   assert(closes[0] === (signal === 'SIGTERM' ? 1012 : 1006), `first close ${closes[0]} for ${signal}`);
 }
 
@@ -228,7 +256,10 @@ scenario('4404: failed with advice, no retry loop', async () => {
   assert(label === "This bot doesn't exist", `label: ${label}`);
   await page.click('[data-testid=status-more]');
   const tech = await page.textContent('[data-testid=status-tech]');
-  assert(/^4404 bot_not_found: .*no bot.*Check the bot id/.test(tech), `the code, its name, the reason and the registry's advice one click away: ${tech}`);
+  assert(
+    /^4404 bot_not_found: .*no bot.*Check the bot id/.test(tech),
+    `the code, its name, the reason and the registry's advice one click away: ${tech}`,
+  );
   assert(/Check the link, or pick the bot from the list/.test(detail), `advice shown: ${detail}`);
   const n = traffic.ticket + traffic.sockets.length;
   await sleep(4000);
@@ -285,7 +316,10 @@ scenario('diagnostics name the failing step: bad token, missing bot, stopped ser
   // testWebSocket, as the seed's console snippet calls it.
   await srv.start();
   const quick = await page.evaluate((b) => window.testWebSocket(b, localStorage.getItem('access_token')), botId);
-  assert(quick.ok && quick.steps.map((s) => s.step).join() === 'health,ticket,open,connection_established,ping,close', `testWebSocket: ${JSON.stringify(quick)}`);
+  assert(
+    quick.ok && quick.steps.map((s) => s.step).join() === 'health,ticket,open,connection_established,ping,close',
+    `testWebSocket: ${JSON.stringify(quick)}`,
+  );
 });
 
 scenario('cross-origin API: a CORS refusal is named; an allowed origin works', async () => {
@@ -306,7 +340,10 @@ scenario('cross-origin API: a CORS refusal is named; an allowed origin works', a
     );
     if (expectOk) {
       assert(r.summary.status !== 'fail', `allowed origin works: ${JSON.stringify(r.steps.filter((x) => x.status === 'fail'))}`);
-      assert(r.steps.find((x) => x.id === 'cors').status === 'ok' && r.steps.find((x) => x.id === 'established').status === 'ok', 'cors ok, socket ok');
+      assert(
+        r.steps.find((x) => x.id === 'cors').status === 'ok' && r.steps.find((x) => x.id === 'established').status === 'ok',
+        'cors ok, socket ok',
+      );
     } else {
       assert(r.summary.failing_step === 'cors', `CORS named: ${r.summary.failing_step} ${r.summary.headline}`);
       assert(r.steps.find((x) => x.id === 'cors').fix.includes(`--allowed-origin ${page0.url}`), 'suggests --allowed-origin');
@@ -346,7 +383,10 @@ scenario('register → create bot → chat', async () => {
   await page.click('[data-testid=share-submit]');
   await page.waitForSelector('[data-testid=members] li[data-member=friend]');
   const friendBots = await api(srv.url, '/api/bots', { token: friend.access_token });
-  assert(friendBots.some((b) => b.name === 'Parrot' && b.my_role === 'chat'), 'the friend sees the shared bot');
+  assert(
+    friendBots.some((b) => b.name === 'Parrot' && b.my_role === 'chat'),
+    'the friend sees the shared bot',
+  );
   await page.click('a:text("Cancel")');
   await page.click('[data-testid=chat-link] >> text=Parrot');
   await waitState(page, 'open');
@@ -370,7 +410,7 @@ async function streamingBot(name, piecesFor, delayMs) {
     res.writeHead(200, { 'Content-Type': 'application/x-ndjson' });
     for (const p of piecesFor(JSON.parse(body).message.content)) {
       if (res.destroyed) break;
-      res.write(JSON.stringify({ delta: p }) + '\n');
+      res.write(`${JSON.stringify({ delta: p })}\n`);
       await sleep(delayMs);
     }
     res.end();
@@ -401,7 +441,11 @@ async function streamingBot(name, piecesFor, delayMs) {
 }
 
 scenario('streamed reply grows token by token, survives a reconnect mid-reply; Stop cancels one', async () => {
-  const { page, close } = await streamingBot('Streamer', (content) => (content === 'long one' ? Array.from({ length: 30 }, (_, i) => `w${i} `) : ['Stream', 'ing ', 'reply ', 'to: ', content]), 350);
+  const { page, close } = await streamingBot(
+    'Streamer',
+    (content) => (content === 'long one' ? Array.from({ length: 30 }, (_, i) => `w${i} `) : ['Stream', 'ing ', 'reply ', 'to: ', content]),
+    350,
+  );
   try {
     await page.evaluate(() => {
       window.__partials = [];
@@ -414,11 +458,18 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     await page.waitForSelector('.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: hi")', { timeout: 15_000 });
     // Markdown: the empty reply's first render shows nothing, and spaces at its end are layout.
     const partials = (await page.evaluate(() => window.__partials)).map((p) => p.trim()).filter(Boolean);
-    assert(partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply'), `grew token by token: ${JSON.stringify(partials)}`);
+    assert(
+      partials.length >= 3 && partials[0] === 'Stream' && partials.includes('Streaming reply'),
+      `grew token by token: ${JSON.stringify(partials)}`,
+    );
     assert((await page.$$('.msg.bot')).length === 1, 'one reply bubble (deltas and final merged)');
     // Stop a long reply part-way.
     await sendMessage(page, 'long one');
-    await page.waitForSelector('.msg.bot[data-status=streaming] [data-testid=msg-stop]', { timeout: 10_000 }).catch(async (e) => { console.log(await page.innerHTML('[data-testid=messages]')); console.log(await page.evaluate(() => window.chatWebSocketService.exportFlightRecorder())); throw e; });
+    await page.waitForSelector('.msg.bot[data-status=streaming] [data-testid=msg-stop]', { timeout: 10_000 }).catch(async (e) => {
+      console.log(await page.innerHTML('[data-testid=messages]'));
+      console.log(await page.evaluate(() => window.chatWebSocketService.exportFlightRecorder()));
+      throw e;
+    });
     await page.click('.msg.bot[data-status=streaming] [data-testid=msg-stop]');
     await page.waitForSelector('.msg.bot[data-status=received] .msg-status:text("stopped")', { timeout: 10_000 });
     const stopped = await page.textContent('.msg.bot:last-child .body');
@@ -463,7 +514,11 @@ scenario('a refused message shows Not sent with the reason, Retry and Discard', 
 scenario('logging out drops unsent messages: they never go out as the next user', async () => {
   const srv = await startServer();
   const demo = await login(srv.url, 'demo', 'demo-password');
-  const pub = await api(srv.url, '/api/bots', { method: 'POST', token: demo.access_token, body: { name: 'Lobby', visibility: 'public', engine: { kind: 'echo' } } });
+  const pub = await api(srv.url, '/api/bots', {
+    method: 'POST',
+    token: demo.access_token,
+    body: { name: 'Lobby', visibility: 'public', engine: { kind: 'echo' } },
+  });
   await api(srv.url, '/api/auth/register', { method: 'POST', body: { username: 'bob', password: 'bob-password' } });
   const { ctx, page } = await newPage();
   await loginPage(page, srv, demo, 'demo');
@@ -485,16 +540,27 @@ scenario('logging out drops unsent messages: they never go out as the next user'
   await sleep(1000);
   const bob = await login(srv.url, 'bob', 'bob-password');
   const bobs = await api(srv.url, `/api/bots/${pub.id}/messages`, { token: bob.access_token });
-  assert(bobs.messages.every((m) => m.content !== 'queued by demo'), `nothing sent as bob: ${JSON.stringify(bobs.messages)}`);
+  assert(
+    bobs.messages.every((m) => m.content !== 'queued by demo'),
+    `nothing sent as bob: ${JSON.stringify(bobs.messages)}`,
+  );
   assert((await shownMessages(page)).length === 0, 'bob sees an empty conversation');
 });
 
 scenario('revoke access: Failed with a readable reason, no retry loop', async () => {
   const srv = await startServer();
   const owner = await login(srv.url, 'demo', 'demo-password');
-  const bot = await api(srv.url, '/api/bots', { method: 'POST', token: owner.access_token, body: { name: 'Secret', visibility: 'private', engine: { kind: 'echo' } } });
+  const bot = await api(srv.url, '/api/bots', {
+    method: 'POST',
+    token: owner.access_token,
+    body: { name: 'Secret', visibility: 'private', engine: { kind: 'echo' } },
+  });
   const guest = await registerAndLogin(srv.url, 'guest');
-  await api(srv.url, `/api/bots/${bot.id}/members`, { method: 'POST', token: owner.access_token, body: { username: 'guest', role: 'chat' } });
+  await api(srv.url, `/api/bots/${bot.id}/members`, {
+    method: 'POST',
+    token: owner.access_token,
+    body: { username: 'guest', role: 'chat' },
+  });
   const { page } = await newPage();
   await loginPage(page, srv, guest, 'guest');
   await page.goto(`${srv.url}/#/chat/${bot.id}`);
@@ -538,7 +604,10 @@ scenario('Diagnose on a broken setup shows the failing step and copies the repor
   await page.click('[data-testid=copy-report]');
   await page.waitForSelector('.copied:text("Copied")');
   const clip = await page.evaluate(() => navigator.clipboard.readText());
-  assert(clip.includes('✗ Bot exists and is allowed') && clip.includes('flight recorder') && !clip.includes(t.access_token), 'copied report has steps and no token');
+  assert(
+    clip.includes('✗ Bot exists and is allowed') && clip.includes('flight recorder') && !clip.includes(t.access_token),
+    'copied report has steps and no token',
+  );
 });
 
 scenario('two tabs on the same conversation stay in step', async () => {
@@ -641,7 +710,10 @@ scenario('history: older messages load on scroll up', async () => {
   await page.$eval('[data-testid=messages]', (el) => (el.scrollTop = 0));
   await page.waitForFunction(() => document.querySelectorAll('[data-testid=messages] .msg').length === 120);
   shown = await shownMessages(page);
-  assert(shown.every((m, i) => m.seq === i + 1), 'all 120 in order, none twice');
+  assert(
+    shown.every((m, i) => m.seq === i + 1),
+    'all 120 in order, none twice',
+  );
 });
 
 // ---- issue 18: plain words, a chat that heals, Markdown replies, early refresh, hidden tabs ----
@@ -655,7 +727,13 @@ async function watchStatus(page) {
     window.__shown = [];
     const bar = document.querySelector('[data-testid=status]');
     const note = () => {
-      const e = { label: bar.querySelector('[data-testid=status-label]').textContent, detail: bar.querySelector('[data-testid=status-detail]').textContent, tone: bar.dataset.tone, hidden: document.visibilityState === 'hidden', state: window.chatWebSocketService.state.kind };
+      const e = {
+        label: bar.querySelector('[data-testid=status-label]').textContent,
+        detail: bar.querySelector('[data-testid=status-detail]').textContent,
+        tone: bar.dataset.tone,
+        hidden: document.visibilityState === 'hidden',
+        state: window.chatWebSocketService.state.kind,
+      };
       const last = window.__shown.at(-1);
       if (!last || last.label !== e.label || last.tone !== e.tone || last.hidden !== e.hidden) window.__shown.push(e);
     };
@@ -697,15 +775,27 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
   await srv.kill('SIGTERM');
   await page.waitForSelector(`[data-testid=status-label]:text-matches("^Can't reach the server — retrying")`, { timeout: 20_000 });
   const shown = await page.evaluate(() => window.__shown);
-  assert(shown.some((s) => /^The server is restarting — reconnecting/.test(s.label)), `said the server is restarting: ${JSON.stringify(shown)}`);
-  for (const s of shown) assert(!SNAKE.test(s.label + s.detail) && !CODE_NUMBER.test(s.label + s.detail) && !/fetch/i.test(s.label + s.detail), `plain words: ${JSON.stringify(s)}`);
+  assert(
+    shown.some((s) => /^The server is restarting — reconnecting/.test(s.label)),
+    `said the server is restarting: ${JSON.stringify(shown)}`,
+  );
+  for (const s of shown)
+    assert(
+      !SNAKE.test(s.label + s.detail) && !CODE_NUMBER.test(s.label + s.detail) && !/fetch/i.test(s.label + s.detail),
+      `plain words: ${JSON.stringify(s)}`,
+    );
   assert(!(await page.isVisible('[data-testid=status-tech]')), 'details hidden until asked for');
   await page.click('[data-testid=status-more]');
   const tech = await page.textContent('[data-testid=status-tech]');
   assert(/server unreachable/.test(tech) && /attempt \d/.test(tech), `the technical words one click away: ${tech}`);
   assert((await page.getAttribute('[data-testid=status]', 'title')).includes('server unreachable'), 'and on hover');
-  const recorded = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'close'));
-  assert(recorded[0].code === 1012 && recorded[0].name === 'server_restarting' && recorded[0].said === 'The server is restarting', `the flight recorder has the code, its name and the words: ${JSON.stringify(recorded[0])}`);
+  const recorded = await page.evaluate(() =>
+    JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events.filter((e) => e.type === 'close'),
+  );
+  assert(
+    recorded[0].code === 1012 && recorded[0].name === 'server_restarting' && recorded[0].said === 'The server is restarting',
+    `the flight recorder has the code, its name and the words: ${JSON.stringify(recorded[0])}`,
+  );
   // Diagnose: a sentence, not a URL.
   await page.click('[data-testid=diagnose]');
   await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 30_000 });
@@ -745,17 +835,31 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
     await page.waitForFunction(
       (code) => {
         const s = window.chatWebSocketService.state;
-        return (s.kind === 'failed' && s.code === code) || (s.kind === 'reconnecting' && s.lastClose?.code === code) || (code === 4401 && s.kind === 'failed');
+        return (
+          (s.kind === 'failed' && s.code === code) ||
+          (s.kind === 'reconnecting' && s.lastClose?.code === code) ||
+          (code === 4401 && s.kind === 'failed')
+        );
       },
       code,
       { timeout: 15_000 },
     );
     const label = await page.textContent('[data-testid=status-label]');
     const detail = await page.textContent('[data-testid=status-detail]');
-    assert(label.length > 5 && !SNAKE.test(label + detail) && !CODE_NUMBER.test(label + detail), `${code}: plain words in the headline: ${label}${detail}`);
+    assert(
+      label.length > 5 && !SNAKE.test(label + detail) && !CODE_NUMBER.test(label + detail),
+      `${code}: plain words in the headline: ${label}${detail}`,
+    );
     if (!(await page.isVisible('[data-testid=status-tech]'))) await page.click('[data-testid=status-more]');
     const tech = await page.textContent('[data-testid=status-tech]');
-    const name = code === 1005 ? 'no_status' : code === 1006 ? 'abnormal_closure' : code >= 4000 && code < 4100 ? '' : registry.close_codes.find((c) => c.code === code).name;
+    const name =
+      code === 1005
+        ? 'no_status'
+        : code === 1006
+          ? 'abnormal_closure'
+          : code >= 4000 && code < 4100
+            ? ''
+            : registry.close_codes.find((c) => c.code === code).name;
     assert(tech.startsWith(`${code} ${name}`), `${code}: the code and its name behind Details: ${tech}`);
   }
   await page.evaluate(() => {
@@ -786,7 +890,10 @@ scenario('issue 18: a chat opened while the server is down heals itself when it 
   await page.waitForSelector('[data-testid=chat-title]:text-is("Echo")');
   await page.waitForSelector('[data-testid=chat-error]:empty', { state: 'attached' });
   const shown = await shownMessages(page);
-  assert(shown.map((m) => m.seq).join() === '1,2,3,4,5,6' && shown.map((m) => m.text).join() === 'one,one,two,two,three,three', `history in order, once: ${JSON.stringify(shown)}`);
+  assert(
+    shown.map((m) => m.seq).join() === '1,2,3,4,5,6' && shown.map((m) => m.text).join() === 'one,one,two,two,three,three',
+    `history in order, once: ${JSON.stringify(shown)}`,
+  );
   assert(await page.evaluate(() => window.__sameDocument === true), 'healed without a reload');
   // And it goes on as usual.
   await sendMessage(page, 'four');
@@ -841,24 +948,37 @@ scenario('issue 18: bot replies are Markdown, sanitised; hostile input executes 
   }));
   assert(report.h1 === 'Plan' && report.strong === 'bold' && report.em && report.li >= 4, `Markdown rendered: ${JSON.stringify(report)}`);
   assert(report.th.join() === 'plan,price', `a table: ${JSON.stringify(report.th)}`);
-  assert(report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);\n' || report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);', `code kept as text: ${JSON.stringify(report.code)}`);
+  assert(
+    report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);\n' || report.code === 'const x = "<b>not bold</b>";\nconsole.log(x);',
+    `code kept as text: ${JSON.stringify(report.code)}`,
+  );
   assert(report.copyButtons === 1, `a copy button on the code block: ${report.copyButtons}`);
   assert(report.scripts === 0 && report.onAttrs.length === 0, `no active content: ${JSON.stringify(report)}`);
   for (const l of report.links) {
     assert(!/^\s*(javascript|data|vbscript):/i.test(l.href ?? ''), `no dangerous link: ${JSON.stringify(l)}`);
-    if (l.href) assert(l.target === '_blank' && /noopener/.test(l.rel) && /noreferrer/.test(l.rel), `links open safely: ${JSON.stringify(l)}`);
+    if (l.href)
+      assert(l.target === '_blank' && /noopener/.test(l.rel) && /noreferrer/.test(l.rel), `links open safely: ${JSON.stringify(l)}`);
   }
-  assert(report.links.some((l) => l.href === 'https://example.com/docs'), `the good link kept: ${JSON.stringify(report.links)}`);
+  assert(
+    report.links.some((l) => l.href === 'https://example.com/docs'),
+    `the good link kept: ${JSON.stringify(report.links)}`,
+  );
   // Click everything that is a link or could be one; hover the raw bold.
   for (const a of await bot.locator('a:not([href^="http"])').all()) await a.click({ timeout: 2000 }).catch(() => {});
   await bot.hover();
   await sleep(500);
   const xss = await page.evaluate(() => window.__xss);
   assert(xss === undefined && dialogs.length === 0, `nothing executed: __xss=${xss}, dialogs=${JSON.stringify(dialogs)}`);
-  assert(popups.every((u) => !/^(javascript|data):/i.test(u)), `no script popups: ${JSON.stringify(popups)}`);
+  assert(
+    popups.every((u) => !/^(javascript|data):/i.test(u)),
+    `no script popups: ${JSON.stringify(popups)}`,
+  );
   assert(await page.isVisible('.messages'), 'the page is not hidden by injected style');
   // The user's own message is plain text, exactly as typed.
-  const mine = await page.locator('.msg.user .body').last().evaluate((b) => ({ text: b.textContent, elements: b.children.length }));
+  const mine = await page
+    .locator('.msg.user .body')
+    .last()
+    .evaluate((b) => ({ text: b.textContent, elements: b.children.length }));
   assert(mine.text === hostile && mine.elements === 0, `user text stays plain: ${JSON.stringify(mine).slice(0, 200)}`);
   // Copy the code.
   await bot.locator('[data-testid=copy-code]').click();
@@ -901,7 +1021,12 @@ scenario('issue 18: a streamed Markdown reply re-renders only itself, at most on
             window.__foreign.push(r.target.outerHTML?.slice(0, 80) ?? String(r.target.nodeName));
           }
         }
-      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true, attributes: true });
+      }).observe(document.querySelector('[data-testid=messages]'), {
+        childList: true,
+        subtree: true,
+        characterData: true,
+        attributes: true,
+      });
     });
     await sendMessage(page, 'second');
     await page.waitForSelector('.msg.bot[data-status=streaming]', { timeout: 15_000 });
@@ -925,7 +1050,10 @@ scenario('issue 18: a streamed Markdown reply re-renders only itself, at most on
     assert(r.kept, 'earlier messages were not re-rendered');
     assert(r.foreign.length === 0, `nothing but the streaming reply changed: ${JSON.stringify(r.foreign.slice(0, 5))}`);
     assert(r.renders >= 2 && r.renders <= r.frames + 1 && r.renders <= r.deltas, `renders throttled to frames: ${JSON.stringify(r)}`);
-    const items = await page.locator('.msg.bot .body').last().evaluate((b) => b.querySelectorAll('li').length);
+    const items = await page
+      .locator('.msg.bot .body')
+      .last()
+      .evaluate((b) => b.querySelectorAll('li').length);
     assert(items === 120, `the whole list at the end: ${items}`);
   } finally {
     close();
@@ -966,66 +1094,83 @@ scenario('issue 18: the access token is refreshed before it expires, once for al
   await b.waitForSelector('.msg.bot .body > p:text-is("still here")');
   for (const p of [a, b]) {
     const ev = await p.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
-    assert(!ev.some((e) => (e.type === 'close' && e.code === 4401) || e.type === 'reauth'), `no 4401 round trip: ${JSON.stringify(ev.filter((e) => e.type === 'close' || e.type === 'reauth'))}`);
+    assert(
+      !ev.some((e) => (e.type === 'close' && e.code === 4401) || e.type === 'reauth'),
+      `no 4401 round trip: ${JSON.stringify(ev.filter((e) => e.type === 'close' || e.type === 'reauth'))}`,
+    );
   }
   assert(refused.length === 0, `no request was refused: ${JSON.stringify(refused)}`);
   assert(refreshes >= 1 && refreshes <= 2, `a refresh per lifetime, not per tab: ${refreshes}`);
 });
 
-scenario('issue 18: phone width, hidden tab: no error flashes, retries back off, shown again it reconnects at once and catches up', async () => {
-  const srv = await startServer();
-  const t = await login(srv.url, 'demo', 'demo-password');
-  const botId = await demoBotId(srv, t.access_token);
-  const { ctx, page } = await newPage({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
-  // Backoff delays near their ceiling, so the wait after a few tries is long enough to see.
-  await page.addInitScript(() => (Math.random = () => 0.99));
-  await loginPage(page, srv, t, 'demo');
-  await page.goto(`${srv.url}/#/chat/${botId}`);
-  await waitState(page, 'open');
-  await sendMessage(page, 'before');
-  await page.waitForSelector('.msg.bot .body > p:text-is("before")');
-  const other = await ctx.newPage();
-  await other.setViewportSize({ width: 1000, height: 760 });
-  await other.goto(`${srv.url}/#/chat/${botId}`);
-  await waitState(other, 'open');
-  await watchStatus(page);
-  await setHidden(page, true);
-  await srv.kill();
-  // Wait until the hidden tab's next try is far off.
-  const handle = await page.waitForFunction(
-    () => {
-      const s = window.chatWebSocketService.state;
-      return (s.kind === 'reconnecting' || s.kind === 'backend_unavailable') && s.retryAt - Date.now() > 6000 ? s.retryAt : false;
-    },
-    null,
-    { timeout: 40_000, polling: 100 },
-  );
-  const retryAt = await handle.jsonValue();
-  const ev = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
-  const waits = ev.filter((e) => e.type === 'state' && (e.to === 'reconnecting' || e.to === 'backend_unavailable')).map((e) => ({ attempt: e.attempt, ms: e.retryAt - e.t }));
-  assert(waits.length >= 3 && waits.every((w, i) => w.attempt === i + 1 && w.ms <= 500 * 2 ** (w.attempt - 1)), `hidden, the retries follow the backoff: ${JSON.stringify(waits)}`);
-  // The server is back and the conversation moves on without this tab.
-  await srv.start();
-  await other.evaluate(() => window.chatWebSocketService.retryNow());
-  await waitState(other, 'open');
-  await sendMessage(other, 'while you were away');
-  await other.waitForSelector('.msg.bot .body > p:text-is("while you were away")');
-  const shownAt = Date.now();
-  assert(retryAt - shownAt > 1500, `the hidden tab's next try is still ahead (${retryAt - shownAt} ms)`);
-  await setHidden(page, false);
-  await waitState(page, 'open', 10_000);
-  const took = Date.now() - shownAt;
-  assert(took < Math.min(3000, retryAt - shownAt), `shown again, it reconnected at once (${took} ms; the backoff said ${retryAt - shownAt} ms)`);
-  await page.waitForSelector('.msg.bot .body > p:text-is("while you were away")', { timeout: 5000 });
-  const texts = (await shownMessages(page)).map((m) => m.text);
-  assert(texts.join() === 'before,before,while you were away,while you were away', `caught up, nothing doubled: ${texts}`);
-  const shown = await page.evaluate(() => window.__shown);
-  const hiddenBad = shown.filter((s) => s.hidden && s.tone === 'bad');
-  assert(hiddenBad.length === 0, `no error state while hidden: ${JSON.stringify(hiddenBad)}`);
-  const afterShown = shown.slice(shown.findLastIndex((s) => s.hidden) + 1);
-  assert(afterShown.every((s) => s.tone !== 'bad'), `no error flash on the way back: ${JSON.stringify(afterShown)}`);
-  assert(await page.evaluate(() => document.documentElement.scrollWidth <= 375), 'nothing wider than the phone');
-});
+scenario(
+  'issue 18: phone width, hidden tab: no error flashes, retries back off, shown again it reconnects at once and catches up',
+  async () => {
+    const srv = await startServer();
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const botId = await demoBotId(srv, t.access_token);
+    const { ctx, page } = await newPage({ viewport: { width: 375, height: 740 }, isMobile: true, hasTouch: true });
+    // Backoff delays near their ceiling, so the wait after a few tries is long enough to see.
+    await page.addInitScript(() => (Math.random = () => 0.99));
+    await loginPage(page, srv, t, 'demo');
+    await page.goto(`${srv.url}/#/chat/${botId}`);
+    await waitState(page, 'open');
+    await sendMessage(page, 'before');
+    await page.waitForSelector('.msg.bot .body > p:text-is("before")');
+    const other = await ctx.newPage();
+    await other.setViewportSize({ width: 1000, height: 760 });
+    await other.goto(`${srv.url}/#/chat/${botId}`);
+    await waitState(other, 'open');
+    await watchStatus(page);
+    await setHidden(page, true);
+    await srv.kill();
+    // Wait until the hidden tab's next try is far off.
+    const handle = await page.waitForFunction(
+      () => {
+        const s = window.chatWebSocketService.state;
+        return (s.kind === 'reconnecting' || s.kind === 'backend_unavailable') && s.retryAt - Date.now() > 6000 ? s.retryAt : false;
+      },
+      null,
+      { timeout: 40_000, polling: 100 },
+    );
+    const retryAt = await handle.jsonValue();
+    const ev = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
+    const waits = ev
+      .filter((e) => e.type === 'state' && (e.to === 'reconnecting' || e.to === 'backend_unavailable'))
+      .map((e) => ({ attempt: e.attempt, ms: e.retryAt - e.t }));
+    assert(
+      waits.length >= 3 && waits.every((w, i) => w.attempt === i + 1 && w.ms <= 500 * 2 ** (w.attempt - 1)),
+      `hidden, the retries follow the backoff: ${JSON.stringify(waits)}`,
+    );
+    // The server is back and the conversation moves on without this tab.
+    await srv.start();
+    await other.evaluate(() => window.chatWebSocketService.retryNow());
+    await waitState(other, 'open');
+    await sendMessage(other, 'while you were away');
+    await other.waitForSelector('.msg.bot .body > p:text-is("while you were away")');
+    const shownAt = Date.now();
+    assert(retryAt - shownAt > 1500, `the hidden tab's next try is still ahead (${retryAt - shownAt} ms)`);
+    await setHidden(page, false);
+    await waitState(page, 'open', 10_000);
+    const took = Date.now() - shownAt;
+    assert(
+      took < Math.min(3000, retryAt - shownAt),
+      `shown again, it reconnected at once (${took} ms; the backoff said ${retryAt - shownAt} ms)`,
+    );
+    await page.waitForSelector('.msg.bot .body > p:text-is("while you were away")', { timeout: 5000 });
+    const texts = (await shownMessages(page)).map((m) => m.text);
+    assert(texts.join() === 'before,before,while you were away,while you were away', `caught up, nothing doubled: ${texts}`);
+    const shown = await page.evaluate(() => window.__shown);
+    const hiddenBad = shown.filter((s) => s.hidden && s.tone === 'bad');
+    assert(hiddenBad.length === 0, `no error state while hidden: ${JSON.stringify(hiddenBad)}`);
+    const afterShown = shown.slice(shown.findLastIndex((s) => s.hidden) + 1);
+    assert(
+      afterShown.every((s) => s.tone !== 'bad'),
+      `no error flash on the way back: ${JSON.stringify(afterShown)}`,
+    );
+    assert(await page.evaluate(() => document.documentElement.scrollWidth <= 375), 'nothing wider than the phone');
+  },
+);
 
 // ---- runner -----------------------------------------------------------------------------
 
@@ -1055,7 +1200,12 @@ async function main() {
       console.log(`✓ ${s.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
     } catch (e) {
       failed++;
-      console.log(`✗ ${s.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n    ${String(e?.stack ?? e).split('\n').slice(0, 6).join('\n    ')}`);
+      console.log(
+        `✗ ${s.name} (${((Date.now() - t0) / 1000).toFixed(1)} s)\n    ${String(e?.stack ?? e)
+          .split('\n')
+          .slice(0, 6)
+          .join('\n    ')}`,
+      );
     } finally {
       clearTimeout(timer);
       for (const ctx of browser.contexts()) await ctx.close().catch(() => {});

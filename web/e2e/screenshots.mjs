@@ -17,7 +17,16 @@ async function main() {
     const t = await login(srv.url, 'demo', 'demo-password');
     const bots = await api(srv.url, '/api/bots', { token: t.access_token });
     const echo = bots.find((b) => b.name === 'Echo');
-    await api(srv.url, '/api/bots', { method: 'POST', token: t.access_token, body: { name: 'Support FAQ', description: 'Answers questions about plans and opening hours.', visibility: 'public', engine: { kind: 'echo' } } });
+    await api(srv.url, '/api/bots', {
+      method: 'POST',
+      token: t.access_token,
+      body: {
+        name: 'Support FAQ',
+        description: 'Answers questions about plans and opening hours.',
+        visibility: 'public',
+        engine: { kind: 'echo' },
+      },
+    });
 
     const ctx = await browser.newContext({ viewport: { width: 1000, height: 700 }, deviceScaleFactor: 1 });
     const page = await ctx.newPage();
@@ -31,7 +40,11 @@ async function main() {
     await page.screenshot({ path: join(OUT, 'bots.png') });
 
     await api(srv.url, '/api/auth/register', { method: 'POST', body: { username: 'alice', password: 'alice-password' } });
-    await api(srv.url, `/api/bots/${echo.id}/members`, { method: 'POST', token: t.access_token, body: { username: 'alice', role: 'chat' } });
+    await api(srv.url, `/api/bots/${echo.id}/members`, {
+      method: 'POST',
+      token: t.access_token,
+      body: { username: 'alice', role: 'chat' },
+    });
     await page.goto(`${srv.url}/#/bots/${echo.id}/edit`);
     await page.waitForSelector('[data-testid=members] li[data-member=alice]');
     await page.screenshot({ path: join(OUT, 'bot-edit.png'), fullPage: true });
@@ -43,12 +56,19 @@ async function main() {
       await page.waitForSelector(`.msg.bot .body > p:text-is("${m}")`);
     }
     // Bot replies are Markdown (the echo bot repeats it; what you type stays plain text).
-    await sendMessage(page, 'Reconnects in **three** steps:\n\n1. back off\n2. resume after the last `seq`\n3. resend the outbox\n\n```sh\nnatter doctor http://127.0.0.1:8000\n```');
+    await sendMessage(
+      page,
+      'Reconnects in **three** steps:\n\n1. back off\n2. resume after the last `seq`\n3. resend the outbox\n\n```sh\nnatter doctor http://127.0.0.1:8000\n```',
+    );
     await page.waitForSelector('.msg.bot .body ol');
     await page.screenshot({ path: join(OUT, 'chat-connected.png') });
 
     await srv.kill();
-    await page.waitForFunction(() => /^Can't reach the server — retrying in/.test(document.querySelector('[data-testid=status-label]').textContent), null, { timeout: 15_000 });
+    await page.waitForFunction(
+      () => /^Can't reach the server — retrying in/.test(document.querySelector('[data-testid=status-label]').textContent),
+      null,
+      { timeout: 15_000 },
+    );
     await sendMessage(page, 'Typed while the server is down');
     await page.click('[data-testid=status-more]');
     await sleep(300);

@@ -16,7 +16,7 @@ function setup(o: { routes?: Route; socket?: Partial<ChatSocketOptions>; storage
   const env = new FakeEnv();
   const storage = o.storage ?? new MapStorage();
   const fetch = fakeFetch(happyRoutes(o.routes));
-  const refresh = vi.fn(async () => 'fresh-' + TOKEN);
+  const refresh = vi.fn(async () => `fresh-${TOKEN}`);
   let token: string | null = TOKEN;
   const s = new ChatSocket({
     apiUrl: 'http://api.test',
@@ -221,7 +221,10 @@ describe('state machine', () => {
   it('maps a 401 from the ticket endpoint to the 4401 policy', async () => {
     let expired = true;
     const { s, refresh } = setup({
-      routes: (r) => (r.path === '/api/ws/ticket' && expired ? { status: 401, body: { error: { code: 'token_expired', message: 'expired' } } } : undefined),
+      routes: (r) =>
+        r.path === '/api/ws/ticket' && expired
+          ? { status: 401, body: { error: { code: 'token_expired', message: 'expired' } } }
+          : undefined,
     });
     refresh.mockImplementation(async () => {
       expired = false;
@@ -236,7 +239,10 @@ describe('state machine', () => {
   });
 
   it('maps a 404 from the ticket endpoint to failed without a socket', async () => {
-    const { s } = setup({ routes: (r) => (r.path === '/api/ws/ticket' ? { status: 404, body: { error: { code: 'not_found', message: 'no bot with id b1' } } } : undefined) });
+    const { s } = setup({
+      routes: (r) =>
+        r.path === '/api/ws/ticket' ? { status: 404, body: { error: { code: 'not_found', message: 'no bot with id b1' } } } : undefined,
+    });
     s.connect('b1');
     await flush();
     expect(s.state).toMatchObject({ kind: 'failed', code: 4404 });
@@ -245,7 +251,10 @@ describe('state machine', () => {
 
   it('asks the preflight after a 1006 and stops if it names a terminal code', async () => {
     const { s, fetch } = setup({
-      routes: (r) => (r.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4403, reason: 'not shared with you' } } : undefined),
+      routes: (r) =>
+        r.path.startsWith('/api/ws/preflight/')
+          ? { status: 200, body: { ok: false, close_code: 4403, reason: 'not shared with you' } }
+          : undefined,
     });
     s.connect('b1');
     await flush();
@@ -476,7 +485,12 @@ describe('nothing lost, nothing doubled', () => {
     ws.establish({ last_seq: 0 });
     const sent = ws.frames.filter((f) => f.type === 'message');
     expect(sent).toEqual([{ type: 'message', client_id: cid, content: 'hello while down' }]);
-    ws.receive({ type: 'ack', client_id: cid, duplicate: false, message: wireMessage(1, { role: 'user', client_id: cid, content: 'hello while down' }) });
+    ws.receive({
+      type: 'ack',
+      client_id: cid,
+      duplicate: false,
+      message: wireMessage(1, { role: 'user', client_id: cid, content: 'hello while down' }),
+    });
     await expect(acked).resolves.toMatchObject({ client_id: cid, message: { seq: 1 } });
     expect(s.outboxFor('b1')).toHaveLength(0);
     expect(storage.getItem('natter.outbox')).toBeNull();
@@ -547,7 +561,12 @@ describe('nothing lost, nothing doubled', () => {
     FakeWebSocket.last.establish();
     const frames = FakeWebSocket.last.frames.filter((f) => f.type === 'message');
     expect(frames.map((f) => f.content)).toEqual(['typed before reload']);
-    FakeWebSocket.last.receive({ type: 'ack', client_id: frames[0].client_id, duplicate: false, message: wireMessage(1, { role: 'user' }) });
+    FakeWebSocket.last.receive({
+      type: 'ack',
+      client_id: frames[0].client_id,
+      duplicate: false,
+      message: wireMessage(1, { role: 'user' }),
+    });
     expect(acks).toEqual([frames[0].client_id]);
     expect(b.s.outboxFor('b1')).toHaveLength(0);
   });
@@ -581,7 +600,9 @@ describe('nothing lost, nothing doubled', () => {
     s.connect('b1');
     await flush();
     const ws = FakeWebSocket.last;
-    ws.establish({ limits: { max_frame_bytes: 100, max_content_chars: 16384, max_connections_per_user: 20, messages_per_second: 5, message_burst: 20 } });
+    ws.establish({
+      limits: { max_frame_bytes: 100, max_content_chars: 16384, max_connections_per_user: 20, messages_per_second: 5, message_burst: 20 },
+    });
     const rejected: string[] = [];
     s.on('rejected', (r) => rejected.push(r.error.code));
     await expect(s.send('😀'.repeat(30))).rejects.toMatchObject({ code: 'content_too_long' });
@@ -665,9 +686,11 @@ describe('logs and flight recorder', () => {
       await flush();
       const json = s.exportFlightRecorder();
       const events = JSON.parse(json).events as Array<{ type: string; code?: number }>;
-      expect(events.map((e) => e.type)).toEqual(expect.arrayContaining(['connect', 'state', 'health', 'ticket', 'ws_connect', 'established', 'close', 'reauth']));
+      expect(events.map((e) => e.type)).toEqual(
+        expect.arrayContaining(['connect', 'state', 'health', 'ticket', 'ws_connect', 'established', 'close', 'reauth']),
+      );
       expect(events.find((e) => e.type === 'close')?.code).toBe(4401);
-      const all = json + '\n' + lines.join('\n');
+      const all = `${json}\n${lines.join('\n')}`;
       expect(lines.some((l) => l.includes('open'))).toBe(true);
       expect(lines.some((l) => /Attempting to connect to chat WebSocket/.test(l))).toBe(true);
       expect(all).not.toContain(TOKEN);

@@ -27,9 +27,18 @@ function autoSocket(behaviour: { closeWith?: [number, string]; afterEstablished?
 }
 
 const okRoutes: Route = (r) => {
-  if (r.path === '/api/auth/me') return r.headers.Authorization === `Bearer ${TOKEN}` ? { status: 200, body: { id: 'u1', username: 'alice', is_admin: false, created_at: '' } } : { status: 401, body: { error: { code: 'invalid_token', message: 'bad signature' } } };
+  if (r.path === '/api/auth/me')
+    return r.headers.Authorization === `Bearer ${TOKEN}`
+      ? { status: 200, body: { id: 'u1', username: 'alice', is_admin: false, created_at: '' } }
+      : { status: 401, body: { error: { code: 'invalid_token', message: 'bad signature' } } };
   if (r.path === `/api/bots/${BOT}`) return { status: 200, body: { id: BOT, name: 'Echo', my_role: 'owner' } };
-  if (r.path.startsWith('/api/connections')) return { status: 200, body: [{ attempt_id: 'a1', established: true, close_code: 1000, close_reason: '', closed_by: 'client', ended_at: '2026-01-01T00:00:00Z' }] };
+  if (r.path.startsWith('/api/connections'))
+    return {
+      status: 200,
+      body: [
+        { attempt_id: 'a1', established: true, close_code: 1000, close_reason: '', closed_by: 'client', ended_at: '2026-01-01T00:00:00Z' },
+      ],
+    };
   if (r.path.startsWith('/api/bots/')) return { status: 404, body: { error: { code: 'not_found', message: 'no bot' } } };
   return undefined;
 };
@@ -52,20 +61,50 @@ describe('runWebSocketDiagnostics', () => {
     const refused = await diag({
       routes: (r) =>
         r.path.startsWith('/api/connections')
-          ? { status: 200, body: [{ attempt_id: 'a2', established: false, close_code: 4403, close_reason: 'this bot is private and not shared with you', closed_by: 'server', ended_at: '2026-01-01T00:00:01Z' }] }
+          ? {
+              status: 200,
+              body: [
+                {
+                  attempt_id: 'a2',
+                  established: false,
+                  close_code: 4403,
+                  close_reason: 'this bot is private and not shared with you',
+                  closed_by: 'server',
+                  ended_at: '2026-01-01T00:00:01Z',
+                },
+              ],
+            }
           : undefined,
     });
     const step = refused.steps.find((s) => s.id === 'attempts')!;
     expect(step.status).toBe('warn');
     expect(step.detail).toContain('4403');
-    const none = await diag({ routes: (r) => (r.path.startsWith('/api/connections') ? { status: 404, body: { error: { code: 'not_found', message: 'no' } } } : undefined) });
+    const none = await diag({
+      routes: (r) =>
+        r.path.startsWith('/api/connections') ? { status: 404, body: { error: { code: 'not_found', message: 'no' } } } : undefined,
+    });
     expect(none.steps.find((s) => s.id === 'attempts')?.status).toBe('skip');
   });
 
   it('passes every layer on a healthy setup, and holds no token', async () => {
     const r = await diag();
     const by = Object.fromEntries(r.steps.map((s) => [s.id, s.status]));
-    expect(by).toMatchObject({ browser: 'ok', network: 'ok', api: 'ok', cors: 'ok', ready: 'ok', token_decoded: 'ok', token_accepted: 'ok', bot: 'ok', preflight: 'ok', handshake: 'ok', established: 'ok', ping: 'ok', stability: 'ok', attempts: 'ok' });
+    expect(by).toMatchObject({
+      browser: 'ok',
+      network: 'ok',
+      api: 'ok',
+      cors: 'ok',
+      ready: 'ok',
+      token_decoded: 'ok',
+      token_accepted: 'ok',
+      bot: 'ok',
+      preflight: 'ok',
+      handshake: 'ok',
+      established: 'ok',
+      ping: 'ok',
+      stability: 'ok',
+      attempts: 'ok',
+    });
     expect(r.summary).toMatchObject({ status: 'ok', failing_step: null });
     expect(r.steps.find((s) => s.id === 'ping')?.data?.samples_ms).toHaveLength(3);
     // The socket used a ticket, and nothing in the report or its text gives the token away.
@@ -91,13 +130,20 @@ describe('runWebSocketDiagnostics', () => {
   });
 
   it('names readiness when the database is down', async () => {
-    const r = await diag({ routes: (q) => (q.path === '/api/ready' ? { status: 503, body: { status: 'unavailable', failed: ['store: disk I/O error'] } } : undefined) });
+    const r = await diag({
+      routes: (q) =>
+        q.path === '/api/ready' ? { status: 503, body: { status: 'unavailable', failed: ['store: disk I/O error'] } } : undefined,
+    });
     expect(r.summary.failing_step).toBe('ready');
     expect(r.steps.find((s) => s.id === 'ready')?.detail).toMatch(/store: disk I\/O error/);
   });
 
   it('names the bot for a missing bot', async () => {
-    const r = await diag({ bot: '11111111-2222-4333-8444-555555555555', routes: (q) => (q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4404, reason: 'no bot' } } : undefined) });
+    const r = await diag({
+      bot: '11111111-2222-4333-8444-555555555555',
+      routes: (q) =>
+        q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4404, reason: 'no bot' } } : undefined,
+    });
     expect(r.summary.failing_step).toBe('bot');
     expect(r.steps.find((s) => s.id === 'preflight')).toMatchObject({ status: 'fail', value: '4404' });
   });
@@ -144,7 +190,10 @@ describe('runWebSocketDiagnostics', () => {
       await diag({ bot: '11111111-2222-4333-8444-555555555555' }),
       await diag({ token: null }),
       await diag({ ws: autoSocket({ closeWith: [1006, ''] }) }),
-      await diag({ routes: (q) => (q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4429, reason: 'too many' } } : undefined) }),
+      await diag({
+        routes: (q) =>
+          q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4429, reason: 'too many' } } : undefined,
+      }),
     ];
     for (const r of cases) {
       const h = r.summary.headline;

@@ -93,13 +93,17 @@ export function wireMessage(seq: number, over: Record<string, unknown> = {}): Re
   };
 }
 
-export type Route = (req: { method: string; path: string; headers: Record<string, string>; body: unknown }) =>
-  | { status: number; body?: unknown }
-  | 'network_error'
-  | undefined;
+export type Route = (req: {
+  method: string;
+  path: string;
+  headers: Record<string, string>;
+  body: unknown;
+}) => { status: number; body?: unknown } | 'network_error' | undefined;
 
 /** A fetch that answers from `route`; records every call. */
-export function fakeFetch(route: Route): typeof fetch & { calls: Array<{ method: string; path: string; headers: Record<string, string> }> } {
+export function fakeFetch(
+  route: Route,
+): typeof fetch & { calls: Array<{ method: string; path: string; headers: Record<string, string> }> } {
   const calls: Array<{ method: string; path: string; headers: Record<string, string> }> = [];
   const f = async (input: RequestInfo | URL, init: RequestInit = {}) => {
     const url = new URL(String(input));
@@ -123,7 +127,8 @@ export function happyRoutes(extra: Route = () => undefined): Route {
     if (r !== undefined) return r;
     if (req.path === '/api/health') return { status: 200, body: { status: 'ok', version: 'test' } };
     if (req.path === '/api/ready') return { status: 200, body: { status: 'ok' } };
-    if (req.path === '/api/ws/ticket') return { status: 200, body: { ticket: 'tkt-' + Math.random().toString(36).slice(2), expires_in: 30 } };
+    if (req.path === '/api/ws/ticket')
+      return { status: 200, body: { ticket: `tkt-${Math.random().toString(36).slice(2)}`, expires_in: 30 } };
     if (req.path.startsWith('/api/ws/preflight/')) return { status: 200, body: { ok: true, close_code: null, reason: null } };
     return { status: 404, body: { error: { code: 'not_found', message: 'no such API endpoint' } } };
   };

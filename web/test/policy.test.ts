@@ -14,7 +14,10 @@ describe('full-jitter backoff', () => {
 
   it('spreads delays over the whole window', () => {
     let seed = 42;
-    const rnd = () => ((seed = (seed * 16807) % 2147483647) / 2147483647);
+    const rnd = () => {
+      seed = (seed * 16807) % 2147483647;
+      return seed / 2147483647;
+    };
     const d = Array.from({ length: 2000 }, () => fullJitterDelay(4, undefined, rnd)); // window 8 s
     expect(Math.min(...d)).toBeLessThan(400);
     expect(Math.max(...d)).toBeGreaterThan(7600);

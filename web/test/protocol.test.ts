@@ -5,7 +5,15 @@ import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { DEFAULT_CLOSE_CODES } from '../packages/client/src/policy';
-import { decodeCodeRegistry, decodeServerFrame, encodeClientFrame, parseServerFrame, PROTOCOL_VERSION, ProtocolError, RETRY_POLICIES } from '../packages/client/src/protocol';
+import {
+  decodeCodeRegistry,
+  decodeServerFrame,
+  encodeClientFrame,
+  parseServerFrame,
+  PROTOCOL_VERSION,
+  ProtocolError,
+  RETRY_POLICIES,
+} from '../packages/client/src/protocol';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const examples = JSON.parse(readFileSync(resolve(here, '../../docs/protocol-examples.json'), 'utf8'));
@@ -48,7 +56,15 @@ describe('docs/protocol-examples.json', () => {
     expect(server[1013]).toBe('after_hint');
     // Error codes the client acts on exist in the registry.
     const errors = reg.error_codes.map((e) => e.code);
-    for (const c of ['rate_limited', 'bot_busy', 'token_expired', 'invalid_token', 'missing_token', 'refresh_token_reused', 'content_too_long']) {
+    for (const c of [
+      'rate_limited',
+      'bot_busy',
+      'token_expired',
+      'invalid_token',
+      'missing_token',
+      'refresh_token_reused',
+      'content_too_long',
+    ]) {
       expect(errors).toContain(c);
     }
   });

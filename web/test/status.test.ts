@@ -65,7 +65,8 @@ describe('status indicator text', () => {
 
   it('has a row in the table for every close code in the registry', () => {
     for (const c of everyCode) expect(RECONNECTING, `close code ${c}`).toHaveProperty(String(c));
-    for (const c of registry.close_codes.filter((c) => c.retry === 'stop')) expect(FAILED, `close code ${c.code}`).toHaveProperty(String(c.code));
+    for (const c of registry.close_codes.filter((c) => c.retry === 'stop'))
+      expect(FAILED, `close code ${c.code}`).toHaveProperty(String(c.code));
   });
 
   it('says every close code in plain words, the code and its name one click away', () => {
@@ -97,30 +98,52 @@ describe('status indicator text', () => {
   });
 
   it('names the other states', () => {
-    expect(describeState({ kind: 'open', connectionId: 'c', since: now, heartbeatIntervalMs: 1 }, now)).toMatchObject({ label: 'Connected', tone: 'ok' });
+    expect(describeState({ kind: 'open', connectionId: 'c', since: now, heartbeatIntervalMs: 1 }, now)).toMatchObject({
+      label: 'Connected',
+      tone: 'ok',
+    });
     expect(describeState({ kind: 'connecting', attempt: 0 }, now).label).toBe('Connecting…');
     expect(describeState({ kind: 'checking', attempt: 0 }, now).label).toBe('Connecting…');
     expect(describeState({ kind: 'offline', lastClose: null }, now).label).toBe("You're offline — waiting for the network");
     expect(describeState({ kind: 'idle' }, now).label).toBe('Not connected');
-    expect(describeState({ kind: 'reconnecting', attempt: 1, retryAt: now - 1, lastClose: close(1006) }, now).label).toBe('Connection lost — reconnecting…');
-    expect(describeState({ kind: 'reconnecting', attempt: 1, retryAt: now + 1500, lastClose: null }, now).label).toBe('Reconnecting in 2 s');
+    expect(describeState({ kind: 'reconnecting', attempt: 1, retryAt: now - 1, lastClose: close(1006) }, now).label).toBe(
+      'Connection lost — reconnecting…',
+    );
+    expect(describeState({ kind: 'reconnecting', attempt: 1, retryAt: now + 1500, lastClose: null }, now).label).toBe(
+      'Reconnecting in 2 s',
+    );
   });
 
   it("says Can't reach the server, never the browser's words", () => {
-    const down: ConnectionState = { kind: 'backend_unavailable', attempt: 2, retryAt: now + 900, error: 'server unreachable (Failed to fetch)', status: 0 };
+    const down: ConnectionState = {
+      kind: 'backend_unavailable',
+      attempt: 2,
+      retryAt: now + 900,
+      error: 'server unreachable (Failed to fetch)',
+      status: 0,
+    };
     const d = describeState(down, now);
     expect(d.label).toBe("Can't reach the server — retrying in 1 s");
     expect(`${d.label} ${d.detail ?? ''}`).not.toMatch(/fetch|NetworkError|ERR_/i);
     expect(d.tone).toBe('bad');
     expect(d.tech).toContain('Failed to fetch');
     expect(d.tech).toContain('attempt 2');
-    const sick = describeState({ kind: 'backend_unavailable', attempt: 1, retryAt: now, error: 'health check answered 503: store: down', status: 503 }, now);
+    const sick = describeState(
+      { kind: 'backend_unavailable', attempt: 1, retryAt: now, error: 'health check answered 503: store: down', status: 503 },
+      now,
+    );
     expect(sick.label).toBe('The server is not ready — retrying…');
     expect(sick.tech).toContain('503');
   });
 
   it('while the tab is hidden, shows no error state: only a quiet reconnecting', () => {
-    const down: ConnectionState = { kind: 'backend_unavailable', attempt: 4, retryAt: now + 9000, error: 'server unreachable (Failed to fetch)', status: 0 };
+    const down: ConnectionState = {
+      kind: 'backend_unavailable',
+      attempt: 4,
+      retryAt: now + 9000,
+      error: 'server unreachable (Failed to fetch)',
+      status: 0,
+    };
     const d = describeState(down, now, { hidden: true });
     expect(d.tone).toBe('warn');
     expect(d.label).toBe('Reconnecting…');

@@ -27,11 +27,24 @@ interface Row {
 
 const PAGE = 50;
 
-export function chatView(session: Session, socket: ChatSocket, botId: string, onFatal: (e: unknown) => void): { el: HTMLElement; dispose: () => void } {
+export function chatView(
+  session: Session,
+  socket: ChatSocket,
+  botId: string,
+  onFatal: (e: unknown) => void,
+): { el: HTMLElement; dispose: () => void } {
   const title = h('h1', { class: 'chat-title', 'data-testid': 'chat-title' }, 'Chat');
   const notice = h('p', { class: 'error', role: 'alert', 'data-testid': 'chat-error' });
-  const older = h('button', { type: 'button', class: 'small secondary older', hidden: true, 'data-testid': 'load-older' }, 'Load older messages');
-  const list = h('div', { class: 'messages', role: 'log', 'aria-live': 'polite', 'aria-label': 'Messages', tabindex: '0', 'data-testid': 'messages' }, older);
+  const older = h(
+    'button',
+    { type: 'button', class: 'small secondary older', hidden: true, 'data-testid': 'load-older' },
+    'Load older messages',
+  );
+  const list = h(
+    'div',
+    { class: 'messages', role: 'log', 'aria-live': 'polite', 'aria-label': 'Messages', tabindex: '0', 'data-testid': 'messages' },
+    older,
+  );
   const input = h('textarea', {
     rows: 1,
     placeholder: 'Write a message… (Enter to send, Shift+Enter for a new line)',
@@ -40,7 +53,14 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
   });
   const sendBtn = h('button', { type: 'submit', 'data-testid': 'send' }, 'Send');
   const form = h('form', { class: 'composer' }, input, sendBtn);
-  const el = h('main', { class: 'chat' }, h('div', { class: 'row spread' }, h('a', { href: '#/bots', class: 'back' }, '← Bots'), title), notice, list, form);
+  const el = h(
+    'main',
+    { class: 'chat' },
+    h('div', { class: 'row spread' }, h('a', { href: '#/bots', class: 'back' }, '← Bots'), title),
+    notice,
+    list,
+    form,
+  );
 
   const byId = new Map<string, Row>();
   const byClient = new Map<string, Row>();
@@ -78,7 +98,10 @@ export function chatView(session: Session, socket: ChatSocket, botId: string, on
     if (s) r.meta.append(h('span', { class: 'msg-status', 'data-testid': 'msg-status' }, `${t ? ' · ' : ''}${s}`));
     if (r.status === 'streaming' && r.id) {
       const id = r.id;
-      r.meta.append(' ', h('button', { type: 'button', class: 'link', 'data-testid': 'msg-stop', onclick: () => socket.cancel(id) }, 'Stop'));
+      r.meta.append(
+        ' ',
+        h('button', { type: 'button', class: 'link', 'data-testid': 'msg-stop', onclick: () => socket.cancel(id) }, 'Stop'),
+      );
     }
     const stored = r.el.dataset.msgStatus;
     if (r.status === 'received' && stored) {

@@ -35,7 +35,12 @@ const logout = h(
   'Log out',
 );
 const statusBox = h('div', { class: 'status-wrap' });
-const header = h('header', null, h('div', { class: 'top' }, h('a', { href: '#/bots', class: 'brand' }, 'natter'), h('span', { class: 'spacer' }), userBox, logout), statusBox);
+const header = h(
+  'header',
+  null,
+  h('div', { class: 'top' }, h('a', { href: '#/bots', class: 'brand' }, 'natter'), h('span', { class: 'spacer' }), userBox, logout),
+  statusBox,
+);
 const view = h('div', { id: 'view' });
 app.append(header, view);
 mountStatus(statusBox, socket, () => session.accessToken);
@@ -96,18 +101,27 @@ function route(): void {
     document.title = 'natter';
     return;
   }
-  let m: RegExpMatchArray | null;
-  if ((m = path.match(/^\/chat\/([^/]+)$/))) {
-    const c = chatView(session, socket, decodeURIComponent(m[1]), onError);
+  const chat = path.match(/^\/chat\/([^/]+)$/);
+  if (chat) {
+    const c = chatView(session, socket, decodeURIComponent(chat[1]), onError);
     view.append(c.el);
     dispose = c.dispose;
     return;
   }
   document.title = 'natter';
+  const edit = path.match(/^\/bots\/([^/]+)\/edit$/);
   if (path === '/bots/new') {
-    view.append(botEditView(session, null, onError, (b) => (location.hash = `#/bots/${b.id}/edit`)));
-  } else if ((m = path.match(/^\/bots\/([^/]+)\/edit$/))) {
-    view.append(botEditView(session, decodeURIComponent(m[1]), onError, () => (location.hash = '#/bots')));
+    view.append(
+      botEditView(session, null, onError, (b) => {
+        location.hash = `#/bots/${b.id}/edit`;
+      }),
+    );
+  } else if (edit) {
+    view.append(
+      botEditView(session, decodeURIComponent(edit[1]), onError, () => {
+        location.hash = '#/bots';
+      }),
+    );
   } else {
     view.append(botsView(session, onError));
   }

@@ -132,7 +132,9 @@ export class Session {
       if (localStorage.getItem(REFRESH) !== before) await new Promise((r) => setTimeout(r, 250));
       return token;
     };
-    const p: Promise<string | null> = (locks ? (locks.request('natter-token-refresh', locked) as unknown as Promise<string | null>) : run()).finally(() => {
+    const p: Promise<string | null> = (
+      locks ? (locks.request('natter-token-refresh', locked) as unknown as Promise<string | null>) : run()
+    ).finally(() => {
       this.inflight = null;
     });
     this.inflight = p;

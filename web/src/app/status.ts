@@ -4,7 +4,18 @@
  * diagnostics dialog that fills in step by step and copies the report.
  */
 
-import { type ChatSocket, type ConnectionState, formatReport, runWebSocketDiagnostics, type DiagnosticStep, type DiagnosticsReport, ClosePolicy, closeAdvice, closeHeadline, closeTechnical } from '@natter/client';
+import {
+  type ChatSocket,
+  type ConnectionState,
+  formatReport,
+  runWebSocketDiagnostics,
+  type DiagnosticStep,
+  type DiagnosticsReport,
+  ClosePolicy,
+  closeAdvice,
+  closeHeadline,
+  closeTechnical,
+} from '@natter/client';
 import { clear, copyToClipboard, h } from './dom';
 
 /** What the status bar shows: `label` and `detail` in plain words, `tech` (close code, name, reason, attempt) behind Details. */
@@ -44,11 +55,19 @@ export function describeState(s: ConnectionState, now = Date.now(), opts: { hidd
       return { label: retrying(s.lastClose ? closeHeadline(s.lastClose.code) : null, 'reconnecting', s.retryAt), tone: 'warn', tech };
     }
     case 'offline':
-      return { label: "You're offline — waiting for the network", tone: 'warn', tech: s.lastClose ? closeTechnical(s.lastClose) : undefined };
+      return {
+        label: "You're offline — waiting for the network",
+        tone: 'warn',
+        tech: s.lastClose ? closeTechnical(s.lastClose) : undefined,
+      };
     case 'backend_unavailable': {
       const tech = `${s.error} · attempt ${s.attempt}`;
       if (opts.hidden) return { label: 'Reconnecting…', tone: 'warn', tech };
-      return { label: retrying(s.status === 0 ? "Can't reach the server" : 'The server is not ready', 'retrying', s.retryAt), tone: 'bad', tech };
+      return {
+        label: retrying(s.status === 0 ? "Can't reach the server" : 'The server is not ready', 'retrying', s.retryAt),
+        tone: 'bad',
+        tech,
+      };
     }
     case 'failed':
       return {
@@ -96,7 +115,15 @@ export function mountStatus(root: HTMLElement, socket: ChatSocket, getToken: () 
   );
   // Screen readers hear state changes, not every tick of a countdown.
   const announce = h('span', { class: 'sr-only', role: 'status', 'aria-live': 'polite' });
-  const bar = h('div', { class: 'status', 'data-testid': 'status' }, dot, h('span', { class: 'status-text' }, label, detail, ' ', more, tech), retry, diagnose, announce);
+  const bar = h(
+    'div',
+    { class: 'status', 'data-testid': 'status' },
+    dot,
+    h('span', { class: 'status-text' }, label, detail, ' ', more, tech),
+    retry,
+    diagnose,
+    announce,
+  );
   root.appendChild(bar);
   let lastBot: string | null = null;
   let announced = '';
@@ -181,7 +208,14 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
         'li',
         { class: `step ${s.status}`, 'data-step': s.id, 'data-status': s.status },
         h('span', { class: 'mark', 'aria-label': s.status }, MARK[s.status]),
-        h('div', null, h('strong', null, s.title), s.value ? h('span', { class: 'value' }, ` ${s.value}`) : null, h('div', { class: 'detail' }, s.detail), s.fix && s.status !== 'ok' && s.status !== 'skip' ? h('div', { class: 'fix' }, `Fix: ${s.fix}`) : null),
+        h(
+          'div',
+          null,
+          h('strong', null, s.title),
+          s.value ? h('span', { class: 'value' }, ` ${s.value}`) : null,
+          h('div', { class: 'detail' }, s.detail),
+          s.fix && s.status !== 'ok' && s.status !== 'skip' ? h('div', { class: 'fix' }, `Fix: ${s.fix}`) : null,
+        ),
       ),
     );
   };
@@ -189,7 +223,12 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
   void runWebSocketDiagnostics(botId, token, { ...socket.endpoints, onStep: addStep }).then((r) => {
     report = r;
     (window as unknown as { lastDiagnosticsReport?: DiagnosticsReport }).lastDiagnosticsReport = r;
-    summary.textContent = r.summary.status === 'fail' ? `✗ ${r.summary.headline}` : r.summary.status === 'warn' ? `⚠ ${r.summary.headline}` : `✓ ${r.summary.headline}`;
+    summary.textContent =
+      r.summary.status === 'fail'
+        ? `✗ ${r.summary.headline}`
+        : r.summary.status === 'warn'
+          ? `⚠ ${r.summary.headline}`
+          : `✓ ${r.summary.headline}`;
     summary.dataset.status = r.summary.status;
     dialog.dataset.done = 'true';
     copyBtn.disabled = false;

@@ -11,13 +11,20 @@ const ENGINES: Record<string, { label: string; example?: Record<string, unknown>
     label: 'FAQ answers from keyword/regex rules',
     example: { rules: [{ keywords: ['price', 'cost'], reply: 'Plans start at 10 EUR a month.' }], fallback: "I don't know that one yet." },
   },
-  openai: { label: 'any OpenAI-compatible model (Ollama, OpenAI, vLLM)', example: { base_url: 'http://localhost:11434/v1', model: 'llama3.2' } },
-  webhook: { label: 'your own HTTP endpoint answers', example: { url: 'https://example.com/natter-hook', secret: 'at-least-16-characters' } },
+  openai: {
+    label: 'any OpenAI-compatible model (Ollama, OpenAI, vLLM)',
+    example: { base_url: 'http://localhost:11434/v1', model: 'llama3.2' },
+  },
+  webhook: {
+    label: 'your own HTTP endpoint answers',
+    example: { url: 'https://example.com/natter-hook', secret: 'at-least-16-characters' },
+  },
 };
 
 export function errorText(e: unknown): string {
   // status 0: the request never got an answer; the browser's own words ("Failed to fetch") mean nothing to a person.
-  if (e instanceof ApiError && e.status === 0) return e.code === 'timeout' ? 'The server took too long to answer.' : "Can't reach the server.";
+  if (e instanceof ApiError && e.status === 0)
+    return e.code === 'timeout' ? 'The server took too long to answer.' : "Can't reach the server.";
   if (e instanceof ApiError) return e.message;
   if (e instanceof SessionExpired) return e.message;
   return e instanceof Error ? e.message : String(e);
@@ -25,7 +32,14 @@ export function errorText(e: unknown): string {
 
 export function loginView(session: Session, mode: 'login' | 'register', notice: string | null, done: () => void): HTMLElement {
   const err = h('p', { class: 'error', role: 'alert', 'data-testid': 'auth-error' });
-  const username = h('input', { id: 'username', name: 'username', autocomplete: 'username', required: true, autofocus: true, 'data-testid': 'username' });
+  const username = h('input', {
+    id: 'username',
+    name: 'username',
+    autocomplete: 'username',
+    required: true,
+    autofocus: true,
+    'data-testid': 'username',
+  });
   const password = h('input', {
     id: 'password',
     name: 'password',
@@ -66,7 +80,9 @@ export function loginView(session: Session, mode: 'login' | 'register', notice: 
     h(
       'p',
       { class: 'muted' },
-      mode === 'login' ? ['No account? ', h('a', { href: '#/register', 'data-testid': 'to-register' }, 'Register')] : ['Have an account? ', h('a', { href: '#/login' }, 'Log in')],
+      mode === 'login'
+        ? ['No account? ', h('a', { href: '#/register', 'data-testid': 'to-register' }, 'Register')]
+        : ['Have an account? ', h('a', { href: '#/login' }, 'Log in')],
     ),
   );
   return h('main', { class: 'center' }, form);
@@ -77,7 +93,12 @@ export function botsView(session: Session, onError: (e: unknown) => void): HTMLE
   const main = h(
     'main',
     null,
-    h('div', { class: 'row spread' }, h('h1', null, 'Your bots'), h('a', { class: 'button', href: '#/bots/new', 'data-testid': 'new-bot' }, 'New bot')),
+    h(
+      'div',
+      { class: 'row spread' },
+      h('h1', null, 'Your bots'),
+      h('a', { class: 'button', href: '#/bots/new', 'data-testid': 'new-bot' }, 'New bot'),
+    ),
     list,
   );
   session
@@ -96,10 +117,25 @@ export function botsView(session: Session, onError: (e: unknown) => void): HTMLE
               { class: 'bot-main' },
               h('a', { href: `#/chat/${b.id}`, class: 'bot-name', 'data-testid': 'chat-link' }, b.name),
               h('span', { class: `badge ${b.visibility}` }, b.visibility),
-              h('span', { class: 'badge' }, b.my_role === 'owner' ? 'yours' : b.my_role === 'public' ? `public, by ${b.owner.username}` : `shared by ${b.owner.username}`),
+              h(
+                'span',
+                { class: 'badge' },
+                b.my_role === 'owner'
+                  ? 'yours'
+                  : b.my_role === 'public'
+                    ? `public, by ${b.owner.username}`
+                    : `shared by ${b.owner.username}`,
+              ),
               b.description ? h('p', { class: 'muted' }, b.description) : null,
             ),
-            h('div', { class: 'row' }, h('a', { class: 'button', href: `#/chat/${b.id}` }, 'Chat'), canEdit ? h('a', { class: 'button secondary', href: `#/bots/${b.id}/edit`, 'data-testid': 'edit-link' }, 'Edit / share') : null),
+            h(
+              'div',
+              { class: 'row' },
+              h('a', { class: 'button', href: `#/chat/${b.id}` }, 'Chat'),
+              canEdit
+                ? h('a', { class: 'button secondary', href: `#/bots/${b.id}/edit`, 'data-testid': 'edit-link' }, 'Edit / share')
+                : null,
+            ),
           ),
         );
       }
@@ -108,11 +144,21 @@ export function botsView(session: Session, onError: (e: unknown) => void): HTMLE
   return main;
 }
 
-export function botEditView(session: Session, botId: string | null, onError: (e: unknown) => void, saved: (bot: BotView) => void): HTMLElement {
+export function botEditView(
+  session: Session,
+  botId: string | null,
+  onError: (e: unknown) => void,
+  saved: (bot: BotView) => void,
+): HTMLElement {
   const err = h('p', { class: 'error', role: 'alert', 'data-testid': 'bot-error' });
   const name = h('input', { id: 'bot-name', required: true, maxlength: 100, 'data-testid': 'bot-name' });
   const description = h('textarea', { id: 'bot-desc', rows: 2, 'data-testid': 'bot-description' });
-  const visibility = h('select', { id: 'bot-vis', 'data-testid': 'bot-visibility' }, h('option', { value: 'private' }, 'Private (only people you share it with)'), h('option', { value: 'public' }, 'Public (every user)'));
+  const visibility = h(
+    'select',
+    { id: 'bot-vis', 'data-testid': 'bot-visibility' },
+    h('option', { value: 'private' }, 'Private (only people you share it with)'),
+    h('option', { value: 'public' }, 'Public (every user)'),
+  );
   const kind = h(
     'select',
     { id: 'bot-kind', 'data-testid': 'bot-engine-kind' },
@@ -139,7 +185,12 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
             return;
           }
         }
-        const body = { name: name.value.trim(), description: description.value, visibility: visibility.value as Visibility, engine: { ...extra, kind: kind.value } };
+        const body = {
+          name: name.value.trim(),
+          description: description.value,
+          visibility: visibility.value as Visibility,
+          engine: { ...extra, kind: kind.value },
+        };
         submit.disabled = true;
         try {
           const bot = await session.api<BotView>(botId ? `/api/bots/${botId}` : '/api/bots', { method: botId ? 'PATCH' : 'POST', body });
@@ -189,7 +240,9 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
         // an update leaves it out.
         const set = Object.keys(rest).filter((x) => x.endsWith('_set') && rest[x] === true);
         for (const x of set) delete rest[x];
-        secretsNote.textContent = set.length ? `${set.map((x) => x.replace(/_set$/, '')).join(', ')} is set and kept unless you enter a new one.` : '';
+        secretsNote.textContent = set.length
+          ? `${set.map((x) => x.replace(/_set$/, '')).join(', ')} is set and kept unless you enter a new one.`
+          : '';
         settings.value = Object.keys(rest).length ? JSON.stringify(rest, null, 2) : '';
         main.appendChild(shareView(session, b, onError));
       })
@@ -201,8 +254,19 @@ export function botEditView(session: Session, botId: string | null, onError: (e:
 function shareView(session: Session, bot: BotView, onError: (e: unknown) => void): HTMLElement {
   const list = h('ul', { class: 'members', 'data-testid': 'members' });
   const err = h('p', { class: 'error', role: 'alert', 'data-testid': 'share-error' });
-  const username = h('input', { id: 'share-user', required: true, autocomplete: 'off', placeholder: 'username', 'data-testid': 'share-username' });
-  const role = h('select', { id: 'share-role', 'data-testid': 'share-role' }, h('option', { value: 'chat' }, 'may chat'), h('option', { value: 'admin' }, 'may chat and edit'));
+  const username = h('input', {
+    id: 'share-user',
+    required: true,
+    autocomplete: 'off',
+    placeholder: 'username',
+    'data-testid': 'share-username',
+  });
+  const role = h(
+    'select',
+    { id: 'share-role', 'data-testid': 'share-role' },
+    h('option', { value: 'chat' }, 'may chat'),
+    h('option', { value: 'admin' }, 'may chat and edit'),
+  );
   const load = async () => {
     try {
       const members = await session.api<MemberView[]>(`/api/bots/${bot.id}/members`);
@@ -253,7 +317,10 @@ function shareView(session: Session, bot: BotView, onError: (e: unknown) => void
           ev.preventDefault();
           err.textContent = '';
           try {
-            await session.api(`/api/bots/${bot.id}/members`, { method: 'POST', body: { username: username.value.trim(), role: role.value } });
+            await session.api(`/api/bots/${bot.id}/members`, {
+              method: 'POST',
+              body: { username: username.value.trim(), role: role.value },
+            });
             username.value = '';
             await load();
           } catch (e) {

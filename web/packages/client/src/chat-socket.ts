@@ -181,7 +181,9 @@ export class ChatSocket {
   readonly policy = new ClosePolicy();
 
   private readonly events = new Emitter<ChatSocketEvents>();
-  private readonly opts: Required<Pick<ChatSocketOptions, 'useTicket' | 'connectTimeoutMs' | 'healthTimeoutMs' | 'stableAfterMs' | 'livenessTimeoutMs'>> &
+  private readonly opts: Required<
+    Pick<ChatSocketOptions, 'useTicket' | 'connectTimeoutMs' | 'healthTimeoutMs' | 'stableAfterMs' | 'livenessTimeoutMs'>
+  > &
     ChatSocketOptions;
   private readonly backoffOpts: BackoffOptions;
   private readonly env: Environment;
@@ -236,7 +238,11 @@ export class ChatSocket {
     this.env = options.environment ?? browserEnvironment();
     this.random = options.random ?? Math.random;
     this.recorder = new FlightRecorder(options.recorderCapacity ?? 200);
-    this.outbox = new Outbox(options.storage === undefined ? defaultStorage() : options.storage, 'natter.outbox', options.outboxLimit ?? 100);
+    this.outbox = new Outbox(
+      options.storage === undefined ? defaultStorage() : options.storage,
+      'natter.outbox',
+      options.outboxLimit ?? 100,
+    );
     this.unlisten = this.env.listen({
       online: () => this.onOnline(),
       offline: () => this.onOffline(),
@@ -249,7 +255,10 @@ export class ChatSocket {
     if (options.getToken) this.opts.getToken = options.getToken;
     if (options.refreshToken) this.opts.refreshToken = options.refreshToken;
     if (options.apiUrl || options.wsUrl) {
-      const ep = resolveEndpoints({ apiUrl: options.apiUrl ?? this.apiUrl, wsUrl: options.wsUrl ?? (options.apiUrl ? undefined : this.wsUrl) });
+      const ep = resolveEndpoints({
+        apiUrl: options.apiUrl ?? this.apiUrl,
+        wsUrl: options.wsUrl ?? (options.apiUrl ? undefined : this.wsUrl),
+      });
       this.apiUrl = ep.apiUrl;
       this.wsUrl = ep.wsUrl;
     }
@@ -461,10 +470,20 @@ export class ChatSocket {
     this.setState({ kind: 'checking', attempt: this.attempt });
     const health = await http<unknown>(this.apiUrl, '/api/health', { timeoutMs: this.opts.healthTimeoutMs, fetch: this.opts.fetch });
     if (!live()) return;
-    this.recorder.record('health', { ok: health.ok, status: health.status, ms: Math.round(health.ms), ...(health.ok ? {} : { error: health.message }) });
+    this.recorder.record('health', {
+      ok: health.ok,
+      status: health.status,
+      ms: Math.round(health.ms),
+      ...(health.ok ? {} : { error: health.message }),
+    });
     if (!health.ok) {
       const error = health.network ? `server unreachable (${health.message})` : `health check answered ${health.status}: ${health.message}`;
-      this.scheduleRetry('backend_unavailable', fullJitterDelay(this.attempt, this.backoffOpts, this.random), error, health.network ? 0 : health.status);
+      this.scheduleRetry(
+        'backend_unavailable',
+        fullJitterDelay(this.attempt, this.backoffOpts, this.random),
+        error,
+        health.network ? 0 : health.status,
+      );
       return;
     }
 
@@ -536,7 +555,9 @@ export class ChatSocket {
   }
 
   /** A ticket (preferred) or the token, or the close code to act on when neither can be had. */
-  private async credential(botId: string): Promise<{ kind: 'ticket' | 'token'; value: string } | { close: { code: number; reason: string } }> {
+  private async credential(
+    botId: string,
+  ): Promise<{ kind: 'ticket' | 'token'; value: string } | { close: { code: number; reason: string } }> {
     const token = this.opts.getToken ? await this.opts.getToken() : null;
     if (!token) return { close: { code: 4401, reason: 'not logged in: no access token' } };
     if (!this.opts.useTicket) return { kind: 'token', value: token };
@@ -576,18 +597,23 @@ export class ChatSocket {
     if (f.type !== 'pong') log.frame('← %s', f.type);
     switch (f.type) {
       case 'connection_established':
-        return this.onEstablished(gen, f);
+        this.onEstablished(gen, f);
+        return;
       case 'ack':
-        return this.onAck(f);
+        this.onAck(f);
+        return;
       case 'message':
-        return this.onMessage(f.message);
+        this.onMessage(f.message);
+        return;
       case 'message_delta':
         this.events.emit('delta', f);
         return;
       case 'pong':
-        return this.onPong(f.id);
+        this.onPong(f.id);
+        return;
       case 'error':
-        return this.onErrorFrame(f);
+        this.onErrorFrame(f);
+        return;
     }
   }
 
@@ -598,7 +624,12 @@ export class ChatSocket {
     this.openedAt = Date.now();
     if (this._lastSeq === null) this._lastSeq = f.last_seq;
     const skew = Date.parse(f.server_time) - Date.now();
-    log.connect('Chat WebSocket connection established: connection %s, last_seq %d, heartbeat %d ms', f.connection_id, f.last_seq, f.heartbeat_interval_ms);
+    log.connect(
+      'Chat WebSocket connection established: connection %s, last_seq %d, heartbeat %d ms',
+      f.connection_id,
+      f.last_seq,
+      f.heartbeat_interval_ms,
+    );
     this.recorder.record('established', {
       connection_id: f.connection_id,
       last_seq: f.last_seq,
@@ -611,9 +642,12 @@ export class ChatSocket {
     this.afterSeqResetUsed = false;
     this.events.emit('established', f);
     const hb = Math.max(1000, f.heartbeat_interval_ms);
-    this.pingTimer = setInterval(() => {
-      if (gen === this.gen) this.sendPing();
-    }, this.opts.pingIntervalMs ?? Math.max(500, Math.floor(hb / 2)));
+    this.pingTimer = setInterval(
+      () => {
+        if (gen === this.gen) this.sendPing();
+      },
+      this.opts.pingIntervalMs ?? Math.max(500, Math.floor(hb / 2)),
+    );
     this.stableTimer = setTimeout(() => {
       if (gen !== this.gen) return;
       this.attempt = 0;
@@ -770,7 +804,14 @@ export class ChatSocket {
       connection_id: wasOpen ? this.established?.connection_id : undefined,
       buffered_amount: this.ws?.bufferedAmount ?? 0,
     });
-    log.close('Chat WebSocket disconnected: %d %s - %s (%s; policy %s)', code, v.name, redact(reason) || '(no reason)', v.description, v.retry);
+    log.close(
+      'Chat WebSocket disconnected: %d %s - %s (%s; policy %s)',
+      code,
+      v.name,
+      redact(reason) || '(no reason)',
+      v.description,
+      v.retry,
+    );
     this.teardown(code === 1006 || code < 3000 ? 1000 : code, reason);
     const myGen = this.gen;
 
@@ -794,7 +835,10 @@ export class ChatSocket {
         fetch: this.opts.fetch,
       });
       if (gen !== this.gen) return;
-      this.recorder.record('preflight', r.ok ? { ok: r.body.ok, close_code: r.body.close_code, reason: r.body.reason } : { error: r.message });
+      this.recorder.record(
+        'preflight',
+        r.ok ? { ok: r.body.ok, close_code: r.body.close_code, reason: r.body.reason } : { error: r.message },
+      );
       if (r.ok && !r.body.ok && r.body.close_code) {
         const v = this.policy.verdict(r.body.close_code);
         if (v.retry !== 'backoff') {
@@ -821,29 +865,41 @@ export class ChatSocket {
       this.serverErrors += 1;
       const max = this.opts.maxServerErrors ?? 10;
       if (this.serverErrors >= max) {
-        return this.fail(info.code, `the server failed ${this.serverErrors} times in a row: ${info.reason}`, `${v.description} Run Diagnose and send the report (with the error id) to the server's operator.`);
+        this.fail(
+          info.code,
+          `the server failed ${this.serverErrors} times in a row: ${info.reason}`,
+          `${v.description} Run Diagnose and send the report (with the error id) to the server's operator.`,
+        );
+        return;
       }
     }
     switch (v.retry) {
       case 'stop':
-        return this.fail(info.code, info.reason, v.description);
+        this.fail(info.code, info.reason, v.description);
+        return;
       case 'reauth_once':
         void this.reauth(info, v);
         return;
       case 'after_hint': {
         const hint = parseRetryHint(info.reason);
-        const delay = hint !== null ? hint + Math.floor(this.random() * Math.min(1000, hint / 10 + 1)) : fullJitterDelay(this.attempt, this.backoffOpts, this.random);
-        return this.scheduleRetry('reconnecting', delay);
+        const delay =
+          hint !== null
+            ? hint + Math.floor(this.random() * Math.min(1000, hint / 10 + 1))
+            : fullJitterDelay(this.attempt, this.backoffOpts, this.random);
+        this.scheduleRetry('reconnecting', delay);
+        return;
       }
       case 'backoff':
-        return this.scheduleRetry('reconnecting', fullJitterDelay(this.attempt, this.backoffOpts, this.random));
+        this.scheduleRetry('reconnecting', fullJitterDelay(this.attempt, this.backoffOpts, this.random));
+        return;
     }
   }
 
   private async reauth(info: CloseInfo, v: CloseVerdict): Promise<void> {
     if (this.reauthUsed || !this.opts.refreshToken) {
       const reason = this.reauthUsed ? `Session expired, log in again (${info.reason})` : info.reason;
-      return this.fail(info.code, reason, v.description);
+      this.fail(info.code, reason, v.description);
+      return;
     }
     this.reauthUsed = true;
     const gen = this.gen;
@@ -926,7 +982,12 @@ export class ChatSocket {
     this.recorder.record('visible_check', {});
     void this.ping(this.opts.livenessTimeoutMs).then((rtt) => {
       if (gen !== this.gen || rtt !== null) return;
-      this.onClosed(gen, CLIENT_CLOSE.LIVENESS_FAILED, `no pong within ${this.opts.livenessTimeoutMs} ms after the tab became visible`, 'client');
+      this.onClosed(
+        gen,
+        CLIENT_CLOSE.LIVENESS_FAILED,
+        `no pong within ${this.opts.livenessTimeoutMs} ms after the tab became visible`,
+        'client',
+      );
     });
   }
 }

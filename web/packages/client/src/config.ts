@@ -13,7 +13,7 @@ export interface Endpoints {
 function env(name: 'VITE_API_URL' | 'VITE_WS_URL'): string | undefined {
   try {
     const v = (import.meta as unknown as { env?: Record<string, string | undefined> }).env?.[name];
-    return v && v.trim() ? v.trim() : undefined;
+    return v?.trim() ? v.trim() : undefined;
   } catch {
     return undefined;
   }

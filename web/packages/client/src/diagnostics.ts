@@ -13,7 +13,16 @@ import { http, now as monoNow, uuid } from './http.js';
 import { log, redact } from './log.js';
 import { ClosePolicy } from './policy.js';
 import { closeHeadline } from './words.js';
-import { decodeCodeRegistry, parseServerFrame, PROTOCOL_VERSION, type BotView, type Preflight, type ServerFrame, type TicketResponse, type UserView } from './protocol.js';
+import {
+  decodeCodeRegistry,
+  parseServerFrame,
+  PROTOCOL_VERSION,
+  type BotView,
+  type Preflight,
+  type ServerFrame,
+  type TicketResponse,
+  type UserView,
+} from './protocol.js';
 
 export type StepStatus = 'ok' | 'warn' | 'fail' | 'skip';
 
@@ -202,7 +211,11 @@ async function openSocket(
 }
 
 /** Runs every check; never throws. */
-export async function runWebSocketDiagnostics(botId: string, token: string | null | undefined, options: DiagnosticsOptions = {}): Promise<DiagnosticsReport> {
+export async function runWebSocketDiagnostics(
+  botId: string,
+  token: string | null | undefined,
+  options: DiagnosticsOptions = {},
+): Promise<DiagnosticsReport> {
   const started = monoNow();
   const startedAt = new Date().toISOString();
   const { apiUrl, wsUrl } = resolveEndpoints({ apiUrl: options.apiUrl, wsUrl: options.wsUrl });
@@ -229,23 +242,34 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   const hasWs = typeof Ctor === 'function';
   const hasFetch = typeof (f ?? globalThis.fetch) === 'function';
   if (hasWs && hasFetch) add('browser', 'ok', 'WebSocket and fetch are available.');
-  else add('browser', 'fail', `Missing: ${[!hasWs && 'WebSocket', !hasFetch && 'fetch'].filter(Boolean).join(', ')}.`, { fix: 'Use a current browser (Chrome, Firefox, Safari, Edge).' });
+  else
+    add('browser', 'fail', `Missing: ${[!hasWs && 'WebSocket', !hasFetch && 'fetch'].filter(Boolean).join(', ')}.`, {
+      fix: 'Use a current browser (Chrome, Firefox, Safari, Edge).',
+    });
 
   // 2. Network
   const online = typeof navigator === 'undefined' ? true : navigator.onLine !== false;
   if (online) add('network', 'ok', 'The browser reports a network connection.');
-  else add('network', 'warn', 'The browser reports no network connection (navigator.onLine is false).', { fix: 'Check Wi-Fi or cable; the connection resumes by itself when the network returns.' });
+  else
+    add('network', 'warn', 'The browser reports no network connection (navigator.onLine is false).', {
+      fix: 'Check Wi-Fi or cable; the connection resumes by itself when the network returns.',
+    });
 
   // 3. API reachable
   const health = await http<{ status?: string; version?: string }>(apiUrl, '/api/health', { timeoutMs, fetch: f });
   const crossOrigin = pageOrigin !== null && originOf(apiUrl) !== pageOrigin;
   let corsSuspect = false;
   if (health.ok) {
-    add('api', health.ms > 1000 ? 'warn' : 'ok', `GET ${apiUrl}/api/health answered ${health.status} in ${fmtMs(health.ms)}${health.body?.version ? ` (natter ${health.body.version})` : ''}.`, {
-      value: fmtMs(health.ms),
-      ms: health.ms,
-      ...(health.ms > 1000 ? { fix: 'The server or the network is slow; check the server load.' } : {}),
-    });
+    add(
+      'api',
+      health.ms > 1000 ? 'warn' : 'ok',
+      `GET ${apiUrl}/api/health answered ${health.status} in ${fmtMs(health.ms)}${health.body?.version ? ` (natter ${health.body.version})` : ''}.`,
+      {
+        value: fmtMs(health.ms),
+        ms: health.ms,
+        ...(health.ms > 1000 ? { fix: 'The server or the network is slow; check the server load.' } : {}),
+      },
+    );
   } else if (health.network && crossOrigin && (f ?? globalThis.fetch)) {
     // A cross-origin fetch fails the same way for "server down" and "CORS refused": an opaque
     // no-cors request tells them apart.
@@ -312,11 +336,15 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   // 5. Token decoded
   let tokenOk = !!token;
   if (!token) {
-    add('token_decoded', 'fail', 'No access token was given.', { fix: 'Log in, then run the diagnostics again (the app passes its token).' });
+    add('token_decoded', 'fail', 'No access token was given.', {
+      fix: 'Log in, then run the diagnostics again (the app passes its token).',
+    });
   } else {
     const claims = decodeJwt(token);
     if (!claims) {
-      add('token_decoded', 'warn', 'The token is not a JWT the browser can read; only the server can judge it.', { value: `${token.length} chars` });
+      add('token_decoded', 'warn', 'The token is not a JWT the browser can read; only the server can judge it.', {
+        value: `${token.length} chars`,
+      });
     } else {
       const exp = typeof claims.exp === 'number' ? claims.exp : null;
       const iat = typeof claims.iat === 'number' ? claims.iat : null;
@@ -339,9 +367,16 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
           data,
         });
       } else if (left !== null && left < 60) {
-        add('token_decoded', 'warn', `The token (for ${who}) expires in ${left} s.`, { value: `${left} s left`, fix: 'It will need a refresh soon; the app does that by itself.', data });
+        add('token_decoded', 'warn', `The token (for ${who}) expires in ${left} s.`, {
+          value: `${left} s left`,
+          fix: 'It will need a refresh soon; the app does that by itself.',
+          data,
+        });
       } else {
-        add('token_decoded', 'ok', `A JWT for ${who}${left !== null ? `, valid for ${left} s more` : ''}.`, { value: left !== null ? `${left} s left` : undefined, data });
+        add('token_decoded', 'ok', `A JWT for ${who}${left !== null ? `, valid for ${left} s more` : ''}.`, {
+          value: left !== null ? `${left} s left` : undefined,
+          data,
+        });
       }
     }
   }
@@ -351,12 +386,19 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   else if (!token) skip('token_accepted', 'skipped: no token');
   else {
     const me = await http<UserView>(apiUrl, '/api/auth/me', { token, timeoutMs, fetch: f });
-    if (me.ok) add('token_accepted', 'ok', `The server accepts the token: logged in as ${me.body.username}.`, { value: me.body.username, ms: me.ms });
+    if (me.ok)
+      add('token_accepted', 'ok', `The server accepts the token: logged in as ${me.body.username}.`, {
+        value: me.body.username,
+        ms: me.ms,
+      });
     else {
       tokenOk = false;
       add('token_accepted', 'fail', `GET /api/auth/me refused the token: ${me.code} (${me.message}).`, {
         value: me.code,
-        fix: me.code === 'token_expired' ? 'The access token expired: refresh it or log in again.' : 'The token is not valid for this server: log in again (was the server data reset?).',
+        fix:
+          me.code === 'token_expired'
+            ? 'The access token expired: refresh it or log in again.'
+            : 'The token is not valid for this server: log in again (was the server data reset?).',
         ms: me.ms,
       });
     }
@@ -372,9 +414,15 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
       botOk = true;
       add('bot', 'ok', `Bot "${bot.body.name}" exists; your role: ${bot.body.my_role}.`, { value: bot.body.name, ms: bot.ms });
     } else if (bot.status === 404 || bot.code === 'invalid_id') {
-      add('bot', 'fail', `No bot has the id ${botId} (${bot.code}).`, { value: bot.code, fix: 'Check the bot id: pick the bot from the list (GET /api/bots).' });
+      add('bot', 'fail', `No bot has the id ${botId} (${bot.code}).`, {
+        value: bot.code,
+        fix: 'Check the bot id: pick the bot from the list (GET /api/bots).',
+      });
     } else if (bot.status === 403) {
-      add('bot', 'fail', `You may not use this bot: ${bot.message}.`, { value: 'forbidden', fix: "Ask the bot's owner to share it with you." });
+      add('bot', 'fail', `You may not use this bot: ${bot.message}.`, {
+        value: 'forbidden',
+        fix: "Ask the bot's owner to share it with you.",
+      });
     } else {
       add('bot', 'fail', `GET /api/bots/${botId} answered ${bot.status}: ${bot.message}.`, { value: bot.code });
     }
@@ -386,7 +434,10 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   else if (!token) skip('preflight', 'skipped: no token');
   else {
     const pf = await http<Preflight>(apiUrl, `/api/ws/preflight/${encodeURIComponent(botId)}`, { token, timeoutMs, fetch: f });
-    if (!pf.ok) add('preflight', 'warn', `The preflight endpoint answered ${pf.status}: ${pf.message}.`, { fix: 'The server may be older than this client.' });
+    if (!pf.ok)
+      add('preflight', 'warn', `The preflight endpoint answered ${pf.status}: ${pf.message}.`, {
+        fix: 'The server may be older than this client.',
+      });
     else if (pf.body.ok) {
       preflightOk = true;
       add('preflight', 'ok', 'The server would accept this connection.', { ms: pf.ms });
@@ -407,7 +458,13 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
   else {
     let query = `token=${encodeURIComponent(token!)}`;
     if (tokenOk && botOk) {
-      const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', { method: 'POST', token: token!, body: { bot_id: botId }, timeoutMs, fetch: f });
+      const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', {
+        method: 'POST',
+        token: token!,
+        body: { bot_id: botId },
+        timeoutMs,
+        fetch: f,
+      });
       if (t.ok) query = `ticket=${encodeURIComponent(t.body.ticket)}`;
     }
     const attemptId = uuid();
@@ -416,7 +473,11 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
     const { live, opened, handshakeMs, error } = await openSocket(Ctor!, url, connectTimeout);
     if (!opened) {
       const closed = live.closed;
-      const why = error ?? (closed ? `closed with ${closed.code}${closed.reason ? ` (${closed.reason})` : ''} before opening` : `no answer within ${connectTimeout} ms`);
+      const why =
+        error ??
+        (closed
+          ? `closed with ${closed.code}${closed.reason ? ` (${closed.reason})` : ''} before opening`
+          : `no answer within ${connectTimeout} ms`);
       add('handshake', 'fail', `The WebSocket to ${redact(url)} did not open: ${why}.`, {
         fix: preflightOk
           ? 'The API works but WebSockets do not get through: a proxy, firewall, VPN or browser extension is blocking them, or VITE_WS_URL is wrong.'
@@ -426,34 +487,51 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
       });
       for (const id of socketSteps.slice(1)) skip(id);
     } else {
-      add('handshake', handshakeMs > 2000 ? 'warn' : 'ok', `The socket opened in ${fmtMs(handshakeMs)}.`, { value: fmtMs(handshakeMs), ms: handshakeMs, data: { attempt_id: attemptId } });
+      add('handshake', handshakeMs > 2000 ? 'warn' : 'ok', `The socket opened in ${fmtMs(handshakeMs)}.`, {
+        value: fmtMs(handshakeMs),
+        ms: handshakeMs,
+        data: { attempt_id: attemptId },
+      });
       const t0 = monoNow();
       const est = await live.waitFor((fr) => (fr.type === 'connection_established' ? fr : undefined), connectTimeout);
       if (!est) {
         const c = live.closed;
         if (c) {
           const v = policy.verdict(c.code);
-          add('established', 'fail', `The server accepted the socket, then closed it with ${c.code} ${v.name}: ${c.reason || 'no reason'}.`, {
-            value: String(c.code),
-            data: { close_code: c.code },
-            fix: v.description,
-          });
+          add(
+            'established',
+            'fail',
+            `The server accepted the socket, then closed it with ${c.code} ${v.name}: ${c.reason || 'no reason'}.`,
+            {
+              value: String(c.code),
+              data: { close_code: c.code },
+              fix: v.description,
+            },
+          );
         } else {
-          add('established', 'fail', `No connection_established within ${connectTimeout} ms.`, { fix: 'The server is stuck or a proxy swallows frames: check the server log.' });
+          add('established', 'fail', `No connection_established within ${connectTimeout} ms.`, {
+            fix: 'The server is stuck or a proxy swallows frames: check the server log.',
+          });
         }
         for (const id of socketSteps.slice(2)) skip(id);
       } else {
         const ms = monoNow() - t0;
         const skew = Math.round((Date.parse(est.server_time) - Date.now()) / 1000);
         const problems: string[] = [];
-        if (est.protocol_version !== PROTOCOL_VERSION) problems.push(`protocol version ${est.protocol_version}, this client speaks ${PROTOCOL_VERSION}`);
+        if (est.protocol_version !== PROTOCOL_VERSION)
+          problems.push(`protocol version ${est.protocol_version}, this client speaks ${PROTOCOL_VERSION}`);
         if (Math.abs(skew) > 30) problems.push(`clocks differ by ${skew} s`);
-        add('established', problems.length ? 'warn' : 'ok', `Connection ${est.connection_id} as ${est.user.username} to "${est.bot.name}" in ${fmtMs(ms)}; heartbeat ${est.heartbeat_interval_ms} ms${problems.length ? `; ${problems.join('; ')}` : ''}.`, {
-          value: fmtMs(ms),
-          ms,
-          data: { connection_id: est.connection_id, last_seq: est.last_seq, clock_skew_s: skew, limits: est.limits },
-          ...(problems.length ? { fix: 'Update the client or the server so they match, and set clocks by NTP.' } : {}),
-        });
+        add(
+          'established',
+          problems.length ? 'warn' : 'ok',
+          `Connection ${est.connection_id} as ${est.user.username} to "${est.bot.name}" in ${fmtMs(ms)}; heartbeat ${est.heartbeat_interval_ms} ms${problems.length ? `; ${problems.join('; ')}` : ''}.`,
+          {
+            value: fmtMs(ms),
+            ms,
+            data: { connection_id: est.connection_id, last_seq: est.last_seq, clock_skew_s: skew, limits: est.limits },
+            ...(problems.length ? { fix: 'Update the client or the server so they match, and set clocks by NTP.' } : {}),
+          },
+        );
 
         // Ping samples.
         const samples: number[] = [];
@@ -476,11 +554,16 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
           const max = Math.max(...samples);
           const avg = samples.reduce((a, b) => a + b, 0) / samples.length;
           const lost = n - samples.length;
-          add('ping', lost || avg > 500 ? 'warn' : 'ok', `${samples.length}/${n} pongs; round-trip min ${fmtMs(min)}, avg ${fmtMs(avg)}, max ${fmtMs(max)}.`, {
-            value: `avg ${fmtMs(avg)}`,
-            data: { samples_ms: samples.map((s) => Math.round(s * 10) / 10), lost },
-            ...(lost || avg > 500 ? { fix: 'The link is slow or lossy.' } : {}),
-          });
+          add(
+            'ping',
+            lost || avg > 500 ? 'warn' : 'ok',
+            `${samples.length}/${n} pongs; round-trip min ${fmtMs(min)}, avg ${fmtMs(avg)}, max ${fmtMs(max)}.`,
+            {
+              value: `avg ${fmtMs(avg)}`,
+              data: { samples_ms: samples.map((s) => Math.round(s * 10) / 10), lost },
+              ...(lost || avg > 500 ? { fix: 'The link is slow or lossy.' } : {}),
+            },
+          );
         }
 
         // Stability.
@@ -507,15 +590,31 @@ export async function runWebSocketDiagnostics(botId: string, token: string | nul
 
   // 13. The server's record of recent attempts (an observability endpoint, when it exists).
   if ((health.ok || corsSuspect) && tokenOk) {
-    const a = await http<unknown>(apiUrl, `/api/connections?bot_id=${encodeURIComponent(botId)}&limit=10`, { token: token!, timeoutMs, fetch: f });
+    const a = await http<unknown>(apiUrl, `/api/connections?bot_id=${encodeURIComponent(botId)}&limit=10`, {
+      token: token!,
+      timeoutMs,
+      fetch: f,
+    });
     if (a.ok && Array.isArray(a.body)) {
-      const rows = a.body as Array<{ attempt_id: string; established: boolean; close_code: number | null; close_reason: string | null; closed_by: string | null; ended_at: string | null }>;
+      const rows = a.body as Array<{
+        attempt_id: string;
+        established: boolean;
+        close_code: number | null;
+        close_reason: string | null;
+        closed_by: string | null;
+        ended_at: string | null;
+      }>;
       const ended = rows.filter((r) => r.ended_at);
       const refused = ended.filter((r) => r.closed_by === 'server' && r.close_code !== 1012);
       const last = ended[0];
-      const lastText = last ? `latest: ${last.close_code ?? 'no close code'}${last.close_reason ? ` (${last.close_reason})` : ''}, closed by ${last.closed_by ?? 'unknown'}` : 'none ended yet';
+      const lastText = last
+        ? `latest: ${last.close_code ?? 'no close code'}${last.close_reason ? ` (${last.close_reason})` : ''}, closed by ${last.closed_by ?? 'unknown'}`
+        : 'none ended yet';
       if (refused.length > 0 && refused[0] === last) {
-        add('attempts', 'warn', `The server recorded ${rows.length} recent attempt(s); ${lastText}.`, { fix: 'See the close code’s meaning in the report above; the server’s record says why it ended.', data: { attempts: rows } });
+        add('attempts', 'warn', `The server recorded ${rows.length} recent attempt(s); ${lastText}.`, {
+          fix: 'See the close code’s meaning in the report above; the server’s record says why it ended.',
+          data: { attempts: rows },
+        });
       } else {
         add('attempts', 'ok', `The server recorded ${rows.length} recent attempt(s); ${lastText}.`, { data: { attempts: rows } });
       }
@@ -569,7 +668,9 @@ export function failHeadline(step: DiagnosticStep): string {
       return 'The server works, but the chat connection is blocked on the way (a proxy, firewall or extension).';
     case 'established':
     case 'stability':
-      return code !== null ? `The server closed the chat connection: ${lowerFirst(closeHeadline(code) ?? 'no reason given')}.` : 'The server accepted the chat connection, then stopped answering.';
+      return code !== null
+        ? `The server closed the chat connection: ${lowerFirst(closeHeadline(code) ?? 'no reason given')}.`
+        : 'The server accepted the chat connection, then stopped answering.';
     case 'ping':
       return "The chat connection opened, but the server doesn't answer on it.";
     default:
@@ -605,7 +706,11 @@ export interface QuickTestResult {
 }
 
 /** Connect, ping, close — logging each step to the console, as the seed's snippet expects. */
-export async function testWebSocket(botId: string, token: string | null | undefined, options: Pick<DiagnosticsOptions, 'apiUrl' | 'wsUrl' | 'fetch' | 'WebSocket'> = {}): Promise<QuickTestResult> {
+export async function testWebSocket(
+  botId: string,
+  token: string | null | undefined,
+  options: Pick<DiagnosticsOptions, 'apiUrl' | 'wsUrl' | 'fetch' | 'WebSocket'> = {},
+): Promise<QuickTestResult> {
   const { apiUrl, wsUrl } = resolveEndpoints({ apiUrl: options.apiUrl, wsUrl: options.wsUrl });
   const Ctor = options.WebSocket ?? globalThis.WebSocket;
   const result: QuickTestResult = { ok: false, steps: [] };
@@ -622,13 +727,24 @@ export async function testWebSocket(botId: string, token: string | null | undefi
     return result;
   }
   let query = `token=${encodeURIComponent(token)}`;
-  const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', { method: 'POST', token, body: { bot_id: botId }, timeoutMs: 5000, fetch: options.fetch });
+  const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', {
+    method: 'POST',
+    token,
+    body: { bot_id: botId },
+    timeoutMs: 5000,
+    fetch: options.fetch,
+  });
   if (t.ok) query = `ticket=${encodeURIComponent(t.body.ticket)}`;
   step('ticket', true, t.ms, t.ok ? 'got a one-time ticket' : `no ticket (${t.code}: ${t.message}); using the token`);
   const url = `${wsUrl}/api/ws/chat/${encodeURIComponent(botId)}?${query}`;
   console.log(`[testWebSocket] Attempting to connect to chat WebSocket: ${redact(url)}`);
   const { live, opened, handshakeMs, error } = await openSocket(Ctor, url, 10_000);
-  step('open', opened, handshakeMs, opened ? 'socket open' : `did not open: ${error ?? (live.closed ? `${live.closed.code} ${live.closed.reason}` : 'timeout')}`);
+  step(
+    'open',
+    opened,
+    handshakeMs,
+    opened ? 'socket open' : `did not open: ${error ?? (live.closed ? `${live.closed.code} ${live.closed.reason}` : 'timeout')}`,
+  );
   if (!opened) return result;
   const t0 = monoNow();
   const est = await live.waitFor((f) => (f.type === 'connection_established' ? f : undefined), 10_000);
@@ -636,7 +752,11 @@ export async function testWebSocket(botId: string, token: string | null | undefi
     'connection_established',
     !!est,
     monoNow() - t0,
-    est ? `connection ${est.connection_id}, last_seq ${est.last_seq}` : live.closed ? `closed ${live.closed.code}: ${live.closed.reason}` : 'timeout',
+    est
+      ? `connection ${est.connection_id}, last_seq ${est.last_seq}`
+      : live.closed
+        ? `closed ${live.closed.code}: ${live.closed.reason}`
+        : 'timeout',
   );
   if (est) {
     const p0 = monoNow();

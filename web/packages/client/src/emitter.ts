@@ -4,7 +4,10 @@ export class Emitter<Events extends { [K in keyof Events]: unknown }> {
 
   on<K extends keyof Events>(event: K, fn: (value: Events[K]) => void): () => void {
     let set = this.handlers.get(event);
-    if (!set) this.handlers.set(event, (set = new Set()));
+    if (!set) {
+      set = new Set();
+      this.handlers.set(event, set);
+    }
     set.add(fn as (v: never) => void);
     return () => set!.delete(fn as (v: never) => void);
   }

@@ -34,8 +34,15 @@ export function installOnWindow(service: ChatSocket = chatWebSocketService): voi
   if (typeof window === 'undefined') return;
   const w = window as unknown as Record<string, unknown>;
   w.chatWebSocketService = service;
-  w.testWebSocket = (botId: string, token?: string | null) => testWebSocket(botId, token ?? localStorage.getItem('access_token'), service.endpoints);
+  w.testWebSocket = (botId: string, token?: string | null) =>
+    testWebSocket(botId, token ?? localStorage.getItem('access_token'), service.endpoints);
   w.runWebSocketDiagnostics = (botId: string, token?: string | null) =>
     runWebSocketDiagnostics(botId, token ?? localStorage.getItem('access_token'), service.endpoints);
-  w.natter = { ChatSocket, chatWebSocketService: service, testWebSocket, runWebSocketDiagnostics, exportFlightRecorder: () => service.exportFlightRecorder() };
+  w.natter = {
+    ChatSocket,
+    chatWebSocketService: service,
+    testWebSocket,
+    runWebSocketDiagnostics,
+    exportFlightRecorder: () => service.exportFlightRecorder(),
+  };
 }

@@ -83,13 +83,7 @@ export interface ErrorFrame {
   retry_after_ms?: number;
 }
 
-export type ServerFrame =
-  | ConnectionEstablishedFrame
-  | AckFrame
-  | MessageFrame
-  | MessageDeltaFrame
-  | PongFrame
-  | ErrorFrame;
+export type ServerFrame = ConnectionEstablishedFrame | AckFrame | MessageFrame | MessageDeltaFrame | PongFrame | ErrorFrame;
 
 export type ClientFrame =
   | { type: 'message'; client_id: string; content: string }
