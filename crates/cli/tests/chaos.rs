@@ -494,13 +494,7 @@ async fn three_nodes_under_kills_and_cuts_lose_nothing() {
     const TEST: &str = "chaos::three_nodes_under_kills_and_cuts_lose_nothing";
     const NODES: usize = 3;
     const CHAOS: Duration = Duration::from_secs(40);
-    let nats = match std::env::var("NATTER_TEST_NATS_URL") {
-        Ok(u) if !u.is_empty() => u,
-        _ => {
-            eprintln!("SKIPPED: {TEST} needs NATS: NATTER_TEST_NATS_URL not set");
-            return;
-        }
-    };
+    let Some(nats) = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", TEST, "NATS") else { return };
     let Some(schema) = TestSchema::from_env(TEST).await else { return };
     let mut rng = Rng::new(seed());
     let provider = common::streaming_provider(6, Duration::from_millis(40)).await; // replies of ~0.25 s

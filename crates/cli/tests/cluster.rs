@@ -76,13 +76,7 @@ async fn next(ws: &mut Ws) -> Result<ServerFrame, u16> {
 #[tokio::test]
 async fn a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling() {
     const TEST: &str = "cluster::a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling";
-    let nats = match std::env::var("NATTER_TEST_NATS_URL") {
-        Ok(u) if !u.is_empty() => u,
-        _ => {
-            eprintln!("SKIPPED: {TEST} needs NATS: NATTER_TEST_NATS_URL not set");
-            return;
-        }
-    };
+    let Some(nats) = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", TEST, "NATS") else { return };
     let Some(schema) = TestSchema::from_env(TEST).await else { return };
     let provider = common::streaming_provider(10_000, Duration::from_millis(50)).await;
     let secret = "ab".repeat(32);

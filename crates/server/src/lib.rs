@@ -17,6 +17,7 @@ pub mod revocation;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod testenv;
 pub mod throttle;
 pub mod web;
 pub mod ws;

@@ -300,15 +300,9 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), BusError> {
 mod tests {
     use super::*;
 
-    /// The NATS server for tests, or None after a loud SKIPPED line.
+    /// The NATS server for tests, or None after a loud SKIPPED line (a failure in CI).
     pub(crate) fn test_url(test: &str) -> Option<String> {
-        match std::env::var("NATTER_TEST_NATS_URL") {
-            Ok(url) if !url.is_empty() => Some(url),
-            _ => {
-                eprintln!("SKIPPED: {test} needs NATS: NATTER_TEST_NATS_URL not set");
-                None
-            }
-        }
+        crate::testenv::service_url("NATTER_TEST_NATS_URL", test, "NATS")
     }
 
     #[tokio::test]

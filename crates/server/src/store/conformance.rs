@@ -490,35 +490,6 @@ async fn ledger(store: &dyn Store) {
     assert_eq!(store.connection(shadow.connection_id, Some(u1)).await.unwrap(), Some(shadow));
 }
 
-/// Runs one test body against a fresh store of each kind: `$name::sqlite` (in memory) and
-/// `$name::postgres` (a schema of its own in `NATTER_TEST_DATABASE_URL`, skipped loudly when
-/// that is not set).
-macro_rules! test_both_stores {
-    ($name:ident, $body:path) => {
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                let store = crate::store::SqliteStore::memory().await.unwrap();
-                $body(std::sync::Arc::new(store)).await;
-            }
-
-            #[tokio::test]
-            async fn postgres() {
-                let Some(schema) =
-                    crate::store::postgres::TestSchema::from_env(concat!(module_path!(), "::postgres")).await
-                else {
-                    return;
-                };
-                let store = crate::store::PostgresStore::connect(&schema.url).await.unwrap();
-                $body(std::sync::Arc::new(store)).await;
-            }
-        }
-    };
-}
-
-test_both_stores!(conformance, super::run_all);
-test_both_stores!(owed, super::owed_replies);
-
 async fn connection_slots(store: Arc<dyn Store>) {
     let (user, other, node) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let now = Utc::now();
@@ -758,4 +729,78 @@ pub async fn owed_replies(store: Arc<dyn Store>) {
     let mut want = later;
     want.sort();
     assert_eq!(ids, want, "each taken exactly once");
+}
+
+/// Runs one case against a fresh store of each kind, as a test of its own:
+/// `$case::sqlite` (in memory), `$case::postgres` (a schema of its own in
+/// `NATTER_TEST_DATABASE_URL`; skipped loudly when that is not set, a failure in CI) and
+/// `$case::memory`. A failure names the case and the store.
+macro_rules! test_every_store {
+    ($($case:ident),* $(,)?) => {
+        $(
+            mod $case {
+                use std::sync::Arc;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let store = crate::store::SqliteStore::memory().await.unwrap();
+                    super::$case(Arc::new(store)).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let test = concat!(module_path!(), "::postgres");
+                    let Some(schema) = crate::store::postgres::TestSchema::from_env(test).await else { return };
+                    let store = crate::store::PostgresStore::connect(&schema.url).await.unwrap();
+                    super::$case(Arc::new(store)).await;
+                }
+
+                #[tokio::test]
+                async fn memory() {
+                    super::$case(Arc::new(crate::store::MemoryStore::new())).await;
+                }
+            }
+        )*
+    };
+}
+
+mod cases {
+    use super::*;
+
+    // Each case as a function of an `Arc<dyn Store>`, for the macro.
+    macro_rules! by_arc {
+        ($($case:ident),*) => {
+            $(pub(super) async fn $case(store: Arc<dyn Store>) {
+                super::$case(&*store).await
+            })*
+        };
+    }
+    by_arc!(
+        users,
+        refresh_tokens,
+        bots_and_roles,
+        messages,
+        simultaneous_appends,
+        tickets,
+        ledger,
+        generations,
+        closed
+    );
+    pub(super) use super::{concurrent_appends_are_gap_free, connection_slots, one_outcome_per_message, owed_replies};
+
+    test_every_store!(
+        users,
+        refresh_tokens,
+        bots_and_roles,
+        messages,
+        concurrent_appends_are_gap_free,
+        simultaneous_appends,
+        tickets,
+        ledger,
+        connection_slots,
+        generations,
+        one_outcome_per_message,
+        owed_replies,
+        closed,
+    );
 }

@@ -844,19 +844,4 @@ impl Coordination for MemoryStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn conformance() {
-        super::super::conformance::run_all(Arc::new(MemoryStore::new())).await;
-    }
-
-    #[tokio::test]
-    async fn owed_replies() {
-        super::super::conformance::owed_replies(Arc::new(MemoryStore::new())).await;
-    }
-}
+// Its tests: every case of `store::conformance`, run on every store.

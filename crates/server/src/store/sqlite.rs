@@ -1030,16 +1030,12 @@ impl Coordination for SqliteStore {
 mod tests {
     use super::*;
 
+    /// Every case in one run on a file (the per-case tests, `store::conformance::cases`, use an
+    /// in-memory database).
     #[tokio::test]
     async fn conformance_on_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("natter.db")).await.unwrap();
-        super::super::conformance::run_all(std::sync::Arc::new(store)).await;
-    }
-
-    #[tokio::test]
-    async fn conformance_in_memory() {
-        let store = SqliteStore::memory().await.unwrap();
         super::super::conformance::run_all(std::sync::Arc::new(store)).await;
     }
 

@@ -4,7 +4,7 @@
 //! nodes configured as docs/deploy.md says.
 //!
 //! Needs `NATTER_TEST_DATABASE_URL` and `NATTER_TEST_NATS_URL` (`make test` sets them when the
-//! services answer); without them each test prints a SKIPPED line and passes.
+//! services answer); without them each test prints a SKIPPED line and passes (fails in CI).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -28,13 +28,7 @@ pub struct Services {
 
 impl Services {
     pub async fn from_env(test: &str) -> Option<Services> {
-        let nats = match std::env::var("NATTER_TEST_NATS_URL") {
-            Ok(u) if !u.is_empty() => u,
-            _ => {
-                eprintln!("SKIPPED: {test} needs NATS: NATTER_TEST_NATS_URL not set");
-                return None;
-            }
-        };
+        let nats = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", test, "NATS")?;
         let schema = TestSchema::from_env(test).await?;
         Some(Services { schema, nats })
     }
@@ -403,8 +397,7 @@ impl Nginx {
     async fn start(test: &str, upstreams: &[SocketAddr]) -> Option<Nginx> {
         let Some(bin) = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists())
         else {
-            eprintln!("SKIPPED: {test} needs nginx (apt-get install nginx): not installed");
-            return None;
+            return natter_server::testenv::missing(test, "nginx (apt-get install nginx): not installed");
         };
         let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
