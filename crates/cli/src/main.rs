@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backup;
 mod bench;
 mod doctor;
 mod serve;
@@ -24,6 +25,10 @@ enum Command {
     Doctor(Box<doctor::DoctorArgs>),
     /// Manage accounts: create users, make admins.
     User(user::UserArgs),
+    /// Copy a SQLite database to a file, consistently, while the server runs.
+    Backup(backup::BackupArgs),
+    /// Put a backup in place of the SQLite database (the server must be stopped).
+    Restore(backup::RestoreArgs),
     /// Measure a server: connect, idle, chat, fanout and storm (restart) scenarios.
     Bench(Box<bench::BenchArgs>),
 }
@@ -46,6 +51,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Doctor(args) => Ok(doctor::run(*args).await),
             Command::User(args) => user::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Backup(args) => backup::backup(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Restore(args) => backup::restore(args).await.map(|()| ExitCode::SUCCESS),
             Command::Bench(args) => bench::run(*args).await,
         }
     });

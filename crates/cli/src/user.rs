@@ -7,11 +7,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use natter_server::domain::{Password, Username};
 use natter_server::store::{NewUser, StoreError};
+use natter_server::Config;
 
 use crate::serve::ServeArgs;
 
+/// Where a command that works on the store finds it: the server's own settings.
 #[derive(Args, Debug)]
-pub struct UserArgs {
+pub struct StoreArgs {
     /// TOML config file (as for `natter serve`).
     #[arg(long, env = "NATTER_CONFIG", value_name = "FILE", global = true)]
     config: Option<PathBuf>,
@@ -21,6 +23,25 @@ pub struct UserArgs {
     /// Database (as for `natter serve`).
     #[arg(long, env = "NATTER_DATABASE_URL", value_name = "URL", global = true)]
     database_url: Option<String>,
+}
+
+impl StoreArgs {
+    /// The configuration `natter serve` would run with, for its store settings.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let serve = ServeArgs {
+            config: self.config,
+            data_dir: self.data_dir,
+            database_url: self.database_url,
+            ..Default::default()
+        };
+        Ok(serve.resolve()?.0)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct UserArgs {
+    #[command(flatten)]
+    store: StoreArgs,
     #[command(subcommand)]
     action: UserAction,
 }
@@ -55,13 +76,7 @@ fn read_password() -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UserArgs) -> anyhow::Result<()> {
-    let serve = ServeArgs {
-        config: args.config,
-        data_dir: args.data_dir,
-        database_url: args.database_url,
-        ..Default::default()
-    };
-    let (config, _) = serve.resolve()?;
+    let config = args.store.resolve()?;
     // Its message already names the cause (see `serve::run`).
     let store = natter_server::app::open_store(&config).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     match args.action {

@@ -49,6 +49,9 @@ pub struct Inner {
     pub throttle: LoginThrottle,
     /// Logins ended by logout or refresh-token reuse, refused at once (`revocation.rs`).
     pub revocations: Revocations,
+    /// On SQLite, the database's lock held shared while this server lives, so that
+    /// `natter restore` refuses to swap the file under it (`backup.rs`).
+    pub db_lock: Option<crate::backup::DbLock>,
 }
 
 impl Deref for AppState {
@@ -73,6 +76,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Demo(String),
+    #[error("{0}")]
+    Locked(#[from] crate::backup::BackupError),
 }
 
 pub struct Server {
@@ -94,6 +99,10 @@ impl Server {
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let secret = auth::load_or_create_secret(&config.data_dir)
             .map_err(|source| StartError::Secret { path: config.data_dir.clone(), source })?;
+        let db_lock = match &config.database {
+            Database::SqliteFile(path) => Some(crate::backup::DbLock::shared(path)?),
+            _ => None,
+        };
         let store = open_store(&config).await?;
         let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
@@ -127,6 +136,7 @@ impl Server {
             passwords: PasswordPool::new(config.password_hash_concurrency, config.password_hash_queue),
             throttle: LoginThrottle::new(config.login_throttle.clone()),
             revocations: Revocations::new(config.access_token_ttl),
+            db_lock,
             config,
         }));
         // With --reuse-port the previous process may still be answering on the same SQLite file

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod bots;
 pub mod bus;
 pub mod cluster;

@@ -24,6 +24,12 @@ use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// The newest schema this binary knows: the highest version in `migrations/sqlite`. A database
+/// at a higher one was written by a newer natter (`natter restore` refuses it).
+pub fn schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
     write: SqlitePool,
