@@ -33,6 +33,8 @@ pub const NO_RATE_LIMITS: &[&str] = &[
 pub struct Node {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Kept open: a server stopped with SIGTERM prints a last line.
+    _stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Node {
@@ -51,7 +53,8 @@ impl Node {
             .expect("natter serve starts");
         // The first line says where it listens.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let addr = line
             .split("http://")
             .nth(1)
@@ -59,7 +62,7 @@ impl Node {
             .trim()
             .parse()
             .unwrap();
-        Node { child, addr }
+        Node { child, addr, _stdout: stdout }
     }
 
     /// SIGKILL, and wait for the process to be gone.
