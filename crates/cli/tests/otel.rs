@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use natter_proto::ServerFrame;
-use natter_server::store::postgres::TestSchema;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -338,14 +337,7 @@ async fn a_chat_is_one_trace_with_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_crosses_nodes_on_the_bus() {
     const TEST: &str = "otel::a_trace_crosses_nodes_on_the_bus";
-    let nats = match std::env::var("NATTER_TEST_NATS_URL") {
-        Ok(u) if !u.is_empty() => u,
-        _ => {
-            eprintln!("SKIPPED: {TEST} needs NATS: NATTER_TEST_NATS_URL not set");
-            return;
-        }
-    };
-    let Some(schema) = TestSchema::from_env(TEST).await else { return };
+    let Some((nats, schema)) = common::shared_services(TEST).await else { return };
     let (endpoint, got) = receiver().await;
     let mut a = Node::start(&endpoint, Some((&schema.url, &nats)));
     let mut b = Node::start(&endpoint, Some((&schema.url, &nats)));

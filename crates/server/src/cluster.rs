@@ -269,7 +269,7 @@ impl Cluster {
                 for m in recovered {
                     tracing::warn!(message_id = %m.id, conversation_id = %m.conversation_id, "a reply cut off by a node that died is stored as incomplete");
                     let conversation_id = m.conversation_id;
-                    let _ = crate::bus::announce(&*bus, conversation_id, m).await;
+                    let _ = crate::bus::announce(bus, conversation_id, m).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sweeping expired replies failed"),

@@ -174,32 +174,34 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
     }
 }
 
-/// The current span as a `traceparent`, to carry with a message on the bus.
-pub fn current_traceparent() -> Option<String> {
+/// The OpenTelemetry context of the current span, when traces are exported.
+fn current_span_context() -> Option<SpanContext> {
     if !enabled() {
         return None;
     }
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+    let sc = tracing::Span::current().context().span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// The current span as a `traceparent`, to carry with a message on the bus.
+pub fn current_traceparent() -> Option<String> {
+    let sc = current_span_context()?;
+    Some(format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
 }
 
 /// The trace id of the current span, when traces are exported.
 pub fn current_trace_id() -> Option<String> {
-    if !enabled() {
-        return None;
-    }
-    let cx = tracing::Span::current().context();
-    let span = cx.span();
-    let sc = span.span_context();
-    sc.is_valid().then(|| sc.trace_id().to_string())
+    current_span_context().map(|sc| sc.trace_id().to_string())
 }
 
 /// What an internal error tells the client to look up: the error id (also in the log) and,
 /// when traces are exported, the trace id.
 pub fn error_ref(error_id: Uuid) -> String {
-    match current_trace_id() {
+    error_ref_of(error_id, current_trace_id())
+}
+
+fn error_ref_of(error_id: Uuid, trace_id: Option<String>) -> String {
+    match trace_id {
         Some(t) => format!("error id {error_id}, trace id {t}"),
         None => format!("error id {error_id}"),
     }
@@ -238,5 +240,8 @@ mod tests {
         assert_eq!(current_traceparent(), None);
         let id = Uuid::nil();
         assert_eq!(error_ref(id), format!("error id {id}"));
+        let reason = format!("internal error ({})", error_ref_of(id, Some("4bf92f3577b34da6a3ce929d0e0e4736".into())));
+        assert_eq!(reason, format!("internal error (error id {id}, trace id 4bf92f3577b34da6a3ce929d0e0e4736)"));
+        assert!(reason.len() <= 123, "fits a close reason: {}", reason.len());
     }
 }

@@ -13,6 +13,20 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// The NATS URL and a fresh PostgreSQL schema for a test of several nodes, or None after a
+/// loud SKIPPED line naming `test` when either is not configured.
+pub async fn shared_services(test: &str) -> Option<(String, natter_server::store::postgres::TestSchema)> {
+    let nats = match std::env::var("NATTER_TEST_NATS_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            eprintln!("SKIPPED: {test} needs NATS: NATTER_TEST_NATS_URL not set");
+            return None;
+        }
+    };
+    let schema = natter_server::store::postgres::TestSchema::from_env(test).await?;
+    Some((nats, schema))
+}
+
 /// Flags that lift the per-connection and per-user rates: these tests' clients send in bursts.
 pub const NO_RATE_LIMITS: &[&str] = &[
     "--messages-per-second",

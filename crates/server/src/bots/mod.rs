@@ -147,6 +147,19 @@ fn first_token(metrics: &Metrics, received: Instant) {
     tracing::info!(target: crate::telemetry::TRACE, first_token_ms = ms, "first token");
 }
 
+/// The span of one reply (traces only): its first token and outcome are recorded on it.
+fn reply_span(bot_id: Uuid, in_reply_to: Uuid) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "reply",
+        %bot_id,
+        %in_reply_to,
+        first_token_ms = tracing::field::Empty,
+        seq = tracing::field::Empty,
+        status = tracing::field::Empty
+    )
+}
+
 /// The first `max` characters of `text`, when it has more.
 fn cut_at(text: &str, max: usize) -> Option<&str> {
     text.char_indices().nth(max).map(|(i, _)| &text[..i])
@@ -342,7 +355,10 @@ impl Replier {
         if engine.instant() {
             // An instant engine (echo, rules) answers in one step, with no IO: the socket's own
             // task stores and announces the reply, saving a task and a wakeup per message.
-            self.run(engine, spec.context_messages(), bot_id, bot_name.to_owned(), message, received).await;
+            let span = reply_span(bot_id, message.id);
+            self.run(engine, spec.context_messages(), bot_id, bot_name.to_owned(), message, received)
+                .instrument(span)
+                .await;
             return;
         }
         let permits = {
@@ -389,7 +405,8 @@ impl Replier {
             async move {
                 let queued = tracing::info_span!(target: crate::telemetry::TRACE, "queued");
                 let permit = permits.acquire_owned().instrument(queued).await;
-                this.run(engine, context, bot_id, bot_name, message, received).await;
+                let span = reply_span(bot_id, message.id);
+                this.run(engine, context, bot_id, bot_name, message, received).instrument(span).await;
                 drop(permit);
                 drop(owed);
                 this.unload(bot_id);
@@ -484,29 +501,8 @@ impl Replier {
         }
     }
 
-    /// Generates, stores and announces one reply, in a `reply` span (traces only).
+    /// Generates, stores and announces one reply; its callers run it in a [`reply_span`].
     async fn run(
-        &self,
-        engine: Arc<dyn BotEngine>,
-        context: u32,
-        bot_id: Uuid,
-        bot_name: String,
-        message: WireMessage,
-        received: Instant,
-    ) {
-        let span = tracing::info_span!(
-            target: crate::telemetry::TRACE,
-            "reply",
-            %bot_id,
-            in_reply_to = %message.id,
-            first_token_ms = tracing::field::Empty,
-            seq = tracing::field::Empty,
-            status = tracing::field::Empty
-        );
-        self.generate(engine, context, bot_id, bot_name, message, received).instrument(span).await
-    }
-
-    async fn generate(
         &self,
         engine: Arc<dyn BotEngine>,
         context: u32,
