@@ -404,11 +404,14 @@ impl Live {
 /// The last word on an attempt, as soon as its end is decided (before the close handshake,
 /// which can take seconds with a slow client): its ledger row and the close metrics.
 fn conclude(state: &AppState, mut rec: ConnectionRecord, code: Option<u16>, initiator: &'static str) {
-    let span = tracing::Span::current();
-    if let Some(c) = code {
-        span.record("close_code", c);
+    if crate::telemetry::enabled() {
+        // On the connection's span for its trace (the log has them in "connection closed").
+        let span = tracing::Span::current();
+        if let Some(c) = code {
+            span.record("close_code", c);
+        }
+        span.record("closed_by", initiator);
     }
-    span.record("closed_by", initiator);
     rec.ended_at = Some(chrono::Utc::now());
     state.metrics.close(code, initiator);
     state.ledger.record(rec);
