@@ -205,6 +205,11 @@ pub struct ServeArgs {
     /// HTTP connections at once (WebSockets not counted); at the bound new ones wait in the backlog [default: 10000]
     #[arg(long, env = "NATTER_MAX_HTTP_CONNECTIONS", value_name = "N")]
     pub max_http_connections: Option<usize>,
+
+    /// Export traces over OTLP/HTTP (protobuf) to this collector, e.g. http://127.0.0.1:4318
+    /// (Jaeger, Grafana Tempo, an OpenTelemetry Collector); traces go to URL/v1/traces. Off by default.
+    #[arg(long, env = "NATTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -246,7 +251,8 @@ impl ServeArgs {
             user_message_burst,
             http_header_timeout_ms,
             http_idle_timeout_ms,
-            max_http_connections
+            max_http_connections,
+            otlp_endpoint
         );
         if self.allowed_origin.is_empty() {
             self.allowed_origin = file.allowed_origin;
@@ -446,6 +452,13 @@ impl ServeArgs {
             }
             c.login_throttle.free_failures = n;
         }
+        if let Some(url) = args.otlp_endpoint.as_deref().filter(|u| !u.is_empty()) {
+            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+                bail!("otlp-endpoint: {url:?} is not a collector URL like http://127.0.0.1:4318");
+            }
+            c.otlp_endpoint = Some(url.to_owned());
+        }
         let log = match args.log_format {
             Some(LogFormatArg::Json) => LogFormat::Json,
             _ => LogFormat::Pretty,
@@ -474,8 +487,13 @@ fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let (config, log) = args.resolve()?;
-    natter_server::telemetry::init(log);
+    let (mut config, log) = args.resolve()?;
+    let otlp = config.otlp_endpoint.clone().map(|endpoint| {
+        let node_id = uuid::Uuid::new_v4();
+        config.node_id = Some(node_id);
+        natter_server::telemetry::Otlp { endpoint, node_id }
+    });
+    let telemetry = natter_server::telemetry::init(log, otlp)?;
     let demo = config.demo;
     // A StartError's message already names its cause: as an anyhow chain it would say it twice.
     let server = Server::build(config).await.map_err(|e| anyhow!("{e}"))?;
@@ -489,6 +507,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     server.run_until_stopped(shutdown_signal()).await?;
+    telemetry.shutdown().await;
     println!("natter stopped");
     Ok(())
 }
@@ -648,6 +667,22 @@ mod tests {
         let e = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
         assert!(e.contains("natter.toml:1") && e.contains("bnd") && !e.contains('\n'), "{e}");
     }
+    #[test]
+    fn otlp_endpoint_from_flag_or_file() {
+        assert_eq!(parse(&[]).resolve().unwrap().0.otlp_endpoint, None, "off by default");
+        let (c, _) = parse(&["--otlp-endpoint", "http://127.0.0.1:4318"]).resolve().unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+        for bad in ["127.0.0.1:4318", "http://", "grpc://tempo:4317"] {
+            let e = parse(&["--otlp-endpoint", bad]).resolve().unwrap_err().to_string();
+            assert!(e.starts_with("otlp-endpoint:"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(&path, "otlp_endpoint = \"https://tempo.internal:4318\"\n").unwrap();
+        let (c, _) = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("https://tempo.internal:4318"));
+    }
+
     #[test]
     fn max_reply_chars_from_flag_or_file_within_range() {
         let (c, _) = parse(&[]).resolve().unwrap();

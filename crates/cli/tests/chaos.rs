@@ -24,7 +24,6 @@ use std::time::Duration;
 use common::{history, host_port, post, via, Node, Proxy, NO_RATE_LIMITS};
 use futures_util::{SinkExt, StreamExt};
 use natter_proto::{MessageRole, ServerFrame, WireMessage};
-use natter_server::store::postgres::TestSchema;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -494,8 +493,7 @@ async fn three_nodes_under_kills_and_cuts_lose_nothing() {
     const TEST: &str = "chaos::three_nodes_under_kills_and_cuts_lose_nothing";
     const NODES: usize = 3;
     const CHAOS: Duration = Duration::from_secs(40);
-    let Some(nats) = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", TEST, "NATS") else { return };
-    let Some(schema) = TestSchema::from_env(TEST).await else { return };
+    let Some((nats, schema)) = common::shared_services(TEST).await else { return };
     let mut rng = Rng::new(seed());
     let provider = common::streaming_provider(6, Duration::from_millis(40)).await; // replies of ~0.25 s
     let secret = "cd".repeat(32);

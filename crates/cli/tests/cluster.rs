@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use natter_proto::{MessageStatus, ServerFrame};
-use natter_server::store::postgres::TestSchema;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -76,8 +75,7 @@ async fn next(ws: &mut Ws) -> Result<ServerFrame, u16> {
 #[tokio::test]
 async fn a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling() {
     const TEST: &str = "cluster::a_node_killed_mid_reply_leaves_nothing_lost_doubled_or_dangling";
-    let Some(nats) = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", TEST, "NATS") else { return };
-    let Some(schema) = TestSchema::from_env(TEST).await else { return };
+    let Some((nats, schema)) = common::shared_services(TEST).await else { return };
     let provider = common::streaming_provider(10_000, Duration::from_millis(50)).await;
     let secret = "ab".repeat(32);
     let a = Node::start(&schema.url, &nats, &secret);

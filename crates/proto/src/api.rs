@@ -331,4 +331,8 @@ pub struct ConnectionRecord {
     pub msgs_out: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The OpenTelemetry trace of the connection (32 hex digits) when the server exports
+    /// traces (`--otlp-endpoint`): the client's, if its upgrade request sent a `traceparent`.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }

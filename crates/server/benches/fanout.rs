@@ -11,17 +11,20 @@ use natter_server::bus::{Bus, ConvEvent, LocalBus, Received};
 use uuid::Uuid;
 
 fn event(conversation_id: Uuid) -> ConvEvent {
-    ConvEvent::Message(WireMessage {
-        id: Uuid::new_v4(),
-        conversation_id,
-        seq: 1,
-        role: MessageRole::Bot,
-        content: "x".repeat(64),
-        created_at: Utc::now(),
-        client_id: None,
-        in_reply_to: Some(Uuid::new_v4()),
-        status: MessageStatus::Complete,
-    })
+    ConvEvent::Message(
+        WireMessage {
+            id: Uuid::new_v4(),
+            conversation_id,
+            seq: 1,
+            role: MessageRole::Bot,
+            content: "x".repeat(64),
+            created_at: Utc::now(),
+            client_id: None,
+            in_reply_to: Some(Uuid::new_v4()),
+            status: MessageStatus::Complete,
+        },
+        None,
+    )
 }
 
 fn fanout(c: &mut Criterion) {

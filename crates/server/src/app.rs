@@ -107,7 +107,14 @@ impl Server {
         let bus: Arc<dyn Bus> = crate::cluster::open_bus(&config.bus).await?;
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let cluster = Cluster::start(store.clone(), bus.clone(), config.node_lease, shutdown.clone(), tasks.clone());
+        let cluster = Cluster::start(
+            config.node_id.unwrap_or_else(uuid::Uuid::new_v4),
+            store.clone(),
+            bus.clone(),
+            config.node_lease,
+            shutdown.clone(),
+            tasks.clone(),
+        );
         let metrics = Arc::new(Metrics::default());
         let ledger = Ledger::spawn(store.clone(), config.ledger_retention, metrics.ledger_anonymous_skipped.clone());
         let state = AppState(Arc::new(Inner {

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::bus::{Bus, BusError, ConvEvent, LocalBus, NatsBus};
+use crate::bus::{Bus, BusError, LocalBus, NatsBus};
 use crate::config::BusConfig;
 use crate::store::{SlotClaim, Store, StoreResult};
 
@@ -145,13 +145,14 @@ impl Cluster {
     /// `stop` and then until `tasks` are done: replies finishing during a graceful shutdown
     /// keep their leases.
     pub fn start(
+        node_id: Uuid,
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
         lease: Duration,
         stop: CancellationToken,
         tasks: TaskTracker,
     ) -> Arc<Cluster> {
-        let node = NodeLease { node_id: Uuid::new_v4(), lease };
+        let node = NodeLease { node_id, lease };
         let cluster = Arc::new(Cluster {
             node,
             store: store.clone(),
@@ -268,7 +269,7 @@ impl Cluster {
                 for m in recovered {
                     tracing::warn!(message_id = %m.id, conversation_id = %m.conversation_id, "a reply cut off by a node that died is stored as incomplete");
                     let conversation_id = m.conversation_id;
-                    let _ = bus.publish(conversation_id, ConvEvent::Message(m)).await;
+                    let _ = crate::bus::announce(bus, conversation_id, m).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sweeping expired replies failed"),

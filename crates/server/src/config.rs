@@ -137,6 +137,12 @@ pub struct Config {
     pub password_hash_queue: usize,
     /// Failed-login throttling per username and client address (`throttle.rs`).
     pub login_throttle: crate::throttle::ThrottleConfig,
+    /// Export traces over OTLP/HTTP to this collector (`--otlp-endpoint`; `telemetry.rs`
+    /// installs the exporter, the binary passes it there).
+    pub otlp_endpoint: Option<String>,
+    /// This node's id; random when `None` (tests). The binary picks it before the server
+    /// starts, so that the traces' resource names the same node as `/api/health`.
+    pub node_id: Option<uuid::Uuid>,
 }
 
 impl Config {
@@ -163,6 +169,8 @@ impl Config {
             password_hash_concurrency: 2,
             password_hash_queue: 32,
             login_throttle: Default::default(),
+            otlp_endpoint: None,
+            node_id: None,
         }
     }
 

@@ -197,7 +197,7 @@ impl Ledger {
 }
 
 /// An open connection's ledger row, kept until its close rewrites the row (the store replaces a
-/// row whole): ids and start time inline, the request's seven text fields packed into one
+/// row whole): ids and start time inline, the request's seven text fields and the trace id packed into one
 /// allocation. A `ConnectionRecord` held for a socket's life costs ~0.4 KiB; this ~0.15.
 pub struct OpenRow {
     attempt_id: Uuid,
@@ -205,7 +205,7 @@ pub struct OpenRow {
     user_id: Option<Uuid>,
     bot_id: Option<Uuid>,
     started_at: DateTime<Utc>,
-    /// `remote_addr` … `forwarded_for` (each cut as the ledger stores it, so a socket holds no
+    /// `remote_addr` … `forwarded_for`, `trace_id` (each cut as the ledger stores it, so a socket holds no
     /// more of them than its row), each `'\x01'` + the text or empty for `None`, joined by
     /// `'\0'` (header values never hold control characters; a NUL would be replaced).
     text: Box<str>,
@@ -221,6 +221,7 @@ impl OpenRow {
             &rec.connection,
             &rec.sec_websocket_version,
             &rec.forwarded_for,
+            &rec.trace_id,
         ];
         let mut text = String::with_capacity(fields.iter().map(|f| f.as_ref().map_or(0, |s| s.len() + 1) + 1).sum());
         for (i, f) in fields.into_iter().enumerate() {
@@ -258,6 +259,7 @@ impl OpenRow {
             connection: next(),
             sec_websocket_version: next(),
             forwarded_for: next(),
+            trace_id: next(),
             started_at: self.started_at,
             established: true,
             ended_at: None,
@@ -316,6 +318,7 @@ mod tests {
             msgs_out: 0,
             bytes_in: 0,
             bytes_out: 0,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         };
         assert_eq!(OpenRow::new(&rec).row(), rec);
         let none = ConnectionRecord {
@@ -324,6 +327,7 @@ mod tests {
             forwarded_for: None,
             remote_addr: None,
             connection: None,
+            trace_id: None,
             ..rec.clone()
         };
         assert_eq!(OpenRow::new(&none).row(), none);

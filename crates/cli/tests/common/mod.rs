@@ -13,6 +13,14 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// The NATS URL and a fresh PostgreSQL schema for a test of several nodes, or None after a
+/// loud SKIPPED line naming `test` when either is not configured (a failure when `CI` is set).
+pub async fn shared_services(test: &str) -> Option<(String, natter_server::store::postgres::TestSchema)> {
+    let nats = natter_server::testenv::service_url("NATTER_TEST_NATS_URL", test, "NATS")?;
+    let schema = natter_server::store::postgres::TestSchema::from_env(test).await?;
+    Some((nats, schema))
+}
+
 /// Flags that lift the per-connection and per-user rates: these tests' clients send in bursts.
 pub const NO_RATE_LIMITS: &[&str] = &[
     "--messages-per-second",
@@ -33,6 +41,8 @@ pub const NO_RATE_LIMITS: &[&str] = &[
 pub struct Node {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Kept open: a server stopped with SIGTERM prints a last line.
+    _stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl Node {
@@ -51,7 +61,8 @@ impl Node {
             .expect("natter serve starts");
         // The first line says where it listens.
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let addr = line
             .split("http://")
             .nth(1)
@@ -59,7 +70,7 @@ impl Node {
             .trim()
             .parse()
             .unwrap();
-        Node { child, addr }
+        Node { child, addr, _stdout: stdout }
     }
 
     /// SIGKILL, and wait for the process to be gone.

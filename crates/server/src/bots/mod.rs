@@ -15,6 +15,7 @@ use natter_proto::{ErrorCode, MessageRole, MessageStatus, WireMessage};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::bus::{Bus, ConvEvent};
@@ -136,6 +137,29 @@ struct Sink {
     cut: CancellationToken,
 }
 
+/// The reply's first text: the time-to-first-token metric, and (traces only) an event and the
+/// `first_token_ms` of the current `reply` span.
+fn first_token(metrics: &Metrics, received: Instant) {
+    let elapsed = received.elapsed();
+    metrics.first_token_seconds.observe(elapsed.as_secs_f64());
+    let ms = elapsed.as_millis() as u64;
+    tracing::Span::current().record("first_token_ms", ms);
+    tracing::info!(target: crate::telemetry::TRACE, first_token_ms = ms, "first token");
+}
+
+/// The span of one reply (traces only): its first token and outcome are recorded on it.
+fn reply_span(bot_id: Uuid, in_reply_to: Uuid) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "reply",
+        %bot_id,
+        %in_reply_to,
+        first_token_ms = tracing::field::Empty,
+        seq = tracing::field::Empty,
+        status = tracing::field::Empty
+    )
+}
+
 /// The first `max` characters of `text`, when it has more.
 fn cut_at(text: &str, max: usize) -> Option<&str> {
     text.char_indices().nth(max).map(|(i, _)| &text[..i])
@@ -161,7 +185,7 @@ impl DeltaSink for Sink {
             return;
         }
         if let Some(received) = self.received.take() {
-            self.replier.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
+            first_token(&self.replier.metrics, received);
         }
         let offset = {
             let mut reg = self.replier.registry.lock().unwrap();
@@ -331,7 +355,10 @@ impl Replier {
         if engine.instant() {
             // An instant engine (echo, rules) answers in one step, with no IO: the socket's own
             // task stores and announces the reply, saving a task and a wakeup per message.
-            self.run(engine, spec.context_messages(), bot_id, bot_name.to_owned(), message, received).await;
+            let span = reply_span(bot_id, message.id);
+            self.run(engine, spec.context_messages(), bot_id, bot_name.to_owned(), message, received)
+                .instrument(span)
+                .await;
             return;
         }
         let permits = {
@@ -374,13 +401,19 @@ impl Replier {
         let context = spec.context_messages();
         let this = self.clone();
         let bot_name = bot_name.to_owned();
-        self.tasks.spawn(async move {
-            let permit = permits.acquire_owned().await;
-            this.run(engine, context, bot_id, bot_name, message, received).await;
-            drop(permit);
-            drop(owed);
-            this.unload(bot_id);
-        });
+        self.tasks.spawn(
+            async move {
+                let queued = tracing::info_span!(target: crate::telemetry::TRACE, "queued");
+                let permit = permits.acquire_owned().instrument(queued).await;
+                let span = reply_span(bot_id, message.id);
+                this.run(engine, context, bot_id, bot_name, message, received).instrument(span).await;
+                drop(permit);
+                drop(owed);
+                this.unload(bot_id);
+            }
+            // The message's span (when traces are exported), on this node's task.
+            .in_current_span(),
+        );
     }
 
     /// One reply of the bot fewer running or waiting.
@@ -411,7 +444,7 @@ impl Replier {
             .await;
         match stored {
             Ok(a) => {
-                let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+                let _ = crate::bus::announce(&*self.bus, conversation_id, a.message).await;
             }
             Err(crate::store::StoreError::AlreadyAnswered) => {}
             Err(e) => tracing::error!(%conversation_id, error = %e, "storing a failed reply's outcome failed"),
@@ -468,6 +501,7 @@ impl Replier {
         }
     }
 
+    /// Generates, stores and announces one reply; its callers run it in a [`reply_span`].
     async fn run(
         &self,
         engine: Arc<dyn BotEngine>,
@@ -553,11 +587,12 @@ impl Replier {
         }
         if let Some(received) = sink.received.take() {
             // No delta came: the whole reply is the first token.
-            self.metrics.first_token_seconds.observe(received.elapsed().as_secs_f64());
+            first_token(&self.metrics, received);
         }
         // Stored whatever the outcome, even a failure before any text (empty and `incomplete`):
         // the user message is owed exactly one outcome, and the client sees the reply end.
         {
+            let store_span = tracing::info_span!(target: crate::telemetry::TRACE, "store", seq = tracing::field::Empty);
             let stored = self
                 .store
                 .append_message(NewMessage {
@@ -569,16 +604,19 @@ impl Replier {
                     in_reply_to: Some(in_reply_to),
                     status,
                 })
+                .instrument(store_span.clone())
                 .await;
             match stored {
                 Ok(a) => {
+                    store_span.record("seq", a.message.seq);
+                    tracing::Span::current().record("seq", a.message.seq).record("status", a.message.status.as_str());
                     // Forgotten before it is announced: a socket that sees the final message and
                     // cancels then hears that nothing is in progress, from any node.
                     if leased {
                         // If this fails the lease expires and the sweep finds the reply stored.
                         let _ = self.store.end_generation(message_id).await;
                     }
-                    let _ = self.bus.publish(conversation_id, ConvEvent::Message(a.message)).await;
+                    let _ = crate::bus::announce(&*self.bus, conversation_id, a.message).await;
                 }
                 Err(crate::store::StoreError::AlreadyAnswered) => {
                     // This node stalled past its lease and another answered meanwhile.

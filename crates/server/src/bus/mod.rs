@@ -19,8 +19,10 @@ pub use nats::NatsBus;
 /// Something that happened in a conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ConvEvent {
-    /// A message is committed to the store with this seq.
-    Message(WireMessage),
+    /// A message is committed to the store with this seq; with the W3C `traceparent` of the
+    /// span that stored it, when traces are exported (each socket's delivery joins that trace,
+    /// on every node).
+    Message(WireMessage, Option<String>),
     /// A piece of a bot reply in progress (not stored; the final `Message` carries it all).
     /// `offset` is where `delta` starts in the reply's text (bytes), so a subscriber that
     /// joined mid-reply or lagged can tell what it already has.
@@ -41,6 +43,15 @@ pub enum ConvEvent {
     /// [`REVOCATIONS`], every node adds it to its revoked set; on a conversation, that
     /// conversation's sockets of this login close 4401.
     Revoked { family_id: Uuid },
+}
+
+/// Announces a stored message in an `announce` span (traces only), whose context travels with
+/// it: each socket's delivery, on any node, joins the message's trace.
+pub async fn announce(bus: &dyn Bus, conversation_id: Uuid, message: WireMessage) -> Result<(), BusError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!(target: crate::telemetry::TRACE, "announce", seq = message.seq);
+    let traceparent = span.in_scope(crate::telemetry::current_traceparent);
+    bus.publish(conversation_id, ConvEvent::Message(message, traceparent)).instrument(span).await
 }
 
 /// Not a conversation: the topic every node subscribes to for [`ConvEvent::Revoked`]

@@ -31,19 +31,39 @@ pub fn subject(conversation_id: Uuid) -> String {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum WireEvent {
-    Message { message: WireMessage },
-    Delta { message_id: Uuid, in_reply_to: Uuid, offset: usize, delta: String },
-    BotError { code: String, message: String, in_reply_to: Uuid },
+    Message {
+        message: WireMessage,
+        /// Absent from nodes that predate it, and when traces are not exported.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+    },
+    Delta {
+        message_id: Uuid,
+        in_reply_to: Uuid,
+        offset: usize,
+        delta: String,
+    },
+    BotError {
+        code: String,
+        message: String,
+        in_reply_to: Uuid,
+    },
     BotChanged,
-    Cancel { message_id: Uuid },
-    ReplySync { message_id: Option<Uuid> },
-    Revoked { family_id: Uuid },
+    Cancel {
+        message_id: Uuid,
+    },
+    ReplySync {
+        message_id: Option<Uuid>,
+    },
+    Revoked {
+        family_id: Uuid,
+    },
 }
 
 impl From<&ConvEvent> for WireEvent {
     fn from(e: &ConvEvent) -> Self {
         match e.clone() {
-            ConvEvent::Message(message) => WireEvent::Message { message },
+            ConvEvent::Message(message, traceparent) => WireEvent::Message { message, traceparent },
             ConvEvent::Delta { message_id, in_reply_to, offset, delta } => {
                 WireEvent::Delta { message_id, in_reply_to, offset, delta }
             }
@@ -61,7 +81,7 @@ impl From<&ConvEvent> for WireEvent {
 impl WireEvent {
     fn into_event(self) -> Option<ConvEvent> {
         Some(match self {
-            WireEvent::Message { message } => ConvEvent::Message(message),
+            WireEvent::Message { message, traceparent } => ConvEvent::Message(message, traceparent),
             WireEvent::Delta { message_id, in_reply_to, offset, delta } => {
                 ConvEvent::Delta { message_id, in_reply_to, offset, delta }
             }
@@ -251,7 +271,7 @@ impl Bus for NatsBus {
                             match serde_json::from_slice::<WireEvent>(&msg.payload).ok().and_then(WireEvent::into_event)
                             {
                                 Some(event) => {
-                                    if matches!(event, ConvEvent::Message(_)) {
+                                    if matches!(event, ConvEvent::Message(..)) {
                                         quiet.as_mut().reset(tokio::time::Instant::now() + quiet_resync);
                                     }
                                     let _ = sender.send(Arc::new(event));
@@ -367,5 +387,26 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(NatsBus::connect("nats://127.0.0.1:1", 8).await.is_err());
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_message_carries_its_traceparent_and_old_events_still_decode() {
+        let message: WireMessage = serde_json::from_value(serde_json::json!({
+            "id": Uuid::nil(), "conversation_id": Uuid::nil(), "seq": 3, "role": "user",
+            "content": "hi", "created_at": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned();
+        let event = ConvEvent::Message(message.clone(), Some(tp.clone()));
+        let json = serde_json::to_value(WireEvent::from(&event)).unwrap();
+        assert_eq!(json["traceparent"], tp.as_str());
+        let back: WireEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back.into_event(), Some(event));
+        // What a node without traces (or an older node) sends: no field at all.
+        let plain = serde_json::to_value(WireEvent::from(&ConvEvent::Message(message.clone(), None))).unwrap();
+        assert!(plain.get("traceparent").is_none(), "{plain}");
+        let old = serde_json::json!({"type": "message", "message": serde_json::to_value(&message).unwrap()});
+        let back: WireEvent = serde_json::from_value(old).unwrap();
+        assert_eq!(back.into_event(), Some(ConvEvent::Message(message, None)));
     }
 }

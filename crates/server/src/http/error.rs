@@ -53,7 +53,7 @@ impl ApiError {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
-            format!("internal error (error id {error_id})"),
+            format!("internal error ({})", crate::telemetry::error_ref(error_id)),
         )
     }
 }

@@ -104,11 +104,29 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
         req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let path = req.uri().path().to_owned();
     // Both come from the client: a path can be kilobytes long, a method any token.
-    let span =
-        tracing::info_span!("http", request_id = %id, method = %Untrusted(method.as_str()), path = %Untrusted(&path));
+    let span = tracing::info_span!(
+        "http",
+        request_id = %id,
+        method = %Untrusted(method.as_str()),
+        path = %Untrusted(&path),
+        otel.name = tracing::field::Empty,
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+    );
+    // The trace's view of the request (set only when traces are exported: log lines keep
+    // their fields): named by route, in the client's trace if it sent a W3C `traceparent`.
+    let traced = crate::telemetry::enabled();
+    if traced {
+        span.record("otel.name", format!("{} {route}", method_label(&method))).record("http.route", route.as_str());
+        let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+        crate::telemetry::set_parent(&span, traceparent);
+    }
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
     let status = res.status().as_u16();
+    if traced {
+        span.record("http.response.status_code", status);
+    }
     span.in_scope(|| tracing::info!(status, elapsed_ms = started.elapsed().as_millis() as u64, "request"));
     state
         .metrics

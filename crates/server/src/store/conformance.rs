@@ -447,6 +447,7 @@ fn record(user: Option<Uuid>, bot: Option<Uuid>, started: chrono::DateTime<Utc>)
         msgs_out: 0,
         bytes_in: 0,
         bytes_out: 0,
+        trace_id: None,
     }
 }
 
@@ -454,7 +455,11 @@ async fn ledger(store: &dyn Store) {
     let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let now = Utc::now();
     let mut a = record(Some(u1), Some(bot), now - Duration::seconds(3));
-    let b = record(Some(u2), Some(bot), now - Duration::seconds(2));
+    // A trace id is kept as given (traces exported).
+    let b = ConnectionRecord {
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        ..record(Some(u2), Some(bot), now - Duration::seconds(2))
+    };
     let c = record(None, None, now - Duration::seconds(1));
     store.record_connections(&[a.clone(), b.clone(), c.clone()]).await.unwrap();
     // The end of `a` replaces its row.

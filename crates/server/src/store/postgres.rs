@@ -548,7 +548,7 @@ impl Store for PostgresStore {
         for r in rows {
             sqlx::query(&format!(
                 "INSERT INTO connections ({LEDGER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-                 $15, $16, $17, $18, $19, $20, $21) ON CONFLICT (connection_id) DO UPDATE SET {LEDGER_UPDATE}"
+                 $15, $16, $17, $18, $19, $20, $21, $22) ON CONFLICT (connection_id) DO UPDATE SET {LEDGER_UPDATE}"
             ))
             .bind(r.connection_id)
             .bind(r.attempt_id)
@@ -571,6 +571,7 @@ impl Store for PostgresStore {
             .bind(r.msgs_out as i64)
             .bind(r.bytes_in as i64)
             .bind(r.bytes_out as i64)
+            .bind(&r.trace_id)
             .execute(&mut *tx)
             .await?;
         }
@@ -627,14 +628,16 @@ impl Store for PostgresStore {
 }
 
 const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id, remote_addr, user_agent, origin, upgrade, connection_hdr, \
-    ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out";
+    ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out, \
+    trace_id";
 
 const LEDGER_UPDATE: &str = "attempt_id = excluded.attempt_id, user_id = excluded.user_id, bot_id = excluded.bot_id, \
     remote_addr = excluded.remote_addr, user_agent = excluded.user_agent, origin = excluded.origin, upgrade = excluded.upgrade, \
     connection_hdr = excluded.connection_hdr, ws_version = excluded.ws_version, forwarded_for = excluded.forwarded_for, \
     started_at = excluded.started_at, established = excluded.established, ended_at = excluded.ended_at, \
     close_code = excluded.close_code, close_reason = excluded.close_reason, closed_by = excluded.closed_by, \
-    msgs_in = excluded.msgs_in, msgs_out = excluded.msgs_out, bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out";
+    msgs_in = excluded.msgs_in, msgs_out = excluded.msgs_out, bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out, \
+    trace_id = excluded.trace_id";
 
 fn ledger_from_row(row: &PgRow) -> StoreResult<ConnectionRecord> {
     let closed_by: Option<String> = row.try_get("closed_by")?;
@@ -662,6 +665,7 @@ fn ledger_from_row(row: &PgRow) -> StoreResult<ConnectionRecord> {
         msgs_out: row.try_get::<i64, _>("msgs_out")? as u64,
         bytes_in: row.try_get::<i64, _>("bytes_in")? as u64,
         bytes_out: row.try_get::<i64, _>("bytes_out")? as u64,
+        trace_id: row.try_get("trace_id")?,
     })
 }
 

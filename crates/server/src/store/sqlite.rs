@@ -662,7 +662,7 @@ impl Store for SqliteStore {
         }
         let mut tx = self.write.begin().await?;
         for r in rows {
-            sqlx::query(&format!("INSERT OR REPLACE INTO connections ({LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            sqlx::query(&format!("INSERT OR REPLACE INTO connections ({LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
                 .bind(r.connection_id.to_string())
                 .bind(r.attempt_id.to_string())
                 .bind(r.user_id.map(|u| u.to_string()))
@@ -684,6 +684,7 @@ impl Store for SqliteStore {
                 .bind(r.msgs_out as i64)
                 .bind(r.bytes_in as i64)
                 .bind(r.bytes_out as i64)
+                .bind(&r.trace_id)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -740,7 +741,8 @@ impl Store for SqliteStore {
 }
 
 const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id, remote_addr, user_agent, origin, upgrade, connection_hdr, \
-    ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out";
+    ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out, \
+    trace_id";
 
 fn ledger_from_row(row: &SqliteRow) -> StoreResult<ConnectionRecord> {
     let closed_by: Option<String> = row.try_get("closed_by")?;
@@ -768,6 +770,7 @@ fn ledger_from_row(row: &SqliteRow) -> StoreResult<ConnectionRecord> {
         msgs_out: row.try_get::<i64, _>("msgs_out")? as u64,
         bytes_in: row.try_get::<i64, _>("bytes_in")? as u64,
         bytes_out: row.try_get::<i64, _>("bytes_out")? as u64,
+        trace_id: row.try_get("trace_id")?,
     })
 }
 

@@ -55,6 +55,9 @@ pub struct ConnectRequest {
     pub connection: Option<String>,
     pub ws_version: Option<String>,
     pub forwarded_for: Option<String>,
+    /// The upgrade request's span (traces only), which the connection's span continues: the
+    /// request's `traceparent` put it in the client's trace.
+    pub traceparent: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectRequest {
@@ -95,6 +98,7 @@ impl ConnectRequest {
             connection: header(header::CONNECTION),
             ws_version: header(header::SEC_WEBSOCKET_VERSION),
             forwarded_for: header(header::HeaderName::from_static("x-forwarded-for")),
+            traceparent: crate::telemetry::current_traceparent(),
         }
     }
 }
@@ -176,7 +180,7 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result
     let internal = |e: crate::store::StoreError| {
         let error_id = Uuid::new_v4();
         tracing::error!(%error_id, error = %e, "store error during socket admission");
-        with_user(CloseCode::InternalError, format!("internal error (error id {error_id})"))
+        with_user(CloseCode::InternalError, format!("internal error ({})", crate::telemetry::error_ref(error_id)))
     };
 
     let bot = state
@@ -236,7 +240,7 @@ async fn authenticate(
             .map_err(|e| {
                 let error_id = Uuid::new_v4();
                 tracing::error!(%error_id, error = %e, "store error checking a ticket");
-                refuse(CloseCode::InternalError, format!("internal error (error id {error_id})"))
+                refuse(CloseCode::InternalError, format!("internal error ({})", crate::telemetry::error_ref(error_id)))
             })?
             .ok_or_else(|| refuse(CloseCode::Unauthorized, "ticket is unknown, expired or already used"))?;
         if ticket_bot != bot_id {
@@ -271,7 +275,10 @@ async fn authenticate(
             Err(e) => {
                 let error_id = Uuid::new_v4();
                 tracing::error!(%error_id, error = %e, "store error checking a token's user");
-                Err(refuse(CloseCode::InternalError, format!("internal error (error id {error_id})")))
+                Err(refuse(
+                    CloseCode::InternalError,
+                    format!("internal error ({})", crate::telemetry::error_ref(error_id)),
+                ))
             }
         },
         Err(TokenError::Expired) => Err(Refusal {

@@ -209,8 +209,16 @@ impl Conn {
 /// `idle_socket_futures_stay_small`.
 pub fn run(state: AppState, socket: WebSocket, req: ConnectRequest) -> impl Future<Output = ()> + Send {
     let connection_id = Uuid::new_v4();
-    let span =
-        tracing::info_span!("ws", %connection_id, bot_id = %Untrusted(&req.bot_id), user_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "ws",
+        %connection_id,
+        bot_id = %Untrusted(&req.bot_id),
+        user_id = tracing::field::Empty,
+        close_code = tracing::field::Empty,
+        closed_by = tracing::field::Empty,
+    );
+    // A child of the upgrade request's span, in the client's trace if it sent a `traceparent`.
+    crate::telemetry::set_parent(&span, req.traceparent.as_deref());
     let open = Box::pin(open(state, socket, req, connection_id));
     async move {
         let Some(mut live) = open.await else { return };
@@ -254,11 +262,20 @@ async fn open(state: AppState, socket: WebSocket, req: ConnectRequest, connectio
         msgs_out: 0,
         bytes_in: 0,
         bytes_out: 0,
+        trace_id: crate::telemetry::current_trace_id(),
     };
     let conn = Conn::new(socket, state.config.limits.outbound_queue);
     let metrics = &state.metrics;
+    // Every check up to the hub's count; its verdict is `admitted` or the close code's name.
+    let admission = tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "admission",
+        verdict = tracing::field::Empty,
+        close_code = tracing::field::Empty
+    );
 
     let refused = |rec: &mut ConnectionRecord, code: CloseCode, reason: &str| {
+        admission.record("verdict", code.name()).record("close_code", code.code());
         tracing::info!(close_code = code.code(), close_reason = %Untrusted(reason), remote = ?req.remote, "connection refused");
         metrics.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
         rec.close_code = Some(code.code());
@@ -266,7 +283,7 @@ async fn open(state: AppState, socket: WebSocket, req: ConnectRequest, connectio
         rec.closed_by = Some(ClosedBy::Server);
     };
 
-    let admitted = match admit(&state, &req, Mode::Connect).await {
+    let admitted = match admit(&state, &req, Mode::Connect).instrument(admission.clone()).await {
         Ok(a) => a,
         Err(refusal) => {
             if let Some(u) = refusal.user_id {
@@ -295,7 +312,10 @@ async fn open(state: AppState, socket: WebSocket, req: ConnectRequest, connectio
         limits.max_connections_per_user,
         limits.max_connections,
     ) {
-        Ok(slot) => slot,
+        Ok(slot) => {
+            admission.record("verdict", "admitted");
+            slot
+        }
         Err(full) => {
             let (code, reason) = match full {
                 Full::User => (
@@ -384,6 +404,14 @@ impl Live {
 /// The last word on an attempt, as soon as its end is decided (before the close handshake,
 /// which can take seconds with a slow client): its ledger row and the close metrics.
 fn conclude(state: &AppState, mut rec: ConnectionRecord, code: Option<u16>, initiator: &'static str) {
+    if crate::telemetry::enabled() {
+        // On the connection's span for its trace (the log has them in "connection closed").
+        let span = tracing::Span::current();
+        if let Some(c) = code {
+            span.record("close_code", c);
+        }
+        span.record("closed_by", initiator);
+    }
     rec.ended_at = Some(chrono::Utc::now());
     state.metrics.close(code, initiator);
     state.ledger.record(rec);
@@ -871,7 +899,21 @@ impl Session {
     async fn on_event(&mut self, event: Received) -> Result<(), End> {
         match event {
             Received::Event(e) => match &*e {
-                ConvEvent::Message(m) => self.deliver(m).await,
+                ConvEvent::Message(m, None) => self.deliver(m).await,
+                ConvEvent::Message(m, Some(traceparent)) => {
+                    // Only when traces are exported: the message's trace shows each socket's delivery.
+                    let span = tracing::info_span!(
+                        target: crate::telemetry::TRACE,
+                        "deliver",
+                        seq = m.seq,
+                        role = ?m.role,
+                        node_id = %self.state.cluster.node().node_id
+                    );
+                    crate::telemetry::set_parent(&span, Some(traceparent));
+                    // Linked to this socket's own span (and its connection_id).
+                    span.follows_from(tracing::Span::current());
+                    self.deliver(m).instrument(span).await
+                }
                 ConvEvent::Delta { message_id, in_reply_to, offset, delta } => {
                     self.on_delta(*message_id, *in_reply_to, *offset, delta).await
                 }
@@ -1084,6 +1126,23 @@ impl Session {
                 .await;
         }
         let conv = self.conversation_id;
+        // The journey of an accepted message: stored, acked, announced, answered (the reply's
+        // spans are children of this one, on whichever node runs it).
+        let span = tracing::info_span!(
+            target: crate::telemetry::TRACE,
+            "message",
+            client_id = %Untrusted(&client_id),
+            conversation_id = %conv,
+            seq = tracing::field::Empty,
+            duplicate = tracing::field::Empty
+        );
+        self.accept_message(client_id, content, received).instrument(span).await
+    }
+
+    /// Stores, acks, announces and hands to the bot a message that passed every check.
+    async fn accept_message(&mut self, client_id: String, content: String, received: Instant) -> Result<(), End> {
+        let conv = self.conversation_id;
+        let store_span = tracing::info_span!(target: crate::telemetry::TRACE, "store", seq = tracing::field::Empty);
         let appended = self
             .state
             .store
@@ -1096,9 +1155,13 @@ impl Session {
                 in_reply_to: None,
                 status: MessageStatus::Complete,
             })
+            .instrument(store_span.clone())
             .await
             .map_err(|e| internal_end("storing a message", e))?;
         let seq = appended.message.seq;
+        store_span.record("seq", seq);
+        drop(store_span);
+        tracing::Span::current().record("seq", seq).record("duplicate", appended.duplicate);
         if seq > self.delivered {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
@@ -1108,7 +1171,7 @@ impl Session {
         self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
             let message = appended.message;
-            if let Err(e) = self.state.bus.publish(conv, ConvEvent::Message(message.clone())).await {
+            if let Err(e) = crate::bus::announce(&*self.state.bus, conv, message.clone()).await {
                 tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
             }
             self.state.replier.spawn_reply(&self.engine, self.bot_id, &self.bot_name, message, received).await;
@@ -1140,7 +1203,7 @@ fn read_error_end(e: axum::Error, max_frame_bytes: usize) -> End {
 fn internal_end(what: &str, e: impl std::fmt::Display) -> End {
     let error_id = Uuid::new_v4();
     tracing::error!(%error_id, error = %e, "{what} failed");
-    End::Close(CloseCode::InternalError, format!("internal error (error id {error_id})"))
+    End::Close(CloseCode::InternalError, format!("internal error ({})", crate::telemetry::error_ref(error_id)))
 }
 
 #[cfg(test)]
