@@ -4,7 +4,8 @@
 //! to send, and writes it itself. Frames wait in a bounded queue ([`Conn`]) that the loop
 //! hands to the socket when it is writable, up to [`WRITE_BATCH`] frames per flush (one
 //! syscall): once the loop has nothing else ready, or at once when [`WRITE_SOON`] frames wait
-//! (a steady stream of client frames or bus events does not hold replies back). A client that stops reading fills the queue and, if it stays full for
+//! (a steady stream of client frames or bus events does not hold replies back). A client that
+//! stops reading fills the queue and, if it stays full for
 //! [`SLOW_CONSUMER_WAIT`], is closed with 4409 instead of growing memory.
 //!
 //! Delivery invariant: `delivered` is the highest seq this connection has been sent, and

@@ -485,9 +485,8 @@ async fn slow_provider() -> String {
     format!("http://{addr}/v1")
 }
 
-#[tokio::test]
-async fn a_tab_on_another_node_cancels_the_reply() {
-    let Some(svc) = Services::from_env("multinode::a_tab_on_another_node_cancels_the_reply").await else { return };
+/// Two nodes (allowed to reach the loopback provider), alice, and her bot on [`slow_provider`].
+async fn slow_bot_on_two_nodes(svc: &Services) -> (TestApp, TestApp, TestUser, natter_proto::api::BotView) {
     let loopback = |c: &mut natter_server::Config| c.bot_egress_allow = vec!["127.0.0.1/32".parse().unwrap()];
     let a = svc.node(None, loopback).await;
     let b = svc.node(Some(&a), loopback).await;
@@ -495,6 +494,13 @@ async fn a_tab_on_another_node_cancels_the_reply() {
     let provider = slow_provider().await;
     let engine = json!({"kind": "openai", "base_url": provider, "model": "slow", "timeout_ms": 60000});
     let bot = a.bot(&alice, json!({"name": "Slow", "engine": engine})).await;
+    (a, b, alice, bot)
+}
+
+#[tokio::test]
+async fn a_tab_on_another_node_cancels_the_reply() {
+    let Some(svc) = Services::from_env("multinode::a_tab_on_another_node_cancels_the_reply").await else { return };
+    let (a, b, alice, bot) = slow_bot_on_two_nodes(&svc).await;
     let (mut on_a, mut on_b) = (a.ws(bot.id, &alice.token, "").await, b.ws(bot.id, &alice.token, "").await);
     on_a.established().await;
     on_b.established().await;
@@ -674,13 +680,7 @@ async fn a_tab_that_joins_mid_reply_on_another_node_gets_the_text_so_far() {
     else {
         return;
     };
-    let loopback = |c: &mut natter_server::Config| c.bot_egress_allow = vec!["127.0.0.1/32".parse().unwrap()];
-    let a = svc.node(None, loopback).await;
-    let b = svc.node(Some(&a), loopback).await;
-    let alice = a.user("alice").await;
-    let provider = slow_provider().await;
-    let engine = json!({"kind": "openai", "base_url": provider, "model": "slow", "timeout_ms": 60000});
-    let bot = a.bot(&alice, json!({"name": "Slow", "engine": engine})).await;
+    let (a, b, alice, bot) = slow_bot_on_two_nodes(&svc).await;
     let mut on_a = a.ws(bot.id, &alice.token, "").await;
     on_a.established().await;
     on_a.say("c1", "count").await; // generated on A, a word every 100 ms

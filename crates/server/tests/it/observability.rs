@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::helpers::*;
 
 /// The ledger row of an attempt, as its user sees it (waits for the batch writer).
-async fn row(app: &TestApp, user: &TestUser, attempt: Uuid) -> ConnectionRecord {
+pub async fn row(app: &TestApp, user: &TestUser, attempt: Uuid) -> ConnectionRecord {
     for _ in 0..100 {
         let (status, v) = app.get(&format!("/api/connections/{attempt}"), Some(&user.token)).await;
         if status == 200 {

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use natter_proto::api::{ClosedBy, ConnectionRecord};
+use natter_proto::api::ClosedBy;
 use natter_proto::ServerFrame;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as TCloseCode;
@@ -64,21 +64,6 @@ async fn replies_are_written_while_client_frames_keep_coming() {
     assert_eq!(at_most_16, total, "frames waited in a queue deeper than 16:\n{metrics}");
 }
 
-/// The ledger row of an attempt once it has ended.
-async fn ended_row(app: &TestApp, user: &TestUser, attempt: Uuid) -> ConnectionRecord {
-    for _ in 0..250 {
-        let (status, v) = app.get(&format!("/api/connections/{attempt}"), Some(&user.token)).await;
-        if status == 200 {
-            let rec: ConnectionRecord = serde_json::from_value(v).unwrap();
-            if rec.ended_at.is_some() {
-                return rec;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no finished ledger row for attempt {attempt}");
-}
-
 /// The server is stuck writing to a client that reads nothing; the client sends its close frame
 /// and drops the connection (with unread data, so its kernel resets it). The server's next
 /// write fails, but the client's close frame is already in the server's buffers: the ledger
@@ -114,6 +99,6 @@ async fn a_close_frame_behind_a_failed_write_is_the_clients() {
     ws.ws.send(Message::Close(Some(close))).await.unwrap();
     drop(ws);
 
-    let r = ended_row(&app, &alice, attempt).await;
+    let r = crate::observability::row(&app, &alice, attempt).await;
     assert_eq!((r.closed_by, r.close_code), (Some(ClosedBy::Client), Some(1001)), "{r:?}");
 }
