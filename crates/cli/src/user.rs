@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use natter_server::accounts::AccountError;
 use natter_server::domain::{Password, Username};
-use natter_server::store::{NewUser, StoreError};
+use natter_server::store::StoreError;
 use natter_server::Config;
 
 use crate::serve::ServeArgs;
@@ -85,11 +86,11 @@ pub async fn run(args: UserArgs) -> anyhow::Result<()> {
             let password = Password::parse(&read_password()?).map_err(|e| anyhow::anyhow!("{}", e.message))?;
             // The same pool as the server's (one worker: one hash in this one-off process).
             let pool = natter_server::passwords::PasswordPool::new(1, 1);
-            let hash = pool.hash(password.expose()).await.map_err(|_| anyhow::anyhow!("password hashing failed"))?;
-            match store.create_user(NewUser { username: name.into_inner(), password_hash: hash, is_admin: admin }).await
-            {
+            match natter_server::accounts::create_user(&pool, &*store, name, password, admin).await {
                 Ok(u) => println!("created {}{} ({})", u.username, if admin { ", an admin" } else { "" }, u.id),
-                Err(StoreError::UsernameTaken) => bail!("a user named {username:?} already exists"),
+                Err(AccountError::Store(StoreError::UsernameTaken)) => {
+                    bail!("a user named {username:?} already exists")
+                }
                 Err(e) => return Err(e.into()),
             }
         }

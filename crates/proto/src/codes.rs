@@ -190,6 +190,72 @@ impl CodeRegistry {
     }
 }
 
+/// The most a close frame's reason can carry (RFC 6455 §5.5: 125 bytes of payload, 2 of code).
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// A server-initiated close: the one way natter says "close" — a code from [`CloseCode`] and a
+/// reason for people, built here so that a retry hint is always written the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    pub code: CloseCode,
+    /// The whole reason (logs); [`Close::wire_reason`] is what fits in a close frame.
+    pub reason: String,
+}
+
+impl Close {
+    pub fn new(code: CloseCode, reason: impl Into<String>) -> Self {
+        Close { code, reason: reason.into() }
+    }
+
+    /// 1013 with the retry hint clients read (`RetryPolicy::AfterHint`): `<why>; retry_after_ms=N`.
+    pub fn try_again_later(why: &str, retry_after_ms: u64) -> Self {
+        Close::new(CloseCode::TryAgainLater, format!("{why}; retry_after_ms={retry_after_ms}"))
+    }
+
+    /// The retry hint a reason carries, if any.
+    pub fn retry_after_ms(reason: &str) -> Option<u64> {
+        let (_, rest) = reason.rsplit_once("retry_after_ms=")?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    }
+
+    /// The reason cut to the 123 bytes a close frame can carry, on a character boundary.
+    pub fn wire_reason(&self) -> String {
+        cut_reason(&self.reason)
+    }
+}
+
+/// Cuts a close reason to [`MAX_CLOSE_REASON_BYTES`] on a character boundary.
+pub fn cut_reason(s: &str) -> String {
+    let mut end = s.len().min(MAX_CLOSE_REASON_BYTES);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod close_tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_fit_a_frame() {
+        assert_eq!(cut_reason("short"), "short");
+        let long = "é".repeat(100);
+        let cut = cut_reason(&long);
+        assert!(cut.len() <= MAX_CLOSE_REASON_BYTES && long.starts_with(&cut));
+        assert_eq!(cut.len(), 122, "cut on a character boundary, not mid-character");
+    }
+
+    #[test]
+    fn the_retry_hint_is_written_and_read_one_way() {
+        let c = Close::try_again_later("database unavailable", 2500);
+        assert_eq!(c.code, CloseCode::TryAgainLater);
+        assert_eq!(c.reason, "database unavailable; retry_after_ms=2500");
+        assert_eq!(Close::retry_after_ms(&c.reason), Some(2500));
+        assert_eq!(Close::retry_after_ms("no hint here"), None);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ pub mod api;
 pub mod codes;
 pub mod frames;
 
-pub use codes::{CloseCode, ErrorCode, RetryPolicy};
+pub use codes::{Close, CloseCode, ErrorCode, RetryPolicy};
 pub use frames::{ClientFrame, FrameError, MessageRole, MessageStatus, ServerFrame, WireMessage};
 
 /// Version of the chat protocol described in `docs/protocol.md`.

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, TokenKeys};
 use crate::bots::{EngineSpec, Replier, ReplierLimits};
 use crate::bus::{Bus, BusError};
+use crate::chat::hub::Hub;
 use crate::cluster::Cluster;
 use crate::config::{Config, Database};
 use crate::domain::{Password, Username};
@@ -21,45 +21,9 @@ use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::passwords::PasswordPool;
 use crate::revocation::Revocations;
+use crate::state::{AppState, Inner};
 use crate::store::{MemoryStore, NewBot, PostgresStore, SqliteStore, Store, StoreError};
 use crate::throttle::LoginThrottle;
-use crate::ws::hub::Hub;
-
-/// Shared state of one server. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-pub struct Inner {
-    pub config: Config,
-    pub store: Arc<dyn Store>,
-    pub bus: Arc<dyn Bus>,
-    pub keys: TokenKeys,
-    pub hub: Arc<Hub>,
-    pub replier: Replier,
-    /// Cancelled when the server starts shutting down.
-    pub shutdown: CancellationToken,
-    /// Sockets and bot replies; shutdown waits for them.
-    pub tasks: TaskTracker,
-    /// This node's leases, sweeps and dependency watch (see `cluster.rs`).
-    pub cluster: Arc<Cluster>,
-    pub metrics: Arc<Metrics>,
-    pub ledger: Ledger,
-    /// Every password hash runs here: a few threads, a bounded queue (`passwords.rs`).
-    pub passwords: PasswordPool,
-    pub throttle: LoginThrottle,
-    /// Logins ended by logout or refresh-token reuse, refused at once (`revocation.rs`).
-    pub revocations: Revocations,
-    /// On SQLite, the database's lock held shared while this server lives, so that
-    /// `natter restore` refuses to swap the file under it (`backup.rs`).
-    pub db_lock: Option<crate::backup::DbLock>,
-}
-
-impl Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
-    }
-}
 
 /// Why the server could not start. Each message is one line naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +81,7 @@ impl Server {
         );
         let metrics = Arc::new(Metrics::default());
         let ledger = Ledger::spawn(store.clone(), config.ledger_retention, metrics.ledger_anonymous_skipped.clone());
-        let state = AppState(Arc::new(Inner {
+        let state = AppState::new(Inner {
             keys: TokenKeys::new(&secret, config.access_token_ttl),
             replier: Replier::new(
                 store.clone(),
@@ -145,7 +109,7 @@ impl Server {
             revocations: Revocations::new(config.access_token_ttl),
             db_lock,
             config,
-        }));
+        });
         // With --reuse-port the previous process may still be answering on the same SQLite file
         // (a hand-over restart): its replies in progress are not ours to settle at once, so the
         // start-up sweep waits for the lease rule like a cluster does.
@@ -244,14 +208,15 @@ async fn seed_demo(state: &AppState) -> Result<(), StartError> {
     let err = |e: String| StartError::Demo(format!("cannot create demo data: {e}"));
     let user = match state.store.user_by_username(DEMO_USER).await? {
         Some(u) => u,
-        None => crate::http::auth::create_user(
-            state,
+        None => crate::accounts::create_user(
+            &state.passwords,
+            &*state.store,
             Username::parse(DEMO_USER).expect("valid"),
             Password::parse(DEMO_PASSWORD).expect("valid"),
             false,
         )
         .await
-        .map_err(|e| err(e.message))?,
+        .map_err(|e| err(e.to_string()))?,
     };
     let bots = state.store.bots_for_user(user.id).await?;
     if !bots.iter().any(|(b, _)| b.owner_id == user.id && b.name == "Echo") {

@@ -147,6 +147,20 @@ pub fn hash_opaque(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// A fresh socket ticket. The login rides in the ticket itself (after a '.', under the stored
+/// hash, so it can't be altered): a connection opened with it closes when that login ends.
+pub fn new_ticket(family: Option<Uuid>) -> String {
+    match family {
+        Some(f) => format!("{}.{}", new_opaque_token(), f.simple()),
+        None => new_opaque_token(),
+    }
+}
+
+/// The login a ticket was issued for (see [`new_ticket`]).
+pub fn ticket_family(ticket: &str) -> Option<Uuid> {
+    ticket.rsplit_once('.').and_then(|(_, f)| Uuid::parse_str(f).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

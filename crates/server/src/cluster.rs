@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use natter_proto::CloseCode;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -120,6 +119,15 @@ impl Drop for WorkGuard {
 /// A socket's slot in the per-user count shared by every node. Released by
 /// [`Cluster::release`]; if the session ends some other way, dropping releases it in the
 /// background, and a slot never released expires with its node's lease.
+/// Why a connection slot was not claimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    /// The user has `max` connections open on the nodes together.
+    Full,
+    /// The store did not answer.
+    Unavailable,
+}
+
 pub struct Slot {
     connection_id: Option<Uuid>,
     store: Arc<dyn Store>,
@@ -194,7 +202,7 @@ impl Cluster {
         self.health.subscribe()
     }
 
-    /// Resolves (with the close reason) when a dependency goes down.
+    /// Resolves (with what is down) when a dependency goes down.
     pub async fn lost(&self) -> String {
         let mut rx = self.health.subscribe();
         let reason = match rx.wait_for(Option::is_some).await {
@@ -202,7 +210,7 @@ impl Cluster {
             Err(_) => None,
         };
         let Some(reason) = reason else { return std::future::pending().await };
-        format!("{reason}; retry_after_ms={DEPENDENCY_RETRY_MS}")
+        reason
     }
 
     async fn check(&self, bus: &dyn Bus) {
@@ -314,12 +322,7 @@ impl Cluster {
     }
 
     /// Takes one of the user's `max` slots across every node, or says how to close.
-    pub async fn claim_slot(
-        &self,
-        connection_id: Uuid,
-        user_id: Uuid,
-        max: usize,
-    ) -> Result<Slot, (CloseCode, String)> {
+    pub async fn claim_slot(&self, connection_id: Uuid, user_id: Uuid, max: usize) -> Result<Slot, ClaimError> {
         if !self.counts_in_store() {
             // One node: the hub's count, already taken, is the whole count.
             return Ok(Slot { connection_id: None, store: self.store.clone(), held: self.held.clone() });
@@ -336,11 +339,11 @@ impl Cluster {
                 let mut slot = slot;
                 slot.connection_id = None;
                 self.held.lock().unwrap().remove(&connection_id);
-                Err((CloseCode::TooManyConnections, format!("this user already has {max} open connections")))
+                Err(ClaimError::Full)
             }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming a connection slot failed");
-                Err((CloseCode::TryAgainLater, format!("database unavailable; retry_after_ms={DEPENDENCY_RETRY_MS}")))
+                Err(ClaimError::Unavailable)
             }
         }
     }

@@ -1,11 +1,13 @@
 //! natter as a library: everything `natter serve` runs, so that tests and the binary start
 //! the server the same way ([`app::Server`]).
 
+pub mod accounts;
 pub mod app;
 pub mod auth;
 pub mod backup;
 pub mod bots;
 pub mod bus;
+pub mod chat;
 pub mod cluster;
 pub mod config;
 pub mod domain;
@@ -16,6 +18,7 @@ pub mod metrics;
 pub mod passwords;
 pub mod revocation;
 pub mod serve;
+pub mod state;
 pub mod store;
 pub mod telemetry;
 pub mod testenv;
@@ -23,5 +26,6 @@ pub mod throttle;
 pub mod web;
 pub mod ws;
 
-pub use app::{AppState, Server, StartError};
+pub use app::{Server, StartError};
 pub use config::Config;
+pub use state::AppState;

@@ -166,7 +166,8 @@ impl Metrics {
         out
     }
 
-    pub fn close(&self, code: Option<u16>, initiator: &'static str) {
+    pub fn close(&self, code: Option<u16>, initiator: natter_proto::api::ClosedBy) {
+        let initiator = initiator.as_str();
         let code = code.map(|c| c.to_string()).unwrap_or_else(|| "none".into());
         self.closes.get_or_create(&CloseLabels { code, initiator }).inc();
     }
@@ -179,8 +180,8 @@ mod tests {
     #[test]
     fn renders_counters_with_labels() {
         let m = Metrics::default();
-        m.close(Some(4408), "server");
-        m.close(None, "network");
+        m.close(Some(4408), natter_proto::api::ClosedBy::Server);
+        m.close(None, natter_proto::api::ClosedBy::Network);
         m.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
         m.ack_seconds.observe(0.002);
         let text = m.render();

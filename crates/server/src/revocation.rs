@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::bus::{ConvEvent, Received, Subscription, REVOCATIONS};
+use crate::state::AppState;
 
 /// Beyond the TTL: the token check's leeway (5 s) and clock skew between nodes.
 const SLACK: Duration = Duration::from_secs(60);

@@ -13,21 +13,25 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, AuthUser};
-use crate::app::AppState;
+use crate::accounts::{self, AccountError};
 use crate::auth::{hash_opaque, new_opaque_token};
 use crate::domain::{Password, Username};
 use crate::passwords::{self, Busy};
 use crate::revocation;
-use crate::store::{NewRefreshToken, NewUser, RefreshUse, User};
+use crate::state::AppState;
+use crate::store::{NewRefreshToken, RefreshUse, User};
 
 pub fn user_view(u: &User) -> UserView {
     UserView { id: u.id, username: u.username.clone(), is_admin: u.is_admin, created_at: u.created_at }
 }
 
-/// Creates a user with a hashed password (hashed in the bounded pool, off the async threads).
-pub async fn create_user(state: &AppState, username: Username, password: Password, is_admin: bool) -> ApiResult<User> {
-    let hash = state.passwords.hash(password.expose()).await.map_err(|Busy| auth_busy())?;
-    Ok(state.store.create_user(NewUser { username: username.into_inner(), password_hash: hash, is_admin }).await?)
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::Busy => auth_busy(),
+            AccountError::Store(e) => e.into(),
+        }
+    }
 }
 
 /// How long a client refused by a full password pool should wait: one round of the pool's
@@ -56,7 +60,7 @@ pub async fn register(
     }
     let username = Username::parse(&body.username)?;
     let password = Password::parse(&body.password)?;
-    let user = create_user(&state, username, password, false).await?;
+    let user = accounts::create_user(&state.passwords, &*state.store, username, password, false).await?;
     tracing::info!(user_id = %user.id, username = %user.username, "user registered");
     Ok((StatusCode::CREATED, Json(user_view(&user))))
 }

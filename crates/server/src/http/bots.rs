@@ -16,10 +16,10 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, AuthUser};
-use crate::app::AppState;
 use crate::bots::EngineSpec;
 use crate::bus::ConvEvent;
 use crate::domain::{bot_description, bot_name, Username};
+use crate::state::AppState;
 use crate::store::{Bot, BotChanges, NewBot};
 
 pub fn bot_view(bot: &Bot, role: BotRole) -> BotView {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiPath, ApiQuery, AuthUser};
-use crate::app::AppState;
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ConnectionsQuery {

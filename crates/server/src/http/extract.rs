@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::auth::{Claims, TokenError};
 use crate::domain::json_nul_path;
+use crate::state::AppState;
 
 /// A JSON object body. Unlike `axum::Json` it refuses a JSON array, which serde would
 /// otherwise accept for a struct by field position (`["alice", "pw"]` as credentials).

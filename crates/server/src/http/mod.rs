@@ -12,12 +12,13 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 use utoipa::OpenApi;
 
-use crate::app::AppState;
 use crate::logsafe::Untrusted;
+use crate::state::AppState;
 use error::ApiError;
 
 pub mod auth;
 pub mod bots;
+pub mod chat;
 pub mod connections;
 pub mod error;
 pub mod extract;
@@ -40,9 +41,9 @@ pub fn router(state: AppState) -> Router {
         .route("/bots/{id}/members", get(bots::members).post(bots::add_member))
         .route("/bots/{id}/members/{username}", delete(bots::remove_member))
         .route("/bots/{id}/messages", get(bots::messages))
-        .route("/ws/ticket", post(crate::ws::ticket))
-        .route("/ws/codes", get(crate::ws::codes))
-        .route("/ws/preflight/{bot_id}", get(crate::ws::preflight))
+        .route("/ws/ticket", post(chat::ticket))
+        .route("/ws/codes", get(chat::codes))
+        .route("/ws/preflight/{bot_id}", get(chat::preflight))
         .route("/ws/chat/{bot_id}", get(crate::ws::chat))
         .route("/connections", get(connections::list))
         .route("/connections/{attempt_id}", get(connections::get))
@@ -204,7 +205,7 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
         auth::register, auth::login, auth::refresh, auth::logout, auth::me,
         bots::list, bots::create, bots::get, bots::update, bots::delete,
         bots::members, bots::add_member, bots::remove_member, bots::messages,
-        crate::ws::ticket, crate::ws::codes, crate::ws::preflight,
+        chat::ticket, chat::codes, chat::preflight,
         connections::list, connections::get,
     ),
     modifiers(&BearerAuth),
