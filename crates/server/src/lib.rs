@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod passwords;
 pub mod revocation;
 pub mod serve;
+pub mod sse;
 pub mod state;
 pub mod store;
 pub mod telemetry;

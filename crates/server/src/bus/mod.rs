@@ -43,6 +43,10 @@ pub enum ConvEvent {
     /// [`REVOCATIONS`], every node adds it to its revoked set; on a conversation, that
     /// conversation's sockets of this login close 4401.
     Revoked { family_id: Uuid },
+    /// The client of a connection that does not hear it itself was heard: an SSE stream's
+    /// client speaks by HTTP POST, perhaps to another node. That connection's idle timer
+    /// restarts (if `user_id` is its user).
+    Heard { connection_id: Uuid, user_id: Uuid },
 }
 
 /// Announces a stored message in an `announce` span (traces only), whose context travels with

@@ -58,6 +58,10 @@ enum WireEvent {
     Revoked {
         family_id: Uuid,
     },
+    Heard {
+        connection_id: Uuid,
+        user_id: Uuid,
+    },
 }
 
 impl From<&ConvEvent> for WireEvent {
@@ -74,6 +78,7 @@ impl From<&ConvEvent> for WireEvent {
             ConvEvent::Cancel { message_id } => WireEvent::Cancel { message_id },
             ConvEvent::ReplySync { message_id } => WireEvent::ReplySync { message_id },
             ConvEvent::Revoked { family_id } => WireEvent::Revoked { family_id },
+            ConvEvent::Heard { connection_id, user_id } => WireEvent::Heard { connection_id, user_id },
         }
     }
 }
@@ -92,6 +97,7 @@ impl WireEvent {
             WireEvent::Cancel { message_id } => ConvEvent::Cancel { message_id },
             WireEvent::ReplySync { message_id } => ConvEvent::ReplySync { message_id },
             WireEvent::Revoked { family_id } => ConvEvent::Revoked { family_id },
+            WireEvent::Heard { connection_id, user_id } => ConvEvent::Heard { connection_id, user_id },
         })
     }
 }

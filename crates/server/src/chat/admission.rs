@@ -14,6 +14,7 @@ use natter_proto::{Close, CloseCode};
 use uuid::Uuid;
 
 use super::hub::{Full, HubGuard};
+use super::session::Peer;
 use crate::auth::{hash_opaque, TokenError};
 use crate::bots::EngineSpec;
 use crate::bus::Subscription;
@@ -192,11 +193,14 @@ struct Checked {
     after_seq: Option<i64>,
 }
 
-/// Whether the checks may use up a ticket (a connection) or only look (the preflight).
+/// Whether the checks may use up a ticket (a connection), only look (the preflight), or
+/// admit a frame POSTed to a stream (no ticket, no connection limits: the stream holds its
+/// place).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Connect,
     Preflight,
+    Post,
 }
 
 /// Admits a connection: every check, then its places in the hub and the cluster, its bus
@@ -210,6 +214,24 @@ pub async fn admit(state: &AppState, req: &ConnectRequest, connection_id: Uuid) 
 /// What [`admit`] would say, without using a ticket or holding anything.
 pub async fn preflight(state: &AppState, req: &ConnectRequest) -> Result<(), Rejected> {
     check(state, req, Mode::Preflight).await.map(drop)
+}
+
+/// The checks of a frame POSTed to the stream `stream_id` (`chat::post_frame`): origin,
+/// credentials (a token: tickets are for opening connections), bot and role.
+pub async fn admit_post(state: &AppState, req: &ConnectRequest, stream_id: Uuid) -> Result<Peer, Rejected> {
+    if req.ticket.is_some() {
+        return Err(Refusal::Unauthorized("a POST to a stream takes an access token, not a ticket").into());
+    }
+    let c = check(state, req, Mode::Post).await?;
+    Ok(Peer {
+        connection_id: stream_id,
+        user_id: c.user.id,
+        bot_id: c.bot_id,
+        conversation_id: c.conversation_id,
+        bot_name: c.bot_name,
+        engine: c.engine,
+        family: c.family,
+    })
 }
 
 fn origin_allowed(state: &AppState, origin: &str, host: Option<&str>) -> bool {
@@ -265,6 +287,9 @@ async fn check(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result<Che
         let last = conversation.last_seq;
         let m = format!("after_seq {after} is beyond the conversation's last seq {last}");
         return Err(refuse(Refusal::BadRequest(m)));
+    }
+    if mode == Mode::Post {
+        return Ok(Checked { user, family, bot_id, bot_name: bot.name, engine, role, conversation_id: conversation.id, after_seq });
     }
     if state.hub.len() >= state.config.limits.max_connections {
         return Err(refuse(Refusal::ServerFull));
@@ -367,7 +392,7 @@ async fn authenticate_ticket(
     let hash = hash_opaque(ticket);
     let found = match mode {
         Mode::Connect => state.store.consume_ticket(&hash, Utc::now()).await,
-        Mode::Preflight => state.store.peek_ticket(&hash, Utc::now()).await,
+        Mode::Preflight | Mode::Post => state.store.peek_ticket(&hash, Utc::now()).await,
     };
     let (user_id, ticket_bot) = found
         .map_err(|e| Refusal::internal("checking a ticket", e))?

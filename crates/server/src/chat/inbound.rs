@@ -2,18 +2,19 @@
 //! `cancel`, and a `message` checked ([`check_message`]), rate-limited, stored, acked,
 //! announced and handed to the bot.
 
-use natter_proto::{ClientFrame, ErrorCode, MessageRole, MessageStatus, ServerFrame};
+use natter_proto::{ClientFrame, ErrorCode, MessageRole, MessageStatus, ServerFrame, WireMessage};
 use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::session::{internal_end, Session};
+use super::session::{internal_end, Peer, Session};
 use super::transport::{End, Inbound, Transport};
 use crate::bus::ConvEvent;
 use crate::config::Limits;
 use crate::logsafe::Untrusted;
 use crate::metrics::DirectionLabel;
-use crate::store::NewMessage;
+use crate::state::AppState;
+use crate::store::{Appended, NewMessage, StoreError};
 
 /// Why a `message` frame is refused before anything is stored: its error code and text.
 pub fn check_message(limits: &Limits, client_id: &str, content: &str) -> Result<(), (ErrorCode, String)> {
@@ -35,7 +36,7 @@ pub fn check_message(limits: &Limits, client_id: &str, content: &str) -> Result<
 }
 
 /// An error frame that says how long to wait.
-fn rate_limited(message: String, client_id: Option<&str>, wait: std::time::Duration) -> ServerFrame {
+pub(super) fn rate_limited(message: String, client_id: Option<&str>, wait: std::time::Duration) -> ServerFrame {
     let ms = wait.as_millis() as u64 + 1;
     ServerFrame::Error {
         code: ErrorCode::RateLimited,
@@ -79,36 +80,13 @@ impl<T: Transport> Session<T> {
         }
     }
 
-    /// Asks the node generating this reply (another one) to stop it. False if no node is.
-    /// (`&mut`: a `&Session` is not `Send`, the transport need not be `Sync`.)
-    async fn cancel_elsewhere(&mut self, message_id: Uuid) -> bool {
-        let (state, conv) = (&self.state, self.peer.conversation_id);
-        match state.store.generation_in_progress(conv, message_id).await {
-            Ok(true) => state.bus.publish(conv, ConvEvent::Cancel { message_id }).await.is_ok(),
-            Ok(false) => false,
-            Err(e) => {
-                tracing::warn!(error = %e, "looking up a reply to cancel failed");
-                false
-            }
-        }
-    }
-
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
-        let conv = self.peer.conversation_id;
         match frame {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
-            ClientFrame::Cancel { message_id } if self.state.replier.cancel(conv, message_id) => Ok(()),
-            ClientFrame::Cancel { message_id } if self.cancel_elsewhere(message_id).await => Ok(()),
-            ClientFrame::Cancel { message_id } => {
-                self.send(&ServerFrame::Error {
-                    code: ErrorCode::UnknownMessage,
-                    message: format!("no reply in progress has message_id {message_id}"),
-                    client_id: None,
-                    in_reply_to: None,
-                    retry_after_ms: None,
-                })
-                .await
-            }
+            ClientFrame::Cancel { message_id } => match cancel(&self.state, self.peer.conversation_id, message_id).await {
+                Ok(()) => Ok(()),
+                Err(unknown) => self.send(&unknown).await,
+            },
             ClientFrame::Message { client_id, content } => self.on_message(client_id, content).await,
         }
     }
@@ -124,15 +102,7 @@ impl<T: Transport> Session<T> {
         if let Err(wait) = self.bucket.take() {
             return Some(rate_limited("too many messages".into(), Some(client_id), wait));
         }
-        let limits = &self.state.config.limits;
-        let (rate, burst) = (limits.user_messages_per_second, limits.user_message_burst);
-        let user_id = self.peer.user_id;
-        let over = match self.state.hub.take_user_message(user_id, rate, burst) {
-            Err(wait) => Some(wait),
-            Ok(()) => self.state.cluster.user_message_over(user_id, rate, burst).await,
-        };
-        let message = "too many messages from this user on all connections";
-        over.map(|wait| rate_limited(message.into(), Some(client_id), wait))
+        take_user_budget(&self.state, self.peer.user_id, client_id).await
     }
 
     async fn on_message(&mut self, client_id: String, content: String) -> Result<(), End> {
@@ -159,27 +129,10 @@ impl<T: Transport> Session<T> {
 
     /// Stores, acks, announces and hands to the bot a message that passed every check.
     async fn accept_message(&mut self, client_id: String, content: String, received: Instant) -> Result<(), End> {
-        let conv = self.peer.conversation_id;
-        let store_span = tracing::info_span!(target: crate::telemetry::TRACE, "store", seq = tracing::field::Empty);
-        let appended = self
-            .state
-            .store
-            .append_message(NewMessage {
-                id: Uuid::now_v7(), // time-ordered, as bot replies are (bots::Replier::run)
-                conversation_id: conv,
-                role: MessageRole::User,
-                content,
-                client_id: Some(client_id.clone()),
-                in_reply_to: None,
-                status: MessageStatus::Complete,
-            })
-            .instrument(store_span.clone())
+        let appended = append(&self.state, self.peer.conversation_id, &client_id, content)
             .await
             .map_err(|e| internal_end("storing a message", e))?;
         let seq = appended.message.seq;
-        store_span.record("seq", seq);
-        drop(store_span);
-        tracing::Span::current().record("seq", seq).record("duplicate", appended.duplicate);
         if seq > self.delivered {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
@@ -188,15 +141,82 @@ impl<T: Transport> Session<T> {
             .await?;
         self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
-            let message = appended.message;
-            if let Err(e) = crate::bus::announce(&*self.state.bus, conv, message.clone()).await {
-                tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
-            }
-            let peer = &self.peer;
-            self.state.replier.spawn_reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
+            hand_on(&self.state, &self.peer, appended.message, received).await;
         }
         Ok(())
     }
+}
+
+/// Stops a reply in progress: here, or on the node generating it. An error frame if no node is.
+pub(super) async fn cancel(state: &AppState, conv: Uuid, message_id: Uuid) -> Result<(), ServerFrame> {
+    if state.replier.cancel(conv, message_id) {
+        return Ok(());
+    }
+    let elsewhere = match state.store.generation_in_progress(conv, message_id).await {
+        Ok(true) => state.bus.publish(conv, ConvEvent::Cancel { message_id }).await.is_ok(),
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "looking up a reply to cancel failed");
+            false
+        }
+    };
+    if elsewhere {
+        return Ok(());
+    }
+    Err(ServerFrame::Error {
+        code: ErrorCode::UnknownMessage,
+        message: format!("no reply in progress has message_id {message_id}"),
+        client_id: None,
+        in_reply_to: None,
+        retry_after_ms: None,
+    })
+}
+
+/// The user's message budget over all of their connections, on every node.
+pub(super) async fn take_user_budget(state: &AppState, user_id: Uuid, client_id: &str) -> Option<ServerFrame> {
+    let limits = &state.config.limits;
+    let (rate, burst) = (limits.user_messages_per_second, limits.user_message_burst);
+    let over = match state.hub.take_user_message(user_id, rate, burst) {
+        Err(wait) => Some(wait),
+        Ok(()) => state.cluster.user_message_over(user_id, rate, burst).await,
+    };
+    let message = "too many messages from this user on all connections";
+    over.map(|wait| rate_limited(message.into(), Some(client_id), wait))
+}
+
+/// Stores a user message (once per `client_id`: a resend returns the stored one).
+pub(super) async fn append(
+    state: &AppState,
+    conversation_id: Uuid,
+    client_id: &str,
+    content: String,
+) -> Result<Appended, StoreError> {
+    let store_span = tracing::info_span!(target: crate::telemetry::TRACE, "store", seq = tracing::field::Empty);
+    let appended = state
+        .store
+        .append_message(NewMessage {
+            id: Uuid::now_v7(), // time-ordered, as bot replies are (bots::Replier::run)
+            conversation_id,
+            role: MessageRole::User,
+            content,
+            client_id: Some(client_id.to_owned()),
+            in_reply_to: None,
+            status: MessageStatus::Complete,
+        })
+        .instrument(store_span.clone())
+        .await?;
+    let seq = appended.message.seq;
+    store_span.record("seq", seq);
+    tracing::Span::current().record("seq", seq).record("duplicate", appended.duplicate);
+    Ok(appended)
+}
+
+/// Announces a newly stored user message to every connection and hands it to the bot.
+pub(super) async fn hand_on(state: &AppState, peer: &Peer, message: WireMessage, received: Instant) {
+    if let Err(e) = crate::bus::announce(&*state.bus, peer.conversation_id, message.clone()).await {
+        tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
+    }
+    state.replier.spawn_reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
 }
 
 #[cfg(test)]

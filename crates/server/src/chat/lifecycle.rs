@@ -35,8 +35,12 @@ const CLOSE_QUEUE_WAIT: Duration = Duration::from_secs(1);
 /// futures of their own on the heap, which exist only while they run. Not an `async fn`
 /// either: that would keep its arguments (the transport, the request) for the connection's
 /// whole life. See `idle_socket_futures_stay_small`.
-pub fn run<T: Transport>(state: AppState, transport: T, req: ConnectRequest) -> impl Future<Output = ()> + Send {
-    let connection_id = Uuid::new_v4();
+pub fn run<T: Transport>(
+    state: AppState,
+    transport: T,
+    req: ConnectRequest,
+    connection_id: Uuid,
+) -> impl Future<Output = ()> + Send {
     let span = tracing::info_span!(
         "ws",
         %connection_id,
@@ -157,6 +161,7 @@ fn start<T: Transport>(
     conn: Conn<T>,
 ) -> (Session<T>, HubGuard, Slot, (natter_proto::api::UserRef, i64, bool)) {
     let peer = Peer {
+        connection_id: a.hub.connection_id(),
         user_id: a.user.id,
         bot_id: a.bot_id,
         conversation_id: a.conversation_id,

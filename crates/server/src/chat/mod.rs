@@ -9,6 +9,8 @@
 //!   what it sends of the conversation (seqs in order and once, streamed replies).
 //! - `outbox`: the bounded queue of frames in front of the transport; `timers`: heartbeat,
 //!   idle close, delta retries.
+//! - `post`: [`post_frame`], client frames that arrive by HTTP POST (the SSE binding's way
+//!   up), on whichever node the POST reaches, answered with their outcome.
 //! - [`hub`]: the registry of live connections and per-user counts.
 
 pub mod admission;
@@ -17,6 +19,7 @@ pub mod hub;
 mod inbound;
 mod lifecycle;
 mod outbox;
+mod post;
 mod session;
 mod timers;
 pub mod transport;
@@ -24,7 +27,9 @@ pub mod transport;
 #[cfg(test)]
 mod tests;
 
-pub use admission::{admit, preflight, Admission, ConnectRequest, Refusal, Rejected};
+pub use admission::{admit, admit_post, preflight, Admission, ConnectRequest, Refusal, Rejected};
+pub use post::post_frame;
+pub use session::Peer;
 pub use inbound::check_message;
 pub use lifecycle::run;
 pub use transport::{End, Inbound, Out, Transport, WriteFailed};

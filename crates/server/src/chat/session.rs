@@ -51,6 +51,7 @@ pub struct Counters {
 
 /// Who the session serves, fixed at admission (the bot's name and engine follow its edits).
 pub struct Peer {
+    pub connection_id: Uuid,
     pub user_id: Uuid,
     pub bot_id: Uuid,
     pub conversation_id: Uuid,
@@ -73,6 +74,8 @@ pub struct Session<T> {
     /// Bot replies streamed to this connection; boxed, and only once there are any.
     pub replies: Option<Box<Replies>>,
     pub counters: Counters,
+    /// The client was heard by another way than this transport ([`ConvEvent::Heard`]).
+    heard_elsewhere: bool,
 }
 
 /// The close of a server that is shutting down.
@@ -101,6 +104,7 @@ impl<T: Transport> Session<T> {
             frame_bucket: TokenBucket::new(limits.frames_per_second, limits.frame_burst),
             replies: None,
             counters: Counters::default(),
+            heard_elsewhere: false,
         }
     }
 
@@ -157,7 +161,13 @@ impl<T: Transport> Session<T> {
                     }
                     Io::WriteFailed => Err(End::Network("socket write failed".into())),
                 },
-                event = self.sub.recv() => Box::pin(self.on_event(event)).await,
+                event = self.sub.recv() => {
+                    let step = Box::pin(self.on_event(event)).await;
+                    if std::mem::take(&mut self.heard_elsewhere) {
+                        timers.heard = Instant::now();
+                    }
+                    step
+                }
                 _ = &mut timer => match timers.due() {
                     Some(Due::Idle) => Err(End::Close(Close::new(
                         CloseCode::HeartbeatTimeout,
@@ -241,6 +251,10 @@ impl<T: Transport> Session<T> {
                 Err(End::Close(Close::new(CloseCode::Unauthorized, REVOKED_REASON)))
             }
             ConvEvent::Revoked { .. } => Ok(()),
+            ConvEvent::Heard { connection_id, user_id } => {
+                self.heard_elsewhere |= *connection_id == self.peer.connection_id && *user_id == self.peer.user_id;
+                Ok(())
+            }
             ConvEvent::BotError { code, message, in_reply_to } => {
                 self.send(&ServerFrame::Error {
                     code: *code,

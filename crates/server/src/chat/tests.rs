@@ -105,7 +105,7 @@ fn connect(f: &Fixture, req: ConnectRequest, queue: usize) -> (Client, tokio::ta
     let (tx, inbound) = mpsc::channel(16);
     let (out_tx, rx) = mpsc::channel(queue);
     let transport = ChannelTransport { inbound, outbound: PollSender::new(out_tx) };
-    let task = tokio::spawn(super::run(f.state.clone(), transport, req));
+    let task = tokio::spawn(super::run(f.state.clone(), transport, req, Uuid::new_v4()));
     (Client { tx, rx }, task)
 }
 

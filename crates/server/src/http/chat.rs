@@ -5,16 +5,19 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use natter_proto::api::{Preflight, TicketRequest, TicketResponse};
 use natter_proto::codes::CodeRegistry;
+use natter_proto::ErrorCode;
+use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, AuthUser};
+use super::extract::{ApiJson, ApiQuery, AuthUser};
 use crate::auth::{hash_opaque, new_ticket};
-use crate::chat::{ConnectRequest, Rejected};
+use crate::chat::{ConnectRequest, Refusal, Rejected};
 use crate::state::AppState;
 
 /// How long a ticket from `POST /api/ws/ticket` stays valid.
@@ -58,6 +61,56 @@ pub async fn ticket(
     let expires = Utc::now() + chrono::Duration::seconds(TICKET_TTL_SECS as i64);
     state.store.create_ticket(&hash_opaque(&ticket), user.id, bot.id, expires).await?;
     Ok(Json(TicketResponse { ticket, expires_in: TICKET_TTL_SECS }))
+}
+
+/// Which stream a POSTed frame is for.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct StreamQuery {
+    /// The `connection_id` of the stream (its `connection_established` and `stream` events).
+    pub stream: String,
+}
+
+#[utoipa::path(post, path = "/api/sse/chat/{bot_id}/frames", tag = "chat", security(("bearer" = [])),
+    params(("bot_id" = String, Path), StreamQuery),
+    request_body(content = String, description = "One client frame (JSON): message, cancel or ping", content_type = "application/json"),
+    responses((status = 200, description = "The frame's outcome: an ack, an error or a pong (a server frame)"),
+        (status = 202, description = "Accepted; nothing to say (a cancel)"),
+        (status = 400, body = natter_proto::api::ErrorBody), (status = 401, body = natter_proto::api::ErrorBody),
+        (status = 403, body = natter_proto::api::ErrorBody), (status = 404, body = natter_proto::api::ErrorBody)))]
+pub async fn post_frame(
+    State(state): State<AppState>,
+    Path(bot_id): Path<String>,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+    headers: HeaderMap,
+    body: String,
+) -> ApiResult<Response> {
+    let stream = Uuid::parse_str(&query.stream)
+        .map_err(|_| ApiError::bad_request(ErrorCode::InvalidQuery, "stream is not a valid UUID"))?;
+    let mut req = ConnectRequest::from_parts(bot_id, HashMap::new(), &headers, None);
+    if req.token.is_none() {
+        let m = "missing token: send Authorization: Bearer <access token>";
+        return Err(ApiError::unauthorized(ErrorCode::MissingToken, m));
+    }
+    req.ticket = None;
+    let peer = crate::chat::admit_post(&state, &req, stream).await.map_err(|r| refusal_error(r.refusal))?;
+    Ok(match crate::chat::post_frame(&state, &peer, &body).await? {
+        Some(frame) => ([(header::CONTENT_TYPE, "application/json")], frame.to_json()).into_response(),
+        None => StatusCode::ACCEPTED.into_response(),
+    })
+}
+
+/// A refused POST as the REST error its close code stands for.
+fn refusal_error(refusal: Refusal) -> ApiError {
+    let close = refusal.close();
+    match refusal {
+        Refusal::Unauthorized(m) if m.starts_with("token expired") => ApiError::unauthorized(ErrorCode::TokenExpired, m),
+        Refusal::Unauthorized(m) => ApiError::unauthorized(ErrorCode::InvalidToken, m),
+        Refusal::Forbidden | Refusal::OriginNotAllowed(_) => ApiError::forbidden(close.reason),
+        Refusal::BotNotFound(_) => ApiError::not_found(close.reason),
+        Refusal::BadRequest(m) => ApiError::bad_request(ErrorCode::BadRequest, m),
+        Refusal::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, m),
+        _ => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NotReady, close.reason),
+    }
 }
 
 #[utoipa::path(get, path = "/api/ws/codes", tag = "chat",

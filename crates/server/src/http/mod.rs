@@ -45,6 +45,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ws/codes", get(chat::codes))
         .route("/ws/preflight/{bot_id}", get(chat::preflight))
         .route("/ws/chat/{bot_id}", get(crate::ws::chat))
+        .route("/sse/chat/{bot_id}", get(crate::sse::chat))
+        .route("/sse/chat/{bot_id}/frames", post(chat::post_frame))
         .route("/connections", get(connections::list))
         .route("/connections/{attempt_id}", get(connections::get))
         .fallback(api_not_found)
@@ -205,7 +207,7 @@ pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Ready>) {
         auth::register, auth::login, auth::refresh, auth::logout, auth::me,
         bots::list, bots::create, bots::get, bots::update, bots::delete,
         bots::members, bots::add_member, bots::remove_member, bots::messages,
-        chat::ticket, chat::codes, chat::preflight,
+        chat::ticket, chat::codes, chat::preflight, chat::post_frame,
         connections::list, connections::get,
     ),
     modifiers(&BearerAuth),

@@ -45,7 +45,7 @@ pub async fn chat(
         .max_message_size(max_frame_bytes)
         .on_upgrade(move |socket| {
             let transport = WsTransport { ws: socket, max_frame_bytes };
-            tracker.track_future(crate::chat::run(state, transport, *req))
+            tracker.track_future(crate::chat::run(state, transport, *req, uuid::Uuid::new_v4()))
         })
 }
 
@@ -116,7 +116,7 @@ mod tests {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn output_size<A, B, C, R>(_: impl Fn(A, B, C) -> R) -> usize {
+    fn output_size<A, B, C, D, R>(_: impl Fn(A, B, C, D) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 

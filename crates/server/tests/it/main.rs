@@ -15,5 +15,6 @@ mod multinode;
 mod observability;
 mod rest;
 mod session_io;
+mod sse;
 mod transcript;
 mod web;
