@@ -14,6 +14,7 @@ use uuid::Uuid;
 mod coordination;
 pub mod memory;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 #[cfg(test)]
