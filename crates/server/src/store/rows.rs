@@ -9,17 +9,32 @@
 use chrono::{DateTime, Utc};
 use natter_proto::api::{BotRole, ClosedBy, ConnectionRecord, MemberRole, Visibility};
 use natter_proto::{MessageRole, MessageStatus, WireMessage};
-use sqlx::{ColumnIndex, Database, Decode, Row, Type};
+use sqlx::query::Query;
+use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
 use uuid::Uuid;
 
 use super::{from_millis, millis, Bot, Member, StoreError, StoreResult, User};
 
-/// How a SQL backend stores what has no common SQL type.
+/// How a SQL backend stores what has no common SQL type: reading it from a row, and the value
+/// to bind for it.
 pub(super) trait Dialect: Database {
     fn id(row: &Self::Row, col: &str) -> StoreResult<Uuid>;
     fn opt_id(row: &Self::Row, col: &str) -> StoreResult<Option<Uuid>>;
     fn flag(row: &Self::Row, col: &str) -> StoreResult<bool>;
+
+    /// An id as a parameter.
+    type Id: for<'q> Encode<'q, Self> + Type<Self> + Send;
+    fn id_param(id: Uuid) -> Self::Id;
+    /// A flag as a parameter.
+    type Flag: for<'q> Encode<'q, Self> + Type<Self> + Send;
+    fn flag_param(flag: bool) -> Self::Flag;
+    /// A close code as a parameter (PostgreSQL's column is an `INTEGER`).
+    type Code: for<'q> Encode<'q, Self> + Type<Self> + Send;
+    fn code_param(code: u16) -> Self::Code;
 }
+
+/// A query of backend `D`, as `sqlx::query` makes it.
+pub(super) type DbQuery<'q, D> = Query<'q, D, <D as Database>::Arguments<'q>>;
 
 /// A row of either SQL store, read by column name.
 pub(super) trait Columns {
@@ -144,6 +159,41 @@ pub(super) fn member_from_row(row: &impl Columns) -> StoreResult<Member> {
 pub(super) const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id, remote_addr, user_agent, origin, upgrade, connection_hdr, \
     ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out, \
     trace_id";
+
+/// Binds a ledger row's values in the order of [`LEDGER_COLS`].
+pub(super) fn bind_ledger<'q, D>(q: DbQuery<'q, D>, r: &'q ConnectionRecord) -> DbQuery<'q, D>
+where
+    D: Dialect,
+    &'q str: Encode<'q, D> + Type<D>,
+    i64: Encode<'q, D> + Type<D>,
+    Option<&'q str>: Encode<'q, D>,
+    Option<i64>: Encode<'q, D>,
+    Option<D::Id>: Encode<'q, D>,
+    Option<D::Code>: Encode<'q, D>,
+{
+    q.bind(D::id_param(r.connection_id))
+        .bind(D::id_param(r.attempt_id))
+        .bind(r.user_id.map(D::id_param))
+        .bind(r.bot_id.map(D::id_param))
+        .bind(r.remote_addr.as_deref())
+        .bind(r.user_agent.as_deref())
+        .bind(r.origin.as_deref())
+        .bind(r.upgrade.as_deref())
+        .bind(r.connection.as_deref())
+        .bind(r.sec_websocket_version.as_deref())
+        .bind(r.forwarded_for.as_deref())
+        .bind(millis(r.started_at))
+        .bind(D::flag_param(r.established))
+        .bind(r.ended_at.map(millis))
+        .bind(r.close_code.map(D::code_param))
+        .bind(r.close_reason.as_deref())
+        .bind(r.closed_by.map(|c| c.as_str()))
+        .bind(r.msgs_in as i64)
+        .bind(r.msgs_out as i64)
+        .bind(r.bytes_in as i64)
+        .bind(r.bytes_out as i64)
+        .bind(r.trace_id.as_deref())
+}
 
 pub(super) fn ledger_from_row(row: &impl Columns) -> StoreResult<ConnectionRecord> {
     let count = |col| row.int(col).map(|n| n as u64);

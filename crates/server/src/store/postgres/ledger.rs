@@ -14,35 +14,12 @@ impl PostgresStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for r in rows {
-            sqlx::query(&format!(
+        let sql = format!(
                 "INSERT INTO connections ({LEDGER_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
                  $15, $16, $17, $18, $19, $20, $21, $22) ON CONFLICT (connection_id) DO UPDATE SET {LEDGER_UPDATE}"
-            ))
-            .bind(r.connection_id)
-            .bind(r.attempt_id)
-            .bind(r.user_id)
-            .bind(r.bot_id)
-            .bind(&r.remote_addr)
-            .bind(&r.user_agent)
-            .bind(&r.origin)
-            .bind(&r.upgrade)
-            .bind(&r.connection)
-            .bind(&r.sec_websocket_version)
-            .bind(&r.forwarded_for)
-            .bind(millis(r.started_at))
-            .bind(r.established)
-            .bind(r.ended_at.map(millis))
-            .bind(r.close_code.map(i32::from))
-            .bind(&r.close_reason)
-            .bind(r.closed_by.map(|c| c.as_str()))
-            .bind(r.msgs_in as i64)
-            .bind(r.msgs_out as i64)
-            .bind(r.bytes_in as i64)
-            .bind(r.bytes_out as i64)
-            .bind(&r.trace_id)
-            .execute(&mut *tx)
-            .await?;
+            );
+        for r in rows {
+            bind_ledger(sqlx::query(&sql), r).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -38,6 +38,19 @@ impl Dialect for Postgres {
     fn flag(row: &PgRow, col: &str) -> StoreResult<bool> {
         Ok(row.try_get(col)?)
     }
+
+    type Id = Uuid;
+    fn id_param(id: Uuid) -> Uuid {
+        id
+    }
+    type Flag = bool;
+    fn flag_param(flag: bool) -> bool {
+        flag
+    }
+    type Code = i32;
+    fn code_param(code: u16) -> i32 {
+        code.into()
+    }
 }
 
 #[derive(Clone)]

@@ -14,32 +14,9 @@ impl SqliteStore {
             return Ok(());
         }
         let mut tx = self.write.begin().await?;
+        let sql = format!("INSERT OR REPLACE INTO connections ({LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
         for r in rows {
-            sqlx::query(&format!("INSERT OR REPLACE INTO connections ({LEDGER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"))
-                .bind(r.connection_id.to_string())
-                .bind(r.attempt_id.to_string())
-                .bind(r.user_id.map(|u| u.to_string()))
-                .bind(r.bot_id.map(|u| u.to_string()))
-                .bind(&r.remote_addr)
-                .bind(&r.user_agent)
-                .bind(&r.origin)
-                .bind(&r.upgrade)
-                .bind(&r.connection)
-                .bind(&r.sec_websocket_version)
-                .bind(&r.forwarded_for)
-                .bind(millis(r.started_at))
-                .bind(r.established as i64)
-                .bind(r.ended_at.map(millis))
-                .bind(r.close_code.map(i64::from))
-                .bind(&r.close_reason)
-                .bind(r.closed_by.map(|c| c.as_str()))
-                .bind(r.msgs_in as i64)
-                .bind(r.msgs_out as i64)
-                .bind(r.bytes_in as i64)
-                .bind(r.bytes_out as i64)
-                .bind(&r.trace_id)
-                .execute(&mut *tx)
-                .await?;
+            bind_ledger(sqlx::query(&sql), r).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

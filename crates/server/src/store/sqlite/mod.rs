@@ -47,6 +47,19 @@ impl Dialect for sqlx::Sqlite {
     fn flag(row: &SqliteRow, col: &str) -> StoreResult<bool> {
         Ok(row.try_get::<i64, _>(col)? != 0)
     }
+
+    type Id = String;
+    fn id_param(id: Uuid) -> String {
+        id.to_string()
+    }
+    type Flag = i64;
+    fn flag_param(flag: bool) -> i64 {
+        flag as i64
+    }
+    type Code = i64;
+    fn code_param(code: u16) -> i64 {
+        code.into()
+    }
 }
 
 #[derive(Clone)]
