@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use super::super::rows::*;
 use super::super::*;
-use super::{already_answered, insert_with_next_seq, PostgresStore};
+use super::messages::{already_answered, insert_with_next_seq};
+use super::PostgresStore;
 
 #[async_trait]
 impl Coordination for PostgresStore {
