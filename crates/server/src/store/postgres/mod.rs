@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use natter_proto::api::{BotRole, ConnectionRecord, MemberRole};
 use natter_proto::{MessageRole, WireMessage};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row};
 use uuid::Uuid;
 
 use super::rows::*;
