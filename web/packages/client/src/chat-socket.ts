@@ -22,15 +22,16 @@ import {
 } from './connection.js';
 import { Delivery } from './delivery.js';
 import { Emitter } from './emitter.js';
-import { browserEnvironment, type Environment } from './environment.js';
+import { browserEnvironment } from './environment.js';
 import { ChatError, type ChatSocketEvents } from './events.js';
 import { checkHealth, fetchCredential, fetchPreflight, loadCodes, refreshToken, type RestContext } from './handshake.js';
 import { now as monoNow, uuid } from './http.js';
 import { log, redact } from './log.js';
 import { step } from './machine.js';
+import type { ChatSocketOptions, ConnectOptions } from './options.js';
 import { Outbox, type KeyValueStorage, type OutboxEntry } from './outbox.js';
 import { Pinger } from './pinger.js';
-import { ClosePolicy, type BackoffOptions } from './policy.js';
+import { ClosePolicy } from './policy.js';
 import { encodeClientFrame, parseServerFrame, type AckFrame, type ConnectionEstablishedFrame, type ServerFrame } from './protocol.js';
 import { FlightRecorder } from './recorder.js';
 import { WebSocketTransport, type Transport, type TransportTarget } from './transport.js';
@@ -39,54 +40,7 @@ import { closeHeadline } from './words.js';
 export type { CloseInfo, ConnectionState, StateKind } from './connection.js';
 export { browserEnvironment, type Environment } from './environment.js';
 export { ChatError, type ChatSocketEvents } from './events.js';
-
-export interface ChatSocketOptions {
-  /** Default: `VITE_API_URL`, else the page's origin. */
-  apiUrl?: string;
-  /** Default: `VITE_WS_URL`, else `apiUrl` with ws(s)://. */
-  wsUrl?: string;
-  /** The current access token (or null when logged out). */
-  getToken?: () => string | null | Promise<string | null>;
-  /**
-   * Asked once after a 4401 (or a 401 from the ticket endpoint): return a fresh access token,
-   * or null if the session is over. The socket fails with "Session expired" on null.
-   */
-  refreshToken?: () => Promise<string | null>;
-  /** Use `POST /api/ws/ticket` so the access token never appears in a URL. Default true. */
-  useTicket?: boolean;
-  /** From socket creation to `connection_established`. Default 10 000 ms. */
-  connectTimeoutMs?: number;
-  /** The `GET /api/health` check before each attempt. Default 3 000 ms. */
-  healthTimeoutMs?: number;
-  /** Backoff (full jitter): base 500 ms, cap 30 s. */
-  backoff?: Partial<BackoffOptions>;
-  /** A connection open this long resets the backoff. Default 30 000 ms. */
-  stableAfterMs?: number;
-  /** App-level ping period. Default half the server's heartbeat interval. */
-  pingIntervalMs?: number;
-  /** How long a hidden-then-visible tab waits for a pong before reconnecting. Default 5 000 ms. */
-  livenessTimeoutMs?: number;
-  /**
-   * Consecutive 1011 closes (server errors) before giving up with `failed`, so a server that
-   * crashes on every connection is not hammered forever. Default 10.
-   */
-  maxServerErrors?: number;
-  /** Most unsent messages kept. Default 100. */
-  outboxLimit?: number;
-  /** Where the outbox persists. Default `sessionStorage`; null keeps it in memory. */
-  storage?: KeyValueStorage | null;
-  /** Flight recorder size. Default 200. */
-  recorderCapacity?: number;
-  WebSocket?: typeof WebSocket;
-  fetch?: typeof fetch;
-  environment?: Environment;
-  random?: () => number;
-}
-
-export interface ConnectOptions {
-  /** Resume after this seq (e.g. the last message of history the app already loaded). */
-  afterSeq?: number;
-}
+export type { ChatSocketOptions, ConnectOptions } from './options.js';
 
 function defaultStorage(): KeyValueStorage | null {
   try {
