@@ -78,6 +78,8 @@ pub enum StartError {
     Demo(String),
     #[error("{0}")]
     Locked(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 pub struct Server {
@@ -95,6 +97,7 @@ impl Server {
 
     /// Like [`Server::build`] with a listener the caller bound.
     pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
+        config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let secret = auth::load_or_create_secret(&config.data_dir)

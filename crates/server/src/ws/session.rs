@@ -1175,7 +1175,7 @@ impl Session {
             if let Err(e) = crate::bus::announce(&*self.state.bus, conv, message.clone()).await {
                 tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
             }
-            self.state.replier.spawn_reply(&self.engine, self.bot_id, &self.bot_name, message, received).await;
+            self.state.replier.reply(&self.engine, self.bot_id, &self.bot_name, message, received).await;
         }
         Ok(())
     }
