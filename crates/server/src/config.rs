@@ -400,7 +400,8 @@ mod tests {
 
     #[test]
     fn counts_and_lifetimes_must_be_positive() {
-        let cases: [(&str, fn(&mut Config)); 16] = [
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 16] = [
             ("access-token-ttl-secs", |c| c.access_token_ttl = Duration::ZERO),
             ("refresh-token-ttl-secs", |c| c.refresh_token_ttl = Duration::ZERO),
             ("max-content-chars", |c| c.limits.max_content_chars = 0),
