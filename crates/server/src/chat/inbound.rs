@@ -193,7 +193,7 @@ impl<T: Transport> Session<T> {
                 tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
             }
             let peer = &self.peer;
-            self.state.replier.spawn_reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
+            self.state.replier.reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
         }
         Ok(())
     }
