@@ -5,20 +5,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use clap::{Args, ValueEnum};
 use natter_server::config::{BusConfig, Database, LogFormat};
 use natter_server::{Config, Server};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, ValueEnum, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormatArg {
     Pretty,
     Json,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Registration {
     Open,
@@ -27,7 +27,7 @@ pub enum Registration {
 
 /// Every setting of `natter serve`. Each can also be set by its NATTER_* variable or in the
 /// TOML file given with --config (keys spelled like the flags, with '_' for '-').
-#[derive(Args, Debug, Default, Deserialize)]
+#[derive(Args, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML file with any of these settings. Flags and NATTER_* variables override it.
@@ -213,56 +213,22 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// Fills what flags and variables left unset from the file.
-    fn merge(mut self, file: ServeArgs) -> ServeArgs {
-        macro_rules! fill { ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* } }
-        fill!(
-            bind,
-            data_dir,
-            database_url,
-            bus,
-            node_lease_ms,
-            heartbeat_interval_ms,
-            log_format,
-            registration,
-            access_token_ttl_secs,
-            refresh_token_ttl_secs,
-            max_frame_bytes,
-            max_content_chars,
-            max_connections_per_user,
-            max_connections,
-            messages_per_second,
-            message_burst,
-            outbound_queue,
-            bot_concurrency,
-            bot_queue,
-            metrics_bind,
-            ledger_max_age_days,
-            ledger_max_rows,
-            web_dir,
-            max_reply_chars,
-            password_hash_concurrency,
-            password_hash_queue,
-            login_free_failures,
-            ledger_anonymous_per_second,
-            frames_per_second,
-            frame_burst,
-            user_messages_per_second,
-            user_message_burst,
-            http_header_timeout_ms,
-            http_idle_timeout_ms,
-            max_http_connections,
-            otlp_endpoint
-        );
-        if self.allowed_origin.is_empty() {
-            self.allowed_origin = file.allowed_origin;
+    /// Fills what flags and variables left unset from the file: a setting is unset when it is
+    /// absent, an empty list or a switch left off. Done through serde, key by key, so that a
+    /// new setting needs no line here.
+    fn merge(self, file: ServeArgs) -> anyhow::Result<ServeArgs> {
+        use serde_json::Value;
+        let given = serde_json::to_value(&self).context("config: a setting given besides the file is not UTF-8")?;
+        let (Value::Object(mut merged), Value::Object(given)) = (serde_json::to_value(&file)?, given) else {
+            unreachable!("ServeArgs is a struct")
+        };
+        for (key, value) in given {
+            let unset = value.is_null() || value == Value::Bool(false) || value.as_array().is_some_and(Vec::is_empty);
+            if !unset {
+                merged.insert(key, value);
+            }
         }
-        if self.bot_egress_allow.is_empty() {
-            self.bot_egress_allow = file.bot_egress_allow;
-        }
-        self.demo |= file.demo;
-        self.reuse_port |= file.reuse_port;
-        self
+        Ok(serde_json::from_value(Value::Object(merged))?)
     }
 
     /// The resolved configuration, or a one-line error naming the setting at fault.
@@ -270,208 +236,75 @@ impl ServeArgs {
         let args = match &self.config {
             Some(path) => {
                 let file = read_file(path)?;
-                self.merge(file)
+                self.merge(file)?
             }
             None => self,
         };
-        let data_dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("./natter-data"));
-        let mut c = Config::new(data_dir.clone());
-        if let Some(b) = args.bind {
-            c.bind = b;
-        }
-        c.database = match args.database_url.as_deref() {
-            None | Some("sqlite") | Some("") => Database::SqliteFile(data_dir.join("natter.db")),
-            Some("memory:") => Database::Memory,
-            Some(other) if other.starts_with("sqlite://") => {
-                Database::SqliteFile(PathBuf::from(&other["sqlite://".len()..]))
-            }
-            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Database::Postgres(url.to_owned())
-            }
-            Some(other) => {
-                bail!("database-url: unsupported value {other:?}; use \"sqlite\", \"sqlite://PATH\", \"memory:\" or \"postgres://…\"")
-            }
-        };
-        c.bus = match args.bus.as_deref() {
-            None | Some("") | Some("local") => BusConfig::Local,
-            Some(url) if url.starts_with("nats://") || url.starts_with("tls://") => BusConfig::Nats(url.to_owned()),
-            Some(other) => bail!("bus: unsupported value {other:?}; use \"local\" or \"nats://HOST:PORT\""),
-        };
-        if let Some(ms) = args.node_lease_ms {
-            if !(300..=600_000).contains(&ms) {
-                bail!("node-lease-ms: {ms} is out of range (300 to 600000)");
-            }
-            c.node_lease = Duration::from_millis(ms);
-        }
-        for o in &args.allowed_origin {
-            if !(o.starts_with("http://") || o.starts_with("https://"))
-                || o.trim_end_matches('/').matches('/').count() != 2
-            {
-                bail!("allowed-origin: {o:?} is not an origin like http://localhost:5173 (scheme, host, optional port; no path)");
-            }
-        }
-        c.allowed_origins = args.allowed_origin.clone();
-        if let Some(ms) = args.heartbeat_interval_ms {
-            if !(100..=600_000).contains(&ms) {
-                bail!("heartbeat-interval-ms: {ms} is out of range (100 to 600000)");
-            }
-            c.heartbeat_interval = Duration::from_millis(ms);
-        }
-        c.registration_open = args.registration != Some(Registration::Closed);
-        if let Some(s) = args.access_token_ttl_secs {
-            positive("access-token-ttl-secs", s as u128)?;
-            c.access_token_ttl = Duration::from_secs(s);
-        }
-        if let Some(s) = args.refresh_token_ttl_secs {
-            positive("refresh-token-ttl-secs", s as u128)?;
-            c.refresh_token_ttl = Duration::from_secs(s);
-        }
-        let l = &mut c.limits;
-        if let Some(v) = args.max_frame_bytes {
-            if v < 1024 {
-                bail!("max-frame-bytes: {v} is too small (at least 1024)");
-            }
-            l.max_frame_bytes = v;
-        }
-        if let Some(v) = args.max_content_chars {
-            positive("max-content-chars", v as u128)?;
-            l.max_content_chars = v;
-        }
-        if let Some(v) = args.max_connections_per_user {
-            positive("max-connections-per-user", v as u128)?;
-            l.max_connections_per_user = v;
-        }
-        if let Some(v) = args.max_connections {
-            positive("max-connections", v as u128)?;
-            l.max_connections = v;
-        }
-        if let Some(v) = args.messages_per_second {
-            positive("messages-per-second", v as u128)?;
-            l.messages_per_second = v;
-        }
-        if let Some(v) = args.message_burst {
-            positive("message-burst", v as u128)?;
-            l.message_burst = v;
-        }
-        if let Some(v) = args.outbound_queue {
-            positive("outbound-queue", v as u128)?;
-            l.outbound_queue = v;
-        }
-        if let Some(v) = args.bot_concurrency {
-            positive("bot-concurrency", v as u128)?;
-            l.bot_concurrency = v;
-        }
-        if let Some(v) = args.bot_queue {
-            l.bot_queue = v;
-        }
-        if let Some(v) = args.max_reply_chars {
-            if !(1..=16 * 1024 * 1024).contains(&v) {
-                bail!("max-reply-chars: {v} is out of range (1 to 16777216)");
-            }
-            l.max_reply_chars = v;
-        }
-        if let Some(v) = args.frames_per_second {
-            positive("frames-per-second", v as u128)?;
-            l.frames_per_second = v;
-        }
-        if let Some(v) = args.frame_burst {
-            positive("frame-burst", v as u128)?;
-            l.frame_burst = v;
-        }
-        if let Some(v) = args.user_messages_per_second {
-            positive("user-messages-per-second", v as u128)?;
-            l.user_messages_per_second = v;
-        }
-        if let Some(v) = args.user_message_burst {
-            positive("user-message-burst", v as u128)?;
-            l.user_message_burst = v;
-        }
-        if let Some(ms) = args.http_header_timeout_ms {
-            if !(100..=600_000).contains(&ms) {
-                bail!("http-header-timeout-ms: {ms} is out of range (100 to 600000)");
-            }
-            l.http_header_timeout = Duration::from_millis(ms);
-        }
-        if let Some(ms) = args.http_idle_timeout_ms {
-            if !(100..=3_600_000).contains(&ms) {
-                bail!("http-idle-timeout-ms: {ms} is out of range (100 to 3600000)");
-            }
-            l.http_idle_timeout = Duration::from_millis(ms);
-        }
-        if let Some(v) = args.max_http_connections {
-            positive("max-http-connections", v as u128)?;
-            l.max_http_connections = v;
-        }
-        c.metrics_bind = args.metrics_bind;
-        if let Some(days) = args.ledger_max_age_days {
-            positive("ledger-max-age-days", days as u128)?;
-            c.ledger_retention.max_age = Duration::from_secs(days * 24 * 3600);
-        }
-        if let Some(n) = args.ledger_max_rows {
-            positive("ledger-max-rows", n as u128)?;
-            c.ledger_retention.max_rows = n;
-        }
-        if let Some(n) = args.ledger_anonymous_per_second {
-            if n > 100_000 {
-                bail!("ledger-anonymous-per-second: {n} is out of range (0 to 100000)");
-            }
-            c.ledger_retention.anonymous_per_second = n;
-        }
-        if let Some(dir) = &args.web_dir {
-            if !dir.join("index.html").is_file() {
-                bail!("web-dir: {} has no index.html (build the web app with `make web`)", dir.display());
-            }
-        }
-        c.web_dir = args.web_dir.clone();
-        c.demo = args.demo;
-        c.reuse_port = args.reuse_port;
-        if c.reuse_port && c.database == Database::Memory {
-            bail!("reuse-port: with --database-url memory: each process has its own data, so a hand-over would lose every message; use SQLite or PostgreSQL");
-        }
-        if c.demo && !c.bind.ip().is_loopback() {
-            bail!("demo: --demo is only allowed when --bind is a loopback address (it creates a user with a published password)");
-        }
-        for a in &args.bot_egress_allow {
-            c.bot_egress_allow.push(a.parse().map_err(|e| anyhow!("bot-egress-allow: {e}"))?);
-        }
-        if let Some(n) = args.password_hash_concurrency {
-            if !(1..=64).contains(&n) {
-                bail!("password-hash-concurrency: {n} is out of range (1 to 64; each hash holds 19 MiB)");
-            }
-            c.password_hash_concurrency = n;
-        }
-        if let Some(n) = args.password_hash_queue {
-            if n > 100_000 {
-                bail!("password-hash-queue: {n} is out of range (0 to 100000)");
-            }
-            c.password_hash_queue = n;
-        }
-        if let Some(n) = args.login_free_failures {
-            if n > 1000 {
-                bail!("login-free-failures: {n} is out of range (0 to 1000)");
-            }
-            c.login_throttle.free_failures = n;
-        }
-        if let Some(url) = args.otlp_endpoint.as_deref().filter(|u| !u.is_empty()) {
-            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
-                bail!("otlp-endpoint: {url:?} is not a collector URL like http://127.0.0.1:4318");
-            }
-            c.otlp_endpoint = Some(url.to_owned());
-        }
         let log = match args.log_format {
             Some(LogFormatArg::Json) => LogFormat::Json,
             _ => LogFormat::Pretty,
         };
-        Ok((c, log))
+        let config = args.into_config()?;
+        config.validate()?;
+        Ok((config, log))
+    }
+
+    /// The settings given, over the defaults. Only parsing fails here; which values the server
+    /// runs with is `Config::validate`'s to say.
+    fn into_config(self) -> anyhow::Result<Config> {
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from("./natter-data"));
+        let mut c = Config::new(data_dir.clone());
+        c.database = Database::from_url(self.database_url.as_deref().unwrap_or(""), &data_dir)?;
+        c.bus = BusConfig::from_url(self.bus.as_deref().unwrap_or(""))?;
+        set(&mut c.bind, self.bind);
+        set(&mut c.node_lease, self.node_lease_ms.map(Duration::from_millis));
+        c.allowed_origins = self.allowed_origin;
+        set(&mut c.heartbeat_interval, self.heartbeat_interval_ms.map(Duration::from_millis));
+        c.registration_open = self.registration != Some(Registration::Closed);
+        set(&mut c.access_token_ttl, self.access_token_ttl_secs.map(Duration::from_secs));
+        set(&mut c.refresh_token_ttl, self.refresh_token_ttl_secs.map(Duration::from_secs));
+        let l = &mut c.limits;
+        set(&mut l.max_frame_bytes, self.max_frame_bytes);
+        set(&mut l.max_content_chars, self.max_content_chars);
+        set(&mut l.max_connections_per_user, self.max_connections_per_user);
+        set(&mut l.max_connections, self.max_connections);
+        set(&mut l.messages_per_second, self.messages_per_second);
+        set(&mut l.message_burst, self.message_burst);
+        set(&mut l.outbound_queue, self.outbound_queue);
+        set(&mut l.bot_concurrency, self.bot_concurrency);
+        set(&mut l.bot_queue, self.bot_queue);
+        set(&mut l.max_reply_chars, self.max_reply_chars);
+        set(&mut l.frames_per_second, self.frames_per_second);
+        set(&mut l.frame_burst, self.frame_burst);
+        set(&mut l.user_messages_per_second, self.user_messages_per_second);
+        set(&mut l.user_message_burst, self.user_message_burst);
+        set(&mut l.http_header_timeout, self.http_header_timeout_ms.map(Duration::from_millis));
+        set(&mut l.http_idle_timeout, self.http_idle_timeout_ms.map(Duration::from_millis));
+        set(&mut l.max_http_connections, self.max_http_connections);
+        c.metrics_bind = self.metrics_bind;
+        let r = &mut c.ledger_retention;
+        set(&mut r.max_age, self.ledger_max_age_days.map(|days| Duration::from_secs(days * 24 * 3600)));
+        set(&mut r.max_rows, self.ledger_max_rows);
+        set(&mut r.anonymous_per_second, self.ledger_anonymous_per_second);
+        c.web_dir = self.web_dir;
+        c.demo = self.demo;
+        c.reuse_port = self.reuse_port;
+        for a in &self.bot_egress_allow {
+            c.bot_egress_allow.push(a.parse().map_err(|e| anyhow!("bot-egress-allow: {e}"))?);
+        }
+        set(&mut c.password_hash_concurrency, self.password_hash_concurrency);
+        set(&mut c.password_hash_queue, self.password_hash_queue);
+        set(&mut c.login_throttle.free_failures, self.login_free_failures);
+        c.otlp_endpoint = self.otlp_endpoint.filter(|u| !u.is_empty());
+        Ok(c)
     }
 }
 
-fn positive(name: &str, v: u128) -> anyhow::Result<()> {
-    if v == 0 {
-        bail!("{name}: must be greater than 0");
+/// A setting that was given replaces the default.
+fn set<T>(slot: &mut T, given: Option<T>) {
+    if let Some(v) = given {
+        *slot = v;
     }
-    Ok(())
 }
 
 fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -667,6 +500,29 @@ mod tests {
         let e = parse(&["--config", path.to_str().unwrap()]).resolve().unwrap_err().to_string();
         assert!(e.contains("natter.toml:1") && e.contains("bnd") && !e.contains('\n'), "{e}");
     }
+    #[test]
+    fn every_kind_of_setting_comes_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("natter.toml");
+        std::fs::write(
+            &path,
+            "demo = true\nreuse_port = true\nbot_egress_allow = [\"10.0.0.0/8\"]\nmax_connections = 7\n\
+             log_format = \"json\"\nregistration = \"closed\"\nnode_lease_ms = 3000\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let (c, log) = parse(&["--config", file]).resolve().unwrap();
+        assert!(c.demo && c.reuse_port && !c.registration_open, "switches and choices");
+        assert_eq!((c.limits.max_connections, c.node_lease, log), (7, Duration::from_secs(3), LogFormat::Json));
+        assert_eq!(c.bot_egress_allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["10.0.0.0/8"]);
+        // A list given as a flag replaces the file's; a value the file has wrong is named.
+        let (c, _) = parse(&["--config", file, "--bot-egress-allow", "127.0.0.1"]).resolve().unwrap();
+        assert_eq!(c.bot_egress_allow.iter().map(|a| a.to_string()).collect::<Vec<_>>(), ["127.0.0.1/32"]);
+        std::fs::write(&path, "node_lease_ms = 10\n").unwrap();
+        let e = parse(&["--config", file]).resolve().unwrap_err().to_string();
+        assert_eq!(e, "node-lease-ms: 10 is out of range (300 to 600000)");
+    }
+
     #[test]
     fn otlp_endpoint_from_flag_or_file() {
         assert_eq!(parse(&[]).resolve().unwrap().0.otlp_endpoint, None, "off by default");

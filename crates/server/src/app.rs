@@ -42,6 +42,8 @@ pub enum StartError {
     Demo(String),
     #[error("{0}")]
     Locked(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
 }
 
 pub struct Server {
@@ -59,6 +61,7 @@ impl Server {
 
     /// Like [`Server::build`] with a listener the caller bound.
     pub async fn with_listener(config: Config, listener: TcpListener) -> Result<Server, StartError> {
+        config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let secret = auth::load_or_create_secret(&config.data_dir)

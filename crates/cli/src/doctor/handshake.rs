@@ -9,8 +9,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use super::net::BoxIo;
-use super::report::{human, Step};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::account::{BotChoice, Identity};
+use super::http::{urlencode, Api};
+use super::net::{self, BoxIo};
+use super::report::{human, Status, Step};
 
 /// What fixes a proxy that does not pass WebSockets.
 pub const PROXY_FIX: &str = "\
@@ -264,6 +269,108 @@ pub async fn exchange(
         leftover.clear();
     }
     Ok(Exchange { head, leftover, body, took, accept })
+}
+
+/// The connection after a good 101, and the bytes read past the answer's head.
+pub(super) struct Upgraded {
+    pub io: BoxIo,
+    pub leftover: Vec<u8>,
+}
+
+/// What the handshake step hands on.
+pub(super) struct Upgrade {
+    /// Set when the answer was a proper 101.
+    pub socket: Option<Upgraded>,
+    /// The socket's single-use ticket, when one was used. Never printed.
+    pub ticket: Option<String>,
+}
+
+/// Step `handshake`: upgrades a second connection to the chat socket of the bot.
+pub(super) async fn step(
+    api: &Api,
+    user: &Identity,
+    bot: &BotChoice,
+    origin: Option<&str>,
+    attempt_id: Uuid,
+) -> (Step, Upgrade) {
+    let (auth_query, ticket, auth) = authenticate(api, user, bot).await;
+    let mut upgrade = Upgrade { socket: None, ticket };
+    let path = format!(
+        "{}/api/ws/chat/{}?attempt_id={attempt_id}{auth_query}",
+        api.target.prefix,
+        bot.id.unwrap_or(Uuid::nil())
+    );
+    let mut io = match connect(api).await {
+        Ok(io) => io,
+        Err(e) => {
+            let step = Step::fail(
+                "handshake",
+                e,
+                "could not open a second connection to the server",
+                "run the doctor again; check the network",
+            );
+            return (step, upgrade);
+        }
+    };
+    let step = match exchange(&mut io, &api.target.authority(), &path, origin, api.timeout).await {
+        Ok(x) => {
+            let mut step = judge(&x.head, &x.accept, &x.body, x.took);
+            step.detail.push_str(auth);
+            if step.status == Status::Ok {
+                upgrade.socket = Some(Upgraded { io, leftover: x.leftover });
+            }
+            step
+        }
+        Err(e) => Step::fail(
+            "handshake",
+            e,
+            "the upgrade request got no HTTP answer: something in between (a firewall, a proxy that blocks WebSockets) dropped it, or this port does not speak HTTP",
+            PROXY_FIX,
+        ),
+    };
+    (step, upgrade)
+}
+
+/// How the upgrade authenticates: the query parameter, the ticket (if one was used) and the
+/// words for the report. A single-use ticket keeps the long-lived token out of proxy logs, as
+/// browsers should; when the token or the bot is already known to be refused, the token
+/// itself lets the socket show the refusal.
+async fn authenticate(api: &Api, user: &Identity, bot: &BotChoice) -> (String, Option<String>, &'static str) {
+    let Some(token) = user.token() else {
+        return (String::new(), None, "");
+    };
+    let ticket = match (user.verified() && bot.accepted, bot.id) {
+        (true, Some(bot)) => api
+            .request(reqwest::Method::POST, "/ws/ticket", Some(token), None, Some(json!({ "bot_id": bot })))
+            .await
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| r.json::<natter_proto::api::TicketResponse>()),
+        _ => None,
+    };
+    match ticket {
+        Some(tk) => (
+            format!("&ticket={}", urlencode(&tk.ticket)),
+            Some(tk.ticket),
+            "; authenticated with a single-use ticket from POST /api/ws/ticket",
+        ),
+        None => (format!("&token={}", urlencode(token)), None, "; authenticated with ?token="),
+    }
+}
+
+/// Opens a fresh connection (TCP, then TLS for https) for the socket.
+async fn connect(api: &Api) -> Result<BoxIo, String> {
+    let (tcp, _) =
+        net::tcp_connect(&api.addrs, api.timeout).await.map_err(|(a, e)| format!("connecting to {a} failed: {e}"))?;
+    if !api.target.secure {
+        return Ok(BoxIo(Box::new(tcp)));
+    }
+    let tls = api.tls.as_ref().ok_or("no TLS")?;
+    let conn = tokio::time::timeout(api.timeout, tls.connect(&api.target.host, tcp))
+        .await
+        .map_err(|_| "TLS handshake timed out".to_owned())?
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    Ok(BoxIo(Box::new(conn)))
 }
 
 #[cfg(test)]

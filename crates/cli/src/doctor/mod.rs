@@ -5,24 +5,28 @@
 //! the fix. `--json` prints the same report as one document.
 
 use std::io::{IsTerminal, Write};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 
+mod account;
 mod handshake;
+mod http;
 mod jwt;
+mod ledger;
 mod net;
+mod network;
+mod pipeline;
 mod report;
 mod socket;
-mod steps;
+mod stage;
+mod traffic;
 
-use net::{BoxIo, Target, Tls};
-use report::{Report, Step, STEPS};
+use net::Tls;
+use pipeline::{Finished, Settings};
 
 /// Check every layer between this machine and a natter server's chat socket, and name the
 /// one that is broken. Exit status: 0 all passed (warnings allowed), 1 a step failed,
@@ -175,133 +179,51 @@ fn split_advice(description: &str) -> (String, String) {
     }
 }
 
-/// Everything the steps learn and hand on to later steps.
-struct Doctor {
-    args: DoctorArgs,
-    timeout: Duration,
-    report: Report,
-    progress: bool,
-    /// Set when a step failed in a way that makes the following network steps pointless.
-    blocked: Option<String>,
-    target: Option<Target>,
-    addrs: Vec<SocketAddr>,
-    /// The connection the tcp step opened, for the tls step.
-    first_tcp: Option<tokio::net::TcpStream>,
-    tls: Option<Tls>,
-    tls_error: Option<String>,
-    http: Option<reqwest::Client>,
-    /// Server clock minus local clock, in seconds (from the Date header).
-    skew: Option<f64>,
-    server_version: Option<String>,
-    registry: Registry,
-    token: Option<String>,
-    /// The socket's ticket, when one was used. Never printed.
-    ticket: Option<String>,
-    token_ok: bool,
-    username: Option<String>,
-    bot_id: Option<Uuid>,
-    bot_ok: bool,
-    /// The connection after a good 101, and the bytes read past the answer's head.
-    upgraded: Option<(BoxIo, Vec<u8>)>,
-    ws: Option<WebSocketStream<BoxIo>>,
-    heartbeat: Option<Duration>,
-    /// Sent as `attempt_id`, so this run's attempt can be found in the ledger.
-    attempt_id: Uuid,
-    /// Why the socket is gone, when a step lost it.
-    socket_gone: Option<String>,
-}
-
-impl Doctor {
-    fn push(&mut self, step: Step) {
-        self.report.push(step);
-    }
-
-    fn show_progress(&self, index: usize, name: &str) {
-        if self.progress {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[K[{}/{}] {name}…", index + 1, STEPS.len());
-            let _ = err.flush();
-        }
-    }
-
-    fn clear_progress(&self) {
-        if self.progress {
-            let mut err = std::io::stderr().lock();
-            let _ = write!(err, "\r\x1b[K");
-            let _ = err.flush();
-        }
-    }
-}
-
 /// Runs every step and prints the report. Returns the process's exit status.
 pub async fn run(args: DoctorArgs) -> ExitCode {
-    let extra_ca = match &args.ca_file {
-        None => None,
-        Some(path) => match std::fs::read(path) {
-            Ok(pem) => Some(pem),
-            Err(e) => {
-                eprintln!("natter doctor: cannot read --ca-file {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        },
-    };
-    let (tls, tls_error) = match Tls::new(extra_ca.as_deref()) {
-        Ok(t) => (Some(t), None),
-        Err(e) if args.ca_file.is_some() => {
+    let tls = match tls_settings(args.ca_file.as_deref()) {
+        Ok(tls) => tls,
+        Err(e) => {
             eprintln!("natter doctor: {e}");
             return ExitCode::from(2);
         }
-        Err(e) => (None, Some(e)),
     };
-    let secrets: Vec<String> = [args.token.clone(), args.password.clone()].into_iter().flatten().collect();
-    let json = args.json;
-    let mut d = Doctor {
+    let settings = Settings {
         timeout: Duration::from_secs(args.timeout),
         args,
-        report: Report::new(),
-        progress: std::io::stderr().is_terminal(),
-        blocked: None,
-        target: None,
-        addrs: Vec::new(),
-        first_tcp: None,
         tls,
-        tls_error,
-        http: None,
-        skew: None,
-        server_version: None,
-        registry: Registry::builtin(),
-        token: None,
-        ticket: None,
-        token_ok: false,
-        username: None,
-        bot_id: None,
-        bot_ok: false,
-        upgraded: None,
-        ws: None,
-        heartbeat: None,
         attempt_id: Uuid::new_v4(),
-        socket_gone: None,
+        progress: std::io::stderr().is_terminal(),
     };
-    for (i, name) in STEPS.iter().enumerate() {
-        d.show_progress(i, name);
-        let step = d.run_step(name).await;
-        d.push(step);
-    }
-    d.finish().await;
-    d.clear_progress();
+    let finished = pipeline::run(&settings).await;
+    print(finished, &settings.args)
+}
 
-    let mut report = d.report;
-    let mut secrets = secrets;
-    secrets.extend(d.token.take());
-    secrets.extend(d.ticket.take());
+/// The TLS settings, with the roots of `--ca-file` when given. A bad `--ca-file` is a usage
+/// error; without one, the error is kept for the tls step to report (for https only).
+fn tls_settings(ca_file: Option<&std::path::Path>) -> Result<Result<Tls, String>, String> {
+    let extra_ca = match ca_file {
+        None => None,
+        Some(path) => Some(std::fs::read(path).map_err(|e| format!("cannot read --ca-file {}: {e}", path.display()))?),
+    };
+    match Tls::new(extra_ca.as_deref()) {
+        Err(e) if ca_file.is_some() => Err(e),
+        tls => Ok(tls),
+    }
+}
+
+/// Prints the report (its secrets redacted) as text or JSON; returns the exit status.
+fn print(finished: Finished, args: &DoctorArgs) -> ExitCode {
+    let Finished { mut report, base, bot, secrets: found } = finished;
+    let secrets: Vec<String> = [args.token.clone(), args.password.clone()].into_iter().flatten().chain(found).collect();
     report.redact(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
     let mut out = std::io::stdout().lock();
-    if json {
+    if args.json {
         let _ = writeln!(out, "{}", report.to_json());
     } else {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        let mut title = d.target.as_ref().map(|t| t.http_base()).unwrap_or_else(|| d.args.base_url.clone());
-        if let Some(bot) = d.bot_id {
+        let mut title = base.unwrap_or_else(|| args.base_url.clone());
+        if let Some(bot) = bot {
             title.push_str(&format!(" (bot {bot})"));
         }
         let _ = write!(out, "{}", report.render_text(&title, colour));

@@ -6,44 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Every step, in the order the doctor runs them. Names are part of the JSON output.
-pub const STEPS: &[&str] = &[
-    "url",
-    "dns",
-    "tcp",
-    "tls",
-    "health",
-    "cors",
-    "token",
-    "bot",
-    "handshake",
-    "established",
-    "ping",
-    "watch",
-    "send",
-    "ledger",
-];
-
-/// What a person would call each layer, for the summary.
-fn layer_name(step: &str) -> &'static str {
-    match step {
-        "url" => "the URL",
-        "dns" => "name resolution (DNS)",
-        "tcp" => "the network (TCP connect)",
-        "tls" => "TLS",
-        "health" => "the HTTP API",
-        "cors" => "CORS / Origin",
-        "token" => "the credentials",
-        "bot" => "the bot or its permissions",
-        "handshake" => "the WebSocket upgrade (a proxy in between)",
-        "established" => "the chat socket's admission",
-        "ping" => "the open socket (ping)",
-        "watch" => "the idle connection (an idle timeout in between)",
-        "send" => "the message round trip",
-        "ledger" => "the server's connection ledger",
-        _ => "an unknown layer",
-    }
-}
+use super::stage::Stage;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -133,10 +96,6 @@ impl Report {
         self.steps.push(step);
     }
 
-    pub fn step(&self, name: &str) -> Option<&Step> {
-        self.steps.iter().find(|s| s.name == name)
-    }
-
     pub fn first_failure(&self) -> Option<&Step> {
         self.steps.iter().find(|s| s.status == Status::Fail)
     }
@@ -176,7 +135,7 @@ impl Report {
     pub fn summary(&self) -> String {
         if let Some(f) = self.first_failure() {
             let why = f.cause.as_deref().unwrap_or(&f.detail);
-            return format!("First failing layer: {} (step `{}`): {}", layer_name(f.name), f.name, why);
+            return format!("First failing layer: {} (step `{}`): {}", Stage::layer_of(f.name), f.name, why);
         }
         let warnings: Vec<&str> = self.steps.iter().filter(|s| s.status == Status::Warn).map(|s| s.name).collect();
         if warnings.is_empty() {
@@ -195,7 +154,7 @@ impl Report {
         let (reset, bold) = if colour { ("\x1b[0m", "\x1b[1m") } else { ("", "") };
         let mut out = String::new();
         let _ = writeln!(out, "{bold}natter doctor{reset} {title}\n");
-        let width = STEPS.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
+        let width = Stage::ALL.iter().map(|s| s.name().len()).max().unwrap_or(0) + 1;
         let pad = " ".repeat(width + 3);
         for step in &self.steps {
             let (c, r) = if colour { (step.status.colour(), reset) } else { ("", "") };

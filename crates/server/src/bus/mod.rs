@@ -445,12 +445,13 @@ mod tests {
         assert_eq!(queued(&bus, conv).0, 1, "a has not read it");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_waiting_subscriber_is_woken() {
         let bus = LocalBus::new(4);
         let conv = Uuid::new_v4();
         let mut sub = bus.subscribe(conv).await.unwrap();
         let waiting = tokio::spawn(async move { matches!(sub.recv().await, Received::Event(_)) });
+        // Paused time: this ends (at once) when every task waits, the subscriber in `recv`.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         bus.publish(conv, ConvEvent::BotChanged).await.unwrap();
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("woken").unwrap();

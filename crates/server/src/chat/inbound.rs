@@ -216,7 +216,7 @@ pub(super) async fn hand_on(state: &AppState, peer: &Peer, message: WireMessage,
     if let Err(e) = crate::bus::announce(&*state.bus, peer.conversation_id, message.clone()).await {
         tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
     }
-    state.replier.spawn_reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
+    state.replier.reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
 }
 
 #[cfg(test)]

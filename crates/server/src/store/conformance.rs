@@ -1,5 +1,9 @@
 //! The one test suite every [`Store`] implementation must pass. Each implementation's
 //! tests call [`run_all`] with a fresh, empty store.
+//!
+//! One file over 500 lines on purpose: it is the specification of a store, read top to bottom
+//! when writing a new one, and its cases share their fixtures (`user`, `chat_setup`,
+//! `user_msg`, `bot_reply`); `test_every_store!` at the end makes each case a test per store.
 
 use std::sync::Arc;
 

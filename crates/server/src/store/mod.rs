@@ -4,6 +4,10 @@
 //! (`store::conformance`).
 //!
 //! The store knows nothing of HTTP, WebSocket or JWT: it takes and returns plain data.
+//!
+//! What the stores share is written once in `rows` (row → domain conversions, column lists,
+//! the role and refresh-token rules); each store is a folder split by area (`coordination`,
+//! `ledger`, …) around the `Store` impl in its `mod.rs`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,6 +18,7 @@ use uuid::Uuid;
 mod coordination;
 pub mod memory;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 #[cfg(test)]

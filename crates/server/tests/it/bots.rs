@@ -285,7 +285,11 @@ async fn a_reply_survives_a_disconnect_and_a_resume_gets_it_exactly_once() {
     let ServerFrame::Ack { message: sent, .. } = ws.frame().await else { panic!() };
     assert!(matches!(ws.frame().await, ServerFrame::MessageDelta { .. }));
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conv = app.state.store.conversation(alice.id, bot).await.unwrap().id;
+    wait_until("two words of the reply generated", || async {
+        app.state.replier.in_progress(conv).iter().any(|r| r.text.starts_with("one two "))
+    })
+    .await;
     let mut ws = app.ws(bot, &alice.token, &format!("&after_seq={}", sent.seq)).await;
     ws.established().await;
     let (deltas, errors, m) = reply(&mut ws).await;
@@ -302,7 +306,10 @@ async fn a_reply_survives_a_disconnect_and_a_resume_gets_it_exactly_once() {
     ws.say("c2", "again").await;
     let ServerFrame::Ack { message: sent, .. } = ws.frame().await else { panic!() };
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    wait_until("the reply stored", || async {
+        app.state.store.messages_after(conv, sent.seq, 1).await.unwrap().len() == 1
+    })
+    .await;
     let mut ws = app.ws(bot, &alice.token, &format!("&after_seq={}", sent.seq)).await;
     ws.established().await;
     let ServerFrame::Message { message } = ws.frame().await else { panic!() };

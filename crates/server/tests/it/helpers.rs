@@ -327,3 +327,18 @@ pub fn expired_token(app: &TestApp, user: Uuid) -> String {
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(&secret))
         .unwrap()
 }
+
+/// Waits until `done` holds, checking every 20 ms; fails naming `what` after 10 s. For the
+/// waits on the real server that must take real time (its sockets, store and tasks run as
+/// they do in production): as long as the condition takes, instead of a guessed sleep.
+pub async fn wait_until<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done().await {
+        assert!(tokio::time::Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

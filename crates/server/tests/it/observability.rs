@@ -117,8 +117,8 @@ async fn every_way_a_connection_ends_is_in_the_ledger_and_the_metrics() {
     assert_eq!(row(&app, &alice, attempt).await.close_code, Some(4429));
     drop(keep);
 
-    // A client that vanishes without a close frame.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A client that vanishes without a close frame (once the server let go of those two).
+    wait_until("alice's sockets closed", || async { app.state.hub.user_count(alice.id) == 0 }).await;
     let attempt = Uuid::new_v4();
     let mut ws = WsClient::connect(&url(&app, &b, &tok, attempt)).await;
     ws.established().await;
@@ -191,8 +191,9 @@ async fn server_errors_restarts_and_overload_are_recorded() {
     assert_eq!(c, 1011);
     assert_eq!(row(&app, &alice, err).await.close_reason, Some(reason), "the error id is in the ledger too");
 
-    // 1012: shutdown; the row is written before the server exits.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // 1012: shutdown; the row is written before the server exits (on the one place there is,
+    // once the 1011 socket has left it).
+    wait_until("the server's only place free", || async { app.state.hub.is_empty() }).await;
     let last = Uuid::new_v4();
     let mut ws = WsClient::connect(&url(&app, &b, &tok, last)).await;
     ws.established().await;

@@ -14,11 +14,16 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use natter_proto::api::{BotRole, ConnectionRecord, MemberRole, Visibility};
-use natter_proto::{MessageRole, MessageStatus, WireMessage};
+use natter_proto::api::{BotRole, ConnectionRecord, MemberRole};
+use natter_proto::{MessageRole, WireMessage};
 use uuid::Uuid;
 
+use super::rows::{ms, role_of};
 use super::*;
+
+mod coordination;
+mod ledger;
+mod tokens;
 
 /// The in-memory store. See the module documentation.
 #[derive(Default)]
@@ -140,21 +145,9 @@ fn unique(what: &str) -> StoreError {
     StoreError::Backend(format!("UNIQUE constraint failed: {what}"))
 }
 
-/// A time as SQLite returns it: truncated to the millisecond.
-fn ms(t: DateTime<Utc>) -> DateTime<Utc> {
-    from_millis(millis(t))
-}
-
 impl Inner {
     fn role_of(&self, bot: &Bot, user_id: Uuid) -> Option<BotRole> {
-        if bot.owner_id == user_id {
-            return Some(BotRole::Owner);
-        }
-        match self.members.get(&bot.id).and_then(|m| m.get(&user_id)) {
-            Some(role) => Some(BotRole::from(*role)),
-            None if bot.visibility == Visibility::Public => Some(BotRole::Public),
-            None => None,
-        }
+        role_of(bot, user_id, self.members.get(&bot.id).and_then(|m| m.get(&user_id)).copied())
     }
 
     /// Whether `in_reply_to` already has its one outcome: not owed any more, and a bot message in
@@ -252,39 +245,11 @@ impl Store for MemoryStore {
     }
 
     async fn insert_refresh_token(&self, t: NewRefreshToken) -> StoreResult<()> {
-        let mut inner = self.lock()?;
-        if inner.refresh_tokens.contains_key(&t.token_hash) {
-            return Err(unique("refresh_tokens.token_hash"));
-        }
-        if !inner.users.contains_key(&t.user_id) {
-            return Err(foreign_key("refresh_tokens.user_id"));
-        }
-        inner.families.entry(t.family_id).or_default().push(t.token_hash.clone());
-        let row = RefreshRow {
-            user_id: t.user_id,
-            family_id: t.family_id,
-            expires_at: millis(t.expires_at),
-            used_at: None,
-            revoked_at: None,
-        };
-        inner.refresh_tokens.insert(t.token_hash, row);
-        Ok(())
+        self.lock()?.insert_refresh_token(t)
     }
 
     async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse> {
-        let mut inner = self.lock()?;
-        let now = millis(now);
-        let Some(row) = inner.refresh_tokens.get_mut(token_hash) else { return Ok(RefreshUse::Invalid) };
-        if row.used_at.is_some() {
-            let family_id = row.family_id;
-            inner.revoke_family(family_id, now);
-            return Ok(RefreshUse::Reused { family_id });
-        }
-        if row.revoked_at.is_some() || row.expires_at <= now {
-            return Ok(RefreshUse::Invalid);
-        }
-        row.used_at = Some(now);
-        Ok(RefreshUse::Valid { user_id: row.user_id, family_id: row.family_id })
+        Ok(self.lock()?.use_refresh_token(token_hash, millis(now)))
     }
 
     async fn revoke_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<Option<Uuid>> {
@@ -297,17 +262,7 @@ impl Store for MemoryStore {
     }
 
     async fn revoked_families(&self, since: DateTime<Utc>) -> StoreResult<Vec<Uuid>> {
-        let since = millis(since);
-        let inner = self.lock()?;
-        let mut families: Vec<Uuid> = inner
-            .refresh_tokens
-            .values()
-            .filter(|r| r.revoked_at.is_some_and(|t| t >= since))
-            .map(|r| r.family_id)
-            .collect();
-        families.sort_unstable();
-        families.dedup();
-        Ok(families)
+        Ok(self.lock()?.revoked_families(millis(since)))
     }
 
     async fn create_bot(&self, bot: NewBot) -> StoreResult<Bot> {
@@ -539,309 +494,26 @@ impl Store for MemoryStore {
 
     async fn record_connections(&self, rows: &[ConnectionRecord]) -> StoreResult<()> {
         // Like SQLite: nothing to write asks nothing of the store (even a closed one).
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut inner = self.lock()?;
-        for r in rows {
-            let mut r = r.clone();
-            r.started_at = ms(r.started_at);
-            r.ended_at = r.ended_at.map(ms);
-            let started = millis(r.started_at);
-            // INSERT OR REPLACE on the connection id (in place when its key is unchanged, as
-            // for the row that ends an attempt).
-            let key = (Reverse(started), r.connection_id);
-            match inner.ledger_started.insert(r.connection_id, started) {
-                Some(old) if old == started => {
-                    if let Some(row) = inner.ledger.get_mut(&key) {
-                        **row = r;
-                        continue;
-                    }
-                }
-                Some(old) => {
-                    inner.ledger.remove(&(Reverse(old), r.connection_id));
-                }
-                None => {}
-            }
-            inner.ledger.insert(key, Box::new(r));
+        if !rows.is_empty() {
+            self.lock()?.record_connections(rows);
         }
         Ok(())
     }
 
     async fn connections(
         &self,
-        user_id: Option<Uuid>,
-        bot_id: Option<Uuid>,
+        user: Option<Uuid>,
+        bot: Option<Uuid>,
         limit: u32,
     ) -> StoreResult<Vec<ConnectionRecord>> {
-        let inner = self.lock()?;
-        Ok(inner
-            .ledger
-            .values()
-            .filter(|r| user_id.is_none() || r.user_id == user_id)
-            .filter(|r| bot_id.is_none() || r.bot_id == bot_id)
-            .take(limit as usize)
-            .map(|r| (**r).clone())
-            .collect())
+        Ok(self.lock()?.connections(user, bot, limit))
     }
 
     async fn connection(&self, attempt_id: Uuid, user_id: Option<Uuid>) -> StoreResult<Option<ConnectionRecord>> {
-        let inner = self.lock()?;
-        Ok(inner
-            .ledger
-            .values()
-            .filter(|r| user_id.is_none() || r.user_id == user_id)
-            .find(|r| r.attempt_id == attempt_id || r.connection_id == attempt_id)
-            .map(|r| (**r).clone()))
+        Ok(self.lock()?.connection(attempt_id, user_id))
     }
 
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
-        let mut inner = self.lock()?;
-        let inner = &mut *inner;
-        let older_than = millis(older_than);
-        // By age first, then the oldest beyond `keep` of what is left.
-        let doomed: Vec<(Reverse<i64>, Uuid)> = inner
-            .ledger
-            .keys()
-            .enumerate()
-            .filter(|&(i, (Reverse(started), _))| *started < older_than || i as u64 >= keep)
-            .map(|(_, k)| *k)
-            .collect();
-        for key in &doomed {
-            inner.ledger.remove(key);
-            inner.ledger_started.remove(&key.1);
-        }
-        Ok(doomed.len() as u64)
+        Ok(self.lock()?.prune_connections(older_than, keep))
     }
 }
-
-impl Inner {
-    fn revoke_family(&mut self, family_id: Uuid, now: i64) {
-        for hash in self.families.get(&family_id).into_iter().flatten() {
-            if let Some(row) = self.refresh_tokens.get_mut(hash) {
-                row.revoked_at.get_or_insert(now);
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl Coordination for MemoryStore {
-    fn shared(&self) -> bool {
-        false
-    }
-
-    async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
-        let mut inner = self.lock()?;
-        let inner = &mut *inner;
-        let now = millis(now);
-        let mine = inner.slots.get(&slot.user_id);
-        let live = mine.map_or(0, |s| s.values().filter(|s| s.expires_at > now).count());
-        if live >= max {
-            return Ok(false);
-        }
-        // SQLite deletes the user's expired slots before inserting: a connection id is taken
-        // unless it is one of those.
-        if let Some(&owner) = inner.slot_users.get(&slot.connection_id) {
-            let expired_mine = owner == slot.user_id
-                && mine.and_then(|s| s.get(&slot.connection_id)).is_some_and(|s| s.expires_at <= now);
-            if !expired_mine {
-                return Err(unique("connection_slots.connection_id"));
-            }
-        }
-        let mine = inner.slots.entry(slot.user_id).or_default();
-        let slot_users = &mut inner.slot_users;
-        mine.retain(|connection_id, s| {
-            let keep = s.expires_at > now;
-            if !keep {
-                slot_users.remove(connection_id);
-            }
-            keep
-        });
-        mine.insert(slot.connection_id, Slot { node_id: slot.node_id, expires_at: millis(slot.expires_at) });
-        slot_users.insert(slot.connection_id, slot.user_id);
-        Ok(true)
-    }
-
-    async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize> {
-        let inner = self.lock()?;
-        let now = millis(now);
-        Ok(inner.slots.get(&user_id).map_or(0, |s| s.values().filter(|s| s.expires_at > now).count()))
-    }
-
-    async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
-        let mut inner = self.lock()?;
-        let Some(user_id) = inner.slot_users.remove(&connection_id) else { return Ok(()) };
-        if let Some(mine) = inner.slots.get_mut(&user_id) {
-            mine.remove(&connection_id);
-            if mine.is_empty() {
-                inner.slots.remove(&user_id);
-            }
-        }
-        Ok(())
-    }
-
-    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
-        // Sets, not a scan of the slice per slot: 10 000 sockets would be 10^8 comparisons
-        // under the store's one mutex.
-        let held: std::collections::HashSet<&Uuid> = slots.iter().collect();
-        let work: std::collections::HashSet<&Uuid> = work.iter().collect();
-        let mut inner = self.lock()?;
-        let inner = &mut *inner;
-        let until = millis(until);
-        let slot_users = &mut inner.slot_users;
-        for mine in inner.slots.values_mut() {
-            mine.retain(|connection_id, s| {
-                if s.node_id != node_id {
-                    return true;
-                }
-                if held.contains(connection_id) {
-                    s.expires_at = until;
-                }
-                let keep = s.expires_at >= until;
-                if !keep {
-                    slot_users.remove(connection_id);
-                }
-                keep
-            });
-        }
-        inner.slots.retain(|_, mine| !mine.is_empty());
-        for (_, g) in inner.generations.iter_mut().filter(|(id, g)| g.node_id == node_id && work.contains(id)) {
-            g.lease_until = until;
-        }
-        for (_, o) in inner.owed.iter_mut().filter(|(id, o)| o.node_id == Some(node_id) && work.contains(id)) {
-            o.lease_until = Some(until);
-        }
-        Ok(())
-    }
-
-    async fn begin_generation(&self, g: &GenerationLease) -> StoreResult<()> {
-        let mut inner = self.lock()?;
-        if inner.generations.contains_key(&g.message_id) {
-            return Err(unique("generations.message_id"));
-        }
-        if !inner.conversations.contains_key(&g.conversation_id) {
-            return Err(foreign_key("generations.conversation_id"));
-        }
-        inner.generation_counter += 1;
-        let order = inner.generation_counter;
-        inner.generations.insert(
-            g.message_id,
-            Generation {
-                conversation_id: g.conversation_id,
-                in_reply_to: g.in_reply_to,
-                node_id: g.node_id,
-                text: String::new(),
-                lease_until: millis(g.lease_until),
-                order,
-            },
-        );
-        Ok(())
-    }
-
-    async fn checkpoint_generation(&self, message_id: Uuid, text: &str) -> StoreResult<()> {
-        let mut inner = self.lock()?;
-        if let Some(g) = inner.generations.get_mut(&message_id) {
-            text.clone_into(&mut g.text);
-        }
-        Ok(())
-    }
-
-    async fn generation_in_progress(&self, conversation_id: Uuid, message_id: Uuid) -> StoreResult<bool> {
-        let inner = self.lock()?;
-        Ok(inner.generations.get(&message_id).is_some_and(|g| g.conversation_id == conversation_id))
-    }
-
-    async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
-        self.lock()?.generations.remove(&message_id);
-        Ok(())
-    }
-
-    async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>> {
-        let mut inner = self.lock()?;
-        let Inner { generations, conversations, message_ids, owed, .. } = &mut *inner;
-        let now = millis(now);
-        // In the order SQLite's index on lease_until yields them: by lease, then insertion.
-        let mut due: Vec<(i64, u64, Uuid)> = generations
-            .iter()
-            .filter(|(_, g)| g.lease_until <= now)
-            .map(|(id, g)| (g.lease_until, g.order, *id))
-            .collect();
-        due.sort_unstable();
-        let mut recovered = Vec::new();
-        for (_, _, id) in due {
-            let Some(g) = generations.remove(&id) else { continue };
-            // The node may have stored the reply and died before forgetting its lease.
-            if message_ids.contains(&id) {
-                continue;
-            }
-            let Some(conv) = conversations.get_mut(&g.conversation_id) else { continue };
-            if Inner::answered(conv, owed, g.in_reply_to) {
-                continue;
-            }
-            let m = NewMessage {
-                id,
-                conversation_id: g.conversation_id,
-                role: MessageRole::Bot,
-                content: g.text,
-                client_id: None,
-                in_reply_to: Some(g.in_reply_to),
-                status: MessageStatus::Incomplete,
-            };
-            recovered.push(Inner::push_message(conv, message_ids, owed, m));
-        }
-        Ok(recovered)
-    }
-
-    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool> {
-        let mut inner = self.lock()?;
-        match inner.owed.get_mut(&message_id) {
-            Some(o) if o.node_id.is_none() || o.node_id == Some(node_id) => {
-                o.node_id = Some(node_id);
-                o.lease_until = Some(millis(until));
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn claim_owed(
-        &self,
-        node_id: Uuid,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-        unleased_before: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<OwedMessage>> {
-        let mut inner = self.lock()?;
-        let Inner { owed, generations, conversations, .. } = &mut *inner;
-        let (now, unleased_before) = (millis(now), millis(unleased_before));
-        let generating: HashSet<Uuid> = generations.values().map(|g| g.in_reply_to).collect();
-        let mut due: Vec<(i64, Uuid)> = owed
-            .iter()
-            .filter(|(id, o)| {
-                let free = match o.lease_until {
-                    Some(l) => l < now,
-                    None => o.created_at < unleased_before,
-                };
-                free && !generating.contains(id)
-            })
-            .map(|(id, o)| (o.created_at, *id))
-            .collect();
-        due.sort_unstable();
-        due.truncate(limit as usize);
-        let mut taken = Vec::with_capacity(due.len());
-        for (_, id) in due {
-            let Some(o) = owed.get_mut(&id) else { continue };
-            let Some(conv) = conversations.get(&o.conversation_id) else { continue };
-            let Some(message) = conv.messages.iter().find(|m| m.id == id) else { continue };
-            o.node_id = Some(node_id);
-            o.lease_until = Some(millis(until));
-            taken.push(OwedMessage { message: message.clone(), bot_id: conv.bot_id });
-        }
-        taken.sort_by_key(|o| (o.message.created_at, o.message.seq));
-        Ok(taken)
-    }
-}
-
-// Its tests: every case of `store::conformance`, run on every store.

@@ -1,0 +1,66 @@
+//! Storing a message on PostgreSQL, under its conversation's row lock: shared by
+//! `append_message` and the sweep of replies whose node died.
+
+use chrono::Utc;
+use natter_proto::WireMessage;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::super::rows::MSG_COLS;
+use super::super::{from_millis, millis, NewMessage, StoreError, StoreResult};
+
+/// Whether `in_reply_to` already has its one outcome: it is not owed a reply any more and a bot
+/// message in reply to it is stored (a message stored before owed replies were tracked is never
+/// owed; for it the stored replies decide). Call with the conversation's row locked.
+pub(super) async fn already_answered(
+    tx: &mut Transaction<'_, Postgres>,
+    conversation_id: Uuid,
+    in_reply_to: Uuid,
+) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM owed_replies WHERE message_id = $2) \
+           AND EXISTS (SELECT 1 FROM messages WHERE conversation_id = $1 AND in_reply_to = $2 AND role = 'bot')",
+    )
+    .bind(conversation_id)
+    .bind(in_reply_to)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
+/// Takes the conversation's next seq and inserts the message, inside `tx`. The `UPDATE` holds
+/// the conversation's row lock until the transaction ends.
+pub(super) async fn insert_with_next_seq(
+    tx: &mut Transaction<'_, Postgres>,
+    m: NewMessage,
+) -> StoreResult<WireMessage> {
+    let seq: i64 =
+        sqlx::query_scalar("UPDATE conversations SET last_seq = last_seq + 1 WHERE id = $1 RETURNING last_seq")
+            .bind(m.conversation_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+    let message = WireMessage {
+        id: m.id,
+        conversation_id: m.conversation_id,
+        seq,
+        role: m.role,
+        content: m.content,
+        created_at: from_millis(millis(Utc::now())),
+        client_id: m.client_id,
+        in_reply_to: m.in_reply_to,
+        status: m.status,
+    };
+    sqlx::query(&format!("INSERT INTO messages ({MSG_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
+        .bind(message.id)
+        .bind(message.conversation_id)
+        .bind(seq)
+        .bind(message.role.as_str())
+        .bind(&message.content)
+        .bind(&message.client_id)
+        .bind(message.in_reply_to)
+        .bind(message.status.as_str())
+        .bind(millis(message.created_at))
+        .execute(&mut **tx)
+        .await?;
+    Ok(message)
+}
