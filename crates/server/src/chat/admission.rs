@@ -289,7 +289,16 @@ async fn check(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result<Che
         return Err(refuse(Refusal::BadRequest(m)));
     }
     if mode == Mode::Post {
-        return Ok(Checked { user, family, bot_id, bot_name: bot.name, engine, role, conversation_id: conversation.id, after_seq });
+        return Ok(Checked {
+            user,
+            family,
+            bot_id,
+            bot_name: bot.name,
+            engine,
+            role,
+            conversation_id: conversation.id,
+            after_seq,
+        });
     }
     if state.hub.len() >= state.config.limits.max_connections {
         return Err(refuse(Refusal::ServerFull));

@@ -83,10 +83,12 @@ impl<T: Transport> Session<T> {
     async fn on_client_frame(&mut self, frame: ClientFrame) -> Result<(), End> {
         match frame {
             ClientFrame::Ping { id } => self.send(&ServerFrame::Pong { id, server_time: chrono::Utc::now() }).await,
-            ClientFrame::Cancel { message_id } => match cancel(&self.state, self.peer.conversation_id, message_id).await {
-                Ok(()) => Ok(()),
-                Err(unknown) => self.send(&unknown).await,
-            },
+            ClientFrame::Cancel { message_id } => {
+                match cancel(&self.state, self.peer.conversation_id, message_id).await {
+                    Ok(()) => Ok(()),
+                    Err(unknown) => self.send(&unknown).await,
+                }
+            }
             ClientFrame::Message { client_id, content } => self.on_message(client_id, content).await,
         }
     }

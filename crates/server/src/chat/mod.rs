@@ -28,8 +28,8 @@ pub mod transport;
 mod tests;
 
 pub use admission::{admit, admit_post, preflight, Admission, ConnectRequest, Refusal, Rejected};
-pub use post::post_frame;
-pub use session::Peer;
 pub use inbound::check_message;
 pub use lifecycle::run;
+pub use post::post_frame;
+pub use session::Peer;
 pub use transport::{End, Inbound, Out, Transport, WriteFailed};

@@ -103,7 +103,9 @@ pub async fn post_frame(
 fn refusal_error(refusal: Refusal) -> ApiError {
     let close = refusal.close();
     match refusal {
-        Refusal::Unauthorized(m) if m.starts_with("token expired") => ApiError::unauthorized(ErrorCode::TokenExpired, m),
+        Refusal::Unauthorized(m) if m.starts_with("token expired") => {
+            ApiError::unauthorized(ErrorCode::TokenExpired, m)
+        }
         Refusal::Unauthorized(m) => ApiError::unauthorized(ErrorCode::InvalidToken, m),
         Refusal::Forbidden | Refusal::OriginNotAllowed(_) => ApiError::forbidden(close.reason),
         Refusal::BotNotFound(_) => ApiError::not_found(close.reason),

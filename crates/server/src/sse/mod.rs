@@ -48,8 +48,11 @@ pub async fn chat(
     let req = ConnectRequest::from_parts(bot_id, query, &headers, Some(remote));
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHUNKS);
     let gone = tx.clone();
-    let transport =
-        SseTransport { body: PollSender::new(tx), gone: Box::pin(async move { gone.closed().await }), announced: false };
+    let transport = SseTransport {
+        body: PollSender::new(tx),
+        gone: Box::pin(async move { gone.closed().await }),
+        announced: false,
+    };
     state.tasks.spawn(crate::chat::run(state.clone(), transport, req, Uuid::new_v4()));
     let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|chunk| (Ok::<_, Infallible>(chunk), rx))

@@ -64,6 +64,10 @@ enum Endpoint {
     Preflight,
     /// The chat socket: 200 = `connection_established`, else the close code.
     Socket,
+    /// The chat as an event stream (`GET /api/sse/chat/{bot_id}`): as the socket.
+    SseStream,
+    /// `POST /api/sse/chat/{bot_id}/frames`: a client frame for a stream (a ping here).
+    SseFrame,
     /// `GET /api/connections` (the caller's own rows).
     Connections,
     /// `GET /api/connections?all=true`.
@@ -97,7 +101,9 @@ impl Endpoint {
             Ticket => ("post", "/api/ws/ticket"),
             Codes => ("get", "/api/ws/codes"),
             Preflight => ("get", "/api/ws/preflight/{bot_id}"),
-            Socket => return None, // an upgrade, described in docs/protocol.md
+            Socket => return None,    // an upgrade, described in docs/protocol.md
+            SseStream => return None, // an event stream, described in docs/protocol.md
+            SseFrame => ("post", "/api/sse/chat/{bot_id}/frames"),
             Connections | AllConnections => ("get", "/api/connections"),
             Connection => ("get", "/api/connections/{attempt_id}"),
         })
@@ -136,6 +142,8 @@ const TABLE: &[(Endpoint, [u16; 7])] = &[
     (Endpoint::Codes,          [200,  200,     200,  200,  200,  200,   200]),
     (Endpoint::Preflight,      [4401, 4403,    200,  200,  200,  200,   4403]),
     (Endpoint::Socket,         [4401, 4403,    200,  200,  200,  200,   4403]),
+    (Endpoint::SseStream,      [4401, 4403,    200,  200,  200,  200,   4403]),
+    (Endpoint::SseFrame,       [401,  403,     200,  200,  200,  200,   403]),
     (Endpoint::Connections,    [401,  200,     200,  200,  200,  200,   200]),
     (Endpoint::AllConnections, [401,  403,     403,  403,  403,  403,   200]),
     (Endpoint::Connection,     [401,  404,     404,  404,  200,  404,   200]),
@@ -246,6 +254,19 @@ async fn call(app: &TestApp, cast: &Cast, ep: Endpoint, actor: Actor, bot: Uuid,
             }
         }
         Endpoint::Socket => socket_outcome(app, bot, token, "").await,
+        Endpoint::SseStream => {
+            let q = token.map(|t| format!("token={t}")).unwrap_or_default();
+            let mut sse = crate::sse::SseClient::open(app, bot, &q, None).await;
+            let first = sse.event().await;
+            match first.name.as_str() {
+                "connection_established" => (200, first.data),
+                _ => (first.data["code"].as_u64().unwrap_or(0) as u16, first.data),
+            }
+        }
+        Endpoint::SseFrame => {
+            let path = format!("/api/sse/chat/{bot}/frames?stream={}", Uuid::new_v4());
+            app.post(&path, token, json!({"type": "ping"})).await
+        }
         Endpoint::Connections => app.get("/api/connections", token).await,
         Endpoint::AllConnections => app.get("/api/connections?all=true", token).await,
         Endpoint::Connection => {

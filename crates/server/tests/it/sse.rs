@@ -13,13 +13,13 @@ use crate::helpers::{TestApp, TestUser};
 
 /// One event of the stream: its name, `id:` and data (a comment is `": …"` with no data).
 #[derive(Debug)]
-struct Event {
-    name: String,
-    id: Option<i64>,
-    data: Value,
+pub struct Event {
+    pub name: String,
+    pub id: Option<i64>,
+    pub data: Value,
 }
 
-struct SseClient {
+pub struct SseClient {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
     buf: String,
     headers: reqwest::header::HeaderMap,
@@ -28,7 +28,7 @@ struct SseClient {
 }
 
 impl SseClient {
-    async fn open(app: &TestApp, bot_id: Uuid, query: &str, last_event_id: Option<i64>) -> SseClient {
+    pub async fn open(app: &TestApp, bot_id: Uuid, query: &str, last_event_id: Option<i64>) -> SseClient {
         let mut req = app.http.get(app.url(&format!("/api/sse/chat/{bot_id}?{query}")));
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id.to_string());
@@ -60,7 +60,8 @@ impl SseClient {
                 }
                 return Some(Event { name, id, data: serde_json::from_str(&data).expect("JSON data") });
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), self.body.next()).await.expect("an event in time");
+            let chunk =
+                tokio::time::timeout(Duration::from_secs(10), self.body.next()).await.expect("an event in time");
             match chunk {
                 Some(Ok(bytes)) => self.buf.push_str(std::str::from_utf8(&bytes).unwrap()),
                 _ => return None,
@@ -68,7 +69,7 @@ impl SseClient {
         }
     }
 
-    async fn event(&mut self) -> Event {
+    pub async fn event(&mut self) -> Event {
         self.next().await.expect("the stream is open")
     }
 
@@ -126,7 +127,10 @@ async fn a_stream_chats_by_post_and_streams_the_reply_with_seqs_as_event_ids() {
 
     // A resend is the stored message again, and no second reply.
     let (_, again) = post(&app, &alice, bot.id, stream, message("c1", "hello")).await;
-    assert_eq!((again["message"]["id"].clone(), again["duplicate"].as_bool()), (ack["message"]["id"].clone(), Some(true)));
+    assert_eq!(
+        (again["message"]["id"].clone(), again["duplicate"].as_bool()),
+        (ack["message"]["id"].clone(), Some(true))
+    );
     let (status, pong) = post(&app, &alice, bot.id, stream, json!({"type": "ping", "id": "p1"})).await;
     assert_eq!((status, pong["type"].as_str(), pong["id"].as_str()), (200, Some("pong"), Some("p1")));
     let (_, page) = app.get(&format!("/api/bots/{}/messages", bot.id), Some(&alice.token)).await;
@@ -215,7 +219,11 @@ async fn keep_alives_flow_and_a_silent_client_is_closed_4408_but_posts_keep_it_o
     let mut silent = SseClient::open(&app, bot.id, &format!("token={}", alice.token), None).await;
     silent.established().await;
     let pinger = {
-        let (app_http, url, token) = (app.http.clone(), app.url(&format!("/api/sse/chat/{}/frames?stream={stream}", bot.id)), alice.token.clone());
+        let (app_http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/api/sse/chat/{}/frames?stream={stream}", bot.id)),
+            alice.token.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let _ = app_http.post(&url).bearer_auth(&token).json(&json!({"type": "ping"})).send().await;
@@ -242,4 +250,32 @@ async fn shutdown_closes_the_stream_1012() {
     let stopping = tokio::spawn(app.stop());
     assert_eq!(sse.closed().await.0, 1012);
     stopping.await.unwrap();
+}
+
+/// No sticky sessions: the stream on node A, its POSTs on node B. B answers with the ack, A
+/// streams the message and the reply, and B's POSTs keep A's stream from its idle close.
+#[tokio::test]
+async fn the_stream_on_one_node_and_its_posts_on_another() {
+    let Some(services) = crate::multinode::Services::from_env("sse_two_nodes").await else { return };
+    let fast = |c: &mut natter_server::Config| c.heartbeat_interval = Duration::from_millis(300);
+    let a = services.node(None, fast).await;
+    let b = services.node(Some(&a), fast).await;
+    let alice = a.user("alice").await;
+    let bot = a.echo_bot(&alice).await;
+    let mut sse = SseClient::open(&a, bot.id, &format!("token={}", alice.token), None).await;
+    let stream = sse.established().await;
+    let started = std::time::Instant::now();
+    for i in 0..6 {
+        let (status, ack) = post(&b, &alice, bot.id, stream, message(&format!("c{i}"), "across")).await;
+        assert_eq!((status, ack["type"].as_str()), (200, Some("ack")), "{ack}");
+        let mine = sse.event().await;
+        assert_eq!((mine.name.as_str(), mine.id), ("message", Some(2 * i + 1)));
+        let reply = sse.event().await;
+        assert_eq!((reply.name.as_str(), reply.id), ("message", Some(2 * i + 2)));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Over three idle limits (600 ms) have passed with no word on A but B's POSTs.
+    assert!(started.elapsed() > Duration::from_millis(900));
+    let (status, pong) = post(&b, &alice, bot.id, stream, json!({"type": "ping"})).await;
+    assert_eq!((status, pong["type"].as_str()), (200, Some("pong")));
 }
