@@ -6,8 +6,9 @@
 //! The store knows nothing of HTTP, WebSocket or JWT: it takes and returns plain data.
 //!
 //! What the stores share is written once in `rows` (row → domain conversions, column lists,
-//! the role and refresh-token rules); each store is a folder split by area (`coordination`,
-//! `ledger`, …) around the `Store` impl in its `mod.rs`.
+//! the role and refresh-token rules). The two SQL stores share one implementation of `Store` and
+//! `Coordination` in `sql/`, generic over the sqlx backend; each SQL store's folder holds only
+//! what it does its own way. `memory/` is the store without SQL.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -19,6 +20,7 @@ mod coordination;
 pub mod memory;
 pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 
 #[cfg(test)]

@@ -3,38 +3,17 @@
 //! on a bot, a refresh token's verdict, times kept to the millisecond).
 //!
 //! The SQL stores differ in how a row holds an id (SQLite: text; PostgreSQL: `uuid`) and a flag
-//! (SQLite: an integer; PostgreSQL: `boolean`). Each says how in its [`Dialect`]; the
+//! (SQLite: an integer; PostgreSQL: `boolean`). Each says how in its [`Dialect`] (`sql/`); the
 //! conversions read rows through [`Columns`] and never see the difference.
 
 use chrono::{DateTime, Utc};
 use natter_proto::api::{BotRole, ClosedBy, ConnectionRecord, MemberRole, Visibility};
 use natter_proto::{MessageRole, MessageStatus, WireMessage};
-use sqlx::query::Query;
-use sqlx::{ColumnIndex, Database, Decode, Encode, Row, Type};
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
 
+use super::sql::Dialect;
 use super::{from_millis, millis, Bot, Member, StoreError, StoreResult, User};
-
-/// How a SQL backend stores what has no common SQL type: reading it from a row, and the value
-/// to bind for it.
-pub(super) trait Dialect: Database {
-    fn id(row: &Self::Row, col: &str) -> StoreResult<Uuid>;
-    fn opt_id(row: &Self::Row, col: &str) -> StoreResult<Option<Uuid>>;
-    fn flag(row: &Self::Row, col: &str) -> StoreResult<bool>;
-
-    /// An id as a parameter.
-    type Id: for<'q> Encode<'q, Self> + Type<Self> + Send;
-    fn id_param(id: Uuid) -> Self::Id;
-    /// A flag as a parameter.
-    type Flag: for<'q> Encode<'q, Self> + Type<Self> + Send;
-    fn flag_param(flag: bool) -> Self::Flag;
-    /// A close code as a parameter (PostgreSQL's column is an `INTEGER`).
-    type Code: for<'q> Encode<'q, Self> + Type<Self> + Send;
-    fn code_param(code: u16) -> Self::Code;
-}
-
-/// A query of backend `D`, as `sqlx::query` makes it.
-pub(super) type DbQuery<'q, D> = Query<'q, D, <D as Database>::Arguments<'q>>;
 
 /// A row of either SQL store, read by column name.
 pub(super) trait Columns {
@@ -160,40 +139,18 @@ pub(super) const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id
     ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out, \
     trace_id";
 
-/// Binds a ledger row's values in the order of [`LEDGER_COLS`].
-pub(super) fn bind_ledger<'q, D>(q: DbQuery<'q, D>, r: &'q ConnectionRecord) -> DbQuery<'q, D>
-where
-    D: Dialect,
-    &'q str: Encode<'q, D> + Type<D>,
-    i64: Encode<'q, D> + Type<D>,
-    Option<&'q str>: Encode<'q, D>,
-    Option<i64>: Encode<'q, D>,
-    Option<D::Id>: Encode<'q, D>,
-    Option<D::Code>: Encode<'q, D>,
-{
-    q.bind(D::id_param(r.connection_id))
-        .bind(D::id_param(r.attempt_id))
-        .bind(r.user_id.map(D::id_param))
-        .bind(r.bot_id.map(D::id_param))
-        .bind(r.remote_addr.as_deref())
-        .bind(r.user_agent.as_deref())
-        .bind(r.origin.as_deref())
-        .bind(r.upgrade.as_deref())
-        .bind(r.connection.as_deref())
-        .bind(r.sec_websocket_version.as_deref())
-        .bind(r.forwarded_for.as_deref())
-        .bind(millis(r.started_at))
-        .bind(D::flag_param(r.established))
-        .bind(r.ended_at.map(millis))
-        .bind(r.close_code.map(D::code_param))
-        .bind(r.close_reason.as_deref())
-        .bind(r.closed_by.map(|c| c.as_str()))
-        .bind(r.msgs_in as i64)
-        .bind(r.msgs_out as i64)
-        .bind(r.bytes_in as i64)
-        .bind(r.bytes_out as i64)
-        .bind(r.trace_id.as_deref())
-}
+/// A parameter for each of [`LEDGER_COLS`], in order.
+pub(super) const LEDGER_PARAMS: &str =
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22";
+
+/// Replaces every column of [`LEDGER_COLS`] but the key, in an upsert.
+pub(super) const LEDGER_UPDATE: &str = "attempt_id = excluded.attempt_id, user_id = excluded.user_id, bot_id = excluded.bot_id, \
+    remote_addr = excluded.remote_addr, user_agent = excluded.user_agent, origin = excluded.origin, upgrade = excluded.upgrade, \
+    connection_hdr = excluded.connection_hdr, ws_version = excluded.ws_version, forwarded_for = excluded.forwarded_for, \
+    started_at = excluded.started_at, established = excluded.established, ended_at = excluded.ended_at, \
+    close_code = excluded.close_code, close_reason = excluded.close_reason, closed_by = excluded.closed_by, \
+    msgs_in = excluded.msgs_in, msgs_out = excluded.msgs_out, bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out, \
+    trace_id = excluded.trace_id";
 
 pub(super) fn ledger_from_row(row: &impl Columns) -> StoreResult<ConnectionRecord> {
     let count = |col| row.int(col).map(|n| n as u64);

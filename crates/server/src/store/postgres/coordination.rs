@@ -1,5 +1,5 @@
-//! PostgreSQL's side of [`Coordination`], shared by every node: claims are serialised by an
-//! advisory lock per user, sweeps share the work with `SKIP LOCKED`.
+//! PostgreSQL's sweeps and rate window (see [`SqlCoordination`]), shared by every node: sweeps
+//! share the work with `SKIP LOCKED`.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -8,15 +8,15 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::super::rows::*;
+use super::super::sql::{OwedSweep, SqlCoordination};
 use super::super::*;
 use super::messages::{already_answered, insert_with_next_seq};
 use super::PostgresStore;
 
 #[async_trait]
-impl Coordination for PostgresStore {
-    fn shared(&self) -> bool {
-        true
-    }
+impl SqlCoordination for PostgresStore {
+    /// Every node shares the database.
+    const SHARED: bool = true;
 
     async fn count_user_message(&self, user_id: Uuid, window_ms: u64) -> StoreResult<(u64, u64)> {
         // One row per user, its window moved on by whichever node counts first in a new
@@ -36,118 +36,6 @@ impl Coordination for PostgresStore {
         .await?;
         let window_ms = window_ms as i64;
         Ok((count as u64, (window_ms - ms.rem_euclid(window_ms)) as u64))
-    }
-
-    async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        // One user's claims are serialised by a transaction-scoped advisory lock on the user,
-        // so count-then-insert cannot overshoot when two nodes admit at once.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-            .bind(slot.user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM connection_slots WHERE user_id = $1 AND expires_at <= $2")
-            .bind(slot.user_id)
-            .bind(millis(now))
-            .execute(&mut *tx)
-            .await?;
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM connection_slots WHERE user_id = $1")
-            .bind(slot.user_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if count as usize >= max {
-            return Ok(false);
-        }
-        sqlx::query(
-            "INSERT INTO connection_slots (connection_id, user_id, node_id, expires_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(slot.connection_id)
-        .bind(slot.user_id)
-        .bind(slot.node_id)
-        .bind(millis(slot.expires_at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    async fn slots_in_use(&self, user_id: Uuid, now: DateTime<Utc>) -> StoreResult<usize> {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM connection_slots WHERE user_id = $1 AND expires_at > $2")
-            .bind(user_id)
-            .bind(millis(now))
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as usize)
-    }
-
-    async fn release_slot(&self, connection_id: Uuid) -> StoreResult<()> {
-        sqlx::query("DELETE FROM connection_slots WHERE connection_id = $1")
-            .bind(connection_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE connection_slots SET expires_at = $2 WHERE node_id = $1 AND connection_id = ANY($3)")
-            .bind(node_id)
-            .bind(millis(until))
-            .bind(slots)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM connection_slots WHERE node_id = $1 AND expires_at < $2")
-            .bind(node_id)
-            .bind(millis(until))
-            .execute(&mut *tx)
-            .await?;
-        for q in [
-            "UPDATE generations SET lease_until = $2 WHERE node_id = $1 AND message_id = ANY($3)",
-            "UPDATE owed_replies SET lease_until = $2 WHERE node_id = $1 AND message_id = ANY($3)",
-        ] {
-            sqlx::query(q).bind(node_id).bind(millis(until)).bind(work).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn begin_generation(&self, g: &GenerationLease) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO generations (message_id, conversation_id, in_reply_to, node_id, text, lease_until) \
-             VALUES ($1, $2, $3, $4, '', $5)",
-        )
-        .bind(g.message_id)
-        .bind(g.conversation_id)
-        .bind(g.in_reply_to)
-        .bind(g.node_id)
-        .bind(millis(g.lease_until))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn checkpoint_generation(&self, message_id: Uuid, text: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE generations SET text = $2 WHERE message_id = $1")
-            .bind(message_id)
-            .bind(text)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn generation_in_progress(&self, conversation_id: Uuid, message_id: Uuid) -> StoreResult<bool> {
-        let found: Option<Uuid> =
-            sqlx::query_scalar("SELECT message_id FROM generations WHERE message_id = $1 AND conversation_id = $2")
-                .bind(message_id)
-                .bind(conversation_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(found.is_some())
-    }
-
-    async fn end_generation(&self, message_id: Uuid) -> StoreResult<()> {
-        sqlx::query("DELETE FROM generations WHERE message_id = $1").bind(message_id).execute(&self.pool).await?;
-        Ok(())
     }
 
     async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>> {
@@ -207,27 +95,7 @@ impl Coordination for PostgresStore {
         Ok(recovered)
     }
 
-    async fn lease_owed(&self, message_id: Uuid, node_id: Uuid, until: DateTime<Utc>) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE owed_replies SET node_id = $1, lease_until = $2 \
-             WHERE message_id = $3 AND (node_id IS NULL OR node_id = $1)",
-        )
-        .bind(node_id)
-        .bind(millis(until))
-        .bind(message_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn claim_owed(
-        &self,
-        node_id: Uuid,
-        until: DateTime<Utc>,
-        now: DateTime<Utc>,
-        unleased_before: DateTime<Utc>,
-        limit: u32,
-    ) -> StoreResult<Vec<OwedMessage>> {
+    async fn claim_owed(&self, sweep: OwedSweep) -> StoreResult<Vec<OwedMessage>> {
         // SKIP LOCKED: a row another node's sweep is taking is left to it.
         let rows = sqlx::query(&format!(
             "WITH taken AS ( \
@@ -241,11 +109,11 @@ impl Coordination for PostgresStore {
              JOIN conversations c ON c.id = m.conversation_id ORDER BY m.created_at, m.seq",
             MSG_COLS.replace(", ", ", m.")
         ))
-        .bind(node_id)
-        .bind(millis(until))
-        .bind(millis(now))
-        .bind(millis(unleased_before))
-        .bind(limit as i64)
+        .bind(sweep.node_id)
+        .bind(millis(sweep.until))
+        .bind(millis(sweep.now))
+        .bind(millis(sweep.unleased_before))
+        .bind(sweep.limit as i64)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|row| Ok(OwedMessage { message: message_from_row(row)?, bot_id: row.id("bot_id")? })).collect()

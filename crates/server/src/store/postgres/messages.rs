@@ -1,13 +1,16 @@
-//! Storing a message on PostgreSQL, under its conversation's row lock: shared by
+//! Storing a message on PostgreSQL ([`SqlAppend`]), under its conversation's row lock: shared by
 //! `append_message` and the sweep of replies whose node died.
 
+use async_trait::async_trait;
 use chrono::Utc;
-use natter_proto::WireMessage;
+use natter_proto::{MessageRole, WireMessage};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::super::rows::MSG_COLS;
-use super::super::{from_millis, millis, NewMessage, StoreError, StoreResult};
+use super::super::rows::{message_from_row, MSG_COLS};
+use super::super::sql::SqlAppend;
+use super::super::{from_millis, millis, Appended, NewMessage, StoreError, StoreResult};
+use super::PostgresStore;
 
 /// Whether `in_reply_to` already has its one outcome: it is not owed a reply any more and a bot
 /// message in reply to it is stored (a message stored before owed replies were tracked is never
@@ -63,4 +66,40 @@ pub(super) async fn insert_with_next_seq(
         .execute(&mut **tx)
         .await?;
     Ok(message)
+}
+
+#[async_trait]
+impl SqlAppend for PostgresStore {
+    async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
+        let mut tx = self.pool.begin().await?;
+        // Take the conversation's lock first (by locking its row), then look for the
+        // client_id: a writer on another node with the same client_id has committed by then.
+        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = $1 FOR UPDATE")
+            .bind(m.conversation_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        if let Some(client_id) = &m.client_id {
+            let row =
+                sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND client_id = $2"))
+                    .bind(m.conversation_id)
+                    .bind(client_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(row) = row {
+                return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
+            }
+        }
+        // One outcome per user message, whichever node finishes last.
+        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
+            if already_answered(&mut tx, m.conversation_id, asked).await? {
+                return Err(StoreError::AlreadyAnswered);
+            }
+        }
+        let message = insert_with_next_seq(&mut tx, m).await?;
+        tx.commit().await?;
+        Ok(Appended { message, duplicate: false })
+    }
 }

@@ -1,13 +1,16 @@
 //! Group commit: [`SqliteStore::append_message`](super::SqliteStore) queues each message for one
 //! appender task, which stores everything waiting with one statement.
 
+use async_trait::async_trait;
 use chrono::Utc;
 use natter_proto::{MessageRole, WireMessage};
 use sqlx::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::super::rows::*;
+use super::super::sql::SqlAppend;
 use super::super::*;
+use super::SqliteStore;
 
 /// A message waiting for the appender, and where its result goes.
 pub(super) type Append = (NewMessage, oneshot::Sender<StoreResult<Appended>>);
@@ -150,4 +153,14 @@ async fn not_inserted(write: &SqlitePool, m: &NewMessage) -> StoreResult<Appende
         .await?
         .ok_or(StoreError::NotFound)?;
     Ok(Appended { message: message_from_row(&row)?, duplicate: true })
+}
+
+#[async_trait]
+impl SqlAppend for SqliteStore {
+    async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
+        let (reply, result) = oneshot::channel();
+        let closed = || StoreError::Backend("the store is closed".into());
+        self.appender.send((m, reply)).await.map_err(|_| closed())?;
+        result.await.map_err(|_| closed())?
+    }
 }

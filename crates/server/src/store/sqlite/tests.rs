@@ -1,5 +1,6 @@
 //! Tests of SQLite on a file (the conformance cases run on an in-memory database).
 
+use super::super::{NewUser, Store};
 use super::*;
 
 /// Every case in one run on a file (the per-case tests, `store::conformance::cases`, use an
