@@ -443,8 +443,9 @@ async fn connection_limits_per_user_and_per_server() {
     assert!(r.ends_with("retry_after_ms=5000"), "{r}");
 
     // Closing frees the slot.
+    let open = app.state.hub.len();
     a2.close().await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("the closed socket leaves the hub", || async { app.state.hub.len() < open }).await;
     app.ws(bot.id, &carol.token, "").await.established().await;
     app.state.hub.check_invariants();
 }
@@ -652,7 +653,8 @@ async fn closes_are_logged_with_the_connection_and_no_secrets() {
     let ticket = v["ticket"].as_str().unwrap().to_owned();
     WsClient::connect(&app.ws_url(&bot.id.to_string(), &format!("ticket={ticket}"))).await.established().await;
     app.post("/api/auth/login", None, json!({"username": "alice", "password": "wrong-password"})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let close_line = |l: &str| l.contains("connection closed") && l.contains(&connection_id.to_string());
+    wait_until("the close is logged", || async { logs().lines().any(close_line) }).await;
     let logs = logs();
     let closed = logs
         .lines()
