@@ -21,8 +21,8 @@ Rounds (two by default) take medians, and the table goes into docs/performance.m
     python3 bench/compare.py --baseline /tmp/natter-before --kinds natter-sqlite,natter-memory \\
         --rounds 3 --no-storm                 # A/B: the two binaries interleaved, after ÷ before
 
-With --baseline, every natter measurement is made a second time right before or after (the
-order alternates between rounds) with the other binary as the server (the load generator is
+With --baseline, every natter measurement (each scenario of the fresh layout, each whole run of
+the realistic one) is made a second time right before or after (the order alternates between rounds) with the other binary as the server (the load generator is
 always this tree's), and a table of after ÷ before ratios, the median and the range over
 rounds, is printed and written to bench/results/ab.json; docs/performance.md is left alone.
 
@@ -377,15 +377,18 @@ def main():
             if rnd % 2:
                 pair.reverse()
             for layout in layouts:
-                for k in pair:
-                    log(f"round {rnd + 1}: {k}, {layout} layout")
-                    if layout == "realistic":
+                if layout == "realistic":
+                    for k in pair:
+                        log(f"round {rnd + 1}: {k}, realistic layout")
                         runs[k][layout].append(measure_realistic(k, sizes, binaries))
-                    else:
-                        one = {}
-                        for scenario in SCENARIOS:
-                            one.update(measure_fresh(k, scenario, sizes, binaries))
-                        runs[k][layout].append(one)
+                    continue
+                ones = {k: {} for k in pair}
+                for scenario in SCENARIOS:
+                    for k in pair:
+                        log(f"round {rnd + 1}: {k}, fresh layout, {scenario}")
+                        ones[k].update(measure_fresh(k, scenario, sizes, binaries))
+                for k in pair:
+                    runs[k][layout].append(ones[k])
         if do_storm:
             for how in storms:
                 log(f"round {rnd + 1}: natter storm, restart by {how}")
