@@ -1,8 +1,14 @@
 //! `natter bench` end to end with tiny numbers: the binary spawns its own server, runs a
 //! scenario, and its `--json` report must show zero errors (and, for the storm, nothing lost or
-//! doubled). A server that answers fast but wrong must fail the run.
+//! doubled). A server that answers fast but wrong must fail the run. Several scenarios in one
+//! run share one server, and `--users` × `--bots` makes exactly that grid of conversations.
+
+mod common;
 
 use std::process::Command;
+
+use common::{Node, NO_RATE_LIMITS};
+use sqlx::{Connection, Row};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -130,4 +136,91 @@ fn a_fast_wrong_answer_fails_the_run() {
     assert_eq!(code, 1, "{r:#}");
     assert_eq!(r["error_total"], 3, "{r:#}");
     assert_eq!(r["errors"]["wrong reply: seq 7 where 1 was due"], 3, "{r:#}");
+}
+
+/// connect → idle → chat in one run against one server the test started, laid out as 3 users ×
+/// 4 public bots: the database must hold exactly that grid, the idle sockets' conversations must
+/// exist before the chat's first message, and the chat must use the first 6 conversations
+/// (user 0 with every bot, user 1 with two).
+#[test]
+fn scenarios_in_one_run_share_one_server_and_the_users_by_bots_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), NO_RATE_LIMITS);
+    let (url, pid) = (format!("http://{}", node.addr), node.child.id().to_string());
+    let steps = ["connect:concurrency=4,d=1,warmup=0.2", "idle:c=12,d=1", "chat:c=6,d=1,warmup=0.2"];
+    let mut args = steps.to_vec();
+    args.extend(["--url", &url, "--users", "3", "--bots", "4", "--server-pid", &pid]);
+    let (code, r, err) = bench(&args);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    let scenarios: Vec<&str> = r.as_array().unwrap().iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    assert_eq!(scenarios, ["connect", "idle", "chat"], "{r:#}");
+    let (connect, idle, chat) = (&r[0], &r[1], &r[2]);
+    let setup = &connect["setup"];
+    assert_eq!((setup["users"].as_u64(), setup["bots"].as_u64()), (Some(3), Some(4)), "{r:#}");
+    assert!(setup["server_rss_after_kib"].as_u64().is_some(), "{r:#}");
+    assert_eq!((connect["users"].as_u64(), connect["bots"].as_u64()), (Some(1), Some(4)), "{r:#}");
+    assert_eq!(
+        (idle["connected"].as_u64(), idle["users"].as_u64(), idle["bots"].as_u64()),
+        (Some(12), Some(3), Some(4))
+    );
+    assert_eq!(
+        (chat["connected"].as_u64(), chat["users"].as_u64(), chat["bots"].as_u64()),
+        (Some(6), Some(2), Some(4))
+    );
+    assert!(chat["ops"].as_u64().unwrap() > 0 && connect["ops"].as_u64().unwrap() > 0, "{r:#}");
+    assert!(chat["server_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{r:#}");
+    for s in r.as_array().unwrap() {
+        assert_eq!(s["error_total"], 0, "{r:#}");
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let db = dir.path().join("natter.db");
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+        let one = |q: &'static str| sqlx::query(q);
+        let users: i64 = one("SELECT COUNT(*) FROM users").fetch_one(&mut c).await.unwrap().get(0);
+        assert_eq!(users, 3 + 1, "three users and the bots' owner");
+        let row = one("SELECT COUNT(*), COUNT(DISTINCT owner_id), SUM(visibility = 'public') FROM bots")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        let bots: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(bots, (4, 1, 4), "four public bots of one owner");
+        let row = one("SELECT COUNT(*), COUNT(DISTINCT user_id), COUNT(DISTINCT bot_id), \
+             SUM(user_id IN (SELECT owner_id FROM bots)) FROM conversations")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        let convs: (i64, i64, i64, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(convs, (12, 3, 4, 0), "every (user, bot) pair once, none of the owner's");
+        // The chat's messages: in 6 conversations (2 users × 4 bots, user 0 with all four).
+        let row = one("SELECT COUNT(DISTINCT c.id), COUNT(DISTINCT c.user_id), COUNT(DISTINCT c.bot_id) \
+             FROM messages m JOIN conversations c ON c.id = m.conversation_id")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        let chatted: (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(chatted, (6, 2, 4));
+        let first_user_convs: i64 =
+            one("SELECT MAX(n) FROM (SELECT COUNT(DISTINCT m.conversation_id) AS n FROM messages m \
+             JOIN conversations c ON c.id = m.conversation_id GROUP BY c.user_id)")
+            .fetch_one(&mut c)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(first_user_convs, 4, "one user chatted with every bot");
+        // The chat ran on a server that already held every idle conversation.
+        let ordered: bool =
+            one("SELECT (SELECT MAX(created_at) FROM conversations) <= (SELECT MIN(created_at) FROM messages)")
+                .fetch_one(&mut c)
+                .await
+                .unwrap()
+                .get(0);
+        assert!(ordered, "a conversation made after the chat began");
+        // One server served all three: its ledger has the connects, the idle and the chat sockets.
+        let established: i64 =
+            one("SELECT COUNT(*) FROM connections WHERE established = 1").fetch_one(&mut c).await.unwrap().get(0);
+        let connects = connect["ops"].as_i64().unwrap();
+        assert!(established >= connects + 12 + 6, "{established} ledger rows for {connects} connects + 12 + 6");
+    });
 }

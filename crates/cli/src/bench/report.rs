@@ -121,11 +121,32 @@ pub struct StormReport {
     pub closes: BTreeMap<String, u64>,
 }
 
+/// Making the `--users` × `--bots` layout, before the first scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupReport {
+    /// Users logged in (tokens minted, for the peers).
+    pub users: usize,
+    /// Public echo bots created (bot ids drawn, for the peers).
+    pub bots: usize,
+    pub duration_s: f64,
+    /// The server's memory before the users logged in, and after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_before_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_after_kib: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Report {
     pub scenario: String,
     pub url: String,
     pub connections: usize,
+    /// How many distinct users and bots the scenario's conversations span.
+    pub users: usize,
+    pub bots: usize,
+    /// The first scenario of a `--users` × `--bots` run: how the layout was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup: Option<SetupReport>,
     /// Connections that completed the handshake (idle: held at the end).
     pub connected: usize,
     pub duration_s: f64,
@@ -148,6 +169,13 @@ pub struct Report {
     /// chat: message sent → ack (stored).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ack_latency_ms: Option<Percentiles>,
+    /// connect, chat, fanout (with the server's pid): the server's CPU time (user + system)
+    /// over the measured window, per operation, in µs…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_us_per_op: Option<f64>,
+    /// … and as a share of the window (1.0: one core busy throughout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu_busy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_rss_before_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,12 +195,24 @@ impl Report {
 
     /// The human table printed at the end of a run.
     pub fn table(&self) -> String {
-        let mut rows: Vec<(String, String)> = vec![
+        let mut rows: Vec<(String, String)> = Vec::new();
+        if let Some(s) = &self.setup {
+            let rss = match (s.server_rss_before_kib, s.server_rss_after_kib) {
+                (Some(b), Some(a)) => format!("; server RSS {b} KiB before, {a} KiB after"),
+                _ => String::new(),
+            };
+            rows.push((
+                "layout".into(),
+                format!("{} users × {} public bots, made in {:.1} s{rss}", s.users, s.bots, s.duration_s),
+            ));
+        }
+        rows.extend([
             ("scenario".into(), self.scenario.clone()),
             ("url".into(), self.url.clone()),
             ("connections".into(), format!("{} asked, {} connected", self.connections, self.connected)),
+            ("conversations of".into(), format!("{} users, {} bots", self.users, self.bots)),
             ("duration".into(), format!("{:.1} s", self.duration_s)),
-        ];
+        ]);
         if let Some(b) = self.message_bytes {
             rows.push(("message size".into(), format!("{b} bytes")));
         }
@@ -190,6 +230,10 @@ impl Report {
         }
         if let Some(p) = &self.ack_latency_ms {
             rows.push(("ack latency".into(), pct(p)));
+        }
+        if let Some(busy) = self.server_cpu_busy {
+            let per = self.server_cpu_us_per_op.map_or(String::new(), |us| format!("{us:.1} µs per op, "));
+            rows.push(("server CPU".into(), format!("{per}{:.0}% of one core", busy * 100.0)));
         }
         if let (Some(b), Some(a)) = (self.server_rss_before_kib, self.server_rss_after_kib) {
             rows.push(("server RSS".into(), format!("{b} KiB before, {a} KiB after")));

@@ -15,10 +15,10 @@ use tokio::time::{sleep, sleep_until, timeout};
 use super::conn::{self, Failure, Frame, Ident, Msg, Ws};
 use super::report::{Errors, Report, StormReport, Tally};
 use super::server;
-use super::{identities, Ctx, Scenario};
+use super::{identities, spread, Ctx, Scenario};
 
 pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
-    match ctx.args.scenario {
+    match ctx.scenario {
         Scenario::Connect => connect(ctx).await,
         Scenario::Idle => idle(ctx).await,
         Scenario::Chat => chat(ctx, 1).await,
@@ -27,8 +27,17 @@ pub async fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     }
 }
 
-fn base_report(ctx: &Ctx, name: &str) -> Report {
-    Report { scenario: name.into(), url: ctx.url.clone(), connections: ctx.args.connections, ..Default::default() }
+/// The report's common part; `idents`: the conversations the scenario used.
+fn base_report(ctx: &Ctx, name: &str, idents: &[Ident]) -> Report {
+    let (users, bots) = spread(idents);
+    Report {
+        scenario: name.into(),
+        url: ctx.url.clone(),
+        connections: ctx.args.connections,
+        users,
+        bots,
+        ..Default::default()
+    }
 }
 
 fn finish(report: &mut Report, tally: &Tally, ops_name: &str, secs: f64) {
@@ -53,6 +62,28 @@ fn bar(ctx: &Ctx, len: u64, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_owned());
     pb
+}
+
+/// The server's CPU time (user + system) from `begin` to `end`, when its pid is known.
+fn server_cpu_during(ctx: &Ctx, begin: Instant, end: Instant) -> tokio::task::JoinHandle<Option<Duration>> {
+    let pid = ctx.server_pid;
+    tokio::spawn(async move {
+        let pid = pid?;
+        sleep_until(begin.into()).await;
+        let before = server::cpu_time(pid)?;
+        sleep_until(end.into()).await;
+        Some(server::cpu_time(pid)?.saturating_sub(before))
+    })
+}
+
+/// Puts the server's CPU time over the measured window into the report: per operation, and
+/// as a share of the window (1.0: one core busy throughout).
+async fn finish_cpu(report: &mut Report, cpu: tokio::task::JoinHandle<Option<Duration>>, window: Duration) {
+    let Some(cpu) = cpu.await.ok().flatten() else { return };
+    report.server_cpu_busy = Some(cpu.as_secs_f64() / window.as_secs_f64());
+    if let Some(ops) = report.ops.filter(|&n| n > 0) {
+        report.server_cpu_us_per_op = Some(cpu.as_secs_f64() * 1e6 / ops as f64);
+    }
 }
 
 /// A spinner showing a live counter while the measured phase runs.
@@ -119,10 +150,12 @@ async fn connect(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let saved = ctx.args.conns_per_user.replace((per_user / 2).max(1));
     let idents = identities(ctx, workers, 1).await?;
     ctx.args.conns_per_user = saved;
+    let mut report = base_report(ctx, "connect", &idents);
     let warm = Duration::from_secs_f64(ctx.args.warmup);
     let dur = Duration::from_secs_f64(ctx.args.duration);
     let begin = Instant::now() + warm;
     let end = begin + dur;
+    let cpu = server_cpu_during(ctx, begin, end);
     let counter = Arc::new(AtomicU64::new(0));
     let tick = ticker(ctx, "connects", counter.clone(), ctx.args.warmup + ctx.args.duration);
     let mut handles = Vec::new();
@@ -162,18 +195,18 @@ async fn connect(ctx: &mut Ctx) -> anyhow::Result<Report> {
     if let Some(t) = tick {
         t.abort();
     }
-    let mut report = base_report(ctx, "connect");
     report.connections = workers;
     report.connected = workers;
     report.duration_s = dur.as_secs_f64();
     finish(&mut report, &tally, "connects", dur.as_secs_f64());
+    finish_cpu(&mut report, cpu, dur).await;
     Ok(report)
 }
 
 // ---------------------------------------------------------------------------------------------
 // idle
 
-async fn server_rss(ctx: &Ctx) -> Option<u64> {
+pub async fn server_rss(ctx: &Ctx) -> Option<u64> {
     if let Some(pid) = ctx.server_pid {
         return server::rss_kib(pid);
     }
@@ -231,7 +264,7 @@ async fn idle(ctx: &mut Ctx) -> anyhow::Result<Report> {
             errors.add(k);
         }
     }
-    let mut report = base_report(ctx, "idle");
+    let mut report = base_report(ctx, "idle", &idents);
     report.connected = held;
     report.duration_s = t0.elapsed().as_secs_f64();
     report.server_rss_before_kib = before;
@@ -408,6 +441,7 @@ async fn chat(ctx: &mut Ctx, tabs: usize) -> anyhow::Result<Report> {
     let begin = now + Duration::from_secs_f64(ctx.args.warmup);
     let dur = Duration::from_secs_f64(ctx.args.duration);
     let w = Arc::new(Window { epoch: now, begin, end: begin + dur, timeout: ctx.timeout });
+    let cpu = server_cpu_during(ctx, begin, begin + dur);
     let counter = Arc::new(AtomicU64::new(0));
     let name = if tabs == 1 { "round trips" } else { "replies delivered" };
     let tick = ticker(ctx, name, counter.clone(), ctx.args.warmup + ctx.args.duration);
@@ -427,12 +461,13 @@ async fn chat(ctx: &mut Ctx, tabs: usize) -> anyhow::Result<Report> {
     if let Some(t) = tick {
         t.abort();
     }
-    let mut report = base_report(ctx, if tabs == 1 { "chat" } else { "fanout" });
+    let mut report = base_report(ctx, if tabs == 1 { "chat" } else { "fanout" }, &idents);
     report.connected = connected;
     report.duration_s = dur.as_secs_f64();
     report.message_bytes = Some(ctx.args.message_bytes);
     report.tabs = (tabs > 1).then_some(tabs);
     finish(&mut report, &tally, name, dur.as_secs_f64());
+    finish_cpu(&mut report, cpu, dur).await;
     Ok(report)
 }
 
@@ -712,7 +747,7 @@ async fn storm(ctx: &mut Ctx) -> anyhow::Result<Report> {
             None => not_back += 1,
         }
     }
-    let mut report = base_report(ctx, "storm");
+    let mut report = base_report(ctx, "storm", &idents);
     report.connected = connected;
     report.duration_s = t0.elapsed().as_secs_f64();
     report.message_bytes = Some(64);

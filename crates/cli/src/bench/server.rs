@@ -210,6 +210,21 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     natter_server::metrics::vmrss_kib(&status)
 }
 
+/// CPU time a process has used so far, user and system, all threads (`/proc/PID/stat`).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    parse_cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    // The command name, in parentheses, may hold spaces: count fields after it. `utime` and
+    // `stime` are fields 14 and 15; the state (field 3) comes first after the name.
+    let fields: Vec<&str> = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
 /// Resident memory from a Prometheus endpoint (`process_resident_memory_bytes`), KiB.
 pub async fn metrics_rss_kib(url: &str) -> Option<u64> {
     parse_metrics_rss(&reqwest::get(url).await.ok()?.text().await.ok()?)
@@ -249,6 +264,19 @@ mod tests {
         assert_eq!(vmrss_kib("Name:\tnatter\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n"), Some(12345));
         assert_eq!(vmrss_kib("Name:\tnatter\n"), None);
         assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+    }
+
+    #[test]
+    fn reads_cpu_time() {
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 0 0";
+        assert_eq!(parse_cpu_time(stat), Some(Duration::from_secs_f64(300.0 / hz)));
+        assert_eq!(parse_cpu_time("42 (x) S 1"), None);
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {
+            std::hint::black_box(spin.elapsed());
+        }
+        assert!(cpu_time(std::process::id()).is_some_and(|t| t > Duration::ZERO));
     }
 
     #[test]
