@@ -273,6 +273,32 @@ pub struct Preflight {
     pub reason: Option<String>,
 }
 
+/// How a chat connection travels: a WebSocket, or Server-Sent Events down and HTTP POST up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    #[default]
+    Websocket,
+    Sse,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Websocket => "websocket",
+            TransportKind::Sse => "sse",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "websocket" => Some(TransportKind::Websocket),
+            "sse" => Some(TransportKind::Sse),
+            _ => None,
+        }
+    }
+}
+
 /// Who ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -335,4 +361,7 @@ pub struct ConnectionRecord {
     /// traces (`--otlp-endpoint`): the client's, if its upgrade request sent a `traceparent`.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// The attempt's transport (rows from before issue 17 are `websocket`).
+    #[serde(default)]
+    pub transport: TransportKind,
 }

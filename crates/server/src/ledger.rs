@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use natter_proto::api::ConnectionRecord;
+use natter_proto::api::{ConnectionRecord, TransportKind};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -205,6 +205,7 @@ pub struct OpenRow {
     user_id: Option<Uuid>,
     bot_id: Option<Uuid>,
     started_at: DateTime<Utc>,
+    transport: TransportKind,
     /// `remote_addr` … `forwarded_for`, `trace_id` (each cut as the ledger stores it, so a socket holds no
     /// more of them than its row), each `'\x01'` + the text or empty for `None`, joined by
     /// `'\0'` (header values never hold control characters; a NUL would be replaced).
@@ -239,6 +240,7 @@ impl OpenRow {
             user_id: rec.user_id,
             bot_id: rec.bot_id,
             started_at: rec.started_at,
+            transport: rec.transport,
             text: text.into_boxed_str(),
         }
     }
@@ -260,6 +262,7 @@ impl OpenRow {
             sec_websocket_version: next(),
             forwarded_for: next(),
             trace_id: next(),
+            transport: self.transport,
             started_at: self.started_at,
             established: true,
             ended_at: None,
@@ -319,6 +322,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            transport: TransportKind::Sse,
         };
         assert_eq!(OpenRow::new(&rec).row(), rec);
         let none = ConnectionRecord {

@@ -12,6 +12,8 @@ use prometheus_client::registry::Registry;
 pub struct OutcomeLabel {
     /// `established` or `refused`.
     pub outcome: &'static str,
+    /// `websocket` or `sse`.
+    pub transport: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,7 +85,11 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("ws_connections_active", "Open chat sockets", m.connections_active.clone());
-        registry.register("ws_attempts", "Socket attempts by outcome", m.attempts.clone());
+        registry.register(
+            "ws_attempts",
+            "Chat connection attempts by outcome and transport (websocket, sse)",
+            m.attempts.clone(),
+        );
         registry.register("ws_closes", "Socket closes by code and initiator", m.closes.clone());
         registry.register("chat_messages", "Chat messages received from and sent to clients", m.messages.clone());
         registry.register("ws_frames_dropped", "Frames still queued when their socket ended", m.frames_dropped.clone());
@@ -182,12 +188,12 @@ mod tests {
         let m = Metrics::default();
         m.close(Some(4408), natter_proto::api::ClosedBy::Server);
         m.close(None, natter_proto::api::ClosedBy::Network);
-        m.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
+        m.attempts.get_or_create(&OutcomeLabel { outcome: "refused", transport: "sse" }).inc();
         m.ack_seconds.observe(0.002);
         let text = m.render();
         assert!(text.contains(r#"natter_ws_closes_total{code="4408",initiator="server"} 1"#), "{text}");
         assert!(text.contains(r#"natter_ws_closes_total{code="none",initiator="network"} 1"#));
-        assert!(text.contains(r#"natter_ws_attempts_total{outcome="refused"} 1"#));
+        assert!(text.contains(r#"natter_ws_attempts_total{outcome="refused",transport="sse"} 1"#));
         assert!(text.contains("natter_message_ack_seconds_count 1"));
         assert!(text.ends_with("# EOF\n"));
     }

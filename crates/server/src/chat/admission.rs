@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use axum::http::{header, HeaderMap};
 use chrono::Utc;
-use natter_proto::api::{BotRole, UserRef};
+use natter_proto::api::{BotRole, TransportKind, UserRef};
 use natter_proto::{Close, CloseCode};
 use uuid::Uuid;
 
@@ -48,6 +48,8 @@ pub struct ConnectRequest {
     /// The request's span (traces only), which the connection's span continues: the
     /// request's `traceparent` put it in the client's trace.
     pub traceparent: Option<String>,
+    /// Which binding the request came by (the ledger and metrics say it).
+    pub transport: TransportKind,
 }
 
 impl std::fmt::Debug for ConnectRequest {
@@ -91,6 +93,7 @@ impl ConnectRequest {
             ws_version: header(header::SEC_WEBSOCKET_VERSION),
             forwarded_for: header(header::HeaderName::from_static("x-forwarded-for")),
             traceparent: crate::telemetry::current_traceparent(),
+            transport: TransportKind::Websocket,
         }
     }
 }

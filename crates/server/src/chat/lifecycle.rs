@@ -95,6 +95,7 @@ fn record(req: &ConnectRequest, connection_id: Uuid) -> ConnectionRecord {
         bytes_in: 0,
         bytes_out: 0,
         trace_id: crate::telemetry::current_trace_id(),
+        transport: req.transport,
     }
 }
 
@@ -142,7 +143,7 @@ async fn open<T: Transport>(
         return None;
     }
     let metrics = &state.metrics;
-    metrics.attempts.get_or_create(&OutcomeLabel { outcome: "established" }).inc();
+    metrics.attempts.get_or_create(&OutcomeLabel { outcome: "established", transport: req.transport.as_str() }).inc();
     metrics.handshake_seconds.observe(started.elapsed().as_secs_f64());
     metrics.connections_active.inc();
     rec.established = true;
@@ -179,7 +180,11 @@ fn refused(state: &AppState, admission: &tracing::Span, req: &ConnectRequest, mu
     if let End::Close(c) = end {
         admission.record("verdict", c.code.name()).record("close_code", c.code.code());
         tracing::info!(close_code = c.code.code(), close_reason = %Untrusted(&c.reason), remote = ?req.remote, "connection refused");
-        state.metrics.attempts.get_or_create(&OutcomeLabel { outcome: "refused" }).inc();
+        state
+            .metrics
+            .attempts
+            .get_or_create(&OutcomeLabel { outcome: "refused", transport: req.transport.as_str() })
+            .inc();
     }
     rec.close_code = end.code();
     rec.close_reason = Some(natter_proto::codes::cut_reason(end.reason()));

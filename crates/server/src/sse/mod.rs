@@ -45,7 +45,10 @@ pub async fn chat(
     if let Some(last) = headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
         query.entry("after_seq".into()).or_insert_with(|| last.to_owned());
     }
-    let req = ConnectRequest::from_parts(bot_id, query, &headers, Some(remote));
+    let req = ConnectRequest {
+        transport: natter_proto::api::TransportKind::Sse,
+        ..ConnectRequest::from_parts(bot_id, query, &headers, Some(remote))
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(BODY_CHUNKS);
     let gone = tx.clone();
     let transport = SseTransport {

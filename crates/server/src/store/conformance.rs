@@ -452,6 +452,7 @@ fn record(user: Option<Uuid>, bot: Option<Uuid>, started: chrono::DateTime<Utc>)
         bytes_in: 0,
         bytes_out: 0,
         trace_id: None,
+        transport: natter_proto::api::TransportKind::Websocket,
     }
 }
 
@@ -459,9 +460,10 @@ async fn ledger(store: &dyn Store) {
     let (u1, u2, bot) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let now = Utc::now();
     let mut a = record(Some(u1), Some(bot), now - Duration::seconds(3));
-    // A trace id is kept as given (traces exported).
+    // A trace id is kept as given (traces exported), and the transport.
     let b = ConnectionRecord {
         trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        transport: natter_proto::api::TransportKind::Sse,
         ..record(Some(u2), Some(bot), now - Duration::seconds(2))
     };
     let c = record(None, None, now - Duration::seconds(1));

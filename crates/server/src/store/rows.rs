@@ -7,7 +7,7 @@
 //! conversions read rows through [`Columns`] and never see the difference.
 
 use chrono::{DateTime, Utc};
-use natter_proto::api::{BotRole, ClosedBy, ConnectionRecord, MemberRole, Visibility};
+use natter_proto::api::{BotRole, ClosedBy, ConnectionRecord, MemberRole, TransportKind, Visibility};
 use natter_proto::{MessageRole, MessageStatus, WireMessage};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 use uuid::Uuid;
@@ -137,11 +137,11 @@ pub(super) fn member_from_row(row: &impl Columns) -> StoreResult<Member> {
 
 pub(super) const LEDGER_COLS: &str = "connection_id, attempt_id, user_id, bot_id, remote_addr, user_agent, origin, upgrade, connection_hdr, \
     ws_version, forwarded_for, started_at, established, ended_at, close_code, close_reason, closed_by, msgs_in, msgs_out, bytes_in, bytes_out, \
-    trace_id";
+    trace_id, transport";
 
 /// A parameter for each of [`LEDGER_COLS`], in order.
 pub(super) const LEDGER_PARAMS: &str =
-    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22";
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23";
 
 /// Replaces every column of [`LEDGER_COLS`] but the key, in an upsert.
 pub(super) const LEDGER_UPDATE: &str = "attempt_id = excluded.attempt_id, user_id = excluded.user_id, bot_id = excluded.bot_id, \
@@ -150,7 +150,7 @@ pub(super) const LEDGER_UPDATE: &str = "attempt_id = excluded.attempt_id, user_i
     started_at = excluded.started_at, established = excluded.established, ended_at = excluded.ended_at, \
     close_code = excluded.close_code, close_reason = excluded.close_reason, closed_by = excluded.closed_by, \
     msgs_in = excluded.msgs_in, msgs_out = excluded.msgs_out, bytes_in = excluded.bytes_in, bytes_out = excluded.bytes_out, \
-    trace_id = excluded.trace_id";
+    trace_id = excluded.trace_id, transport = excluded.transport";
 
 pub(super) fn ledger_from_row(row: &impl Columns) -> StoreResult<ConnectionRecord> {
     let count = |col| row.int(col).map(|n| n as u64);
@@ -177,6 +177,7 @@ pub(super) fn ledger_from_row(row: &impl Columns) -> StoreResult<ConnectionRecor
         bytes_in: count("bytes_in")?,
         bytes_out: count("bytes_out")?,
         trace_id: row.opt_text("trace_id")?,
+        transport: TransportKind::parse(&row.text("transport")?).unwrap_or_default(),
     })
 }
 

@@ -138,7 +138,7 @@ async fn every_way_a_connection_ends_is_in_the_ledger_and_the_metrics() {
         r#"natter_ws_closes_total{code="1009",initiator="server"} 1"#,
         r#"natter_ws_closes_total{code="4429",initiator="server"} 1"#,
         r#"natter_ws_closes_total{code="none",initiator="network"}"#,
-        r#"natter_ws_attempts_total{outcome="refused"} 6"#,
+        r#"natter_ws_attempts_total{outcome="refused",transport="websocket"} 6"#,
         r#"natter_chat_messages_total{direction="in"} 1"#,
         "natter_message_ack_seconds_count 1",
         "natter_bot_first_token_seconds_count 1",

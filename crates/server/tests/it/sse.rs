@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use natter_proto::api::TransportKind;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -192,9 +193,16 @@ async fn refusals_are_a_close_event_with_the_sockets_code() {
     assert_eq!(unknown.closed().await.0, 4404);
     let mut first = SseClient::open(&app, bot.id, &format!("token={}", alice.token), None).await;
     first.established().await;
-    let mut second = SseClient::open(&app, bot.id, &format!("token={}", alice.token), None).await;
+    let attempt = Uuid::new_v4();
+    let mut second = SseClient::open(&app, bot.id, &format!("token={}&attempt_id={attempt}", alice.token), None).await;
     let (code, reason) = second.closed().await;
     assert_eq!((code, reason.as_str()), (4429, "this user already has 1 open connections"));
+    // The ledger and the metrics name the transport.
+    let row = crate::observability::row(&app, &alice, attempt).await;
+    assert_eq!((row.transport, row.close_code, row.established), (TransportKind::Sse, Some(4429), false));
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"natter_ws_attempts_total{outcome="refused",transport="sse"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"natter_ws_attempts_total{outcome="established",transport="sse"} 1"#));
 }
 
 #[tokio::test]

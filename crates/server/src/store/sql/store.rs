@@ -418,6 +418,7 @@ where
                 .bind(r.bytes_in as i64)
                 .bind(r.bytes_out as i64)
                 .bind(r.trace_id.as_deref())
+                .bind(r.transport.as_str())
                 .execute(in_tx(&mut tx))
                 .await?;
         }
