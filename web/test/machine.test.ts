@@ -103,7 +103,14 @@ describe('one attempt', () => {
     d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt' } }));
     expect(d.model.state).toEqual({ kind: 'connecting', attempt: 0 });
     expect(d.of('open_transport')).toEqual([
-      { type: 'open_transport', gen: d.model.gen, botId: 'b1', auth: { kind: 'ticket', value: 'tkt' }, afterSeq: null, transport: 'websocket' },
+      {
+        type: 'open_transport',
+        gen: d.model.gen,
+        botId: 'b1',
+        auth: { kind: 'ticket', value: 'tkt' },
+        afterSeq: null,
+        transport: 'websocket',
+      },
     ]);
     expect(d.timer('connect')?.ms).toBe(10_000);
 

@@ -32,8 +32,8 @@ export type ConnectionState =
   | { kind: 'idle' }
   | { kind: 'checking'; attempt: number }
   | { kind: 'connecting'; attempt: number }
-  /** `transport`: what carries the frames (`sse`: HTTP streaming, after the WebSocket could not connect). */
-  | { kind: 'open'; connectionId: string; since: number; heartbeatIntervalMs: number; transport: TransportKind }
+  /** `transport`: what carries the frames (`sse`: HTTP streaming); the machine always sets it. */
+  | { kind: 'open'; connectionId: string; since: number; heartbeatIntervalMs: number; transport?: TransportKind }
   | { kind: 'reconnecting'; attempt: number; retryAt: number; lastClose: CloseInfo | null }
   | { kind: 'offline'; lastClose: CloseInfo | null }
   /** `status`: the health check's HTTP status, 0 when the server could not be reached at all. */

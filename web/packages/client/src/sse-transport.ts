@@ -190,6 +190,7 @@ export class SseTransport implements Transport {
     }
     if (res.status === 202) return;
     const code = postRefusal(res.status);
-    if (code !== null) this.end(code, `a frame POST answered HTTP ${res.status}: ${(await res.text().catch(() => '')).slice(0, 200)}`, true);
+    if (code !== null)
+      this.end(code, `a frame POST answered HTTP ${res.status}: ${(await res.text().catch(() => '')).slice(0, 200)}`, true);
   }
 }
