@@ -2,7 +2,8 @@ import { describe, expect, it, vi } from 'vitest';
 import { EventStreamParser } from '../packages/client/src/event-stream';
 import { SseTransport } from '../packages/client/src/sse-transport';
 import type { TransportTarget } from '../packages/client/src/transport';
-import { established, wireMessage } from './fakes';
+import { ChatSocket } from '../packages/client/src/chat-socket';
+import { FakeEnv, FakeWebSocket, MapStorage, established, fakeFetch, happyRoutes, wireMessage } from './fakes';
 
 describe('EventStreamParser', () => {
   it('parses events, ids, multi-line data and comments across any chunking and line ending', () => {
@@ -169,5 +170,86 @@ describe('SseTransport', () => {
     expect(l.events.error).toHaveBeenCalledOnce();
     expect(l.events.close).toHaveBeenCalledWith(1006, expect.stringContaining('Failed to fetch'));
     expect(l.events.open).not.toHaveBeenCalled();
+  });
+});
+
+describe('ChatSocket with transport auto', () => {
+  it('switches to SSE after a WebSocket 1006 the preflight cannot explain, resuming and resending without loss or doubles', async () => {
+    vi.useFakeTimers();
+    FakeWebSocket.reset();
+    try {
+      const enc = new TextEncoder();
+      const streams: Array<{ url: string; ctl: ReadableStreamDefaultController<Uint8Array> }> = [];
+      const posts: Array<Record<string, unknown>> = [];
+      const rest = fakeFetch(happyRoutes());
+      const fetch = (async (input: RequestInfo | URL, init: RequestInit = {}) => {
+        const url = String(input);
+        if (url.includes('/api/sse/chat/') && (init.method ?? 'GET') === 'GET') {
+          let ctl!: ReadableStreamDefaultController<Uint8Array>;
+          const body = new ReadableStream<Uint8Array>({ start: (c) => (ctl = c) });
+          streams.push({ url, ctl });
+          return new Response(body, { status: 200 });
+        }
+        if (url.includes('/frames?stream=')) {
+          const f = JSON.parse(String(init.body)) as Record<string, unknown>;
+          posts.push(f);
+          const ack = {
+            type: 'ack',
+            client_id: f.client_id,
+            message: wireMessage(6, { role: 'user', client_id: f.client_id }),
+            duplicate: false,
+          };
+          return new Response(JSON.stringify(f.type === 'ping' ? { type: 'pong', id: f.id } : ack), { status: 200 });
+        }
+        return rest(input, init);
+      }) as typeof globalThis.fetch;
+      const s = new ChatSocket({
+        apiUrl: 'http://api.test',
+        getToken: () => 'tok',
+        WebSocket: FakeWebSocket as unknown as typeof WebSocket,
+        fetch,
+        environment: new FakeEnv(),
+        storage: new MapStorage(),
+        random: () => 0,
+      });
+      const messages: number[] = [];
+      s.on('message', (m) => messages.push(m.seq));
+      const flush = async () => {
+        for (let i = 0; i < 10; i++) await vi.advanceTimersByTimeAsync(0);
+      };
+      s.connect('b1');
+      await flush();
+      FakeWebSocket.last.establish({ last_seq: 3 });
+      FakeWebSocket.last.receive({ type: 'message', message: wireMessage(4) });
+      FakeWebSocket.last.serverClose(1012, 'restart');
+      const sent = s.send('while away', { clientId: 'c-away' });
+      await vi.advanceTimersByTimeAsync(1000);
+      await flush();
+      // The next socket never gets through the path; the preflight says the server would admit it.
+      FakeWebSocket.last.serverClose(1006, '');
+      await flush();
+      expect(s.transportKind).toBe('sse');
+      await vi.advanceTimersByTimeAsync(10);
+      await flush();
+      expect(streams).toHaveLength(1);
+      expect(new URL(streams[0].url).searchParams.get('after_seq')).toBe('4');
+      const write = (name: string, data: unknown) =>
+        streams[0].ctl.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`));
+      write('connection_established', established({ last_seq: 5 }));
+      write('message', { type: 'message', message: wireMessage(5) });
+      write('stream', { post: '/api/sse/chat/b1/frames?stream=conn-1' });
+      await flush();
+      expect(s.state).toMatchObject({ kind: 'open', transport: 'sse' });
+      expect(posts.filter((p) => p.type === 'message').map((p) => p.client_id)).toEqual(['c-away']);
+      await expect(sent).resolves.toMatchObject({ client_id: 'c-away', message: { seq: 6 } });
+      write('message', { type: 'message', message: wireMessage(6, { role: 'user', client_id: 'c-away' }) });
+      write('message', { type: 'message', message: wireMessage(6, { role: 'user', client_id: 'c-away' }) });
+      await flush();
+      expect(messages).toEqual([4, 5, 6]);
+      expect(s.outboxFor('b1')).toEqual([]);
+      s.destroy();
+    } finally {
+      vi.useRealTimers();
+    }
   });
 });
