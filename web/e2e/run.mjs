@@ -869,6 +869,9 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
   const registry = await api(srv.url, '/api/ws/codes');
   const codes = [...registry.close_codes.map((c) => c.code), 1005, 1006, 4000, 4001, 4003];
   await page.evaluate(() => {
+    // WebSocket only: the 1006 below, with a preflight that is ok, would rightly make `auto`
+    // switch to HTTP streaming (issue 17), and the codes after it would never reach the socket.
+    window.chatWebSocketService.configure({ transport: 'websocket' });
     window.__RealWebSocket = window.WebSocket;
     // A socket whose server refuses with the code under test.
     window.WebSocket = class {
@@ -924,6 +927,7 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
   }
   await page.evaluate(() => {
     window.WebSocket = window.__RealWebSocket;
+    window.chatWebSocketService.configure({ transport: 'auto' });
     window.chatWebSocketService.retryNow();
   });
   await waitState(page, 'open');

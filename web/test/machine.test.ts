@@ -684,6 +684,10 @@ describe('transport: auto switches to SSE when the WebSocket cannot connect', ()
     }
     const s = auto('sse');
     expect(transportOf(s)).toBe('sse');
+    // A server that closes with the client's own connect-timeout code is not a timeout.
+    const c = auto();
+    c.close(4000, 'odd server');
+    expect(c.model.transport).toBe('websocket');
   });
 
   it('over SSE an ack does not move the resume point past messages still on the stream', () => {

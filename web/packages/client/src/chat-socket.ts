@@ -135,8 +135,12 @@ export class ChatSocket {
     });
   }
 
-  /** Changes the credentials callbacks (an app that creates the singleton before login). */
-  configure(options: Pick<ChatSocketOptions, 'getToken' | 'refreshToken' | 'apiUrl' | 'wsUrl'>): void {
+  /**
+   * Changes the credentials callbacks (an app that creates the singleton before login), the
+   * endpoints, or the transport mode (from the next attempt on).
+   */
+  configure(options: Pick<ChatSocketOptions, 'getToken' | 'refreshToken' | 'apiUrl' | 'wsUrl' | 'transport'>): void {
+    if (options.transport) this.config.transport = options.transport;
     if (options.getToken) this.opts.getToken = options.getToken;
     if (options.refreshToken) this.opts.refreshToken = options.refreshToken;
     if (options.apiUrl || options.wsUrl) {

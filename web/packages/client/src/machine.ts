@@ -345,7 +345,7 @@ class Transition {
       connectionId: wasOpen ? this.m.established?.connection_id : undefined,
     });
     this.teardown(code === 1006 || code < 3000 ? 1000 : code, reason);
-    if (early && code === CLIENT_CLOSE.CONNECT_TIMEOUT) {
+    if (early && code === CLIENT_CLOSE.CONNECT_TIMEOUT && by === 'client') {
       this.switchToSse('connect_timeout');
       return;
     }
