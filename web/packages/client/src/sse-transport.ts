@@ -167,7 +167,12 @@ export class SseTransport implements Transport {
   }
 
   private async post(path: string, text: string): Promise<void> {
-    const token = await this.getToken();
+    let token: string | null = null;
+    try {
+      token = await this.getToken();
+    } catch {
+      // No token: the POST goes without one and its 401 ends the stream as a 4401.
+    }
     if (this.done) return;
     let res: Response;
     try {
