@@ -163,6 +163,66 @@ async function restartScenario(signal) {
 scenario('server killed (SIGKILL) and restarted: reconnects, nothing lost or doubled', () => restartScenario('SIGKILL'));
 scenario('server stopped (SIGTERM, 1012) and restarted: reconnects, nothing lost or doubled', () => restartScenario('SIGTERM'));
 
+scenario('issue 17: transport sse (library): chats over HTTP streaming, echo reply once, no WebSocket', async () => {
+  const srv = await startServer({ args: ['--heartbeat-interval-ms', '2000'] });
+  const t = await login(srv.url, 'demo', 'demo-password');
+  const botId = await demoBotId(srv, t.access_token);
+  const { page } = await newPage();
+  await page.goto(`${srv.url}/#/login`);
+  const traffic = countTraffic(page);
+  const result = await page.evaluate(
+    async ({ botId, token }) => {
+      const s = new window.natter.ChatSocket({ transport: 'sse', storage: null, getToken: () => token });
+      const messages = [];
+      s.on('message', (m) => messages.push(m));
+      s.connect(botId);
+      const until = async (ok) => {
+        const t0 = Date.now();
+        while (!ok() && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 50));
+      };
+      await until(() => s.state.kind === 'open' || s.state.kind === 'failed');
+      const state = { ...s.state };
+      const ack = await s.send('hello over sse');
+      await until(() => messages.some((m) => m.role !== 'user'));
+      const rtt = await s.ping(5000);
+      // Twice the server's heartbeat interval: the pings by POST keep the stream alive (no 4408).
+      await new Promise((r) => setTimeout(r, 2.5 * state.heartbeatIntervalMs));
+      const out = {
+        state,
+        kind: s.transportKind,
+        still: s.state.kind,
+        ackSeq: ack.message.seq,
+        messages: messages.map((m) => ({ seq: m.seq, role: m.role, content: m.content })),
+        rtt,
+        urls: JSON.parse(s.exportFlightRecorder())
+          .events.filter((e) => e.type === 'ws_connect')
+          .map((e) => e.url),
+      };
+      s.destroy();
+      return out;
+    },
+    { botId, token: t.access_token },
+  );
+  assert(
+    result.state.kind === 'open' && result.state.transport === 'sse' && result.kind === 'sse',
+    `open over sse: ${JSON.stringify(result)}`,
+  );
+  const bot = result.messages.filter((m) => m.role !== 'user');
+  assert(
+    bot.length === 1 && bot[0].content === 'hello over sse' && bot[0].seq === result.ackSeq + 1,
+    `one echo: ${JSON.stringify(result)}`,
+  );
+  const seqs = result.messages.map((m) => m.seq);
+  assert(new Set(seqs).size === seqs.length, `no seq twice: ${seqs}`);
+  assert(typeof result.rtt === 'number', `ping answered by POST: ${result.rtt}`);
+  assert(result.still === 'open', `still open after 2.5 heartbeats: ${result.still}`);
+  assert(
+    result.urls.every((u) => u.includes('/api/sse/chat/') && u.includes('ticket=<redacted>')),
+    `sse URLs with tickets: ${result.urls}`,
+  );
+  assert(traffic.sockets.length === 0, 'no WebSocket opened');
+});
+
 scenario('4401: one token refresh, then success (library, token in URL)', async () => {
   const srv = await startServer();
   const t = await login(srv.url, 'demo', 'demo-password');
@@ -809,6 +869,9 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
   const registry = await api(srv.url, '/api/ws/codes');
   const codes = [...registry.close_codes.map((c) => c.code), 1005, 1006, 4000, 4001, 4003];
   await page.evaluate(() => {
+    // WebSocket only: the 1006 below, with a preflight that is ok, would rightly make `auto`
+    // switch to HTTP streaming (issue 17), and the codes after it would never reach the socket.
+    window.chatWebSocketService.configure({ transport: 'websocket' });
     window.__RealWebSocket = window.WebSocket;
     // A socket whose server refuses with the code under test.
     window.WebSocket = class {
@@ -864,6 +927,7 @@ scenario('issue 18: the status bar speaks plain words for every close code; deta
   }
   await page.evaluate(() => {
     window.WebSocket = window.__RealWebSocket;
+    window.chatWebSocketService.configure({ transport: 'auto' });
     window.chatWebSocketService.retryNow();
   });
   await waitState(page, 'open');

@@ -394,7 +394,8 @@ describe('state machine', () => {
   });
 
   it('shown again, reconnects at once even when the backoff has long to go, keeping the attempt count', async () => {
-    const { s, env } = setup({ socket: { random: () => 0.99 } });
+    // WebSocket only: these 1006s before connection_established would make `auto` switch to SSE.
+    const { s, env } = setup({ socket: { random: () => 0.99, transport: 'websocket' } });
     s.connect('b1');
     await flush();
     FakeWebSocket.last.establish();
@@ -432,7 +433,8 @@ describe('state machine', () => {
   });
 
   it('Retry skips the backoff wait', async () => {
-    const { s } = setup();
+    // WebSocket only: the connect timeouts while waiting would make `auto` switch to SSE.
+    const { s } = setup({ socket: { transport: 'websocket' } });
     s.connect('b1');
     await flush();
     FakeWebSocket.last.establish();

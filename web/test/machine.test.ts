@@ -103,12 +103,25 @@ describe('one attempt', () => {
     d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt' } }));
     expect(d.model.state).toEqual({ kind: 'connecting', attempt: 0 });
     expect(d.of('open_transport')).toEqual([
-      { type: 'open_transport', gen: d.model.gen, botId: 'b1', auth: { kind: 'ticket', value: 'tkt' }, afterSeq: null },
+      {
+        type: 'open_transport',
+        gen: d.model.gen,
+        botId: 'b1',
+        auth: { kind: 'ticket', value: 'tkt' },
+        afterSeq: null,
+        transport: 'websocket',
+      },
     ]);
     expect(d.timer('connect')?.ms).toBe(10_000);
 
     d.establish({ connection_id: 'conn-7', last_seq: 4, heartbeat_interval_ms: 20_000 });
-    expect(d.model.state).toEqual({ kind: 'open', connectionId: 'conn-7', since: d.world.now, heartbeatIntervalMs: 20_000 });
+    expect(d.model.state).toEqual({
+      kind: 'open',
+      connectionId: 'conn-7',
+      since: d.world.now,
+      heartbeatIntervalMs: 20_000,
+      transport: 'websocket',
+    });
     expect(d.model.lastSeq).toBe(4);
     expect(d.of('clear_timer')).toEqual([{ type: 'clear_timer', name: 'connect' }]);
     expect(d.timer('ping')).toMatchObject({ ms: 10_000, repeat: true });
@@ -582,5 +595,112 @@ describe('WebSocketTransport', () => {
     expect(ws2.closedByClient).toEqual({ code: 1000, reason: 'x'.repeat(60) });
     ws2.serverClose(1000);
     expect(heard).toEqual(['open']); // nothing after close()
+  });
+});
+
+describe('transport: auto switches to SSE when the WebSocket cannot connect', () => {
+  function auto(mode: MachineConfig['transport'] | 'unset' = 'auto'): Driver {
+    const d = new Driver();
+    d.config = mode === 'unset' ? CONFIG : { ...CONFIG, transport: mode };
+    d.connect();
+    return d;
+  }
+  const transportOf = (d: Driver) => d.of('open_transport')[0]?.transport;
+  function retryAndConnect(d: Driver): void {
+    d.fire('retry');
+    d.send((m) => ({ type: 'health', gen: m.gen, ok: true, network: false, status: 200, message: '' }));
+    d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt' } }));
+  }
+
+  it('switches at once after a connect timeout, resuming after the last seq', () => {
+    const d = auto();
+    expect(transportOf(d)).toBe('websocket');
+    d.model.lastSeq = 7;
+    d.fire('connect');
+    expect(d.of('record').map((r) => r.event)).toEqual(['connect_timeout', 'transport_switch']);
+    expect(d.model.state).toMatchObject({ kind: 'reconnecting', retryAt: d.world.now });
+    retryAndConnect(d);
+    expect(d.of('open_transport')[0]).toMatchObject({ transport: 'sse', afterSeq: 7 });
+    d.establish({ last_seq: 9 });
+    expect(d.model.state).toMatchObject({ kind: 'open', transport: 'sse' });
+    expect(d.of('flush_outbox')).toHaveLength(1);
+    // Sticky: a later drop of the SSE stream does not go back to the WebSocket.
+    d.close(1012);
+    retryAndConnect(d);
+    expect(transportOf(d)).toBe('sse');
+  });
+
+  it('switches after the second 1006 before connection_established when the preflight has nothing to say', () => {
+    const d = auto();
+    d.close(1006);
+    expect(d.of('preflight')).toHaveLength(1);
+    d.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: null, reason: '', ok: false }));
+    expect(d.model.transport).toBe('websocket');
+    retryAndConnect(d);
+    expect(transportOf(d)).toBe('websocket');
+    d.close(1006);
+    expect(d.of('preflight')).toEqual([]);
+    expect(d.of('record').find((r) => r.event === 'transport_switch')?.data).toMatchObject({ why: '1006_twice' });
+    retryAndConnect(d);
+    expect(transportOf(d)).toBe('sse');
+  });
+
+  it('switches when the preflight is ok while the socket failed, and follows a refusing preflight instead', () => {
+    const d = auto();
+    d.close(1006);
+    d.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: null, reason: '', ok: true }));
+    expect(d.model.transport).toBe('sse');
+    expect(d.model.state).toMatchObject({ kind: 'reconnecting' });
+
+    const r = auto();
+    r.close(1006);
+    r.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: 4404, reason: 'no such bot', ok: false }));
+    expect(r.model.transport).toBe('websocket');
+    expect(r.model.state).toMatchObject({ kind: 'failed', code: 4404 });
+  });
+
+  it('keeps the WebSocket for drops after connection_established, an established one resets the count, and fixed modes never switch', () => {
+    const d = auto();
+    d.establish();
+    d.close(1006);
+    d.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: null, reason: '', ok: true }));
+    expect(d.model.transport).toBe('websocket');
+
+    const e = auto();
+    e.close(1006);
+    e.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: null, reason: '', ok: false }));
+    retryAndConnect(e);
+    e.establish();
+    e.close(1012);
+    retryAndConnect(e);
+    e.close(1006);
+    expect(e.of('preflight')).toHaveLength(1);
+    expect(e.model.transport).toBe('websocket');
+
+    for (const mode of ['websocket', 'unset'] as const) {
+      const w = auto(mode);
+      w.fire('connect');
+      expect(w.model.transport).toBe('websocket');
+    }
+    const s = auto('sse');
+    expect(transportOf(s)).toBe('sse');
+    // A server that closes with the client's own connect-timeout code is not a timeout.
+    const c = auto();
+    c.close(4000, 'odd server');
+    expect(c.model.transport).toBe('websocket');
+  });
+
+  it('over SSE an ack does not move the resume point past messages still on the stream', () => {
+    const d = auto('sse');
+    d.establish({ last_seq: 4 });
+    d.frame({ type: 'ack', client_id: 'c1', message: wireMessage(6, { role: 'user', client_id: 'c1' }), duplicate: false });
+    expect(d.of('deliver')).toHaveLength(1);
+    d.frame({ type: 'message', message: wireMessage(5) });
+    expect(d.of('deliver')).toHaveLength(1);
+    d.frame({ type: 'message', message: wireMessage(6, { role: 'user', client_id: 'c1' }) });
+    expect(d.of('deliver')).toHaveLength(1);
+    expect(d.model.lastSeq).toBe(6);
+    d.frame({ type: 'message', message: wireMessage(6, { role: 'user', client_id: 'c1' }) });
+    expect(d.of('deliver')).toHaveLength(0);
   });
 });

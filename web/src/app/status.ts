@@ -48,7 +48,10 @@ export function describeState(s: ConnectionState, now = Date.now(), opts: { hidd
     case 'connecting':
       return { label: 'Connecting…', tone: 'busy' };
     case 'open':
-      return { label: 'Connected', tone: 'ok' };
+      // SSE: the network would not carry a WebSocket (or the app asked for HTTP streaming).
+      return s.transport === 'sse'
+        ? { label: 'Connected', tone: 'ok', detail: 'using HTTP streaming' }
+        : { label: 'Connected', tone: 'ok' };
     case 'reconnecting': {
       const tech = [s.lastClose ? closeTechnical(s.lastClose) : null, `attempt ${s.attempt}`].filter(Boolean).join(' · ');
       if (opts.hidden) return { label: 'Reconnecting…', tone: 'warn', tech };

@@ -18,6 +18,7 @@ import {
   type MachineEvent,
   type Model,
   type TimerName,
+  type TransportKind,
   type World,
 } from './connection.js';
 import { Delivery } from './delivery.js';
@@ -34,10 +35,11 @@ import { Pinger } from './pinger.js';
 import { ClosePolicy } from './policy.js';
 import { encodeClientFrame, parseServerFrame, type AckFrame, type ConnectionEstablishedFrame, type ServerFrame } from './protocol.js';
 import { FlightRecorder } from './recorder.js';
+import { SseTransport } from './sse-transport.js';
 import { WebSocketTransport, type Transport, type TransportTarget } from './transport.js';
 import { closeHeadline } from './words.js';
 
-export type { CloseInfo, ConnectionState, StateKind } from './connection.js';
+export type { CloseInfo, ConnectionState, StateKind, TransportKind, TransportMode } from './connection.js';
 export { browserEnvironment, type Environment } from './environment.js';
 export { ChatError, type ChatSocketEvents } from './events.js';
 export type { ChatSocketOptions, ConnectOptions } from './options.js';
@@ -94,6 +96,7 @@ export class ChatSocket {
       pingIntervalMs: opts.pingIntervalMs,
       maxServerErrors: opts.maxServerErrors ?? 10,
       backoff: { baseMs: 500, capMs: 30_000, ...options.backoff },
+      transport: opts.transport ?? 'auto',
     };
     const env = options.environment ?? browserEnvironment();
     const random = options.random ?? Math.random;
@@ -132,8 +135,12 @@ export class ChatSocket {
     });
   }
 
-  /** Changes the credentials callbacks (an app that creates the singleton before login). */
-  configure(options: Pick<ChatSocketOptions, 'getToken' | 'refreshToken' | 'apiUrl' | 'wsUrl'>): void {
+  /**
+   * Changes the credentials callbacks (an app that creates the singleton before login), the
+   * endpoints, or the transport mode (from the next attempt on).
+   */
+  configure(options: Pick<ChatSocketOptions, 'getToken' | 'refreshToken' | 'apiUrl' | 'wsUrl' | 'transport'>): void {
+    if (options.transport) this.config.transport = options.transport;
     if (options.getToken) this.opts.getToken = options.getToken;
     if (options.refreshToken) this.opts.refreshToken = options.refreshToken;
     if (options.apiUrl || options.wsUrl) {
@@ -154,6 +161,13 @@ export class ChatSocket {
   /** The highest seq seen on this conversation (null before the first connection). */
   get lastSeq(): number | null {
     return this.model.lastSeq;
+  }
+  /**
+   * What carries the frames of the current (or next) connection: `websocket`, or `sse` (HTTP
+   * streaming) when so configured or after `auto` gave the WebSocket up.
+   */
+  get transportKind(): TransportKind {
+    return this.model.transport;
   }
   get endpoints(): { apiUrl: string; wsUrl: string } {
     return { apiUrl: this.apiUrl, wsUrl: this.wsUrl };
@@ -238,6 +252,7 @@ export class ChatSocket {
       ws_url: this.wsUrl,
       bot_id: this.model.botId,
       state: this.model.state,
+      transport: this.model.transport,
       last_seq: this.model.lastSeq,
       outbox_size: this.outbox.size,
       last_frame_at: this.model.lastFrameAt || null,
@@ -403,14 +418,18 @@ export class ChatSocket {
   }
 
   /** The one place that picks a transport; the machine never knows which. */
-  private createTransport(target: TransportTarget): Transport {
+  private createTransport(kind: TransportKind, target: TransportTarget): Transport {
+    if (kind === 'sse') {
+      const getToken = this.opts.getToken;
+      return new SseTransport(target, this.opts.fetch ?? globalThis.fetch.bind(globalThis), () => (getToken ? getToken() : null));
+    }
     return new WebSocketTransport(target, this.opts.WebSocket ?? globalThis.WebSocket);
   }
 
   private openTransport(fx: Extract<Effect, { type: 'open_transport' }>): void {
     const { gen, botId } = fx;
     const attemptId = uuid();
-    const transport = this.createTransport({
+    const transport = this.createTransport(fx.transport, {
       apiUrl: this.apiUrl,
       wsUrl: this.wsUrl,
       botId,
@@ -420,7 +439,13 @@ export class ChatSocket {
     });
     const safeUrl = redact(transport.url);
     log.connect('Attempting to connect to chat WebSocket: %s', safeUrl);
-    this.recorder.record('ws_connect', { url: safeUrl, attempt: this.model.attempt, attempt_id: attemptId, auth: fx.auth.kind });
+    this.recorder.record('ws_connect', {
+      url: safeUrl,
+      attempt: this.model.attempt,
+      attempt_id: attemptId,
+      auth: fx.auth.kind,
+      transport: fx.transport,
+    });
     const started = monoNow();
     const live = () => this.live(gen);
     try {

@@ -32,7 +32,8 @@ export type ConnectionState =
   | { kind: 'idle' }
   | { kind: 'checking'; attempt: number }
   | { kind: 'connecting'; attempt: number }
-  | { kind: 'open'; connectionId: string; since: number; heartbeatIntervalMs: number }
+  /** `transport`: what carries the frames (`sse`: HTTP streaming); the machine always sets it. */
+  | { kind: 'open'; connectionId: string; since: number; heartbeatIntervalMs: number; transport?: TransportKind }
   | { kind: 'reconnecting'; attempt: number; retryAt: number; lastClose: CloseInfo | null }
   | { kind: 'offline'; lastClose: CloseInfo | null }
   /** `status`: the health check's HTTP status, 0 when the server could not be reached at all. */
@@ -40,6 +41,11 @@ export type ConnectionState =
   | { kind: 'failed'; code: number; reason: string; advice: string };
 
 export type StateKind = ConnectionState['kind'];
+
+/** What carries the frames: the WebSocket, or Server-Sent Events down and POSTs up. */
+export type TransportKind = 'websocket' | 'sse';
+/** `auto`: the WebSocket, switching to SSE for good when its handshake keeps failing. */
+export type TransportMode = 'auto' | TransportKind;
 
 /** The machine's settings (from `ChatSocketOptions`, with their defaults). */
 export interface MachineConfig {
@@ -50,6 +56,8 @@ export interface MachineConfig {
   pingIntervalMs?: number;
   maxServerErrors: number;
   backoff: BackoffOptions;
+  /** Undefined: `websocket` only (`ChatSocket` passes its option, whose default is `auto`). */
+  transport?: TransportMode;
 }
 
 /** What the machine reads from the world at each step; a test passes plain values. */
@@ -85,6 +93,12 @@ export interface Model {
   lastClose: CloseInfo | null;
   /** A resend of the outbox is scheduled (after a `rate_limited` or `bot_busy`). */
   resendArmed: boolean;
+  /** The transport of the next attempt (in `auto`: `sse` once the WebSocket was given up). */
+  transport: TransportKind;
+  /** WebSocket 1006s before `connection_established`, since the last established connection. */
+  wsEarlyDrops: number;
+  /** The last close was such a 1006 and its preflight is awaited. */
+  earlyDrop: boolean;
 }
 
 export function initialModel(): Model {
@@ -103,6 +117,9 @@ export function initialModel(): Model {
     lastFrameAt: 0,
     lastClose: null,
     resendArmed: false,
+    transport: 'websocket',
+    wsEarlyDrops: 0,
+    earlyDrop: false,
   };
 }
 
@@ -128,8 +145,11 @@ export type MachineEvent =
   /** A frame from the transport; null when it could not be parsed (it still proves the link is alive). */
   | { type: 'frame'; gen: number; frame: ServerFrame | null }
   | { type: 'closed'; gen: number; code: number; reason: string; by: ClosedBy }
-  /** The server's preflight verdict after a 1006 (`closeCode` null: it had nothing to say). */
-  | { type: 'preflight'; gen: number; closeCode: number | null; reason: string }
+  /**
+   * The server's preflight verdict after a 1006 (`closeCode` null: it had nothing to say;
+   * `ok`: it answered that a connection would be admitted now).
+   */
+  | { type: 'preflight'; gen: number; closeCode: number | null; reason: string; ok?: boolean }
   | { type: 'reauth_result'; gen: number; ok: boolean }
   | { type: 'liveness_failed'; gen: number }
   | { type: 'timer'; gen: number; name: TimerName }
@@ -148,7 +168,14 @@ export type Effect =
   | { type: 'check_health'; gen: number }
   | { type: 'load_codes'; gen: number }
   | { type: 'get_credential'; gen: number; botId: string }
-  | { type: 'open_transport'; gen: number; botId: string; auth: { kind: 'ticket' | 'token'; value: string }; afterSeq: number | null }
+  | {
+      type: 'open_transport';
+      gen: number;
+      botId: string;
+      auth: { kind: 'ticket' | 'token'; value: string };
+      afterSeq: number | null;
+      transport: TransportKind;
+    }
   | { type: 'preflight'; gen: number; botId: string; afterSeq: number | null }
   | { type: 'refresh_token'; gen: number }
   | { type: 'liveness_ping'; gen: number; timeoutMs: number }

@@ -120,7 +120,7 @@ export async function fetchPreflight(
   if (!ctx.live(gen)) return null;
   ctx.recorder.record('preflight', r.ok ? { ok: r.body.ok, close_code: r.body.close_code, reason: r.body.reason } : { error: r.message });
   const refused = r.ok && !r.body.ok && r.body.close_code ? r.body : null;
-  return { type: 'preflight', gen, closeCode: refused?.close_code ?? null, reason: refused?.reason ?? '' };
+  return { type: 'preflight', gen, closeCode: refused?.close_code ?? null, reason: refused?.reason ?? '', ok: r.ok && r.body.ok === true };
 }
 
 /** Asks the app for a fresh access token (after a 4401). */

@@ -15,6 +15,9 @@ export { Outbox, OutboxFullError, type OutboxEntry } from './outbox.js';
 export { FlightRecorder, type FlightEvent } from './recorder.js';
 export { resolveEndpoints, type Endpoints } from './config.js';
 export { redact } from './log.js';
+export { WebSocketTransport, type Transport, type TransportEvents, type TransportTarget } from './transport.js';
+export { SseTransport } from './sse-transport.js';
+export { EventStreamParser, type StreamEvent } from './event-stream.js';
 export { http, uuid, type HttpOptions, type HttpResult } from './http.js';
 export { closeAdvice, closeHeadline, closeTechnical } from './words.js';
 

@@ -17,6 +17,7 @@ import type {
   Model,
   Step,
   TimerName,
+  TransportKind,
   World,
 } from './connection.js';
 import { redact } from './log.js';
@@ -78,7 +79,7 @@ class Transition {
         this.closed(e.code, e.reason, e.by);
         return;
       case 'preflight':
-        this.preflight(e.closeCode, e.reason);
+        this.preflight(e.closeCode, e.reason, e.ok === true);
         return;
       case 'reauth_result':
         this.reauthResult(e.ok);
@@ -201,7 +202,15 @@ class Transition {
     }
     if (!this.m.botId) return;
     this.setState({ kind: 'connecting', attempt: this.m.attempt });
-    this.fx.push({ type: 'open_transport', gen: this.m.gen, botId: this.m.botId, auth: cred, afterSeq: this.m.lastSeq });
+    this.m.transport = this.nextTransport();
+    this.fx.push({
+      type: 'open_transport',
+      gen: this.m.gen,
+      botId: this.m.botId,
+      auth: cred,
+      afterSeq: this.m.lastSeq,
+      transport: this.m.transport,
+    });
     this.setTimer('connect', this.c.connectTimeoutMs);
   }
 
@@ -216,6 +225,9 @@ class Transition {
         this.established(f);
         return;
       case 'ack':
+        // Over SSE the ack is the answer to a POST and may overtake earlier messages still on
+        // their way down the stream; the acked message comes down the stream too, in order.
+        if (this.m.transport === 'sse') break;
         if (this.m.lastSeq === null || f.message.seq > this.m.lastSeq) this.m.lastSeq = f.message.seq;
         break;
       case 'message':
@@ -251,7 +263,14 @@ class Transition {
       heartbeat_interval_ms: f.heartbeat_interval_ms,
       clock_skew_ms: Number.isFinite(skew) ? skew : null,
     });
-    this.setState({ kind: 'open', connectionId: f.connection_id, since: now, heartbeatIntervalMs: f.heartbeat_interval_ms });
+    this.setState({
+      kind: 'open',
+      connectionId: f.connection_id,
+      since: now,
+      heartbeatIntervalMs: f.heartbeat_interval_ms,
+      transport: this.m.transport,
+    });
+    this.m.wsEarlyDrops = 0;
     this.m.reauthUsed = false;
     this.m.afterSeqResetUsed = false;
     this.fx.push({ type: 'deliver', frame: f });
@@ -307,6 +326,10 @@ class Transition {
   /** Decides what follows a close (or a refusal before the transport). */
   private closed(code: number, rawReason: string, by: ClosedBy): void {
     const wasOpen = this.m.state.kind === 'open';
+    // A WebSocket that never got as far as `connection_established`, in `auto`: maybe the path
+    // (a proxy that strips `Upgrade`) rather than the server.
+    const early = this.m.state.kind === 'connecting' && this.m.transport === 'websocket' && this.c.transport === 'auto';
+    this.m.earlyDrop = false;
     const v = this.w.verdict(code);
     // Reasons are shown and logged: never let a credential through.
     const reason = redact(rawReason);
@@ -322,6 +345,18 @@ class Transition {
       connectionId: wasOpen ? this.m.established?.connection_id : undefined,
     });
     this.teardown(code === 1006 || code < 3000 ? 1000 : code, reason);
+    if (early && code === CLIENT_CLOSE.CONNECT_TIMEOUT && by === 'client') {
+      this.switchToSse('connect_timeout');
+      return;
+    }
+    if (early && code === 1006 && by === 'server') {
+      this.m.wsEarlyDrops += 1;
+      if (this.m.wsEarlyDrops >= 2) {
+        this.switchToSse('1006_twice');
+        return;
+      }
+      this.m.earlyDrop = true;
+    }
     if (code === 1006 && by === 'server') {
       // The browser hides why a socket dropped; ask the server what it would say now.
       if (this.m.botId) this.fx.push({ type: 'preflight', gen: this.m.gen, botId: this.m.botId, afterSeq: this.m.lastSeq });
@@ -331,8 +366,10 @@ class Transition {
     this.applyPolicy(v, info);
   }
 
-  private preflight(closeCode: number | null, reason: string): void {
+  private preflight(closeCode: number | null, reason: string, ok: boolean): void {
     const info = this.m.lastClose;
+    const earlyDrop = this.m.earlyDrop;
+    this.m.earlyDrop = false;
     if (!info) return;
     if (closeCode) {
       const v = this.w.verdict(closeCode);
@@ -342,7 +379,30 @@ class Transition {
         return;
       }
     }
+    if (earlyDrop && ok) {
+      this.switchToSse('preflight_ok');
+      return;
+    }
     this.applyPolicy(this.w.verdict(1006), info);
+  }
+
+  /** The transport of the next attempt: the configured one, or in `auto` the current choice. */
+  private nextTransport(): TransportKind {
+    const mode = this.c.transport ?? 'websocket';
+    return mode === 'auto' ? this.m.transport : mode;
+  }
+
+  /**
+   * `auto` gives the WebSocket up for SSE, for the rest of this `ChatSocket`, and retries at
+   * once: resuming after the last seq seen and resending the outbox by client_id as on any
+   * reconnect, so the switch loses and doubles nothing.
+   */
+  private switchToSse(why: 'connect_timeout' | '1006_twice' | 'preflight_ok'): void {
+    this.m.transport = 'sse';
+    this.m.wsEarlyDrops = 0;
+    this.record('transport_switch', { from: 'websocket', to: 'sse', why });
+    this.log('connect', 'the WebSocket cannot connect here (%s): switching to HTTP streaming (SSE)', why);
+    this.scheduleRetry('reconnecting', 0);
   }
 
   private applyPolicy(v: CloseVerdict, info: CloseInfo): void {

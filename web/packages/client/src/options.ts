@@ -1,5 +1,6 @@
 /** The options of `ChatSocket` and of its `connect`. */
 
+import type { TransportMode } from './connection.js';
 import type { Environment } from './environment.js';
 import type { KeyValueStorage } from './outbox.js';
 import type { BackoffOptions } from './policy.js';
@@ -39,6 +40,14 @@ export interface ChatSocketOptions {
   outboxLimit?: number;
   /** Where the outbox persists. Default `sessionStorage`; null keeps it in memory. */
   storage?: KeyValueStorage | null;
+  /**
+   * What carries the frames. `websocket`; `sse`: Server-Sent Events down and a POST per frame
+   * up (for networks whose proxies cannot carry a WebSocket); `auto` (the default): the
+   * WebSocket, switching to `sse` for the rest of this `ChatSocket` when its handshake fails in a
+   * way that points at the network path (a connect timeout, two 1006s before
+   * `connection_established`, or a 1006 while the server's preflight says all is well).
+   */
+  transport?: TransportMode;
   /** Flight recorder size. Default 200. */
   recorderCapacity?: number;
   WebSocket?: typeof WebSocket;
