@@ -219,13 +219,17 @@ pub async fn preflight(state: &AppState, req: &ConnectRequest) -> Result<(), Rej
     check(state, req, Mode::Preflight).await.map(drop)
 }
 
-/// The checks of a frame POSTed to the stream `stream_id` (`chat::post_frame`): origin,
-/// credentials (a token: tickets are for opening connections), bot and role.
-pub async fn admit_post(state: &AppState, req: &ConnectRequest, stream_id: Uuid) -> Result<Peer, Rejected> {
-    if req.ticket.is_some() {
-        return Err(Refusal::Unauthorized("a POST to a stream takes an access token, not a ticket").into());
-    }
-    let c = check(state, req, Mode::Post).await?;
+/// The checks of a frame POSTed to the stream `stream_id` (`chat::post_frame`) by a user the
+/// REST layer authenticated (`AuthUser`): origin, bot and role.
+pub async fn admit_post(
+    state: &AppState,
+    user: UserRef,
+    family: Option<Uuid>,
+    req: &ConnectRequest,
+    stream_id: Uuid,
+) -> Result<Peer, Rejected> {
+    let (bot_id, _) = check_request(state, req)?;
+    let c = check_access(state, user, family, bot_id, None, Mode::Post).await?;
     Ok(Peer {
         connection_id: stream_id,
         user_id: c.user.id,
@@ -279,29 +283,36 @@ fn check_request(state: &AppState, req: &ConnectRequest) -> Result<(Uuid, Option
 async fn check(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result<Checked, Rejected> {
     let (bot_id, after_seq) = check_request(state, req)?;
     let (user, family) = authenticate(state, req, bot_id, mode).await?;
-    let refuse = |refusal| Rejected { refusal, user_id: Some(user.id) };
+    check_access(state, user, family, bot_id, after_seq, mode).await
+}
+
+/// What an identified user may do with the bot: it exists, they have a role, the resume point
+/// is in the conversation, and (for a connection) the limits leave room.
+async fn check_access(
+    state: &AppState,
+    user: UserRef,
+    family: Option<Uuid>,
+    bot_id: Uuid,
+    after_seq: Option<i64>,
+    mode: Mode,
+) -> Result<Checked, Rejected> {
+    let user_id = user.id;
+    let refuse = |refusal| Rejected { refusal, user_id: Some(user_id) };
     let internal = |e| refuse(Refusal::internal("during admission", e));
     let bot = state.store.bot(bot_id).await.map_err(internal)?.ok_or(refuse(Refusal::BotNotFound(bot_id)))?;
-    let role = state.store.bot_role(&bot, user.id).await.map_err(internal)?.ok_or(refuse(Refusal::Forbidden))?;
+    let role = state.store.bot_role(&bot, user_id).await.map_err(internal)?.ok_or(refuse(Refusal::Forbidden))?;
     let engine =
         EngineSpec::load(&bot.engine).map_err(|e| refuse(Refusal::internal("loading the engine", e.message)))?;
-    let conversation = state.store.conversation(user.id, bot_id).await.map_err(internal)?;
+    let conversation = state.store.conversation(user_id, bot_id).await.map_err(internal)?;
     if let Some(after) = after_seq.filter(|a| *a > conversation.last_seq) {
         let last = conversation.last_seq;
         let m = format!("after_seq {after} is beyond the conversation's last seq {last}");
         return Err(refuse(Refusal::BadRequest(m)));
     }
+    let checked =
+        Checked { user, family, bot_id, bot_name: bot.name, engine, role, conversation_id: conversation.id, after_seq };
     if mode == Mode::Post {
-        return Ok(Checked {
-            user,
-            family,
-            bot_id,
-            bot_name: bot.name,
-            engine,
-            role,
-            conversation_id: conversation.id,
-            after_seq,
-        });
+        return Ok(checked);
     }
     if state.hub.len() >= state.config.limits.max_connections {
         return Err(refuse(Refusal::ServerFull));
@@ -309,12 +320,12 @@ async fn check(state: &AppState, req: &ConnectRequest, mode: Mode) -> Result<Che
     let max = state.config.limits.max_connections_per_user;
     // This node's count first (no IO), then every node's: the connection itself takes its
     // place atomically later (`hold`); this gives the preflight the same verdict.
-    if state.hub.user_count(user.id) >= max
-        || state.cluster.slots_in_use(user.id).await.map_err(internal)?.is_some_and(|n| n >= max)
+    if state.hub.user_count(user_id) >= max
+        || state.cluster.slots_in_use(user_id).await.map_err(internal)?.is_some_and(|n| n >= max)
     {
         return Err(refuse(Refusal::TooManyConnections(max)));
     }
-    Ok(Checked { user, family, bot_id, bot_name: bot.name, engine, role, conversation_id: conversation.id, after_seq })
+    Ok(checked)
 }
 
 /// Takes the connection's places (this node's hub, every node's per-user count), subscribes

@@ -46,12 +46,6 @@ pub struct HubGuard {
     family: Option<Uuid>,
 }
 
-impl HubGuard {
-    pub fn connection_id(&self) -> Uuid {
-        self.connection_id
-    }
-}
-
 impl Drop for HubGuard {
     fn drop(&mut self) {
         let mut inner = self.hub.inner.lock().unwrap();

@@ -116,16 +116,7 @@ impl<T: Transport> Session<T> {
         if let Some(refused) = self.take_message_budget(&client_id).await {
             return self.send(&refused).await;
         }
-        // The journey of an accepted message: stored, acked, announced, answered (the reply's
-        // spans are children of this one, on whichever node runs it).
-        let span = tracing::info_span!(
-            target: crate::telemetry::TRACE,
-            "message",
-            client_id = %Untrusted(&client_id),
-            conversation_id = %self.peer.conversation_id,
-            seq = tracing::field::Empty,
-            duplicate = tracing::field::Empty
-        );
+        let span = message_span(&client_id, self.peer.conversation_id);
         self.accept_message(client_id, content, received).instrument(span).await
     }
 
@@ -184,6 +175,19 @@ pub(super) async fn take_user_budget(state: &AppState, user_id: Uuid, client_id:
     };
     let message = "too many messages from this user on all connections";
     over.map(|wait| rate_limited(message.into(), Some(client_id), wait))
+}
+
+/// The journey of an accepted message (traces only): stored, acked, announced, answered; the
+/// reply's spans are children of this one, on whichever node runs it.
+pub(super) fn message_span(client_id: &str, conversation_id: Uuid) -> tracing::Span {
+    tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "message",
+        client_id = %Untrusted(client_id),
+        conversation_id = %conversation_id,
+        seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty
+    )
 }
 
 /// Stores a user message (once per `client_id`: a resend returns the stored one).

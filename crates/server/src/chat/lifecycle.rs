@@ -133,9 +133,12 @@ async fn open<T: Transport>(
     admission.record("verdict", "admitted");
     tracing::Span::current().record("user_id", tracing::field::display(admitted.user.id));
     rec.user_id = Some(admitted.user.id);
-    let resume_from = admitted.after_seq;
-    let (mut session, hub, slot, begin) = start(&state, admitted, conn);
-    if let Err(end) = session.begin(connection_id, begin.0, begin.1, begin.2).await {
+    let Admission {
+        user, family, bot_id, bot_name, engine, conversation_id, last_seq, after_seq, hub, slot, sub, ..
+    } = admitted;
+    let peer = Peer { connection_id, user_id: user.id, bot_id, conversation_id, bot_name, engine, family };
+    let mut session = Session::new(&state, peer, sub, conn, after_seq.unwrap_or(last_seq));
+    if let Err(end) = session.begin(connection_id, user, last_seq, after_seq.is_some()).await {
         state.cluster.release(slot).await;
         drop(hub);
         refused(&state, &admission, &req, rec, &end);
@@ -150,29 +153,8 @@ async fn open<T: Transport>(
     let row = OpenRow::new(&rec);
     // Visible in the ledger while it is open, not only once it has ended.
     state.ledger.record(rec);
-    tracing::info!(remote = ?req.remote, ?resume_from, "connection established");
+    tracing::info!(remote = ?req.remote, resume_from = ?after_seq, "connection established");
     Some(Live { started, row, hub, slot, session })
-}
-
-/// The session of an admission, the places it holds, and what `begin` needs.
-#[allow(clippy::type_complexity)]
-fn start<T: Transport>(
-    state: &AppState,
-    a: Admission,
-    conn: Conn<T>,
-) -> (Session<T>, HubGuard, Slot, (natter_proto::api::UserRef, i64, bool)) {
-    let peer = Peer {
-        connection_id: a.hub.connection_id(),
-        user_id: a.user.id,
-        bot_id: a.bot_id,
-        conversation_id: a.conversation_id,
-        bot_name: a.bot_name,
-        engine: a.engine,
-        family: a.family,
-    };
-    let delivered = a.after_seq.unwrap_or(a.last_seq);
-    let session = Session::new(state, peer, a.sub, conn, delivered);
-    (session, a.hub, a.slot, (a.user, a.last_seq, a.after_seq.is_some()))
 }
 
 /// An attempt that ends before it is established: logged, counted, in the ledger.

@@ -8,10 +8,9 @@ use natter_proto::{ClientFrame, ServerFrame};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::inbound::{append, cancel, check_message, hand_on, take_user_budget};
+use super::inbound::{append, cancel, check_message, hand_on, message_span, take_user_budget};
 use super::session::Peer;
 use crate::bus::ConvEvent;
-use crate::logsafe::Untrusted;
 use crate::metrics::DirectionLabel;
 use crate::state::AppState;
 use crate::store::StoreError;
@@ -50,14 +49,7 @@ async fn message(
     if let Some(refused) = take_user_budget(state, peer.user_id, &client_id).await {
         return Ok(refused);
     }
-    let span = tracing::info_span!(
-        target: crate::telemetry::TRACE,
-        "message",
-        client_id = %Untrusted(&client_id),
-        conversation_id = %peer.conversation_id,
-        seq = tracing::field::Empty,
-        duplicate = tracing::field::Empty
-    );
+    let span = message_span(&client_id, peer.conversation_id);
     async {
         let appended = append(state, peer.conversation_id, &client_id, content).await?;
         state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());

@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use natter_proto::api::{Preflight, TicketRequest, TicketResponse};
+use natter_proto::api::{Preflight, TicketRequest, TicketResponse, UserRef};
 use natter_proto::codes::CodeRegistry;
 use natter_proto::ErrorCode;
 use uuid::Uuid;
@@ -81,18 +81,18 @@ pub async fn post_frame(
     State(state): State<AppState>,
     Path(bot_id): Path<String>,
     ApiQuery(query): ApiQuery<StreamQuery>,
+    user: AuthUser,
     headers: HeaderMap,
     body: String,
 ) -> ApiResult<Response> {
     let stream = Uuid::parse_str(&query.stream)
         .map_err(|_| ApiError::bad_request(ErrorCode::InvalidQuery, "stream is not a valid UUID"))?;
-    let mut req = ConnectRequest::from_parts(bot_id, HashMap::new(), &headers, None);
-    if req.token.is_none() {
-        let m = "missing token: send Authorization: Bearer <access token>";
-        return Err(ApiError::unauthorized(ErrorCode::MissingToken, m));
-    }
-    req.ticket = None;
-    let peer = crate::chat::admit_post(&state, &req, stream).await.map_err(|r| refusal_error(r.refusal))?;
+    // The origin and host the admission checks; the credentials were checked by `AuthUser`.
+    let req = ConnectRequest::from_parts(bot_id, HashMap::new(), &headers, None);
+    let identity = UserRef { id: user.id, username: user.username };
+    let peer = crate::chat::admit_post(&state, identity, user.family, &req, stream)
+        .await
+        .map_err(|r| refusal_error(r.refusal))?;
     Ok(match crate::chat::post_frame(&state, &peer, &body).await? {
         Some(frame) => ([(header::CONTENT_TYPE, "application/json")], frame.to_json()).into_response(),
         None => StatusCode::ACCEPTED.into_response(),
@@ -103,9 +103,7 @@ pub async fn post_frame(
 fn refusal_error(refusal: Refusal) -> ApiError {
     let close = refusal.close();
     match refusal {
-        Refusal::Unauthorized(m) if m.starts_with("token expired") => {
-            ApiError::unauthorized(ErrorCode::TokenExpired, m)
-        }
+        // Not from `admit_post` (the token is `AuthUser`'s), but a refusal is a refusal.
         Refusal::Unauthorized(m) => ApiError::unauthorized(ErrorCode::InvalidToken, m),
         Refusal::Forbidden | Refusal::OriginNotAllowed(_) => ApiError::forbidden(close.reason),
         Refusal::BotNotFound(_) => ApiError::not_found(close.reason),

@@ -215,6 +215,9 @@ async fn logout_closes_the_stream_4401() {
     let (status, _) = app.post("/api/auth/logout", None, json!({"refresh_token": alice.refresh})).await;
     assert_eq!(status, 204);
     assert_eq!(sse.closed().await, (4401, "logged out: this login was ended; log in again".to_owned()));
+    // Its POSTs get the REST answer for an ended login, as every endpoint does.
+    let (status, v) = post(&app, &alice, bot.id, Uuid::new_v4(), json!({"type": "ping"})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (401, Some("token_revoked")), "{v}");
 }
 
 #[tokio::test]
