@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """natter against the servers people would otherwise write: FastAPI + uvicorn (in memory, and
-durable with SQLite) and Node + ws; optionally against another natter binary (A/B).
+durable with SQLite) and Node + ws, and against bare axum + tungstenite (stores nothing: the
+hardware's edge); optionally against another natter binary (A/B).
 
-Builds natter in release, starts each server pinned to CPU 0 (taskset -c 0) and `natter bench`
+Builds natter and the axum peer (bench/peers/axum, a Cargo project of its own, into its
+target/) in release, starts each server pinned to CPU 0 (taskset -c 0) and `natter bench`
 pinned to CPU 1 (taskset -c 1), and measures every kind of server in two layouts:
 
 - fresh: a fresh server process for every scenario (connect, idle, chat), one user owning
@@ -56,10 +58,14 @@ LIMITS = ["--max-connections-per-user", "1000000", "--messages-per-second", "100
 SERVER_CPU = "0"
 BENCH_CPU = "1"
 BASELINE = "@baseline"
-KINDS = ["natter-sqlite", "natter-memory", "fastapi", "fastapi-sqlite", "node"]
+KINDS = ["natter-sqlite", "natter-memory", "fastapi", "fastapi-sqlite", "node", "axum"]
 LABELS = {"natter-sqlite": "natter (SQLite)", "natter-memory": "natter (memory:)",
-          "fastapi": "FastAPI + uvicorn", "fastapi-sqlite": "FastAPI + aiosqlite (WAL)", "node": "Node + ws"}
+          "fastapi": "FastAPI + uvicorn", "fastapi-sqlite": "FastAPI + aiosqlite (WAL)", "node": "Node + ws",
+          "axum": "bare axum + tungstenite (stores nothing)"}
 PYTHON_PEERS = {"fastapi": "fastapi", "fastapi-sqlite": "fastapi-sqlite"}
+AXUM_DIR = os.path.join(PEERS, "axum")
+AXUM_TARGET = os.path.join(AXUM_DIR, "target")  # gitignored; never natter's target dir
+AXUM = os.path.join(AXUM_TARGET, "release", "natter-bench-peer-axum")
 SCENARIOS = ["connect", "idle", "chat"]
 
 
@@ -117,6 +123,9 @@ class Server:
         elif base == "node":
             cwd = os.path.join(PEERS, "node")
             cmd = ["node", "server.js"]
+        elif base == "axum":
+            cwd = AXUM_DIR
+            cmd = [AXUM]
         else:
             raise ValueError(kind)
         self.log = open(os.path.join(self.tmp, "server.log"), "wb")
@@ -262,23 +271,24 @@ def table(m, kinds, sizes, layout):
         return (f"| {label} | " + " | ".join(cells)
                 + f" | {rs(ratio(g('natter-memory'), g('fastapi')))} / {rs(ratio(g('natter-sqlite'), g('fastapi')))}"
                 + f" | {rs(ratio(g('natter-memory'), g('node')))} / {rs(ratio(g('natter-sqlite'), g('node')))}"
-                + f" | {rs(ratio(g('natter-sqlite'), g('fastapi-sqlite')))} |")
+                + f" | {rs(ratio(g('natter-sqlite'), g('fastapi-sqlite')))}"
+                + f" | {rs(ratio(g('natter-memory'), g('axum')))} |")
 
     lines = [
         "| metric | " + " | ".join(LABELS[k] for k in kinds)
         + " | natter ÷ FastAPI (memory / SQLite) | natter ÷ Node (memory / SQLite)"
-        " | natter SQLite ÷ FastAPI + aiosqlite |",
-        "|---|" + "---:|" * (len(kinds) + 3),
+        " | natter SQLite ÷ FastAPI + aiosqlite | natter memory: ÷ bare axum |",
+        "|---|" + "---:|" * (len(kinds) + 4),
     ]
     lines += [row(label.format(**sizes), key, digits) for key, label, _, _, digits in METRICS]
     if layout == "realistic":
         mib = lambda kib: None if kib is None else kib / 1024
         lines.append(f"| server RSS, MiB: fresh → after {sizes['users']} logins and {sizes['bots']} bots | "
                      + " | ".join(f"{fmt(mib(m[k]['rss_fresh']), 1)} → {fmt(mib(m[k]['rss_setup']), 1)}"
-                                  for k in kinds) + " | | | |")
+                                  for k in kinds) + " | | | | |")
     lines.append("| errors (chat / connect / idle, all rounds) | "
                  + " | ".join(f"{m[k]['chat_err']} / {m[k]['connect_err']} / {m[k]['idle_err']}" for k in kinds)
-                 + " | | | |")
+                 + " | | | | |")
     return lines
 
 
@@ -312,7 +322,7 @@ def ab_table(runs, kinds, layouts, sizes):
     return lines, raw
 
 
-def ensure_peers(kinds):
+def ensure_peers(kinds, build):
     for kind in kinds:
         if kind in PYTHON_PEERS:
             d = os.path.join(PEERS, PYTHON_PEERS[kind])
@@ -321,6 +331,12 @@ def ensure_peers(kinds):
                 subprocess.run([".venv/bin/pip", "install", "-q", "-r", "requirements.txt"], cwd=d, check=True)
         if kind == "node" and not os.path.exists(os.path.join(PEERS, "node", "node_modules")):
             subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=os.path.join(PEERS, "node"), check=True)
+        # Built like natter (a no-op when up to date), and when missing even with --no-build;
+        # CARGO_TARGET_DIR set, as an exported one would put the binary elsewhere.
+        if kind == "axum" and (build or not os.path.exists(AXUM)):
+            log("building the axum peer (release)…")
+            subprocess.run(["cargo", "build", "--release", "--locked"], cwd=AXUM_DIR, check=True, timeout=3600,
+                           env=dict(os.environ, CARGO_TARGET_DIR=AXUM_TARGET))
 
 
 def private_copy(path, name):
@@ -363,7 +379,7 @@ def main():
     binaries = {"natter": NATTER}
     if opts.baseline:
         binaries["baseline"] = private_copy(opts.baseline, "natter-baseline")
-    ensure_peers(kinds)
+    ensure_peers(kinds, build=not opts.no_build)
 
     measured = kinds + [k + BASELINE for k in kinds if is_natter(k) and opts.baseline]
     runs = {k: {lay: [] for lay in layouts} for k in measured}

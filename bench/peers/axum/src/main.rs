@@ -150,14 +150,12 @@ async fn chat(
     ws: WebSocketUpgrade,
 ) -> Response {
     let user = jsonwebtoken::decode::<User>(&query.token, &auth.key, &auth.validation).map(|t| t.claims);
-    ws.read_buffer_size(BUFFER_BYTES)
-        .write_buffer_size(BUFFER_BYTES)
-        .on_upgrade(move |socket| async move {
-            match user {
-                Ok(user) => session(socket, bot_id, user).await,
-                Err(_) => refuse(socket).await,
-            }
-        })
+    ws.read_buffer_size(BUFFER_BYTES).write_buffer_size(BUFFER_BYTES).on_upgrade(move |socket| async move {
+        match user {
+            Ok(user) => session(socket, bot_id, user).await,
+            Err(_) => refuse(socket).await,
+        }
+    })
 }
 
 /// `ws.close(4401, 'invalid token')`: the close frame, then the client's close, within Node
@@ -165,7 +163,8 @@ async fn chat(
 async fn refuse(mut socket: WebSocket) {
     let close = CloseFrame { code: 4401, reason: "invalid token".into() };
     if socket.send(Message::Close(Some(close))).await.is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(30), async { while let Some(Ok(_)) = socket.recv().await {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), async { while let Some(Ok(_)) = socket.recv().await {} })
+            .await;
     }
 }
 
