@@ -98,6 +98,23 @@ struct ChatMessage<'a> {
     status: &'static str,
 }
 
+impl<'a> ChatMessage<'a> {
+    fn new(conversation_id: Uuid, seq: u64, role: &'static str, content: Option<&'a RawValue>) -> Self {
+        let id = Uuid::new_v4();
+        Self {
+            id,
+            conversation_id,
+            seq,
+            role,
+            content,
+            created_at: now(),
+            client_id: None,
+            in_reply_to: None,
+            status: "complete",
+        }
+    }
+}
+
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Out<'a> {
@@ -195,30 +212,12 @@ async fn session(mut socket: WebSocket, bot_id: String, user: User) {
             continue;
         }
         seq += 1;
-        let user_msg = ChatMessage {
-            id: Uuid::new_v4(),
-            conversation_id,
-            seq,
-            role: "user",
-            content: f.content,
-            created_at: now(),
-            client_id: f.client_id,
-            in_reply_to: None,
-            status: "complete",
-        };
+        let user_msg =
+            ChatMessage { client_id: f.client_id, ..ChatMessage::new(conversation_id, seq, "user", f.content) };
         let ack = Out::Ack { client_id: f.client_id, duplicate: false, message: &user_msg }.frame();
         seq += 1;
-        let bot_msg = ChatMessage {
-            id: Uuid::new_v4(),
-            conversation_id,
-            seq,
-            role: "bot",
-            content: f.content,
-            created_at: now(),
-            client_id: None,
-            in_reply_to: Some(user_msg.id),
-            status: "complete",
-        };
+        let bot_msg =
+            ChatMessage { in_reply_to: Some(user_msg.id), ..ChatMessage::new(conversation_id, seq, "bot", f.content) };
         let reply = Out::Message { message: &bot_msg }.frame();
         // Both frames in the write buffer, then one flush.
         if socket.feed(ack).await.is_err() || socket.send(reply).await.is_err() {
