@@ -84,7 +84,11 @@ impl Server {
         );
         let metrics = Arc::new(Metrics::default());
         let ledger = Ledger::spawn(store.clone(), config.ledger_retention, metrics.ledger_anonymous_skipped.clone());
+        // Another process may change grants on a shared store, or on this SQLite file during a
+        // hand-over restart (`--reuse-port`): then admission always asks the store.
+        let access = crate::chat::AccessCache::new(!store.shared() && !config.reuse_port);
         let state = AppState::new(Inner {
+            access,
             keys: TokenKeys::new(&secret, config.access_token_ttl),
             replier: Replier::new(
                 store.clone(),

@@ -46,6 +46,8 @@ pub struct Inner {
     pub throttle: LoginThrottle,
     /// Logins ended by logout or refresh-token reuse, refused at once (`revocation.rs`).
     pub revocations: Revocations,
+    /// Admission's answers (user, bot, role, conversation), on one node only (`chat/access.rs`).
+    pub access: crate::chat::AccessCache,
     /// On SQLite, the database's lock held shared while this server lives, so that
     /// `natter restore` refuses to swap the file under it (`backup.rs`).
     pub db_lock: Option<crate::backup::DbLock>,

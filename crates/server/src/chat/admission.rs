@@ -13,6 +13,7 @@ use natter_proto::api::{BotRole, TransportKind, UserRef};
 use natter_proto::{Close, CloseCode};
 use uuid::Uuid;
 
+use super::access::Grant;
 use super::hub::{Full, HubGuard};
 use super::session::Peer;
 use crate::auth::{hash_opaque, TokenError};
@@ -299,18 +300,31 @@ async fn check_access(
     let user_id = user.id;
     let refuse = |refusal| Rejected { refusal, user_id: Some(user_id) };
     let internal = |e| refuse(Refusal::internal("during admission", e));
-    let bot = state.store.bot(bot_id).await.map_err(internal)?.ok_or(refuse(Refusal::BotNotFound(bot_id)))?;
-    let role = state.store.bot_role(&bot, user_id).await.map_err(internal)?.ok_or(refuse(Refusal::Forbidden))?;
-    let engine =
-        EngineSpec::load(&bot.engine).map_err(|e| refuse(Refusal::internal("loading the engine", e.message)))?;
-    let conversation = state.store.conversation(user_id, bot_id).await.map_err(internal)?;
-    if let Some(after) = after_seq.filter(|a| *a > conversation.last_seq) {
-        let last = conversation.last_seq;
-        let m = format!("after_seq {after} is beyond the conversation's last seq {last}");
-        return Err(refuse(Refusal::BadRequest(m)));
+    let grant = match state.access.grant(bot_id, user_id) {
+        Some(grant) => grant,
+        None => {
+            let seen = state.access.epoch();
+            let bot = state.store.bot(bot_id).await.map_err(internal)?.ok_or(refuse(Refusal::BotNotFound(bot_id)))?;
+            let role =
+                state.store.bot_role(&bot, user_id).await.map_err(internal)?.ok_or(refuse(Refusal::Forbidden))?;
+            let engine = EngineSpec::load(&bot.engine)
+                .map_err(|e| refuse(Refusal::internal("loading the engine", e.message)))?;
+            let conversation_id = state.store.conversation(user_id, bot_id).await.map_err(internal)?.id;
+            let grant = Grant { bot_name: bot.name, engine, role, conversation_id };
+            state.access.keep_grant(seen, bot_id, user_id, &grant);
+            grant
+        }
+    };
+    // A connection checks its resume point against the last seq it reads once subscribed
+    // (`hold`); the preflight and a POST, which hold nothing, check it here.
+    if mode != Mode::Connect {
+        if let Some(after) = after_seq {
+            let last = state.store.conversation(user_id, bot_id).await.map_err(internal)?.last_seq;
+            check_resume_point(after, last).map_err(refuse)?;
+        }
     }
-    let checked =
-        Checked { user, family, bot_id, bot_name: bot.name, engine, role, conversation_id: conversation.id, after_seq };
+    let Grant { bot_name, engine, role, conversation_id } = grant;
+    let checked = Checked { user, family, bot_id, bot_name, engine, role, conversation_id, after_seq };
     if mode == Mode::Post {
         return Ok(checked);
     }
@@ -326,6 +340,16 @@ async fn check_access(
         return Err(refuse(Refusal::TooManyConnections(max)));
     }
     Ok(checked)
+}
+
+/// A resume point beyond the conversation's end: the server lost data (a restored backup) or
+/// the client mixed conversations up.
+fn check_resume_point(after_seq: i64, last_seq: i64) -> Result<(), Refusal> {
+    if after_seq > last_seq {
+        let m = format!("after_seq {after_seq} is beyond the conversation's last seq {last_seq}");
+        return Err(Refusal::BadRequest(m));
+    }
+    Ok(())
 }
 
 /// Takes the connection's places (this node's hub, every node's per-user count), subscribes
@@ -358,6 +382,9 @@ async fn hold(state: &AppState, c: Checked, connection_id: Uuid) -> Result<Admis
         Ok(conv) => conv.last_seq,
         Err(e) => return Err(Refusal::internal("reading the conversation", e)),
     };
+    if let Some(after) = c.after_seq {
+        check_resume_point(after, last_seq)?;
+    }
     Ok(Admission {
         user: c.user,
         family: c.family,
@@ -392,8 +419,8 @@ async fn authenticate(
         Ok(claims) if claims.sid.is_some_and(|f| state.revocations.is_revoked(f)) => {
             Err(as_user(Some(claims.sub), Refusal::Unauthorized(REVOKED_REASON)))
         }
-        Ok(claims) => match state.store.user_by_id(claims.sub).await {
-            Ok(Some(user)) => Ok((UserRef { id: user.id, username: user.username }, claims.sid)),
+        Ok(claims) => match known_user(state, claims.sub).await {
+            Ok(Some(user)) => Ok((user, claims.sid)),
             Ok(None) => Err(Refusal::Unauthorized("invalid token: its user no longer exists").into()),
             Err(e) => Err(Refusal::internal("checking a token's user", e).into()),
         },
@@ -424,9 +451,7 @@ async fn authenticate_ticket(
     if ticket_bot != bot_id {
         return Err(as_user(Refusal::Unauthorized("ticket was issued for another bot")));
     }
-    let user = state
-        .store
-        .user_by_id(user_id)
+    let user = known_user(state, user_id)
         .await
         .ok()
         .flatten()
@@ -435,7 +460,20 @@ async fn authenticate_ticket(
     if family.is_some_and(|f| state.revocations.is_revoked(f)) {
         return Err(as_user(Refusal::Unauthorized(REVOKED_REASON)));
     }
-    Ok((UserRef { id: user.id, username: user.username }, family))
+    Ok((user, family))
+}
+
+/// The user a token or ticket names, if they still exist: remembered on one node.
+async fn known_user(state: &AppState, user_id: Uuid) -> Result<Option<UserRef>, crate::store::StoreError> {
+    if let Some(user) = state.access.user(user_id) {
+        return Ok(Some(user));
+    }
+    let seen = state.access.epoch();
+    let user = state.store.user_by_id(user_id).await?.map(|u| UserRef { id: u.id, username: u.username });
+    if let Some(user) = &user {
+        state.access.keep_user(seen, user);
+    }
+    Ok(user)
 }
 
 #[cfg(test)]

@@ -11,8 +11,10 @@
 //!   idle close, delta retries.
 //! - `post`: [`post_frame`], client frames that arrive by HTTP POST (the SSE binding's way
 //!   up), on whichever node the POST reaches, answered with their outcome.
+//! - `access`: admission's answers remembered on one node, forgotten when a bot changes.
 //! - [`hub`]: the registry of live connections and per-user counts.
 
+mod access;
 pub mod admission;
 mod delivery;
 pub mod hub;
@@ -27,6 +29,7 @@ pub mod transport;
 #[cfg(test)]
 mod tests;
 
+pub use access::AccessCache;
 pub use admission::{admit, admit_post, preflight, Admission, ConnectRequest, Refusal, Rejected};
 pub use inbound::check_message;
 pub use lifecycle::run;

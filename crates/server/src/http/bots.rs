@@ -49,6 +49,7 @@ async fn announce_bot_changed(state: &AppState, conversations: Vec<Uuid>) {
 }
 
 async fn announce(state: &AppState, bot_id: Uuid) -> ApiResult<()> {
+    state.access.forget_bot(bot_id);
     let conversations = state.store.conversations_of_bot(bot_id).await?;
     announce_bot_changed(state, conversations).await;
     Ok(())
@@ -178,6 +179,7 @@ pub async fn delete(
     // The conversations go with the bot: note them first, to tell their sockets.
     let conversations = state.store.conversations_of_bot(id).await?;
     state.store.delete_bot(id).await?;
+    state.access.forget_bot(id);
     announce_bot_changed(&state, conversations).await;
     tracing::info!(bot_id = %id, user_id = %user.id, "bot deleted");
     Ok(StatusCode::NO_CONTENT)
@@ -220,6 +222,8 @@ pub async fn add_member(
         ));
     }
     state.store.upsert_member(id, member.id, body.role).await?;
+    // A role changed: admission asks the store again (a new member had nothing to remember).
+    state.access.forget_bot(id);
     Ok(Json(MemberView { user: UserRef { id: member.id, username: member.username }, role: body.role }))
 }
 

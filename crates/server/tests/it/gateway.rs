@@ -716,10 +716,13 @@ async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
         app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"visibility": "private"})).await;
     assert_eq!(status, 200);
     assert_eq!(public.close_code().await, (4403, "access to this bot was revoked".to_string()));
+    // And a new connection is refused: admission did not keep the old answer (chat/access.rs).
+    assert_eq!(app.ws(bot.id, &carol.token, "").await.close_code().await.0, 4403);
     // The member is removed: the same.
     let (status, _) = app.delete(&format!("/api/bots/{}/members/bob", bot.id), Some(&alice.token)).await;
     assert_eq!(status, 204);
     assert_eq!(member.close_code().await.0, 4403);
+    assert_eq!(app.ws(bot.id, &bob.token, "").await.close_code().await.0, 4403);
 
     // The owner stays, and an engine change applies to the open socket.
     app.patch(
@@ -736,6 +739,7 @@ async fn revoking_access_closes_open_sockets_and_edits_apply_live() {
     let (status, _) = app.delete(&format!("/api/bots/{}", bot.id), Some(&alice.token)).await;
     assert_eq!(status, 204);
     assert_eq!(owner.close_code().await, (4404, "this bot was deleted".to_string()));
+    assert_eq!(app.ws(bot.id, &alice.token, "").await.close_code().await.0, 4404);
 }
 
 #[tokio::test]
