@@ -2,7 +2,7 @@ import { describe, expect, it, vi } from 'vitest';
 import { EventStreamParser } from '../packages/client/src/event-stream';
 import { SseTransport } from '../packages/client/src/sse-transport';
 import type { TransportTarget } from '../packages/client/src/transport';
-import { ChatSocket } from '../packages/client/src/chat-socket';
+import { ChatSocket, type ChatSocketOptions } from '../packages/client/src/chat-socket';
 import { FakeEnv, FakeWebSocket, MapStorage, established, fakeFetch, happyRoutes, wireMessage } from './fakes';
 
 describe('EventStreamParser', () => {
@@ -250,6 +250,139 @@ describe('ChatSocket with transport auto', () => {
       s.destroy();
     } finally {
       vi.useRealTimers();
+    }
+  });
+});
+
+/**
+ * A server behind `fetch` for ChatSocket tests: each GET of the SSE binding is a stream the test
+ * writes to; POSTed frames go to `post` (default: a pong for a ping, an ack for a message).
+ */
+function sseServer(post?: (f: Record<string, unknown>) => Promise<Response>) {
+  const enc = new TextEncoder();
+  const streams: Array<{ url: string; ctl: ReadableStreamDefaultController<Uint8Array> }> = [];
+  const posts: Array<Record<string, unknown>> = [];
+  let seq = 0;
+  const rest = fakeFetch(happyRoutes());
+  const answer = async (f: Record<string, unknown>) => {
+    if (f.type === 'ping') return new Response(JSON.stringify({ type: 'pong', id: f.id }), { status: 200 });
+    seq += 1;
+    const message = wireMessage(seq, { role: 'user', client_id: f.client_id, content: f.content });
+    return new Response(JSON.stringify({ type: 'ack', client_id: f.client_id, message, duplicate: false }), { status: 200 });
+  };
+  const fetch = (async (input: RequestInfo | URL, init: RequestInit = {}) => {
+    const url = String(input);
+    if (url.includes('/api/sse/chat/') && (init.method ?? 'GET') === 'GET') {
+      let ctl!: ReadableStreamDefaultController<Uint8Array>;
+      const body = new ReadableStream<Uint8Array>({ start: (c) => (ctl = c) });
+      streams.push({ url, ctl });
+      return new Response(body, { status: 200 });
+    }
+    if (url.includes('/frames?stream=')) {
+      const f = JSON.parse(String(init.body)) as Record<string, unknown>;
+      posts.push(f);
+      return (post ?? answer)(f);
+    }
+    return rest(input, init);
+  }) as typeof globalThis.fetch;
+  const last = () => streams[streams.length - 1];
+  return {
+    fetch,
+    streams,
+    posts,
+    answer,
+    write: (name: string, data: unknown) => last().ctl.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`)),
+    comment: () => last().ctl.enqueue(enc.encode(': keep-alive\n\n')),
+    /** connection_established and the `stream` event, on the latest stream. */
+    establish(over: Record<string, unknown> = {}) {
+      this.write('connection_established', established(over));
+      this.write('stream', { post: '/api/sse/chat/b1/frames?stream=conn-1' });
+    },
+  };
+}
+
+function sseSocket(fetch: typeof globalThis.fetch, over: Partial<ChatSocketOptions> = {}) {
+  return new ChatSocket({
+    apiUrl: 'http://api.test',
+    transport: 'sse',
+    getToken: () => 'tok',
+    WebSocket: FakeWebSocket as unknown as typeof WebSocket,
+    fetch,
+    environment: new FakeEnv(),
+    storage: new MapStorage(),
+    random: () => 0,
+    ...over,
+  });
+}
+
+const flushTimers = async () => {
+  for (let i = 0; i < 30; i++) await vi.advanceTimersByTimeAsync(0);
+};
+
+describe('ChatSocket over SSE', () => {
+  it('counts keep-alive comments as life: a quiet stream is not declared dead', async () => {
+    vi.useFakeTimers();
+    try {
+      const net = sseServer();
+      // No pings of its own for a long while: only the stream's keep-alives say it is alive.
+      const s = sseSocket(net.fetch, { pingIntervalMs: 600_000 });
+      s.connect('b1');
+      await flushTimers();
+      net.establish({ heartbeat_interval_ms: 1000 });
+      await flushTimers();
+      expect(s.state.kind).toBe('open');
+      // Far past the 2 × heartbeat watchdog, with a keep-alive every heartbeat.
+      for (let i = 0; i < 6; i++) {
+        net.comment();
+        await vi.advanceTimersByTimeAsync(1000);
+      }
+      expect(s.state.kind).toBe('open');
+      const closes = JSON.parse(s.exportFlightRecorder()).events.filter((e: { type: string }) => e.type === 'close');
+      expect(closes).toEqual([]);
+      // And without them it is declared dead, as before.
+      await vi.advanceTimersByTimeAsync(2500);
+      expect(s.state.kind).not.toBe('open');
+      s.destroy();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('does not leave a message whose POST failed waiting for a reconnect that may never come', async () => {
+    for (const failure of ['network', 'http 503'] as const) {
+      vi.useFakeTimers();
+      try {
+        let failNext = true;
+        const net = sseServer(async (f) => {
+          if (f.type === 'message' && failNext) {
+            failNext = false;
+            if (failure === 'network') throw new TypeError('Failed to fetch');
+            return new Response('{"error":{"code":"unavailable","message":"busy"}}', { status: 503 });
+          }
+          return net.answer(f);
+        });
+        const s = sseSocket(net.fetch, { pingIntervalMs: 600_000 });
+        const acks: string[] = [];
+        s.connect('b1');
+        await flushTimers();
+        net.establish({ heartbeat_interval_ms: 60_000 });
+        await flushTimers();
+        const sent = s.send('hello', { clientId: 'c-1' }).then((a) => acks.push(a.client_id));
+        await flushTimers();
+        // Well within a heartbeat: the message is acked, after one more POST under the same client_id.
+        await vi.advanceTimersByTimeAsync(5000);
+        if (net.streams.length > 1) net.establish({ heartbeat_interval_ms: 60_000 });
+        await vi.advanceTimersByTimeAsync(5000);
+        await flushTimers();
+        expect(acks, failure).toEqual(['c-1']);
+        await sent;
+        const messagePosts = net.posts.filter((p) => p.type === 'message');
+        expect(messagePosts.map((p) => p.client_id)).toEqual(['c-1', 'c-1']);
+        expect(s.outboxFor('b1')).toEqual([]);
+        s.destroy();
+      } finally {
+        vi.useRealTimers();
+      }
     }
   });
 });

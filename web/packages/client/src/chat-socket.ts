@@ -19,6 +19,7 @@ import {
   type Model,
   type TimerName,
   type TransportKind,
+  type TransportWhy,
   type World,
 } from './connection.js';
 import { Delivery } from './delivery.js';
@@ -39,7 +40,7 @@ import { SseTransport } from './sse-transport.js';
 import { WebSocketTransport, type Transport, type TransportTarget } from './transport.js';
 import { closeHeadline } from './words.js';
 
-export type { CloseInfo, ConnectionState, StateKind, TransportKind, TransportMode } from './connection.js';
+export type { CloseInfo, ConnectionState, StateKind, TransportKind, TransportMode, TransportWhy } from './connection.js';
 export { browserEnvironment, type Environment } from './environment.js';
 export { ChatError, type ChatSocketEvents } from './events.js';
 export type { ChatSocketOptions, ConnectOptions } from './options.js';
@@ -168,6 +169,16 @@ export class ChatSocket {
    */
   get transportKind(): TransportKind {
     return this.model.transport;
+  }
+  /**
+   * The transport of the current (or next) connection and why: `why` is `auto`'s reason to
+   * have switched to SSE (`connect_timeout`, `1006_twice`, `preflight_ok`), `configured` when
+   * the app asked for SSE, null on the WebSocket. Diagnose reports it (`inUse`).
+   */
+  get transportInfo(): { transport: TransportKind; why: TransportWhy | null } {
+    const transport = this.model.transport;
+    if (transport !== 'sse') return { transport, why: null };
+    return { transport, why: this.config.transport === 'sse' ? 'configured' : this.model.transportWhy };
   }
   get endpoints(): { apiUrl: string; wsUrl: string } {
     return { apiUrl: this.apiUrl, wsUrl: this.wsUrl };
@@ -458,6 +469,9 @@ export class ChatSocket {
         },
         message: (text) => {
           if (live()) this.onText(gen, text);
+        },
+        alive: () => {
+          if (live()) this.dispatch({ type: 'frame', gen, frame: null });
         },
         error: () => {
           if (!live()) return;

@@ -44,8 +44,10 @@ export type StateKind = ConnectionState['kind'];
 
 /** What carries the frames: the WebSocket, or Server-Sent Events down and POSTs up. */
 export type TransportKind = 'websocket' | 'sse';
-/** `auto`: the WebSocket, switching to SSE for good when its handshake keeps failing. */
+/** `auto`: the WebSocket, switching to SSE when its handshake keeps failing (and back when it passes again). */
 export type TransportMode = 'auto' | TransportKind;
+/** Why the transport is SSE: `auto`'s reason to switch, or `configured` (`transport: 'sse'`). */
+export type TransportWhy = 'connect_timeout' | '1006_twice' | 'preflight_ok' | 'configured';
 
 /** The machine's settings (from `ChatSocketOptions`, with their defaults). */
 export interface MachineConfig {
@@ -95,6 +97,8 @@ export interface Model {
   resendArmed: boolean;
   /** The transport of the next attempt (in `auto`: `sse` once the WebSocket was given up). */
   transport: TransportKind;
+  /** Why `auto` switched to SSE (null: it did not). */
+  transportWhy: TransportWhy | null;
   /** WebSocket 1006s before `connection_established`, since the last established connection. */
   wsEarlyDrops: number;
   /** The last close was such a 1006 and its preflight is awaited. */
@@ -118,6 +122,7 @@ export function initialModel(): Model {
     lastClose: null,
     resendArmed: false,
     transport: 'websocket',
+    transportWhy: null,
     wsEarlyDrops: 0,
     earlyDrop: false,
   };
@@ -142,7 +147,10 @@ export type MachineEvent =
   | { type: 'health'; gen: number; ok: boolean; network: boolean; status: number; message: string }
   | { type: 'codes'; gen: number; loaded: boolean }
   | { type: 'credential'; gen: number; credential: Credential }
-  /** A frame from the transport; null when it could not be parsed (it still proves the link is alive). */
+  /**
+   * A frame from the transport; null when it could not be parsed or was a keep-alive (either
+   * still proves the link is alive).
+   */
   | { type: 'frame'; gen: number; frame: ServerFrame | null }
   | { type: 'closed'; gen: number; code: number; reason: string; by: ClosedBy }
   /**

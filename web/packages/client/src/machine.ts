@@ -18,6 +18,7 @@ import type {
   Step,
   TimerName,
   TransportKind,
+  TransportWhy,
   World,
 } from './connection.js';
 import { redact } from './log.js';
@@ -397,8 +398,9 @@ class Transition {
    * once: resuming after the last seq seen and resending the outbox by client_id as on any
    * reconnect, so the switch loses and doubles nothing.
    */
-  private switchToSse(why: 'connect_timeout' | '1006_twice' | 'preflight_ok'): void {
+  private switchToSse(why: Exclude<TransportWhy, 'configured'>): void {
     this.m.transport = 'sse';
+    this.m.transportWhy = why;
     this.m.wsEarlyDrops = 0;
     this.record('transport_switch', { from: 'websocket', to: 'sse', why });
     this.log('connect', 'the WebSocket cannot connect here (%s): switching to HTTP streaming (SSE)', why);
