@@ -386,3 +386,63 @@ describe('ChatSocket over SSE', () => {
     }
   });
 });
+
+describe('ChatSocket with transport auto, on SSE', () => {
+  it('probes the WebSocket in the background and switches back when it gets through, losing and doubling nothing', async () => {
+    vi.useFakeTimers();
+    FakeWebSocket.reset();
+    try {
+      // A message POST that is still on its way when the switch cuts it off.
+      const net = sseServer((f) => (f.type === 'message' ? new Promise<Response>(() => {}) : net.answer(f)));
+      const s = sseSocket(net.fetch, { transport: 'auto', websocketRetryMs: 60_000, pingIntervalMs: 600_000 });
+      const messages: number[] = [];
+      s.on('message', (m) => messages.push(m.seq));
+      s.connect('b1');
+      await flushTimers();
+      FakeWebSocket.last.serverClose(1006, '');
+      await flushTimers();
+      await vi.advanceTimersByTimeAsync(10);
+      await flushTimers();
+      expect(s.transportInfo).toEqual({ transport: 'sse', why: 'preflight_ok' });
+      net.establish({ last_seq: 2, heartbeat_interval_ms: 600_000 });
+      net.write('message', { type: 'message', message: wireMessage(3) });
+      await flushTimers();
+      expect(s.state).toMatchObject({ kind: 'open', transport: 'sse' });
+      const sockets = FakeWebSocket.instances.length;
+      // A minute later a probe socket tries the path; this time it gets through.
+      await vi.advanceTimersByTimeAsync(60_000);
+      await flushTimers();
+      expect(FakeWebSocket.instances.length).toBe(sockets + 1);
+      const probe = FakeWebSocket.last;
+      expect(probe.query.get('after_seq')).toBeNull();
+      const sent = s.send('during the switch', { clientId: 'c-sw' });
+      await flushTimers();
+      expect(net.posts.filter((p) => p.type === 'message').map((p) => p.client_id)).toEqual(['c-sw']);
+      probe.establish({ connection_id: 'probe' });
+      await flushTimers();
+      expect(probe.closedByClient).not.toBeNull();
+      // Back on the WebSocket, resuming after seq 3; the message goes out on it.
+      await flushTimers();
+      const ws = FakeWebSocket.last;
+      expect(ws).not.toBe(probe);
+      expect(ws.query.get('after_seq')).toBe('3');
+      ws.establish({ last_seq: 4 });
+      await flushTimers();
+      expect(s.state).toMatchObject({ kind: 'open', transport: 'websocket' });
+      expect(s.transportInfo).toEqual({ transport: 'websocket', why: null });
+      const resent = ws.frames.filter((f) => f.type === 'message');
+      expect(resent.map((f) => f.client_id)).toEqual(['c-sw']);
+      // The server had stored the cut-off POST: the resend is acked as that message, once.
+      ws.receive({ type: 'ack', client_id: 'c-sw', message: wireMessage(4, { role: 'user', client_id: 'c-sw' }), duplicate: true });
+      ws.receive({ type: 'message', message: wireMessage(5) });
+      await expect(sent).resolves.toMatchObject({ client_id: 'c-sw', message: { seq: 4 } });
+      expect(messages).toEqual([3, 5]);
+      expect(s.outboxFor('b1')).toEqual([]);
+      const events = JSON.parse(s.exportFlightRecorder()).events.filter((e: { type: string }) => e.type === 'transport_switch');
+      expect(events.map((e: { to: string; why: string }) => `${e.to}:${e.why}`)).toEqual(['sse:preflight_ok', 'websocket:probe_ok']);
+      s.destroy();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+});
