@@ -488,6 +488,17 @@ async function streamingHook(piecesFor, delayMs) {
 /** A natter server whose users' bots may reach loopback (where the hooks listen; docs/bots.md). */
 const startServerForHooks = () => startServer({ args: ['--bot-egress-allow', '127.0.0.1/32'] });
 
+/** Keeps each text a streaming reply shows (`window.__partials`), as it grows. */
+async function watchPartials(page) {
+  await page.evaluate(() => {
+    window.__partials = [];
+    new MutationObserver(() => {
+      const el = document.querySelector('.msg.bot[data-status=streaming] .body');
+      if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
+    }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
+  });
+}
+
 async function streamingBot(name, piecesFor, delayMs) {
   const { engine, close } = await streamingHook(piecesFor, delayMs);
   try {
@@ -512,13 +523,7 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     350,
   );
   try {
-    await page.evaluate(() => {
-      window.__partials = [];
-      new MutationObserver(() => {
-        const el = document.querySelector('.msg.bot[data-status=streaming] .body');
-        if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
-      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
-    });
+    await watchPartials(page);
     await sendMessage(page, 'hi');
     await page.waitForSelector('.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: hi")', { timeout: 15_000 });
     // Markdown: the empty reply's first render shows nothing, and spaces at its end are layout.
@@ -591,13 +596,7 @@ async function behindNoUpgradeProxy(mode) {
     );
     await watchStates(page);
     // A streamed reply, delta by delta, through the proxy.
-    await page.evaluate(() => {
-      window.__partials = [];
-      new MutationObserver(() => {
-        const el = document.querySelector('.msg.bot[data-status=streaming] .body');
-        if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
-      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
-    });
+    await watchPartials(page);
     const expectReply = async (m) =>
       page.waitForSelector(`.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: ${m}")`, { timeout: 20_000 });
     await sendMessage(page, 'one');

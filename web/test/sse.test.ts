@@ -178,40 +178,22 @@ describe('ChatSocket with transport auto', () => {
     vi.useFakeTimers();
     FakeWebSocket.reset();
     try {
-      const enc = new TextEncoder();
-      const streams: Array<{ url: string; ctl: ReadableStreamDefaultController<Uint8Array> }> = [];
-      const posts: Array<Record<string, unknown>> = [];
-      const rest = fakeFetch(happyRoutes());
-      const fetch = (async (input: RequestInfo | URL, init: RequestInit = {}) => {
-        const url = String(input);
-        if (url.includes('/api/sse/chat/') && (init.method ?? 'GET') === 'GET') {
-          let ctl!: ReadableStreamDefaultController<Uint8Array>;
-          const body = new ReadableStream<Uint8Array>({ start: (c) => (ctl = c) });
-          streams.push({ url, ctl });
-          return new Response(body, { status: 200 });
-        }
-        if (url.includes('/frames?stream=')) {
-          const f = JSON.parse(String(init.body)) as Record<string, unknown>;
-          posts.push(f);
-          const ack = {
-            type: 'ack',
-            client_id: f.client_id,
-            message: wireMessage(6, { role: 'user', client_id: f.client_id }),
-            duplicate: false,
-          };
-          return new Response(JSON.stringify(f.type === 'ping' ? { type: 'pong', id: f.id } : ack), { status: 200 });
-        }
-        return rest(input, init);
-      }) as typeof globalThis.fetch;
-      const s = new ChatSocket({
-        apiUrl: 'http://api.test',
-        getToken: () => 'tok',
-        WebSocket: FakeWebSocket as unknown as typeof WebSocket,
-        fetch,
-        environment: new FakeEnv(),
-        storage: new MapStorage(),
-        random: () => 0,
-      });
+      // The server stores the resent message as seq 6.
+      const net = sseServer(async (f) =>
+        f.type === 'ping'
+          ? net.answer(f)
+          : new Response(
+              JSON.stringify({
+                type: 'ack',
+                client_id: f.client_id,
+                message: wireMessage(6, { role: 'user', client_id: f.client_id }),
+                duplicate: false,
+              }),
+              { status: 200 },
+            ),
+      );
+      const { streams, posts, write } = net;
+      const s = sseSocket(net.fetch, { transport: 'auto' });
       const messages: number[] = [];
       s.on('message', (m) => messages.push(m.seq));
       const flush = async () => {
@@ -233,8 +215,6 @@ describe('ChatSocket with transport auto', () => {
       await flush();
       expect(streams).toHaveLength(1);
       expect(new URL(streams[0].url).searchParams.get('after_seq')).toBe('4');
-      const write = (name: string, data: unknown) =>
-        streams[0].ctl.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`));
       write('connection_established', established({ last_seq: 5 }));
       write('message', { type: 'message', message: wireMessage(5) });
       write('stream', { post: '/api/sse/chat/b1/frames?stream=conn-1' });
