@@ -94,7 +94,7 @@ export const WS_BLOCKED_HEADLINE = 'WebSocket blocked — using HTTP streaming';
 
 /** What to change in the proxy so that the WebSocket passes. */
 export const PROXY_UPGRADE_FIX =
-  'The chat works over HTTP streaming, which is slower and costs more. To let the WebSocket through, make the proxy pass the Upgrade and Connection headers (they are hop-by-hop and dropped unless forwarded), e.g. in nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade"; (and a proxy_read_timeout above the heartbeat). Then run Diagnose again.';
+  'The chat works over HTTP streaming (one request per message sent). To let the WebSocket through, make the proxy pass the Upgrade and Connection headers (they are hop-by-hop and dropped unless forwarded), e.g. in nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade"; (and a proxy_read_timeout above the heartbeat). Then run Diagnose again.';
 
 const TITLES: Record<string, string> = {
   browser: 'Browser support',
@@ -739,8 +739,11 @@ async function checkSse(
   const started = monoNow();
   let markOpen: (ok: boolean) => void = () => {};
   const opened = new Promise<boolean>((resolve) => {
-    markOpen = resolve;
-    setTimeout(() => resolve(false), connectTimeout);
+    const timer = setTimeout(() => resolve(false), connectTimeout);
+    markOpen = (ok) => {
+      clearTimeout(timer);
+      resolve(ok);
+    };
   });
   sse.open({
     open: () => markOpen(true),
