@@ -5,10 +5,13 @@
 //   does not implement upgrades drops them and forwards a plain GET, and the server's answer (not
 //   a 101) goes back to the browser. This is what nginx does by default.
 // - `refuse`: the proxy answers the upgrade itself with 400 and never asks the server.
+// - `pass`: the network is fixed: upgrades go through to the server, bytes piped both ways.
+// `setMode` switches between them while the proxy runs.
 // The Host header is forwarded as the browser sent it (as `proxy_set_header Host $host`), so the
 // server sees the page's own origin.
 
 import { Agent, createServer, request } from 'node:http';
+import { connect } from 'node:net';
 
 const HOP_BY_HOP = ['connection', 'upgrade', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding'];
 
@@ -18,8 +21,9 @@ function forwardHeaders(headers) {
   return out;
 }
 
-/** Starts the proxy in front of `upstreamPort`; `upgrades` counts the WebSocket upgrades it failed. */
-export async function startNoUpgradeProxy(upstreamPort, { mode = 'strip' } = {}) {
+/** Starts the proxy in front of `upstreamPort`; `stats.upgrades` counts the WebSocket upgrades it was asked for. */
+export async function startNoUpgradeProxy(upstreamPort, { mode: initialMode = 'strip' } = {}) {
+  let mode = initialMode;
   // No keep-alive towards the server: a restarted server never meets a stale pooled socket.
   const agent = new Agent({ keepAlive: false });
   const stats = { upgrades: 0, requests: 0 };
@@ -54,9 +58,23 @@ export async function startNoUpgradeProxy(upstreamPort, { mode = 'strip' } = {})
     res.on('close', () => up.destroy());
     req.pipe(up);
   });
-  server.on('upgrade', (req, socket) => {
+  server.on('upgrade', (req, socket, head) => {
     stats.upgrades++;
     socket.on('error', () => {});
+    if (mode === 'pass') {
+      const up = connect(upstreamPort, '127.0.0.1', () => {
+        const lines = [`${req.method} ${req.url} HTTP/1.1`];
+        for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+        up.write(`${lines.join('\r\n')}\r\n\r\n`);
+        if (head.length) up.write(head);
+        up.pipe(socket);
+        socket.pipe(up);
+      });
+      up.on('error', () => socket.destroy());
+      up.on('close', () => socket.destroy());
+      socket.on('close', () => up.destroy());
+      return;
+    }
     if (mode === 'refuse') {
       socket.end(
         'HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 26\r\nConnection: close\r\n\r\nWebSocket is not allowed.\n',
@@ -83,6 +101,9 @@ export async function startNoUpgradeProxy(upstreamPort, { mode = 'strip' } = {})
     url: `http://127.0.0.1:${port}`,
     port,
     stats,
+    setMode: (m) => {
+      mode = m;
+    },
     close: () => {
       server.closeAllConnections?.();
       server.close();

@@ -676,6 +676,82 @@ scenario('issue 17: behind a proxy that answers the upgrade with 400, the app ch
   behindNoUpgradeProxy('refuse'),
 );
 
+scenario('issue 17: on HTTP streaming, auto tries the WebSocket again and switches back once the proxy lets it through', async () => {
+  const srv = await startServer();
+  const proxy = await startNoUpgradeProxy(srv.port, { mode: 'strip' });
+  try {
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const botId = await demoBotId(srv, t.access_token);
+    const { page } = await newPage();
+    await page.goto(`${proxy.url}/#/login`);
+    const chat = (text) =>
+      page.evaluate(async (text) => {
+        const s = window.__s;
+        await s.send(text);
+        const t0 = Date.now();
+        while (!window.__messages.some((m) => m.role !== 'user' && m.content === text) && Date.now() - t0 < 10000)
+          await new Promise((r) => setTimeout(r, 50));
+        return { state: s.state, info: s.transportInfo };
+      }, text);
+    const first = await page.evaluate(
+      async ({ botId, token }) => {
+        // A background probe every 1.5 s (doubling) rather than every 5 minutes.
+        const s = new window.natter.ChatSocket({ storage: null, getToken: () => token, websocketRetryMs: 1500 });
+        window.__s = s;
+        window.__messages = [];
+        window.__acks = [];
+        s.on('message', (m) => window.__messages.push(m));
+        s.on('ack', (a) => window.__acks.push(a.message));
+        s.connect(botId);
+        const t0 = Date.now();
+        while (s.state.kind !== 'open' && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 50));
+        return { state: s.state, info: s.transportInfo };
+      },
+      { botId, token: t.access_token },
+    );
+    assert(first.state.transport === 'sse' && first.info.why === 'preflight_ok', `on HTTP streaming: ${JSON.stringify(first)}`);
+    await chat('over sse');
+    // The first probe fails (the proxy still strips Upgrade); then the network is fixed.
+    await page.waitForFunction(() => JSON.parse(window.__s.exportFlightRecorder()).events.some((e) => e.type === 'ws_probe' && !e.ok));
+    assert((await page.evaluate(() => window.__s.state.transport)) === 'sse', 'still on HTTP streaming after a failed probe');
+    proxy.setMode('pass');
+    await page.waitForFunction(() => window.__s.state.kind === 'open' && window.__s.state.transport === 'websocket', null, {
+      timeout: 20_000,
+    });
+    const back = await chat('over the websocket');
+    assert(back.info.transport === 'websocket' && back.info.why === null, `back on the WebSocket: ${JSON.stringify(back)}`);
+    const r = await page.evaluate(() => ({
+      messages: window.__messages.map((m) => [m.seq, m.content]),
+      acks: window.__acks.map((m) => [m.seq, m.content]),
+      switches: JSON.parse(window.__s.exportFlightRecorder())
+        .events.filter((e) => e.type === 'transport_switch')
+        .map((e) => `${e.to}:${e.why}`),
+    }));
+    assert(r.switches.join() === 'sse:preflight_ok,websocket:probe_ok', `switched there and back: ${r.switches}`);
+    const stored = (await api(srv.url, `/api/bots/${botId}/messages?limit=100`, { token: t.access_token })).messages;
+    const want = ['over sse', 'over sse', 'over the websocket', 'over the websocket'];
+    assert(
+      JSON.stringify(stored.map((m) => m.content)) === JSON.stringify(want) && stored.every((m, i) => m.seq === i + 1),
+      `each message stored once, in order: ${JSON.stringify(stored.map((m) => [m.seq, m.content]))}`,
+    );
+    // Over SSE your own message also comes down the stream; over the WebSocket only its ack does.
+    const seqs = r.messages.map(([seq]) => seq);
+    assert(
+      seqs.every((q, i) => i === 0 || q > seqs[i - 1]),
+      `no message event twice, in seq order: ${JSON.stringify(r.messages)}`,
+    );
+    const seen = new Map([...r.acks, ...r.messages]);
+    assert(
+      JSON.stringify([...seen].sort((a, b) => a[0] - b[0])) === JSON.stringify(stored.map((m) => [m.seq, m.content])),
+      `the app saw every stored message: ${JSON.stringify(r)}`,
+    );
+    assert(r.acks.map(([, c]) => c).join() === 'over sse,over the websocket', `one ack per message: ${JSON.stringify(r.acks)}`);
+    await page.evaluate(() => window.__s.destroy());
+  } finally {
+    proxy.close();
+  }
+});
+
 scenario('a refused message shows Not sent with the reason, Retry and Discard', async () => {
   const srv = await startServer({ args: ['--max-content-chars', '20'] });
   const t = await login(srv.url, 'demo', 'demo-password');
