@@ -20,6 +20,7 @@ import {
   waitState,
   watchStates,
 } from './harness.mjs';
+import { startNoUpgradeProxy } from './proxy.mjs';
 
 const SCENARIO_TIMEOUT_MS = Number(process.env.E2E_TIMEOUT_MS ?? 90_000);
 const filter = process.argv[2] ?? '';
@@ -462,8 +463,9 @@ scenario('register → create bot → chat', async () => {
  * written `delayMs` apart. Its server, the demo login and a page open on its chat; call
  * `close()` when done.
  */
-async function streamingBot(name, piecesFor, delayMs) {
-  const hookPort = await freePort();
+/** A webhook bot engine on loopback that streams `piecesFor(content)` as NDJSON deltas, one per `delayMs`. */
+async function streamingHook(piecesFor, delayMs) {
+  const port = await freePort();
   const hook = createHttpServer(async (req, res) => {
     let body = '';
     for await (const c of req) body += c;
@@ -475,20 +477,34 @@ async function streamingBot(name, piecesFor, delayMs) {
     }
     res.end();
   });
-  await new Promise((r) => hook.listen(hookPort, '127.0.0.1', r));
+  await new Promise((r) => hook.listen(port, '127.0.0.1', r));
   const close = () => {
     hook.closeAllConnections?.();
     hook.close();
   };
+  return { engine: { kind: 'webhook', url: `http://127.0.0.1:${port}/hook`, secret: '0123456789abcdef0123' }, close };
+}
+
+/** A natter server whose users' bots may reach loopback (where the hooks listen; docs/bots.md). */
+const startServerForHooks = () => startServer({ args: ['--bot-egress-allow', '127.0.0.1/32'] });
+
+/** Keeps each text a streaming reply shows (`window.__partials`), as it grows. */
+async function watchPartials(page) {
+  await page.evaluate(() => {
+    window.__partials = [];
+    new MutationObserver(() => {
+      const el = document.querySelector('.msg.bot[data-status=streaming] .body');
+      if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
+    }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
+  });
+}
+
+async function streamingBot(name, piecesFor, delayMs) {
+  const { engine, close } = await streamingHook(piecesFor, delayMs);
   try {
-    // The hook listens on loopback: the operator lets every user's bots reach it (docs/bots.md).
-    const srv = await startServer({ args: ['--bot-egress-allow', '127.0.0.1/32'] });
+    const srv = await startServerForHooks();
     const t = await login(srv.url, 'demo', 'demo-password');
-    const bot = await api(srv.url, '/api/bots', {
-      method: 'POST',
-      token: t.access_token,
-      body: { name, engine: { kind: 'webhook', url: `http://127.0.0.1:${hookPort}/hook`, secret: '0123456789abcdef0123' } },
-    });
+    const bot = await api(srv.url, '/api/bots', { method: 'POST', token: t.access_token, body: { name, engine } });
     const { page } = await newPage();
     await loginPage(page, srv, t, 'demo');
     await page.goto(`${srv.url}/#/chat/${bot.id}`);
@@ -507,13 +523,7 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     350,
   );
   try {
-    await page.evaluate(() => {
-      window.__partials = [];
-      new MutationObserver(() => {
-        const el = document.querySelector('.msg.bot[data-status=streaming] .body');
-        if (el && window.__partials.at(-1) !== el.textContent) window.__partials.push(el.textContent);
-      }).observe(document.querySelector('[data-testid=messages]'), { childList: true, subtree: true, characterData: true });
-    });
+    await watchPartials(page);
     await sendMessage(page, 'hi');
     await page.waitForSelector('.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: hi")', { timeout: 15_000 });
     // Markdown: the empty reply's first render shows nothing, and spaces at its end are layout.
@@ -548,6 +558,197 @@ scenario('streamed reply grows token by token, survives a reconnect mid-reply; S
     assert(bodies.at(-1).trim() === full.trim() && bodies.length === 3, `final reply once and whole: ${JSON.stringify(bodies)}`);
   } finally {
     close();
+  }
+});
+
+async function behindNoUpgradeProxy(mode) {
+  const reply = (content) => ['Stream', 'ing ', 'reply ', 'to: ', content];
+  const hook = await streamingHook(reply, 250);
+  let proxy;
+  try {
+    const srv = await startServerForHooks();
+    // Every browser request goes through the proxy, which forwards HTTP as it streams but fails
+    // every WebSocket upgrade; the test itself talks to the server directly.
+    proxy = await startNoUpgradeProxy(srv.port, { mode });
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const bot = await api(srv.url, '/api/bots', { method: 'POST', token: t.access_token, body: { name: 'Streamer', engine: hook.engine } });
+    const { page } = await newPage();
+    const sockets = [];
+    page.on('websocket', (ws) => sockets.push(ws));
+    // The app as it ships: the default transport (auto), logged in through the form.
+    await page.goto(`${proxy.url}/`);
+    await page.fill('[data-testid=username]', 'demo');
+    await page.fill('[data-testid=password]', 'demo-password');
+    await page.click('[data-testid=auth-submit]');
+    await page.waitForSelector('[data-testid=chat-link] >> text=Streamer');
+    await page.goto(`${proxy.url}/#/chat/${bot.id}`);
+    await waitState(page, 'open', 30_000);
+    const st = await page.evaluate(() => ({ state: window.chatWebSocketService.state, kind: window.chatWebSocketService.transportKind }));
+    assert(st.state.transport === 'sse' && st.kind === 'sse', `open over HTTP streaming: ${JSON.stringify(st)}`);
+    assert(proxy.stats.upgrades >= 1 && sockets.length >= 1, `the WebSocket was tried first: ${JSON.stringify(proxy.stats)}`);
+    const ev = await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events);
+    const sw = ev.filter((e) => e.type === 'transport_switch');
+    assert(sw.length === 1 && sw[0].to === 'sse', `one switch to SSE: ${JSON.stringify(sw)}`);
+    await page.waitForSelector('[data-testid=status-label]:text-is("Connected")');
+    assert(
+      (await page.textContent('[data-testid=status-detail]')) === ' — using HTTP streaming',
+      'the status bar says it uses HTTP streaming',
+    );
+    await watchStates(page);
+    // A streamed reply, delta by delta, through the proxy.
+    await watchPartials(page);
+    const expectReply = async (m) =>
+      page.waitForSelector(`.msg.bot[data-status=received] .body > p:text-is("Streaming reply to: ${m}")`, { timeout: 20_000 });
+    await sendMessage(page, 'one');
+    await expectReply('one');
+    const partials = (await page.evaluate(() => window.__partials)).map((p) => p.trim()).filter(Boolean);
+    assert(partials.length >= 3 && partials[0] === 'Stream', `the reply grew delta by delta: ${JSON.stringify(partials)}`);
+    // Server restarts, graceful and not: a message typed while it is down goes out once after.
+    for (const [signal, typed] of [
+      ['SIGTERM', 'two (typed while stopped)'],
+      ['SIGKILL', 'three (typed while killed)'],
+    ]) {
+      await srv.kill(signal);
+      await page.waitForFunction(() => ['reconnecting', 'backend_unavailable'].includes(window.chatWebSocketService.state.kind), null, {
+        timeout: 10_000,
+      });
+      await sendMessage(page, typed);
+      await page.waitForSelector(`.msg.user[data-status=pending] .body:text-is("${typed}")`);
+      await srv.start();
+      await waitState(page, 'open', 40_000);
+      await expectReply(typed);
+    }
+    await sendMessage(page, 'four');
+    await expectReply('four');
+    const closes = ev.concat(await page.evaluate(() => JSON.parse(window.chatWebSocketService.exportFlightRecorder()).events));
+    assert(
+      closes.some((e) => e.type === 'close' && e.code === 1012),
+      `SIGTERM came down the stream as 1012: ${JSON.stringify(closes.filter((e) => e.type === 'close'))}`,
+    );
+    // Nothing lost or doubled: every message once, in seq order, as the server stored them.
+    const sent = ['one', 'two (typed while stopped)', 'three (typed while killed)', 'four'];
+    const stored = (await api(srv.url, `/api/bots/${bot.id}/messages?limit=100`, { token: t.access_token })).messages;
+    const want = sent.flatMap((m) => [m, `Streaming reply to: ${m}`]);
+    assert(
+      JSON.stringify(stored.map((m) => m.content)) === JSON.stringify(want),
+      `stored each message once: ${JSON.stringify(stored.map((m) => [m.seq, m.content]))}`,
+    );
+    assert(
+      stored.every((m, i) => m.seq === i + 1),
+      `seqs 1..${want.length}: ${stored.map((m) => m.seq)}`,
+    );
+    const shown = await shownMessages(page);
+    assert(
+      JSON.stringify(shown.map((m) => [m.seq, m.text])) === JSON.stringify(stored.map((m) => [m.seq, m.content])),
+      `shown = stored: ${JSON.stringify(shown.map((m) => [m.seq, m.text]))}`,
+    );
+    assert((await page.evaluate(() => sessionStorage.getItem('natter.outbox'))) === null, 'outbox empty');
+    const now = await page.evaluate(() => window.chatWebSocketService.state);
+    assert(now.kind === 'open' && now.transport === 'sse', `still on HTTP streaming: ${JSON.stringify(now)}`);
+    // Diagnose names the blocked WebSocket, that HTTP streaming works, and what carries the chat.
+    await page.click('[data-testid=diagnose]');
+    await page.waitForSelector('[data-testid=diagnose-dialog][data-done=true]', { timeout: 40_000 });
+    const headline = await page.textContent('[data-testid=diag-summary]');
+    assert(headline === '⚠ WebSocket blocked — using HTTP streaming', `Diagnose headline: ${headline}`);
+    const report = await page.evaluate(() => window.lastDiagnosticsReport);
+    const status = (id) => report.steps.find((s) => s.id === id)?.status;
+    assert(
+      status('handshake') === 'fail' && status('sse_established') === 'ok' && status('sse_ping') === 'ok',
+      `steps: ${JSON.stringify(report.steps.map((s) => [s.id, s.status]))}`,
+    );
+    const summary = report.summary;
+    assert(
+      /Upgrade/.test(summary.fix ?? '') && /proxy_set_header Upgrade \$http_upgrade/.test(summary.fix ?? ''),
+      `the fix names the proxy headers: ${summary.fix}`,
+    );
+    const inUse = await page.textContent('[data-testid=diag-steps] li[data-step=transport]');
+    assert(/HTTP streaming/.test(inUse) && /WebSocket/.test(inUse), `the transport in use and why: ${inUse}`);
+  } finally {
+    proxy?.close();
+    hook.close();
+  }
+}
+
+scenario('issue 17: behind a proxy that strips Upgrade, the app chats over HTTP streaming: streamed reply, restarts, Diagnose', () =>
+  behindNoUpgradeProxy('strip'),
+);
+scenario('issue 17: behind a proxy that answers the upgrade with 400, the app chats over HTTP streaming', () =>
+  behindNoUpgradeProxy('refuse'),
+);
+
+scenario('issue 17: on HTTP streaming, auto tries the WebSocket again and switches back once the proxy lets it through', async () => {
+  const srv = await startServer();
+  const proxy = await startNoUpgradeProxy(srv.port, { mode: 'strip' });
+  try {
+    const t = await login(srv.url, 'demo', 'demo-password');
+    const botId = await demoBotId(srv, t.access_token);
+    const { page } = await newPage();
+    await page.goto(`${proxy.url}/#/login`);
+    const chat = (text) =>
+      page.evaluate(async (text) => {
+        const s = window.__s;
+        await s.send(text);
+        const t0 = Date.now();
+        while (!window.__messages.some((m) => m.role !== 'user' && m.content === text) && Date.now() - t0 < 10000)
+          await new Promise((r) => setTimeout(r, 50));
+        return { state: s.state, info: s.transportInfo };
+      }, text);
+    const first = await page.evaluate(
+      async ({ botId, token }) => {
+        // A background probe every 1.5 s (doubling) rather than every 5 minutes.
+        const s = new window.natter.ChatSocket({ storage: null, getToken: () => token, websocketRetryMs: 1500 });
+        window.__s = s;
+        window.__messages = [];
+        window.__acks = [];
+        s.on('message', (m) => window.__messages.push(m));
+        s.on('ack', (a) => window.__acks.push(a.message));
+        s.connect(botId);
+        const t0 = Date.now();
+        while (s.state.kind !== 'open' && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 50));
+        return { state: s.state, info: s.transportInfo };
+      },
+      { botId, token: t.access_token },
+    );
+    assert(first.state.transport === 'sse' && first.info.why === 'preflight_ok', `on HTTP streaming: ${JSON.stringify(first)}`);
+    await chat('over sse');
+    // The first probe fails (the proxy still strips Upgrade); then the network is fixed.
+    await page.waitForFunction(() => JSON.parse(window.__s.exportFlightRecorder()).events.some((e) => e.type === 'ws_probe' && !e.ok));
+    assert((await page.evaluate(() => window.__s.state.transport)) === 'sse', 'still on HTTP streaming after a failed probe');
+    proxy.setMode('pass');
+    await page.waitForFunction(() => window.__s.state.kind === 'open' && window.__s.state.transport === 'websocket', null, {
+      timeout: 20_000,
+    });
+    const back = await chat('over the websocket');
+    assert(back.info.transport === 'websocket' && back.info.why === null, `back on the WebSocket: ${JSON.stringify(back)}`);
+    const r = await page.evaluate(() => ({
+      messages: window.__messages.map((m) => [m.seq, m.content]),
+      acks: window.__acks.map((m) => [m.seq, m.content]),
+      switches: JSON.parse(window.__s.exportFlightRecorder())
+        .events.filter((e) => e.type === 'transport_switch')
+        .map((e) => `${e.to}:${e.why}`),
+    }));
+    assert(r.switches.join() === 'sse:preflight_ok,websocket:probe_ok', `switched there and back: ${r.switches}`);
+    const stored = (await api(srv.url, `/api/bots/${botId}/messages?limit=100`, { token: t.access_token })).messages;
+    const want = ['over sse', 'over sse', 'over the websocket', 'over the websocket'];
+    assert(
+      JSON.stringify(stored.map((m) => m.content)) === JSON.stringify(want) && stored.every((m, i) => m.seq === i + 1),
+      `each message stored once, in order: ${JSON.stringify(stored.map((m) => [m.seq, m.content]))}`,
+    );
+    // Over SSE your own message also comes down the stream; over the WebSocket only its ack does.
+    const seqs = r.messages.map(([seq]) => seq);
+    assert(
+      seqs.every((q, i) => i === 0 || q > seqs[i - 1]),
+      `no message event twice, in seq order: ${JSON.stringify(r.messages)}`,
+    );
+    const seen = new Map([...r.acks, ...r.messages]);
+    assert(
+      JSON.stringify([...seen].sort((a, b) => a[0] - b[0])) === JSON.stringify(stored.map((m) => [m.seq, m.content])),
+      `the app saw every stored message: ${JSON.stringify(r)}`,
+    );
+    assert(r.acks.map(([, c]) => c).join() === 'over sse,over the websocket', `one ack per message: ${JSON.stringify(r.acks)}`);
+    await page.evaluate(() => window.__s.destroy());
+  } finally {
+    proxy.close();
   }
 });
 

@@ -1,5 +1,5 @@
 import { beforeEach, describe, expect, it } from 'vitest';
-import { decodeJwt, formatReport, runWebSocketDiagnostics } from '../packages/client/src/diagnostics';
+import { decodeJwt, formatReport, runWebSocketDiagnostics, type DiagnosticsOptions } from '../packages/client/src/diagnostics';
 import { FakeWebSocket, established, fakeFetch, happyRoutes, type Route } from './fakes';
 
 const TOKEN = `eyJhbGciOiJIUzI1NiJ9.${Buffer.from(JSON.stringify({ sub: 'u1', name: 'alice', exp: Math.floor(Date.now() / 1000) + 900, iat: Math.floor(Date.now() / 1000) })).toString('base64url')}.SIGNATURE-SECRET`;
@@ -43,10 +43,52 @@ const okRoutes: Route = (r) => {
   return undefined;
 };
 
-async function diag(o: { token?: string | null; bot?: string; routes?: Route; ws?: ReturnType<typeof autoSocket> } = {}) {
+/**
+ * The SSE binding in front of `rest`: `ok` streams connection_established and the `stream`
+ * event and answers ping POSTs with a pong; `down` answers the stream with 502 (a proxy whose
+ * server is gone); `silent` opens the stream and says nothing.
+ */
+function sseFetch(rest: typeof fetch, mode: 'ok' | 'down' | 'silent', seen: Array<{ method: string; url: string }>) {
+  const enc = new TextEncoder();
+  return (async (input: RequestInfo | URL, init: RequestInit = {}) => {
+    const url = String(input);
+    const method = init.method ?? 'GET';
+    if (!url.includes('/api/sse/chat/')) return rest(input, init);
+    seen.push({ method, url });
+    if (mode === 'down') return new Response('bad gateway', { status: 502 });
+    if (method === 'POST') {
+      const f = JSON.parse(String(init.body)) as Record<string, unknown>;
+      return new Response(JSON.stringify({ type: 'pong', id: f.id, server_time: new Date().toISOString() }), { status: 200 });
+    }
+    const body = new ReadableStream<Uint8Array>({
+      start(c) {
+        init.signal?.addEventListener('abort', () => c.error(new DOMException('aborted', 'AbortError')));
+        if (mode === 'silent') return;
+        const ev = (name: string, data: unknown) => c.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`));
+        ev('connection_established', established({ connection_id: 'sse-conn' }));
+        ev('stream', { connection_id: 'sse-conn', post: `/api/sse/chat/${BOT}/frames?stream=sse-conn` });
+        c.enqueue(enc.encode(': keep-alive\n\n'));
+      },
+    });
+    return new Response(body, { status: 200, headers: { 'Content-Type': 'text/event-stream' } });
+  }) as typeof fetch;
+}
+
+async function diag(
+  o: {
+    token?: string | null;
+    bot?: string;
+    routes?: Route;
+    ws?: ReturnType<typeof autoSocket>;
+    sse?: 'ok' | 'down' | 'silent';
+    seen?: Array<{ method: string; url: string }>;
+    inUse?: DiagnosticsOptions['inUse'];
+  } = {},
+) {
   return runWebSocketDiagnostics(o.bot ?? BOT, o.token === undefined ? TOKEN : o.token, {
     apiUrl: 'http://api.test',
-    fetch: fakeFetch(happyRoutes((r) => o.routes?.(r) ?? okRoutes(r))),
+    fetch: sseFetch(fakeFetch(happyRoutes((r) => o.routes?.(r) ?? okRoutes(r))), o.sse ?? 'ok', o.seen ?? []),
+    inUse: o.inUse,
     WebSocket: (o.ws ?? autoSocket()) as unknown as typeof WebSocket,
     stabilityMs: 30,
     pingSamples: 3,
@@ -103,6 +145,9 @@ describe('runWebSocketDiagnostics', () => {
       established: 'ok',
       ping: 'ok',
       stability: 'ok',
+      sse_stream: 'ok',
+      sse_established: 'ok',
+      sse_ping: 'ok',
       attempts: 'ok',
     });
     expect(r.summary).toMatchObject({ status: 'ok', failing_step: null });
@@ -155,10 +200,63 @@ describe('runWebSocketDiagnostics', () => {
     expect(FakeWebSocket.instances).toHaveLength(0);
   });
 
-  it('names the handshake when the API works but sockets are blocked', async () => {
-    const r = await diag({ ws: autoSocket({ closeWith: [1006, ''] }) });
-    expect(r.summary.failing_step).toBe('handshake');
-    expect(r.steps.find((s) => s.id === 'handshake')?.fix).toMatch(/proxy, firewall/);
+  it('names the handshake when the API works but sockets are blocked and HTTP streaming fails too', async () => {
+    for (const sse of ['down', 'silent'] as const) {
+      const r = await diag({ ws: autoSocket({ closeWith: [1006, ''] }), sse });
+      expect(r.summary.status).toBe('fail');
+      expect(r.summary.failing_step).toBe('handshake');
+      expect(r.steps.find((s) => s.id === 'handshake')?.fix).toMatch(/proxy, firewall/);
+      const failed = sse === 'down' ? 'sse_stream' : 'sse_established';
+      expect(r.steps.find((s) => s.id === failed)).toMatchObject({ status: 'fail', title: expect.stringMatching(/HTTP streaming/) });
+      expect(r.summary.transports).toEqual({ websocket: 'blocked', sse: 'fail' });
+    }
+  });
+
+  it('says "WebSocket blocked — using HTTP streaming" when only the socket is blocked, with the proxy fix', async () => {
+    const seen: Array<{ method: string; url: string }> = [];
+    for (const ws of [autoSocket({ closeWith: [1006, ''] }), autoSocket({ never: true })]) {
+      const r = await diag({ ws, seen });
+      expect(r.summary).toMatchObject({ status: 'warn', failing_step: null, headline: 'WebSocket blocked — using HTTP streaming' });
+      expect(r.summary.fix).toMatch(/Upgrade and Connection headers/);
+      expect(r.summary.fix).toContain('proxy_set_header Upgrade $http_upgrade;');
+      expect(r.summary.fix).toContain('proxy_set_header Connection "upgrade";');
+      expect(r.summary.transports).toEqual({ websocket: 'blocked', sse: 'ok' });
+      const by = Object.fromEntries(r.steps.map((s) => [s.id, s.status]));
+      expect(by).toMatchObject({ handshake: 'fail', sse_stream: 'ok', sse_established: 'ok', sse_ping: 'ok' });
+      expect(formatReport(r)).toContain('proxy_set_header Upgrade');
+    }
+    // The stream used a ticket of its own, the ping went up by POST, and no token is in a URL.
+    const stream = seen.find((x) => x.method === 'GET')!;
+    expect(new URL(stream.url).searchParams.get('ticket')).toMatch(/^tkt-/);
+    expect(seen.some((x) => x.method === 'POST' && x.url.endsWith('/frames?stream=sse-conn'))).toBe(true);
+    expect(JSON.stringify(seen)).not.toContain('SIGNATURE-SECRET');
+  });
+
+  it('says so when both transports work', async () => {
+    const r = await diag();
+    expect(r.summary).toMatchObject({ status: 'ok', failing_step: null, transports: { websocket: 'ok', sse: 'ok' } });
+    expect(r.summary.headline).toMatch(/WebSocket and HTTP streaming/);
+  });
+
+  it('keeps a real failure ahead of a working HTTP stream', async () => {
+    const r = await diag({ ws: autoSocket({ afterEstablished: [1011, 'internal error (error id 42)'] }) });
+    expect(r.summary.status).toBe('fail');
+    const p = await diag({
+      routes: (q) =>
+        q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4429, reason: 'too many' } } : undefined,
+      ws: autoSocket({ closeWith: [1006, ''] }),
+    });
+    expect(p.summary).toMatchObject({ status: 'fail', failing_step: 'preflight' });
+  });
+
+  it('says which transport the chat uses and why', async () => {
+    const sse = await diag({ ws: autoSocket({ closeWith: [1006, ''] }), inUse: { transport: 'sse', why: 'preflight_ok' } });
+    const step = sse.steps.find((s) => s.id === 'transport')!;
+    expect(step).toMatchObject({ status: 'ok', title: 'Transport in use', value: 'HTTP streaming' });
+    expect(step.detail).toMatch(/HTTP streaming.*WebSocket/);
+    const ws = await diag({ inUse: { transport: 'websocket', why: null } });
+    expect(ws.steps.find((s) => s.id === 'transport')).toMatchObject({ value: 'WebSocket' });
+    expect((await diag()).steps.some((s) => s.id === 'transport')).toBe(false);
   });
 
   it('names a server error after connect', async () => {
@@ -189,7 +287,7 @@ describe('runWebSocketDiagnostics', () => {
       await diag({ routes: () => 'network_error' }),
       await diag({ bot: '11111111-2222-4333-8444-555555555555' }),
       await diag({ token: null }),
-      await diag({ ws: autoSocket({ closeWith: [1006, ''] }) }),
+      await diag({ ws: autoSocket({ closeWith: [1006, ''] }), sse: 'down' }),
       await diag({
         routes: (q) =>
           q.path.startsWith('/api/ws/preflight/') ? { status: 200, body: { ok: false, close_code: 4429, reason: 'too many' } } : undefined,

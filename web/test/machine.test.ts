@@ -704,3 +704,83 @@ describe('transport: auto switches to SSE when the WebSocket cannot connect', ()
     expect(d.of('deliver')).toHaveLength(0);
   });
 });
+
+describe('transport: auto tries the WebSocket again in the background after switching to SSE', () => {
+  /** auto, switched to SSE by a connect timeout, open over SSE after seq 9. */
+  function onSse(config: Partial<MachineConfig> = {}): Driver {
+    const d = new Driver();
+    d.config = { ...CONFIG, transport: 'auto', ...config };
+    d.connect();
+    d.fire('connect');
+    d.fire('retry');
+    d.send((m) => ({ type: 'health', gen: m.gen, ok: true, network: false, status: 200, message: '' }));
+    d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt' } }));
+    expect(d.of('open_transport')[0].transport).toBe('sse');
+    d.establish({ last_seq: 9 });
+    return d;
+  }
+  const probeResult = (d: Driver, ok: boolean) => d.send((m) => ({ type: 'ws_probe', gen: m.gen, ok }));
+
+  it('probes after wsRetryMs (default 5 minutes), doubling up to the cap while the probe fails', () => {
+    const d = onSse();
+    expect(d.timer('ws_probe')?.ms).toBe(300_000);
+    const waits: number[] = [];
+    for (let i = 0; i < 6; i++) {
+      d.fire('ws_probe');
+      expect(d.of('probe_websocket')).toEqual([{ type: 'probe_websocket', gen: d.model.gen, botId: 'b1' }]);
+      probeResult(d, false);
+      waits.push(d.timer('ws_probe')!.ms);
+      expect(d.model.state).toMatchObject({ kind: 'open', transport: 'sse' });
+    }
+    expect(waits).toEqual([600_000, 1_200_000, 2_400_000, 3_600_000, 3_600_000, 3_600_000]);
+    // A reconnect over SSE keeps the grown interval.
+    d.close(1012);
+    d.fire('retry');
+    d.send((m) => ({ type: 'health', gen: m.gen, ok: true, network: false, status: 200, message: '' }));
+    d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt' } }));
+    d.establish({ last_seq: 9 });
+    expect(d.timer('ws_probe')?.ms).toBe(3_600_000);
+  });
+
+  it('switches back to the WebSocket when a probe gets through: resumes after the last seq and resends the outbox', () => {
+    const d = onSse({ wsRetryMs: 60_000 });
+    expect(d.timer('ws_probe')?.ms).toBe(60_000);
+    d.frame({ type: 'message', message: wireMessage(10) });
+    d.fire('ws_probe');
+    probeResult(d, true);
+    expect(d.of('record').find((r) => r.event === 'transport_switch')?.data).toEqual({ from: 'sse', to: 'websocket', why: 'probe_ok' });
+    expect(d.of('teardown')).toHaveLength(1);
+    expect(d.model.transport).toBe('websocket');
+    expect(d.model.transportWhy).toBeNull();
+    d.send((m) => ({ type: 'health', gen: m.gen, ok: true, network: false, status: 200, message: '' }));
+    d.send((m) => ({ type: 'credential', gen: m.gen, credential: { kind: 'ticket', value: 'tkt2' } }));
+    expect(d.of('open_transport')[0]).toMatchObject({ transport: 'websocket', afterSeq: 10 });
+    d.establish({ last_seq: 10 });
+    expect(d.model.state).toMatchObject({ kind: 'open', transport: 'websocket' });
+    expect(d.of('flush_outbox')).toHaveLength(1);
+    // On the WebSocket there is nothing to probe for.
+    expect(d.timer('ws_probe')).toBeUndefined();
+  });
+
+  it('ignores a probe answer from a torn-down attempt, and never probes in fixed modes or on a WebSocket that works', () => {
+    const d = onSse();
+    d.fire('ws_probe');
+    const stale = d.model.gen;
+    d.close(1012);
+    d.send({ type: 'ws_probe', gen: stale, ok: true });
+    expect(d.model.transport).toBe('sse');
+    expect(d.fx).toEqual([]);
+
+    const s = new Driver();
+    s.config = { ...CONFIG, transport: 'sse' };
+    s.connect();
+    s.establish();
+    expect(s.timer('ws_probe')).toBeUndefined();
+
+    const w = new Driver();
+    w.config = { ...CONFIG, transport: 'auto' };
+    w.connect();
+    w.establish();
+    expect(w.timer('ws_probe')).toBeUndefined();
+  });
+});

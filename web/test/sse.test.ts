@@ -2,7 +2,7 @@ import { describe, expect, it, vi } from 'vitest';
 import { EventStreamParser } from '../packages/client/src/event-stream';
 import { SseTransport } from '../packages/client/src/sse-transport';
 import type { TransportTarget } from '../packages/client/src/transport';
-import { ChatSocket } from '../packages/client/src/chat-socket';
+import { ChatSocket, type ChatSocketOptions } from '../packages/client/src/chat-socket';
 import { FakeEnv, FakeWebSocket, MapStorage, established, fakeFetch, happyRoutes, wireMessage } from './fakes';
 
 describe('EventStreamParser', () => {
@@ -178,40 +178,22 @@ describe('ChatSocket with transport auto', () => {
     vi.useFakeTimers();
     FakeWebSocket.reset();
     try {
-      const enc = new TextEncoder();
-      const streams: Array<{ url: string; ctl: ReadableStreamDefaultController<Uint8Array> }> = [];
-      const posts: Array<Record<string, unknown>> = [];
-      const rest = fakeFetch(happyRoutes());
-      const fetch = (async (input: RequestInfo | URL, init: RequestInit = {}) => {
-        const url = String(input);
-        if (url.includes('/api/sse/chat/') && (init.method ?? 'GET') === 'GET') {
-          let ctl!: ReadableStreamDefaultController<Uint8Array>;
-          const body = new ReadableStream<Uint8Array>({ start: (c) => (ctl = c) });
-          streams.push({ url, ctl });
-          return new Response(body, { status: 200 });
-        }
-        if (url.includes('/frames?stream=')) {
-          const f = JSON.parse(String(init.body)) as Record<string, unknown>;
-          posts.push(f);
-          const ack = {
-            type: 'ack',
-            client_id: f.client_id,
-            message: wireMessage(6, { role: 'user', client_id: f.client_id }),
-            duplicate: false,
-          };
-          return new Response(JSON.stringify(f.type === 'ping' ? { type: 'pong', id: f.id } : ack), { status: 200 });
-        }
-        return rest(input, init);
-      }) as typeof globalThis.fetch;
-      const s = new ChatSocket({
-        apiUrl: 'http://api.test',
-        getToken: () => 'tok',
-        WebSocket: FakeWebSocket as unknown as typeof WebSocket,
-        fetch,
-        environment: new FakeEnv(),
-        storage: new MapStorage(),
-        random: () => 0,
-      });
+      // The server stores the resent message as seq 6.
+      const net = sseServer(async (f) =>
+        f.type === 'ping'
+          ? net.answer(f)
+          : new Response(
+              JSON.stringify({
+                type: 'ack',
+                client_id: f.client_id,
+                message: wireMessage(6, { role: 'user', client_id: f.client_id }),
+                duplicate: false,
+              }),
+              { status: 200 },
+            ),
+      );
+      const { streams, posts, write } = net;
+      const s = sseSocket(net.fetch, { transport: 'auto' });
       const messages: number[] = [];
       s.on('message', (m) => messages.push(m.seq));
       const flush = async () => {
@@ -233,8 +215,6 @@ describe('ChatSocket with transport auto', () => {
       await flush();
       expect(streams).toHaveLength(1);
       expect(new URL(streams[0].url).searchParams.get('after_seq')).toBe('4');
-      const write = (name: string, data: unknown) =>
-        streams[0].ctl.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`));
       write('connection_established', established({ last_seq: 5 }));
       write('message', { type: 'message', message: wireMessage(5) });
       write('stream', { post: '/api/sse/chat/b1/frames?stream=conn-1' });
@@ -247,6 +227,199 @@ describe('ChatSocket with transport auto', () => {
       await flush();
       expect(messages).toEqual([4, 5, 6]);
       expect(s.outboxFor('b1')).toEqual([]);
+      s.destroy();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+});
+
+/**
+ * A server behind `fetch` for ChatSocket tests: each GET of the SSE binding is a stream the test
+ * writes to; POSTed frames go to `post` (default: a pong for a ping, an ack for a message).
+ */
+function sseServer(post?: (f: Record<string, unknown>) => Promise<Response>) {
+  const enc = new TextEncoder();
+  const streams: Array<{ url: string; ctl: ReadableStreamDefaultController<Uint8Array> }> = [];
+  const posts: Array<Record<string, unknown>> = [];
+  let seq = 0;
+  const rest = fakeFetch(happyRoutes());
+  const answer = async (f: Record<string, unknown>) => {
+    if (f.type === 'ping') return new Response(JSON.stringify({ type: 'pong', id: f.id }), { status: 200 });
+    seq += 1;
+    const message = wireMessage(seq, { role: 'user', client_id: f.client_id, content: f.content });
+    return new Response(JSON.stringify({ type: 'ack', client_id: f.client_id, message, duplicate: false }), { status: 200 });
+  };
+  const fetch = (async (input: RequestInfo | URL, init: RequestInit = {}) => {
+    const url = String(input);
+    if (url.includes('/api/sse/chat/') && (init.method ?? 'GET') === 'GET') {
+      let ctl!: ReadableStreamDefaultController<Uint8Array>;
+      const body = new ReadableStream<Uint8Array>({ start: (c) => (ctl = c) });
+      streams.push({ url, ctl });
+      return new Response(body, { status: 200 });
+    }
+    if (url.includes('/frames?stream=')) {
+      const f = JSON.parse(String(init.body)) as Record<string, unknown>;
+      posts.push(f);
+      return (post ?? answer)(f);
+    }
+    return rest(input, init);
+  }) as typeof globalThis.fetch;
+  const last = () => streams[streams.length - 1];
+  return {
+    fetch,
+    streams,
+    posts,
+    answer,
+    write: (name: string, data: unknown) => last().ctl.enqueue(enc.encode(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`)),
+    comment: () => last().ctl.enqueue(enc.encode(': keep-alive\n\n')),
+    /** connection_established and the `stream` event, on the latest stream. */
+    establish(over: Record<string, unknown> = {}) {
+      this.write('connection_established', established(over));
+      this.write('stream', { post: '/api/sse/chat/b1/frames?stream=conn-1' });
+    },
+  };
+}
+
+function sseSocket(fetch: typeof globalThis.fetch, over: Partial<ChatSocketOptions> = {}) {
+  return new ChatSocket({
+    apiUrl: 'http://api.test',
+    transport: 'sse',
+    getToken: () => 'tok',
+    WebSocket: FakeWebSocket as unknown as typeof WebSocket,
+    fetch,
+    environment: new FakeEnv(),
+    storage: new MapStorage(),
+    random: () => 0,
+    ...over,
+  });
+}
+
+const flushTimers = async () => {
+  for (let i = 0; i < 30; i++) await vi.advanceTimersByTimeAsync(0);
+};
+
+describe('ChatSocket over SSE', () => {
+  it('counts keep-alive comments as life: a quiet stream is not declared dead', async () => {
+    vi.useFakeTimers();
+    try {
+      const net = sseServer();
+      // No pings of its own for a long while: only the stream's keep-alives say it is alive.
+      const s = sseSocket(net.fetch, { pingIntervalMs: 600_000 });
+      s.connect('b1');
+      await flushTimers();
+      net.establish({ heartbeat_interval_ms: 1000 });
+      await flushTimers();
+      expect(s.state.kind).toBe('open');
+      // Far past the 2 × heartbeat watchdog, with a keep-alive every heartbeat.
+      for (let i = 0; i < 6; i++) {
+        net.comment();
+        await vi.advanceTimersByTimeAsync(1000);
+      }
+      expect(s.state.kind).toBe('open');
+      const closes = JSON.parse(s.exportFlightRecorder()).events.filter((e: { type: string }) => e.type === 'close');
+      expect(closes).toEqual([]);
+      // And without them it is declared dead, as before.
+      await vi.advanceTimersByTimeAsync(2500);
+      expect(s.state.kind).not.toBe('open');
+      s.destroy();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('does not leave a message whose POST failed waiting for a reconnect that may never come', async () => {
+    for (const failure of ['network', 'http 503'] as const) {
+      vi.useFakeTimers();
+      try {
+        let failNext = true;
+        const net = sseServer(async (f) => {
+          if (f.type === 'message' && failNext) {
+            failNext = false;
+            if (failure === 'network') throw new TypeError('Failed to fetch');
+            return new Response('{"error":{"code":"unavailable","message":"busy"}}', { status: 503 });
+          }
+          return net.answer(f);
+        });
+        const s = sseSocket(net.fetch, { pingIntervalMs: 600_000 });
+        const acks: string[] = [];
+        s.connect('b1');
+        await flushTimers();
+        net.establish({ heartbeat_interval_ms: 60_000 });
+        await flushTimers();
+        const sent = s.send('hello', { clientId: 'c-1' }).then((a) => acks.push(a.client_id));
+        await flushTimers();
+        // Well within a heartbeat: the message is acked, after one more POST under the same client_id.
+        await vi.advanceTimersByTimeAsync(5000);
+        if (net.streams.length > 1) net.establish({ heartbeat_interval_ms: 60_000 });
+        await vi.advanceTimersByTimeAsync(5000);
+        await flushTimers();
+        expect(acks, failure).toEqual(['c-1']);
+        await sent;
+        const messagePosts = net.posts.filter((p) => p.type === 'message');
+        expect(messagePosts.map((p) => p.client_id)).toEqual(['c-1', 'c-1']);
+        expect(s.outboxFor('b1')).toEqual([]);
+        s.destroy();
+      } finally {
+        vi.useRealTimers();
+      }
+    }
+  });
+});
+
+describe('ChatSocket with transport auto, on SSE', () => {
+  it('probes the WebSocket in the background and switches back when it gets through, losing and doubling nothing', async () => {
+    vi.useFakeTimers();
+    FakeWebSocket.reset();
+    try {
+      // A message POST that is still on its way when the switch cuts it off.
+      const net = sseServer((f) => (f.type === 'message' ? new Promise<Response>(() => {}) : net.answer(f)));
+      const s = sseSocket(net.fetch, { transport: 'auto', websocketRetryMs: 60_000, pingIntervalMs: 600_000 });
+      const messages: number[] = [];
+      s.on('message', (m) => messages.push(m.seq));
+      s.connect('b1');
+      await flushTimers();
+      FakeWebSocket.last.serverClose(1006, '');
+      await flushTimers();
+      await vi.advanceTimersByTimeAsync(10);
+      await flushTimers();
+      expect(s.transportInfo).toEqual({ transport: 'sse', why: 'preflight_ok' });
+      net.establish({ last_seq: 2, heartbeat_interval_ms: 600_000 });
+      net.write('message', { type: 'message', message: wireMessage(3) });
+      await flushTimers();
+      expect(s.state).toMatchObject({ kind: 'open', transport: 'sse' });
+      const sockets = FakeWebSocket.instances.length;
+      // A minute later a probe socket tries the path; this time it gets through.
+      await vi.advanceTimersByTimeAsync(60_000);
+      await flushTimers();
+      expect(FakeWebSocket.instances.length).toBe(sockets + 1);
+      const probe = FakeWebSocket.last;
+      expect(probe.query.get('after_seq')).toBeNull();
+      const sent = s.send('during the switch', { clientId: 'c-sw' });
+      await flushTimers();
+      expect(net.posts.filter((p) => p.type === 'message').map((p) => p.client_id)).toEqual(['c-sw']);
+      probe.establish({ connection_id: 'probe' });
+      await flushTimers();
+      expect(probe.closedByClient).not.toBeNull();
+      // Back on the WebSocket, resuming after seq 3; the message goes out on it.
+      await flushTimers();
+      const ws = FakeWebSocket.last;
+      expect(ws).not.toBe(probe);
+      expect(ws.query.get('after_seq')).toBe('3');
+      ws.establish({ last_seq: 4 });
+      await flushTimers();
+      expect(s.state).toMatchObject({ kind: 'open', transport: 'websocket' });
+      expect(s.transportInfo).toEqual({ transport: 'websocket', why: null });
+      const resent = ws.frames.filter((f) => f.type === 'message');
+      expect(resent.map((f) => f.client_id)).toEqual(['c-sw']);
+      // The server had stored the cut-off POST: the resend is acked as that message, once.
+      ws.receive({ type: 'ack', client_id: 'c-sw', message: wireMessage(4, { role: 'user', client_id: 'c-sw' }), duplicate: true });
+      ws.receive({ type: 'message', message: wireMessage(5) });
+      await expect(sent).resolves.toMatchObject({ client_id: 'c-sw', message: { seq: 4 } });
+      expect(messages).toEqual([3, 5]);
+      expect(s.outboxFor('b1')).toEqual([]);
+      const events = JSON.parse(s.exportFlightRecorder()).events.filter((e: { type: string }) => e.type === 'transport_switch');
+      expect(events.map((e: { to: string; why: string }) => `${e.to}:${e.why}`)).toEqual(['sse:preflight_ok', 'websocket:probe_ok']);
       s.destroy();
     } finally {
       vi.useRealTimers();

@@ -171,6 +171,7 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
   document.querySelector('dialog.diagnose')?.remove();
   const list = h('ol', { class: 'steps', 'data-testid': 'diag-steps' });
   const summary = h('p', { class: 'diag-summary', 'data-testid': 'diag-summary' }, 'Running…');
+  const summaryFix = h('p', { class: 'fix', hidden: true, 'data-testid': 'diag-summary-fix' });
   const copied = h('span', { class: 'copied', role: 'status' });
   let report: DiagnosticsReport | null = null;
   const copyBtn = h(
@@ -199,6 +200,7 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
     h('h2', { id: 'diag-title' }, 'Connection diagnostics'),
     h('p', { class: 'muted' }, `Bot ${botId}`),
     summary,
+    summaryFix,
     h('div', { class: 'row' }, copyBtn, close, copied),
     list,
   );
@@ -223,7 +225,9 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
     );
   };
   clear(list);
-  void runWebSocketDiagnostics(botId, token, { ...socket.endpoints, onStep: addStep }).then((r) => {
+  // The chat's own transport, and why, when it is this bot's.
+  const inUse = socket.getCurrentBotId() === botId ? socket.transportInfo : undefined;
+  void runWebSocketDiagnostics(botId, token, { ...socket.endpoints, onStep: addStep, inUse }).then((r) => {
     report = r;
     (window as unknown as { lastDiagnosticsReport?: DiagnosticsReport }).lastDiagnosticsReport = r;
     summary.textContent =
@@ -233,6 +237,10 @@ export function openDiagnostics(botId: string, token: string | null, socket: Cha
           ? `⚠ ${r.summary.headline}`
           : `✓ ${r.summary.headline}`;
     summary.dataset.status = r.summary.status;
+    if (r.summary.fix) {
+      summaryFix.textContent = `Fix: ${r.summary.fix}`;
+      summaryFix.hidden = false;
+    }
     dialog.dataset.done = 'true';
     copyBtn.disabled = false;
   });

@@ -19,13 +19,14 @@ import {
   type Model,
   type TimerName,
   type TransportKind,
+  type TransportWhy,
   type World,
 } from './connection.js';
 import { Delivery } from './delivery.js';
 import { Emitter } from './emitter.js';
 import { browserEnvironment } from './environment.js';
 import { ChatError, type ChatSocketEvents } from './events.js';
-import { checkHealth, fetchCredential, fetchPreflight, loadCodes, refreshToken, type RestContext } from './handshake.js';
+import { checkHealth, credentialFor, fetchCredential, fetchPreflight, loadCodes, refreshToken, type RestContext } from './handshake.js';
 import { now as monoNow, uuid } from './http.js';
 import { log, redact } from './log.js';
 import { step } from './machine.js';
@@ -39,7 +40,7 @@ import { SseTransport } from './sse-transport.js';
 import { WebSocketTransport, type Transport, type TransportTarget } from './transport.js';
 import { closeHeadline } from './words.js';
 
-export type { CloseInfo, ConnectionState, StateKind, TransportKind, TransportMode } from './connection.js';
+export type { CloseInfo, ConnectionState, StateKind, TransportKind, TransportMode, TransportWhy } from './connection.js';
 export { browserEnvironment, type Environment } from './environment.js';
 export { ChatError, type ChatSocketEvents } from './events.js';
 export type { ChatSocketOptions, ConnectOptions } from './options.js';
@@ -70,6 +71,8 @@ export class ChatSocket {
   /** Everything the state machine decides from; changed only by `dispatch`. */
   private model: Model = initialModel();
   private transport: Transport | null = null;
+  /** The background WebSocket probe in flight (`auto` on SSE), closed by any teardown. */
+  private probe: Transport | null = null;
   private timers = new Map<TimerName, { handle: ReturnType<typeof setTimeout>; repeat: boolean }>();
 
   private readonly pinger: Pinger;
@@ -97,6 +100,7 @@ export class ChatSocket {
       maxServerErrors: opts.maxServerErrors ?? 10,
       backoff: { baseMs: 500, capMs: 30_000, ...options.backoff },
       transport: opts.transport ?? 'auto',
+      wsRetryMs: opts.websocketRetryMs,
     };
     const env = options.environment ?? browserEnvironment();
     const random = options.random ?? Math.random;
@@ -168,6 +172,16 @@ export class ChatSocket {
    */
   get transportKind(): TransportKind {
     return this.model.transport;
+  }
+  /**
+   * The transport of the current (or next) connection and why: `why` is `auto`'s reason to
+   * have switched to SSE (`connect_timeout`, `1006_twice`, `preflight_ok`), `configured` when
+   * the app asked for SSE, null on the WebSocket. Diagnose reports it (`inUse`).
+   */
+  get transportInfo(): { transport: TransportKind; why: TransportWhy | null } {
+    const transport = this.model.transport;
+    if (transport !== 'sse') return { transport, why: null };
+    return { transport, why: this.config.transport === 'sse' ? 'configured' : this.model.transportWhy };
   }
   get endpoints(): { apiUrl: string; wsUrl: string } {
     return { apiUrl: this.apiUrl, wsUrl: this.wsUrl };
@@ -339,6 +353,9 @@ export class ChatSocket {
       case 'flush_outbox':
         this.delivery.flush(fx.botId);
         return;
+      case 'probe_websocket':
+        void this.probeWebSocket(fx.gen, fx.botId);
+        return;
       case 'report_close': {
         const { info, verdict: v } = fx;
         this.recorder.record('close', {
@@ -396,6 +413,8 @@ export class ChatSocket {
     const t = this.transport;
     this.transport = null;
     t?.close(code, reason);
+    this.probe?.close(1000, 'probe abandoned');
+    this.probe = null;
   }
 
   // ---- the effects on the network ------------------------------------------------------
@@ -459,6 +478,9 @@ export class ChatSocket {
         message: (text) => {
           if (live()) this.onText(gen, text);
         },
+        alive: () => {
+          if (live()) this.dispatch({ type: 'frame', gen, frame: null });
+        },
         error: () => {
           if (!live()) return;
           log.close('Chat WebSocket error (the close event that follows has the code)');
@@ -473,6 +495,50 @@ export class ChatSocket {
       return;
     }
     this.transport = transport;
+  }
+
+  /**
+   * `auto` on SSE tries the WebSocket again beside it: a probe socket from the conversation's
+   * end (no replay), closed as soon as it says `connection_established` (or fails, or times
+   * out); the machine hears whether it got through.
+   */
+  private async probeWebSocket(gen: number, botId: string): Promise<void> {
+    const auth = await credentialFor(this.rest(), botId, this.opts.getToken, this.opts.useTicket);
+    if (!this.live(gen)) return;
+    let ok = false;
+    if (!('close' in auth)) {
+      const attemptId = uuid();
+      const target = { apiUrl: this.apiUrl, wsUrl: this.wsUrl, botId, auth, afterSeq: null, attemptId };
+      const probe = this.createTransport('websocket', target);
+      this.recorder.record('ws_probe_start', { url: redact(probe.url), attempt_id: attemptId });
+      ok = await new Promise<boolean>((resolve) => {
+        const timer = setTimeout(() => resolve(false), this.opts.connectTimeoutMs);
+        const done = (v: boolean) => {
+          clearTimeout(timer);
+          resolve(v);
+        };
+        try {
+          probe.open({
+            open: () => {},
+            message: (text) => {
+              try {
+                if (parseServerFrame(text).type === 'connection_established') done(true);
+              } catch {
+                // Not the frame we wait for.
+              }
+            },
+            error: () => {},
+            close: () => done(false),
+          });
+          this.probe = probe;
+        } catch {
+          done(false);
+        }
+      });
+      probe.close(1000, 'probe done');
+      if (this.probe === probe) this.probe = null;
+    }
+    if (this.live(gen)) this.dispatch({ type: 'ws_probe', gen, ok });
   }
 
   // ---- frames ----------------------------------------------------------------------------

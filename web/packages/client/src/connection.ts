@@ -44,8 +44,10 @@ export type StateKind = ConnectionState['kind'];
 
 /** What carries the frames: the WebSocket, or Server-Sent Events down and POSTs up. */
 export type TransportKind = 'websocket' | 'sse';
-/** `auto`: the WebSocket, switching to SSE for good when its handshake keeps failing. */
+/** `auto`: the WebSocket, switching to SSE when its handshake keeps failing (and back when it passes again). */
 export type TransportMode = 'auto' | TransportKind;
+/** Why the transport is SSE: `auto`'s reason to switch, or `configured` (`transport: 'sse'`). */
+export type TransportWhy = 'connect_timeout' | '1006_twice' | 'preflight_ok' | 'configured';
 
 /** The machine's settings (from `ChatSocketOptions`, with their defaults). */
 export interface MachineConfig {
@@ -58,6 +60,12 @@ export interface MachineConfig {
   backoff: BackoffOptions;
   /** Undefined: `websocket` only (`ChatSocket` passes its option, whose default is `auto`). */
   transport?: TransportMode;
+  /**
+   * In `auto`, after switching to SSE: how long to wait before trying the WebSocket again in the
+   * background (doubling after each failed probe, up to an hour or this, if longer). 0: never.
+   * Undefined: 5 minutes.
+   */
+  wsRetryMs?: number;
 }
 
 /** What the machine reads from the world at each step; a test passes plain values. */
@@ -95,6 +103,10 @@ export interface Model {
   resendArmed: boolean;
   /** The transport of the next attempt (in `auto`: `sse` once the WebSocket was given up). */
   transport: TransportKind;
+  /** Why `auto` switched to SSE (null: it did not). */
+  transportWhy: TransportWhy | null;
+  /** The wait before the next background WebSocket probe (0: the configured first wait). */
+  wsProbeMs: number;
   /** WebSocket 1006s before `connection_established`, since the last established connection. */
   wsEarlyDrops: number;
   /** The last close was such a 1006 and its preflight is awaited. */
@@ -118,13 +130,15 @@ export function initialModel(): Model {
     lastClose: null,
     resendArmed: false,
     transport: 'websocket',
+    transportWhy: null,
+    wsProbeMs: 0,
     wsEarlyDrops: 0,
     earlyDrop: false,
   };
 }
 
 /** The machine's timers; each is cancelled by a teardown. `ping` repeats. */
-export type TimerName = 'retry' | 'connect' | 'watchdog' | 'stable' | 'ping' | 'resend';
+export type TimerName = 'retry' | 'connect' | 'watchdog' | 'stable' | 'ping' | 'resend' | 'ws_probe';
 
 /** A credential for the transport, or the close code to act on when none can be had. */
 export type Credential = { kind: 'ticket' | 'token'; value: string } | { close: { code: number; reason: string } };
@@ -142,7 +156,10 @@ export type MachineEvent =
   | { type: 'health'; gen: number; ok: boolean; network: boolean; status: number; message: string }
   | { type: 'codes'; gen: number; loaded: boolean }
   | { type: 'credential'; gen: number; credential: Credential }
-  /** A frame from the transport; null when it could not be parsed (it still proves the link is alive). */
+  /**
+   * A frame from the transport; null when it could not be parsed or was a keep-alive (either
+   * still proves the link is alive).
+   */
   | { type: 'frame'; gen: number; frame: ServerFrame | null }
   | { type: 'closed'; gen: number; code: number; reason: string; by: ClosedBy }
   /**
@@ -154,7 +171,9 @@ export type MachineEvent =
   | { type: 'liveness_failed'; gen: number }
   | { type: 'timer'; gen: number; name: TimerName }
   /** The server asked to wait before resending (`rate_limited`, `bot_busy`). */
-  | { type: 'resend_later'; ms: number };
+  | { type: 'resend_later'; ms: number }
+  /** Whether a background probe WebSocket reached `connection_established`. */
+  | { type: 'ws_probe'; gen: number; ok: boolean };
 
 export type Effect =
   | { type: 'state'; state: ConnectionState; from: StateKind }
@@ -181,6 +200,11 @@ export type Effect =
   | { type: 'liveness_ping'; gen: number; timeoutMs: number }
   | { type: 'send_ping' }
   | { type: 'flush_outbox'; gen: number; botId: string }
+  /**
+   * Open a WebSocket beside the SSE connection, only to see whether it reaches
+   * `connection_established` now; close it at once and answer with `ws_probe`.
+   */
+  | { type: 'probe_websocket'; gen: number; botId: string }
   /** A close the app and the flight recorder hear about (the edge adds what only it knows). */
   | { type: 'report_close'; info: CloseInfo; verdict: CloseVerdict; by: ClosedBy; wasOpen: boolean; openMs: number; connectionId?: string }
   /** A frame for the app: `established`, `ack` and replayed messages settle the outbox. */

@@ -9,10 +9,12 @@
  */
 
 import { resolveEndpoints } from './config.js';
+import type { TransportKind } from './connection.js';
 import { http, now as monoNow, uuid } from './http.js';
 import { log, redact } from './log.js';
 import { ClosePolicy } from './policy.js';
-import { closeHeadline } from './words.js';
+import { SseTransport } from './sse-transport.js';
+import { closeHeadline, transportWhyWords } from './words.js';
 import {
   decodeCodeRegistry,
   parseServerFrame,
@@ -23,6 +25,7 @@ import {
   type TicketResponse,
   type UserView,
 } from './protocol.js';
+import type { TransportTarget } from './transport.js';
 
 export type StepStatus = 'ok' | 'warn' | 'fail' | 'skip';
 
@@ -51,8 +54,18 @@ export interface DiagnosticsReport {
   page_origin: string | null;
   user_agent: string | null;
   steps: DiagnosticStep[];
-  summary: { status: 'ok' | 'warn' | 'fail'; failing_step: string | null; headline: string };
+  summary: {
+    status: 'ok' | 'warn' | 'fail';
+    failing_step: string | null;
+    headline: string;
+    /** What to change, when the headline alone does not say (a proxy that blocks the WebSocket). */
+    fix?: string;
+    /** How each transport fared: `blocked` is a WebSocket the network path would not carry. */
+    transports: { websocket: TransportVerdict; sse: TransportVerdict };
+  };
 }
+
+export type TransportVerdict = 'ok' | 'blocked' | 'fail' | 'skipped';
 
 export interface DiagnosticsOptions {
   apiUrl?: string;
@@ -69,7 +82,19 @@ export interface DiagnosticsOptions {
   WebSocket?: typeof WebSocket;
   /** Called after each step (the UI shows the report filling in). */
   onStep?: (step: DiagnosticStep) => void;
+  /**
+   * What the app's chat connection uses now, and why (`ChatSocket.transportInfo`): reported as
+   * the step "Transport in use".
+   */
+  inUse?: { transport: TransportKind; why: string | null };
 }
+
+/** The headline when the WebSocket cannot pass but the SSE binding works. */
+export const WS_BLOCKED_HEADLINE = 'WebSocket blocked — using HTTP streaming';
+
+/** What to change in the proxy so that the WebSocket passes. */
+export const PROXY_UPGRADE_FIX =
+  'The chat works over HTTP streaming (one request per message sent). To let the WebSocket through, make the proxy pass the Upgrade and Connection headers (they are hop-by-hop and dropped unless forwarded), e.g. in nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection "upgrade"; (and a proxy_read_timeout above the heartbeat). Then run Diagnose again.';
 
 const TITLES: Record<string, string> = {
   browser: 'Browser support',
@@ -85,6 +110,10 @@ const TITLES: Record<string, string> = {
   established: 'connection_established',
   ping: 'Ping round-trip',
   stability: 'Stability',
+  sse_stream: 'HTTP streaming (SSE): event stream opens',
+  sse_established: 'HTTP streaming: connection_established',
+  sse_ping: 'HTTP streaming: ping by POST',
+  transport: 'Transport in use',
   attempts: "Server's record of recent attempts",
 };
 
@@ -115,68 +144,82 @@ function originOf(url: string): string | null {
   }
 }
 
-interface LiveSocket {
-  ws: WebSocket;
+/** Frames and the close of one connection, whatever carries it, and waits on them. */
+interface Watch {
   frames: ServerFrame[];
   closed: { code: number; reason: string } | null;
   waitFor<T>(pred: (f: ServerFrame) => T | undefined, timeoutMs: number): Promise<T | null>;
   waitClose(timeoutMs: number): Promise<{ code: number; reason: string } | null>;
+  /** Feed a text frame from the server. */
+  text(data: string): void;
+  /** Feed the close. */
+  close(code: number, reason: string): void;
+}
+
+interface LiveSocket extends Watch {
+  ws: WebSocket;
+}
+
+function watchFrames(): Watch {
+  const frames: ServerFrame[] = [];
+  const listeners = new Set<() => void>();
+  const wait = <V>(value: () => V | undefined, timeoutMs: number, onTimeout: V) =>
+    new Promise<V>((resolve) => {
+      const check = () => {
+        const v = value();
+        if (v !== undefined) done(v);
+      };
+      const t = setTimeout(() => done(onTimeout), timeoutMs);
+      const done = (v: V) => {
+        clearTimeout(t);
+        listeners.delete(check);
+        resolve(v);
+      };
+      listeners.add(check);
+      check();
+    });
+  const changed = () => {
+    for (const l of [...listeners]) l();
+  };
+  const w: Watch = {
+    frames,
+    closed: null,
+    waitFor<T>(pred: (f: ServerFrame) => T | undefined, timeoutMs: number) {
+      return wait<T | null>(
+        () => {
+          for (const f of frames) {
+            const v = pred(f);
+            if (v !== undefined) return v;
+          }
+          return w.closed ? null : undefined;
+        },
+        timeoutMs,
+        null,
+      );
+    },
+    waitClose(timeoutMs) {
+      return wait(() => w.closed ?? undefined, timeoutMs, null);
+    },
+    text(data) {
+      try {
+        frames.push(parseServerFrame(data));
+      } catch {
+        // Unknown frames are not this tool's business.
+      }
+      changed();
+    },
+    close(code, reason) {
+      w.closed = { code, reason };
+      changed();
+    },
+  };
+  return w;
 }
 
 function watchSocket(ws: WebSocket): LiveSocket {
-  const frames: ServerFrame[] = [];
-  const listeners = new Set<() => void>();
-  const live: LiveSocket = {
-    ws,
-    frames,
-    closed: null,
-    waitFor(pred, timeoutMs) {
-      return new Promise((resolve) => {
-        const check = () => {
-          for (const f of frames) {
-            const v = pred(f);
-            if (v !== undefined) return done(v);
-          }
-          if (live.closed) return done(null);
-        };
-        const t = setTimeout(() => done(null), timeoutMs);
-        const done = (v: unknown) => {
-          clearTimeout(t);
-          listeners.delete(check);
-          resolve(v as never);
-        };
-        listeners.add(check);
-        check();
-      });
-    },
-    waitClose(timeoutMs) {
-      return new Promise((resolve) => {
-        const check = () => {
-          if (live.closed) done(live.closed);
-        };
-        const t = setTimeout(() => done(null), timeoutMs);
-        const done = (v: { code: number; reason: string } | null) => {
-          clearTimeout(t);
-          listeners.delete(check);
-          resolve(v);
-        };
-        listeners.add(check);
-        check();
-      });
-    },
-  };
-  ws.onmessage = (ev: MessageEvent) => {
-    try {
-      frames.push(parseServerFrame(String(ev.data)));
-    } catch {
-      // Unknown frames are not this tool's business.
-    }
-    for (const l of [...listeners]) l();
-  };
-  ws.onclose = (ev: CloseEvent) => {
-    live.closed = { code: ev.code, reason: ev.reason };
-    for (const l of [...listeners]) l();
-  };
+  const live = Object.assign(watchFrames(), { ws });
+  ws.onmessage = (ev: MessageEvent) => live.text(String(ev.data));
+  ws.onclose = (ev: CloseEvent) => live.close(ev.code, ev.reason);
   return live;
 }
 
@@ -451,12 +494,8 @@ export async function runWebSocketDiagnostics(
     }
   }
 
-  // 9–12. The socket itself.
-  const socketSteps = ['handshake', 'established', 'ping', 'stability'];
-  const mayConnect = (health.ok || corsSuspect) && !!token && hasWs;
-  if (!mayConnect) for (const id of socketSteps) skip(id);
-  else {
-    let query = `token=${encodeURIComponent(token!)}`;
+  /** A one-time ticket for a connection when the server gives one, else the token (redacted in every report). */
+  const credential = async (): Promise<TransportTarget['auth']> => {
     if (tokenOk && botOk) {
       const t = await http<TicketResponse>(apiUrl, '/api/ws/ticket', {
         method: 'POST',
@@ -465,11 +504,36 @@ export async function runWebSocketDiagnostics(
         timeoutMs,
         fetch: f,
       });
-      if (t.ok) query = `ticket=${encodeURIComponent(t.body.ticket)}`;
+      if (t.ok) return { kind: 'ticket', value: t.body.ticket };
     }
+    return { kind: 'token', value: token! };
+  };
+  /** The step for a connection the server closed (or that went quiet) before `connection_established`. */
+  const notEstablished = (id: string, c: { code: number; reason: string } | null, what: string, connectTimeout: number) => {
+    if (!c)
+      return add(id, 'fail', `No connection_established within ${connectTimeout} ms.`, {
+        fix: 'The server is stuck or a proxy swallows frames: check the server log.',
+      });
+    const v = policy.verdict(c.code);
+    return add(id, 'fail', `The server accepted the ${what}, then closed it with ${c.code} ${v.name}: ${c.reason || 'no reason'}.`, {
+      value: String(c.code),
+      data: { close_code: c.code },
+      fix: v.description,
+    });
+  };
+  const connectTimeout = options.connectTimeoutMs ?? 10_000;
+
+  // 9–12. The socket itself.
+  const socketSteps = ['handshake', 'established', 'ping', 'stability'];
+  const mayConnect = (health.ok || corsSuspect) && !!token;
+  // The WebSocket did not get through, in a way that points at the path rather than the server.
+  let wsBlocked = false;
+  if (!mayConnect || !hasWs) for (const id of socketSteps) skip(id);
+  else {
+    const auth = await credential();
+    const query = `${auth.kind}=${encodeURIComponent(auth.value)}`;
     const attemptId = uuid();
     const url = `${wsUrl}/api/ws/chat/${encodeURIComponent(botId)}?${query}&attempt_id=${attemptId}`;
-    const connectTimeout = options.connectTimeoutMs ?? 10_000;
     const { live, opened, handshakeMs, error } = await openSocket(Ctor!, url, connectTimeout);
     if (!opened) {
       const closed = live.closed;
@@ -478,6 +542,7 @@ export async function runWebSocketDiagnostics(
         (closed
           ? `closed with ${closed.code}${closed.reason ? ` (${closed.reason})` : ''} before opening`
           : `no answer within ${connectTimeout} ms`);
+      wsBlocked = true;
       add('handshake', 'fail', `The WebSocket to ${redact(url)} did not open: ${why}.`, {
         fix: preflightOk
           ? 'The API works but WebSockets do not get through: a proxy, firewall, VPN or browser extension is blocking them, or VITE_WS_URL is wrong.'
@@ -496,23 +561,9 @@ export async function runWebSocketDiagnostics(
       const est = await live.waitFor((fr) => (fr.type === 'connection_established' ? fr : undefined), connectTimeout);
       if (!est) {
         const c = live.closed;
-        if (c) {
-          const v = policy.verdict(c.code);
-          add(
-            'established',
-            'fail',
-            `The server accepted the socket, then closed it with ${c.code} ${v.name}: ${c.reason || 'no reason'}.`,
-            {
-              value: String(c.code),
-              data: { close_code: c.code },
-              fix: v.description,
-            },
-          );
-        } else {
-          add('established', 'fail', `No connection_established within ${connectTimeout} ms.`, {
-            fix: 'The server is stuck or a proxy swallows frames: check the server log.',
-          });
-        }
+        // Opened, then dropped (1006) or silent: a proxy that answers 101 but carries no frames.
+        wsBlocked = !c || c.code === 1006;
+        notEstablished('established', c, 'socket', connectTimeout);
         for (const id of socketSteps.slice(2)) skip(id);
       } else {
         const ms = monoNow() - t0;
@@ -588,6 +639,23 @@ export async function runWebSocketDiagnostics(
     }
   }
 
+  // The SSE binding: chat over plain HTTP, for a path that cannot carry the WebSocket.
+  const sseSteps = ['sse_stream', 'sse_established', 'sse_ping'];
+  const fetchImpl = f ?? (hasFetch ? globalThis.fetch.bind(globalThis) : null);
+  let sseOk = false;
+  if (!mayConnect || !fetchImpl) for (const id of sseSteps) skip(id, mayConnect ? 'skipped: no fetch' : undefined);
+  else {
+    const target = { apiUrl, wsUrl, botId, auth: await credential(), afterSeq: null, attemptId: uuid() };
+    sseOk = await checkSse(new SseTransport(target, fetchImpl, () => token!), connectTimeout, add, notEstablished);
+  }
+
+  if (options.inUse) {
+    const { transport, why } = options.inUse;
+    if (transport === 'sse')
+      add('transport', 'ok', `The chat uses HTTP streaming (SSE)${why ? `: ${transportWhyWords(why)}` : ''}.`, { value: 'HTTP streaming' });
+    else add('transport', 'ok', 'The chat uses the WebSocket.', { value: 'WebSocket' });
+  }
+
   // 13. The server's record of recent attempts (an observability endpoint, when it exists).
   if ((health.ok || corsSuspect) && tokenOk) {
     const a = await http<unknown>(apiUrl, `/api/connections?bot_id=${encodeURIComponent(botId)}&limit=10`, {
@@ -622,8 +690,16 @@ export async function runWebSocketDiagnostics(
     else add('attempts', 'warn', `Could not read the server’s record of attempts (HTTP ${a.status}).`);
   } else skip('attempts');
 
-  const firstFail = steps.find((s) => s.status === 'fail');
+  const failed = steps.filter((s) => s.status === 'fail');
+  const firstFail = failed[0];
   const anyWarn = steps.some((s) => s.status === 'warn');
+  const wsOk = socketSteps.every((id) => steps.some((s) => s.id === id && s.status !== 'fail' && s.status !== 'skip'));
+  const transports: DiagnosticsReport['summary']['transports'] = {
+    websocket: wsOk ? 'ok' : wsBlocked ? 'blocked' : steps.some((s) => s.id === 'handshake' && s.status === 'skip') ? 'skipped' : 'fail',
+    sse: sseOk ? 'ok' : steps.some((s) => s.id === 'sse_stream' && s.status === 'skip') ? 'skipped' : 'fail',
+  };
+  // Only the socket failed, on the way, and chat works over HTTP streaming: a warning with the fix.
+  const onlyWsBlocked = wsBlocked && sseOk && failed.every((s) => socketSteps.includes(s.id));
   const report: DiagnosticsReport = {
     tool: 'natter-websocket-diagnostics',
     version: 1,
@@ -635,11 +711,98 @@ export async function runWebSocketDiagnostics(
     page_origin: pageOrigin,
     user_agent: typeof navigator !== 'undefined' ? navigator.userAgent : null,
     steps,
-    summary: firstFail
-      ? { status: 'fail', failing_step: firstFail.id, headline: failHeadline(firstFail) }
-      : { status: anyWarn ? 'warn' : 'ok', failing_step: null, headline: anyWarn ? 'Works, with warnings.' : 'Everything works.' },
+    summary: onlyWsBlocked
+      ? { status: 'warn', failing_step: null, headline: WS_BLOCKED_HEADLINE, fix: PROXY_UPGRADE_FIX, transports }
+      : firstFail
+        ? { status: 'fail', failing_step: firstFail.id, headline: failHeadline(firstFail), transports }
+        : {
+            status: anyWarn ? 'warn' : 'ok',
+            failing_step: null,
+            headline: `${anyWarn ? 'Works, with warnings' : 'Everything works'}${transports.sse === 'ok' && wsOk ? ' (WebSocket and HTTP streaming)' : ''}.`,
+            transports,
+          },
   };
   return report;
+}
+
+/**
+ * The SSE steps: the event stream opens, says `connection_established`, and a ping POSTed to it
+ * comes back as a pong. Closes the stream; true when all three worked.
+ */
+async function checkSse(
+  sse: SseTransport,
+  connectTimeout: number,
+  add: (id: string, status: StepStatus, detail: string, extra?: Partial<DiagnosticStep>) => DiagnosticStep,
+  notEstablished: (id: string, c: { code: number; reason: string } | null, what: string, timeoutMs: number) => DiagnosticStep,
+): Promise<boolean> {
+  const w = watchFrames();
+  const started = monoNow();
+  let markOpen: (ok: boolean) => void = () => {};
+  const opened = new Promise<boolean>((resolve) => {
+    const timer = setTimeout(() => resolve(false), connectTimeout);
+    markOpen = (ok) => {
+      clearTimeout(timer);
+      resolve(ok);
+    };
+  });
+  sse.open({
+    open: () => markOpen(true),
+    message: (text) => w.text(text),
+    error: () => {},
+    close: (code, reason) => {
+      w.close(code, reason);
+      markOpen(false);
+    },
+  });
+  const skipAfter = (failed: string) => {
+    const ids = ['sse_stream', 'sse_established', 'sse_ping'];
+    for (const id of ids.slice(ids.indexOf(failed) + 1)) add(id, 'skip', `skipped: "${TITLES[failed]}" failed`);
+  };
+  try {
+    if (!(await opened)) {
+      const c = w.closed;
+      add(
+        'sse_stream',
+        'fail',
+        `The event stream ${redact(sse.url)} did not open: ${c ? c.reason : `no answer within ${connectTimeout} ms`}.`,
+        {
+          fix: 'Plain HTTP to the server works, but this long-lived response does not: a proxy may buffer or cut it (nginx: proxy_buffering off; the server sends X-Accel-Buffering: no), or the server is older than this client.',
+          ms: monoNow() - started,
+        },
+      );
+      skipAfter('sse_stream');
+      return false;
+    }
+    const openMs = monoNow() - started;
+    add('sse_stream', 'ok', `The event stream opened in ${fmtMs(openMs)}.`, { value: fmtMs(openMs), ms: openMs });
+    const t0 = monoNow();
+    const est = await w.waitFor((fr) => (fr.type === 'connection_established' ? fr : undefined), connectTimeout);
+    if (!est) {
+      notEstablished('sse_established', w.closed, 'event stream', connectTimeout);
+      skipAfter('sse_established');
+      return false;
+    }
+    const estMs = monoNow() - t0;
+    add('sse_established', 'ok', `Connection ${est.connection_id} in ${fmtMs(estMs)}; keep-alive every ${est.heartbeat_interval_ms} ms.`, {
+      value: fmtMs(estMs),
+      ms: estMs,
+      data: { connection_id: est.connection_id, last_seq: est.last_seq },
+    });
+    const p0 = monoNow();
+    sse.send(JSON.stringify({ type: 'ping', id: 'diag-sse' }));
+    const pong = await w.waitFor((fr) => (fr.type === 'pong' && fr.id === 'diag-sse' ? fr : undefined), 5000);
+    if (!pong) {
+      add('sse_ping', 'fail', 'A ping POSTed to the stream got no pong back.', {
+        fix: 'The stream works but the POSTs of its frames do not: a proxy may refuse POST to /api/sse/, or the server is failing; check its log.',
+      });
+      return false;
+    }
+    const rtt = monoNow() - p0;
+    add('sse_ping', 'ok', `The pong came back in ${fmtMs(rtt)}.`, { value: fmtMs(rtt), ms: rtt });
+    return true;
+  } finally {
+    sse.close(1000, 'diagnostics done');
+  }
 }
 
 /**
@@ -691,6 +854,8 @@ export function formatReport(r: DiagnosticsReport): string {
     `bot ${r.bot_id}; API ${r.api_url}; WS ${r.ws_url}; page ${r.page_origin ?? '-'}`,
     `browser: ${r.user_agent ?? '-'}`,
     `result: ${r.summary.status.toUpperCase()} — ${r.summary.headline}`,
+    ...(r.summary.fix ? [`fix: ${r.summary.fix}`] : []),
+    `transports: WebSocket ${r.summary.transports.websocket}, HTTP streaming ${r.summary.transports.sse}`,
     '',
   ];
   for (const s of r.steps) {

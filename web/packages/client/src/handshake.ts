@@ -67,7 +67,8 @@ export async function fetchCredential(
   return ctx.live(gen) ? { type: 'credential', gen, credential } : null;
 }
 
-async function credentialFor(ctx: RestContext, botId: string, getToken: GetToken, useTicket: boolean): Promise<Credential> {
+/** A ticket for one connection (or the token, where the server has no tickets), or the refusal as a close. */
+export async function credentialFor(ctx: RestContext, botId: string, getToken: GetToken, useTicket: boolean): Promise<Credential> {
   const token = getToken ? await getToken() : null;
   if (!token) return { close: { code: 4401, reason: 'not logged in: no access token' } };
   if (!useTicket) return { kind: 'token', value: token };

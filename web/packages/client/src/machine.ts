@@ -18,6 +18,7 @@ import type {
   Step,
   TimerName,
   TransportKind,
+  TransportWhy,
   World,
 } from './connection.js';
 import { redact } from './log.js';
@@ -89,6 +90,9 @@ class Transition {
         return;
       case 'timer':
         this.timer(e.name);
+        return;
+      case 'ws_probe':
+        this.wsProbe(e.ok);
         return;
       case 'resend_later':
         if (!this.m.resendArmed) {
@@ -279,6 +283,7 @@ class Transition {
     this.setTimer('stable', this.c.stableAfterMs);
     this.armWatchdog();
     this.flushOutbox();
+    this.armWsProbe();
   }
 
   /** Two silent heartbeat intervals mean a dead connection; every frame restarts the count. */
@@ -309,6 +314,8 @@ class Transition {
       case 'stable':
         this.m.attempt = 0;
         this.m.serverErrors = 0;
+        // A WebSocket that stays up: the next switch to SSE probes after the first wait again.
+        if (this.m.transport === 'websocket') this.m.wsProbeMs = 0;
         this.record('stable', { after_ms: this.c.stableAfterMs });
         return;
       case 'ping':
@@ -317,6 +324,10 @@ class Transition {
       case 'resend':
         this.m.resendArmed = false;
         this.flushOutbox();
+        return;
+      case 'ws_probe':
+        if (this.m.botId && this.m.state.kind === 'open' && this.m.transport === 'sse')
+          this.fx.push({ type: 'probe_websocket', gen: this.m.gen, botId: this.m.botId });
         return;
     }
   }
@@ -393,16 +404,53 @@ class Transition {
   }
 
   /**
-   * `auto` gives the WebSocket up for SSE, for the rest of this `ChatSocket`, and retries at
-   * once: resuming after the last seq seen and resending the outbox by client_id as on any
-   * reconnect, so the switch loses and doubles nothing.
+   * `auto` gives the WebSocket up for SSE and retries at once: resuming after the last seq seen
+   * and resending the outbox by client_id as on any reconnect, so the switch loses and doubles
+   * nothing. SSE stays until a background probe finds that the WebSocket gets through again
+   * (`armWsProbe`, `wsProbe`).
    */
-  private switchToSse(why: 'connect_timeout' | '1006_twice' | 'preflight_ok'): void {
+  private switchToSse(why: Exclude<TransportWhy, 'configured'>): void {
     this.m.transport = 'sse';
+    this.m.transportWhy = why;
     this.m.wsEarlyDrops = 0;
     this.record('transport_switch', { from: 'websocket', to: 'sse', why });
     this.log('connect', 'the WebSocket cannot connect here (%s): switching to HTTP streaming (SSE)', why);
     this.scheduleRetry('reconnecting', 0);
+  }
+
+  /** The first wait before probing the WebSocket again; 0: never. */
+  private wsRetryMs(): number {
+    return this.c.wsRetryMs ?? 300_000;
+  }
+
+  /** In `auto` on SSE (which `auto` switched to): the background WebSocket probe's timer. */
+  private armWsProbe(): void {
+    if (this.c.transport !== 'auto' || this.m.transport !== 'sse' || !this.m.transportWhy || this.wsRetryMs() <= 0) return;
+    if (!this.m.wsProbeMs) this.m.wsProbeMs = this.wsRetryMs();
+    this.setTimer('ws_probe', this.m.wsProbeMs);
+  }
+
+  /**
+   * A probe WebSocket got through: the path carries WebSockets again. Switch back now, through a
+   * reconnect like any other: resuming after the last seq seen and resending the outbox by
+   * client_id (a message whose POST was cut off by the switch is stored once), so nothing is
+   * lost or doubled. A failed probe doubles the wait before the next one, up to an hour.
+   */
+  private wsProbe(ok: boolean): void {
+    if (this.m.transport !== 'sse') return;
+    if (!ok) {
+      this.m.wsProbeMs = Math.min(2 * (this.m.wsProbeMs || this.wsRetryMs()), Math.max(3_600_000, this.wsRetryMs()));
+      this.record('ws_probe', { ok, next_ms: this.m.wsProbeMs });
+      this.armWsProbe();
+      return;
+    }
+    this.record('ws_probe', { ok });
+    this.m.transport = 'websocket';
+    this.m.transportWhy = null;
+    this.m.wsEarlyDrops = 0;
+    this.record('transport_switch', { from: 'sse', to: 'websocket', why: 'probe_ok' });
+    this.log('connect', 'a WebSocket gets through again: switching back from HTTP streaming');
+    if (this.m.state.kind === 'open') this.startAttempt();
   }
 
   private applyPolicy(v: CloseVerdict, info: CloseInfo): void {

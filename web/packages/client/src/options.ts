@@ -43,11 +43,19 @@ export interface ChatSocketOptions {
   /**
    * What carries the frames. `websocket`; `sse`: Server-Sent Events down and a POST per frame
    * up (for networks whose proxies cannot carry a WebSocket); `auto` (the default): the
-   * WebSocket, switching to `sse` for the rest of this `ChatSocket` when its handshake fails in a
+   * WebSocket, switching to `sse` when its handshake fails in a
    * way that points at the network path (a connect timeout, two 1006s before
    * `connection_established`, or a 1006 while the server's preflight says all is well).
+   * On SSE, `auto` tries the WebSocket again in the background (see `websocketRetryMs`) and
+   * switches back when it gets through.
    */
   transport?: TransportMode;
+  /**
+   * `auto` after switching to SSE: the wait before a background probe WebSocket tries the path
+   * again, doubling after each failed probe up to an hour. 0: never switch back. Default
+   * 300 000 ms (5 minutes).
+   */
+  websocketRetryMs?: number;
   /** Flight recorder size. Default 200. */
   recorderCapacity?: number;
   WebSocket?: typeof WebSocket;

@@ -4,7 +4,10 @@
  * reconnect runs behind the state machine's back) brings the server's frames down; each client
  * frame goes up as one `POST` to the path the `stream` event names, with the access token, and
  * the frame that POST answers (`ack`, `error`, `pong`) is reported as if it had come down the
- * stream. POSTs go one at a time, in the order `send` was called.
+ * stream. POSTs go one at a time, in the order `send` was called. A POST that gets no answer
+ * (a network error, a 5xx) ends the connection as a 1006: the reconnect that follows resumes by
+ * seq and resends unacknowledged messages by `client_id`, which the server stores once. Keep-alive
+ * comments are reported as `alive`, so a quiet stream is not taken for a dead one.
  */
 
 import { EventStreamParser } from './event-stream.js';
@@ -112,10 +115,13 @@ export class SseTransport implements Transport {
         const { done, value } = await reader.read();
         if (this.done) return;
         if (done) break;
+        const comments = parser.comments;
         for (const ev of parser.push(decoder.decode(value, { stream: true }))) {
           this.event(ev.event, ev.data);
           if (this.done) return;
         }
+        // The server's keep-alives: nothing to deliver, but proof that the stream lives.
+        if (parser.comments > comments) this.on?.alive?.();
       }
     } catch (e) {
       this.end(1006, `the event stream failed: ${(e as Error).message}`, true);
@@ -182,12 +188,19 @@ export class SseTransport implements Transport {
         body: text,
         signal: this.ctrl.signal,
       });
-    } catch {
-      // Lost on the way: the outbox resends unacked messages on the next connection, and a
-      // stream nobody posts to is closed with 4408.
+    } catch (e) {
+      // Lost on the way (or aborted by close()). Its answer will never come, and a message
+      // would wait for it until the next reconnect, which a healthy stream never brings: end
+      // the connection now, so the reconnect resumes by seq and resends by client_id (the
+      // server stores a resend once).
+      this.end(1006, `a frame POST failed: ${(e as Error).message}`, true);
       return;
     }
     if (this.done) return;
+    if (res.status >= 500) {
+      this.end(1006, `a frame POST answered HTTP ${res.status}`, true);
+      return;
+    }
     if (res.status === 200) {
       const body = await res.text().catch(() => '');
       if (!this.done && body) this.on?.message(body);

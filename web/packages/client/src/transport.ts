@@ -10,6 +10,8 @@ export interface TransportEvents {
   open(): void;
   /** One text frame from the server. */
   message(text: string): void;
+  /** A sign of life that is no frame (an SSE keep-alive comment): the connection is not dead. */
+  alive?(): void;
   /** Something went wrong; a `close` with the code follows. */
   error(): void;
   close(code: number, reason: string): void;

@@ -61,3 +61,15 @@ export function closeAdvice(code: number): string {
 export function closeTechnical(close: { code: number; name: string; reason?: string }): string {
   return `${close.code} ${close.name}${close.reason ? `: ${close.reason}` : ''}`;
 }
+
+const TRANSPORT_WHY: Record<string, string> = {
+  connect_timeout: 'the WebSocket never got as far as connecting here (it timed out)',
+  '1006_twice': 'the WebSocket dropped twice before connecting here',
+  preflight_ok: 'the WebSocket dropped before connecting while the server said it would admit it, so something on the way blocks it',
+  configured: "the app asked for it (transport: 'sse')",
+};
+
+/** Why a chat uses HTTP streaming (a `transport_switch`'s `why`), in plain words. */
+export function transportWhyWords(why: string): string {
+  return TRANSPORT_WHY[why] ?? why;
+}
