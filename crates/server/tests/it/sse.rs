@@ -290,3 +290,48 @@ async fn the_stream_on_one_node_and_its_posts_on_another() {
     let (status, pong) = post(&b, &alice, bot.id, stream, json!({"type": "ping"})).await;
     assert_eq!((status, pong["type"].as_str()), (200, Some("pong")));
 }
+
+#[tokio::test]
+async fn revoking_access_closes_the_stream_4403_and_its_posts_are_refused() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let carol = app.user("carol").await;
+    let bot = app.bot(&alice, json!({"name": "Public", "visibility": "public"})).await;
+    let mut sse = SseClient::open(&app, bot.id, &format!("token={}", carol.token), None).await;
+    let stream = sse.established().await;
+    let (status, _) =
+        app.patch(&format!("/api/bots/{}", bot.id), Some(&alice.token), json!({"visibility": "private"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(sse.closed().await, (4403, "access to this bot was revoked".to_owned()));
+    let (status, v) = post(&app, &carol, bot.id, stream, message("c1", "let me in")).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    // And a new stream is refused too.
+    let mut again = SseClient::open(&app, bot.id, &format!("token={}", carol.token), None).await;
+    assert_eq!(again.closed().await.0, 4403);
+}
+
+#[tokio::test]
+async fn the_users_message_budget_holds_for_posts_as_for_sockets() {
+    let app = TestApp::spawn_with(|c| {
+        c.limits.user_message_burst = 2;
+        c.limits.user_messages_per_second = 1;
+    })
+    .await;
+    let alice = app.user("alice").await;
+    let bot = app.echo_bot(&alice).await;
+    let mut sse = SseClient::open(&app, bot.id, &format!("token={}", alice.token), None).await;
+    let stream = sse.established().await;
+    for i in 0..2 {
+        let (status, v) = post(&app, &alice, bot.id, stream, message(&format!("c{i}"), "hi")).await;
+        assert_eq!((status, v["type"].as_str()), (200, Some("ack")), "{v}");
+    }
+    // The third is over the user's budget: an error answer that says how long to wait, and
+    // nothing stored.
+    let (status, v) = post(&app, &alice, bot.id, stream, message("c2", "hi")).await;
+    assert_eq!((status, v["type"].as_str(), v["code"].as_str()), (200, Some("error"), Some("rate_limited")), "{v}");
+    assert!(v["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0), "{v}");
+    assert_eq!(v["client_id"].as_str(), Some("c2"));
+    let (_, history) = app.get(&format!("/api/bots/{}/messages", bot.id), Some(&alice.token)).await;
+    let stored: Vec<_> = history["messages"].as_array().unwrap().iter().filter(|m| m["role"] == "user").collect();
+    assert_eq!(stored.len(), 2, "{history}");
+}
