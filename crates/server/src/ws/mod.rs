@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
@@ -30,8 +31,12 @@ pub async fn chat(
     Query(query): Query<HashMap<String, String>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return not_upgradable(&rejection),
+    };
     let req = ConnectRequest::from_parts(bot_id, query, &headers, Some(remote));
     let max_frame_bytes = state.config.limits.max_frame_bytes;
     let tracker = state.tasks.clone();
@@ -47,6 +52,38 @@ pub async fn chat(
             let transport = WsTransport { ws: socket, max_frame_bytes };
             tracker.track_future(crate::chat::run(state, transport, *req, uuid::Uuid::new_v4()))
         })
+}
+
+/// A request to the socket's URL that is not a WebSocket handshake. Most often a proxy in
+/// between dropped `Upgrade` and `Connection` (they are hop-by-hop headers, so a proxy passes
+/// them only when told to): the answer says so in natter's JSON error shape, with 426 Upgrade
+/// Required when those headers are what is missing, so `natter doctor` and a curious `curl`
+/// can tell. Browsers only see a failed handshake; the client falls back to the SSE binding.
+fn not_upgradable(rejection: &WebSocketUpgradeRejection) -> Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    let (status, message) = match rejection {
+        WebSocketUpgradeRejection::InvalidConnectionHeader(_) | WebSocketUpgradeRejection::InvalidUpgradeHeader(_) => (
+            StatusCode::UPGRADE_REQUIRED,
+            "this URL is a WebSocket endpoint, but the request came without the Upgrade: websocket and \
+             Connection: upgrade headers: a proxy in between drops them (nginx needs proxy_http_version 1.1; \
+             proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection \"upgrade\"). Where the path \
+             cannot carry a WebSocket, chat over GET /api/sse/chat/{bot_id} (docs/protocol.md)"
+                .to_owned(),
+        ),
+        other => (StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {other}")),
+    };
+    let body = natter_proto::api::ErrorBody {
+        error: natter_proto::api::ErrorDetail {
+            code: natter_proto::ErrorCode::BadRequest.as_str().to_owned(),
+            message,
+        },
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UPGRADE_REQUIRED {
+        response.headers_mut().insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
+    }
+    response
 }
 
 /// A WebSocket as the session core's transport.

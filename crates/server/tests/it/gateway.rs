@@ -754,3 +754,33 @@ async fn a_token_of_a_user_who_no_longer_exists_is_refused_4401() {
     let (c, r) = app.ws(bot.id, &bob.token, "").await.close_code().await;
     assert_eq!((c, r.as_str()), (4401, "invalid token: its user no longer exists"));
 }
+
+/// A proxy that drops the hop-by-hop `Upgrade`/`Connection` headers turns the handshake into a
+/// plain GET: the answer names that cause in natter's JSON error shape, with 426.
+#[tokio::test]
+async fn a_handshake_without_upgrade_headers_gets_426_naming_the_proxy() {
+    let app = TestApp::spawn().await;
+    let alice = app.user("alice").await;
+    let bot = app.echo_bot(&alice).await;
+    let url = app.url(&format!("/api/ws/chat/{}?token={}", bot.id, alice.token));
+    let res = app.http.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 426);
+    assert_eq!(res.headers()["upgrade"], "websocket");
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("a proxy in between drops them") && message.contains("/api/sse/chat/"), "{message}");
+    // Upgrade headers that arrived, but no key: a broken client, not a proxy.
+    let res = app
+        .http
+        .get(&url)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("not a WebSocket handshake"), "{body}");
+}
