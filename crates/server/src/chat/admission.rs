@@ -13,7 +13,7 @@ use natter_proto::api::{BotRole, TransportKind, UserRef};
 use natter_proto::{Close, CloseCode};
 use uuid::Uuid;
 
-use super::access::Grant;
+use super::access::{known_user, Grant};
 use super::hub::{Full, HubGuard};
 use super::session::Peer;
 use crate::auth::{hash_opaque, TokenError};
@@ -461,19 +461,6 @@ async fn authenticate_ticket(
         return Err(as_user(Refusal::Unauthorized(REVOKED_REASON)));
     }
     Ok((user, family))
-}
-
-/// The user a token or ticket names, if they still exist: remembered on one node.
-async fn known_user(state: &AppState, user_id: Uuid) -> Result<Option<UserRef>, crate::store::StoreError> {
-    if let Some(user) = state.access.user(user_id) {
-        return Ok(Some(user));
-    }
-    let seen = state.access.epoch();
-    let user = state.store.user_by_id(user_id).await?.map(|u| UserRef { id: u.id, username: u.username });
-    if let Some(user) = &user {
-        state.access.keep_user(seen, user);
-    }
-    Ok(user)
 }
 
 #[cfg(test)]
