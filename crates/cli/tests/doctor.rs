@@ -308,23 +308,9 @@ async fn all_green_against_the_real_server_with_send_and_watch() {
     .await;
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["ok"], true);
-    for name in [
-        "url",
-        "dns",
-        "tcp",
-        "health",
-        "cors",
-        "token",
-        "bot",
-        "handshake",
-        "established",
-        "ping",
-        "watch",
-        "send",
-        "sse_stream",
-        "sse_ping",
-    ] {
-        assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
+    // Every step passes, over both transports (the sse steps too), but tls on plain http://.
+    for s in v["steps"].as_array().unwrap().iter().filter(|s| s["name"] != "tls") {
+        assert_eq!(s["status"], "ok", "{s}: {v:#}");
     }
     assert_eq!(v["verdict"], "ok");
     // Both transports: the event stream opened, and pings went up by POST.

@@ -8,15 +8,14 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use super::conn::{self, Failure, Frame, Ident, Target};
+use crate::sse_events::{self, CloseEvent, Event, StreamEvent};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-
-use super::conn::{self, Failure, Frame, Ident, Target};
 
 type Sender = SendRequest<Full<Bytes>>;
 
@@ -40,22 +39,6 @@ pub struct SseConn {
     echoes: Vec<i64>,
     heartbeat: Duration,
     pings: u64,
-}
-
-/// One event of the stream (keep-alive comments are skipped).
-struct Event {
-    name: String,
-    data: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-struct StreamEvent {
-    post: String,
-}
-
-#[derive(Deserialize)]
-struct CloseEvent {
-    code: u16,
 }
 
 fn request(method: &str, path: &str, target: &Target) -> hyper::http::request::Builder {
@@ -132,24 +115,12 @@ impl SseConn {
     /// The next event of the stream; a `close` event is the end, with its code.
     async fn event(&mut self) -> Result<Event, Failure> {
         loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
-                if block.first() == Some(&b':') {
-                    continue; // a keep-alive
-                }
-                let (mut name, mut data) = (String::from("message"), Vec::new());
-                for line in block.split(|&b| b == b'\n') {
-                    if let Some(v) = line.strip_prefix(b"event: ") {
-                        name = String::from_utf8_lossy(v).into_owned();
-                    } else if let Some(v) = line.strip_prefix(b"data: ") {
-                        data.extend_from_slice(v);
-                    }
-                }
-                if name == "close" {
-                    let code = serde_json::from_slice::<CloseEvent>(&data).ok().map(|c| c.code);
+            if let Some(e) = sse_events::take(&mut self.buf) {
+                if e.name == "close" {
+                    let code = serde_json::from_slice::<CloseEvent>(&e.data).ok().map(|c| c.code);
                     return Err(Failure::Closed(code));
                 }
-                return Ok(Event { name, data });
+                return Ok(e);
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {

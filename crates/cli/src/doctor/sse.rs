@@ -8,7 +8,6 @@
 use std::time::{Duration, Instant};
 
 use natter_proto::{ClientFrame, ServerFrame};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::account::{BotChoice, Identity};
@@ -17,6 +16,7 @@ use super::http::{Api, Resp};
 use super::report::{human, min_median_max, Step};
 use super::socket::{closed, judge_first_frame};
 use super::{DoctorArgs, Registry};
+use crate::sse_events::{self, CloseEvent, Event, StreamEvent};
 
 const PING_SAMPLES: u64 = 5;
 
@@ -42,12 +42,6 @@ pub(super) struct Opened {
     pub ticket: Option<String>,
 }
 
-/// One event of the stream (comments are skipped).
-struct Event {
-    name: String,
-    data: String,
-}
-
 /// Why reading the next event failed.
 enum Broken {
     Timeout,
@@ -58,46 +52,20 @@ enum Broken {
 /// Reads the next event, skipping comments (keep-alives), until `deadline`.
 async fn next_event(
     res: &mut reqwest::Response,
-    buf: &mut String,
+    buf: &mut Vec<u8>,
     deadline: tokio::time::Instant,
 ) -> Result<Event, Broken> {
     loop {
-        if let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let (mut name, mut data) = ("message".to_owned(), String::new());
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    name = v.trim_start().to_owned();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                }
-            }
-            if data.is_empty() && block.starts_with(':') {
-                continue;
-            }
-            return Ok(Event { name, data });
+        if let Some(e) = sse_events::take(buf) {
+            return Ok(e);
         }
         match tokio::time::timeout_at(deadline, res.chunk()).await {
             Err(_) => return Err(Broken::Timeout),
             Ok(Ok(None)) => return Err(Broken::Ended),
-            Ok(Ok(Some(bytes))) => buf.push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n")),
+            Ok(Ok(Some(bytes))) => buf.extend(String::from_utf8_lossy(&bytes).replace("\r\n", "\n").bytes()),
             Ok(Err(e)) => return Err(Broken::Read(e.without_url().to_string())),
         }
     }
-}
-
-/// The `stream` event's data.
-#[derive(Deserialize)]
-struct StreamEvent {
-    post: String,
-}
-
-/// The `close` event's data.
-#[derive(Deserialize)]
-struct CloseEvent {
-    code: u16,
-    #[serde(default)]
-    reason: String,
 }
 
 /// Step `sse_stream`: opens the event stream and reads its first events.
@@ -197,7 +165,7 @@ pub(super) async fn stream(
         opened.stream = Err("the event stream is compressed; this doctor does not read it".into());
         return (step, opened);
     }
-    let mut buf = String::new();
+    let mut buf = Vec::new();
     let first = next_event(&mut res, &mut buf, deadline).await;
     let took = started.elapsed();
     let first = match first {
@@ -224,14 +192,14 @@ pub(super) async fn stream(
         }
     };
     if first.name == "close" {
-        let Ok(close) = serde_json::from_str::<CloseEvent>(&first.data) else {
+        let Ok(close) = serde_json::from_slice::<CloseEvent>(&first.data) else {
             return (not_natter(NAME, &head, &first), opened);
         };
         let (mut step, _) = closed(registry, NAME, close.code, &close.reason, &format!("after {}", human(took)));
         step.detail = format!("{head}; {}{auth}", step.detail);
         return (step, opened);
     }
-    let Ok(frame) = serde_json::from_str::<ServerFrame>(&first.data) else {
+    let Ok(frame) = serde_json::from_slice::<ServerFrame>(&first.data) else {
         return (not_natter(NAME, &head, &first), opened);
     };
     let (mut step, heartbeat) = match judge_first_frame(NAME, frame, took) {
@@ -239,7 +207,7 @@ pub(super) async fn stream(
         Err(step) => return (step, opened),
     };
     let post = match next_event(&mut res, &mut buf, deadline).await {
-        Ok(e) if e.name == "stream" => serde_json::from_str::<StreamEvent>(&e.data).ok().map(|s| s.post),
+        Ok(e) if e.name == "stream" => serde_json::from_slice::<StreamEvent>(&e.data).ok().map(|s| s.post),
         _ => None,
     };
     let Some(post) = post else {
@@ -263,7 +231,7 @@ pub(super) async fn stream(
 }
 
 fn not_natter(name: &'static str, head: &str, event: &Event) -> Step {
-    let data: String = event.data.chars().take(100).collect();
+    let data: String = String::from_utf8_lossy(&event.data).chars().take(100).collect();
     Step::fail(
         name,
         format!("{head}; the first event is {:?}: {data:?}", event.name),
