@@ -194,6 +194,10 @@ enum Fault {
     Status400OnUpgrade,
     /// Closes a connection when nothing has passed either way for this long.
     CutIdleAfter(Duration),
+    /// Buffers event streams, as nginx with `proxy_buffering on` and `proxy_ignore_headers
+    /// X-Accel-Buffering` does: their headers pass, their events never. Other answers pass
+    /// with `Connection: close`, so that every request comes on a connection of its own.
+    BufferEventStreams,
     /// Not natter at all: an HTML 404 for every request (the wrong port).
     NotNatter,
     /// A proxy whose upstream is down: an HTML 502 for every request.
@@ -263,6 +267,34 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
         return;
     }
     match fault {
+        Fault::BufferEventStreams => {
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let mut buf = Vec::new();
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match sr.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if head.to_ascii_lowercase().contains("content-type: text/event-stream") {
+                // The head goes on; the events stay in the buffer until the stream ends.
+                let _ = cw.write_all(head.as_bytes()).await;
+                let mut held = buf[end..].to_vec();
+                let _ = sr.read_to_end(&mut held).await;
+                return;
+            }
+            let head = head.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+            if cw.write_all(head.as_bytes()).await.is_ok() && cw.write_all(&buf[end..]).await.is_ok() {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            }
+        }
         Fault::CutIdleAfter(idle) => {
             let (mut cr, mut cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
@@ -490,6 +522,27 @@ async fn a_proxy_that_strips_upgrade_is_named_with_the_nginx_and_caddy_fix_and_s
     }
     assert_eq!(status(&v, "established"), "skipped");
     assert_eq!((status(&v, "sse_stream"), status(&v, "sse_ping")), ("ok", "ok"), "{v:#}");
+    app.stop().await;
+}
+
+/// A proxy that holds event streams back: the WebSocket works, the fallback would not. The
+/// sse_stream step names the buffering and its fix, and the run fails (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_buffers_event_streams_is_named_with_the_fix() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let via = proxy(app.addr, Fault::BufferEventStreams).await;
+    let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
+    assert_eq!((code, v["verdict"].as_str()), (1, Some("fail")), "{v:#}");
+    for name in ["health", "token", "bot", "handshake", "established", "ping"] {
+        assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
+    }
+    assert_fails_at(&v, "sse_stream", "buffers the response");
+    let sse = step(&v, "sse_stream");
+    assert!(sse["detail"].as_str().unwrap().contains("200 text/event-stream"), "{sse}");
+    assert!(sse["fix"].as_str().unwrap().contains("proxy_buffering off;"), "{sse}");
+    assert_eq!(status(&v, "sse_ping"), "skipped");
     app.stop().await;
 }
 
