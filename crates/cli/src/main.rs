@@ -8,6 +8,7 @@ mod backup;
 mod bench;
 mod doctor;
 mod serve;
+mod sse_events;
 mod user;
 
 #[derive(Parser)]

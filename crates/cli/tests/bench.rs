@@ -2,6 +2,7 @@
 //! scenario, and its `--json` report must show zero errors (and, for the storm, nothing lost or
 //! doubled). A server that answers fast but wrong must fail the run. Several scenarios in one
 //! run share one server, and `--users` × `--bots` makes exactly that grid of conversations.
+//! `--transport sse` runs connect, idle and chat over the SSE binding.
 
 mod common;
 
@@ -222,5 +223,45 @@ fn scenarios_in_one_run_share_one_server_and_the_users_by_bots_grid() {
             one("SELECT COUNT(*) FROM connections WHERE established = 1").fetch_one(&mut c).await.unwrap().get(0);
         let connects = connect["ops"].as_i64().unwrap();
         assert!(established >= connects + 12 + 6, "{established} ledger rows for {connects} connects + 12 + 6");
+    });
+}
+
+/// The SSE transport (issue 17): connect, idle and chat over event streams and POSTs against a
+/// `natter serve` on port 0. Every scenario does work and counts no error, and the server's
+/// ledger shows that every attempt came over SSE.
+#[test]
+fn sse_transport_connects_idles_and_chats_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), NO_RATE_LIMITS);
+    let (url, pid) = (format!("http://{}", node.addr), node.child.id().to_string());
+    let mut args = vec!["connect:concurrency=4,d=1,warmup=0.2", "idle:c=10,d=1", "chat:c=10,d=2,warmup=0.3"];
+    args.extend(["--transport", "sse", "--url", &url, "--server-pid", &pid, "--timeout", "5"]);
+    let (code, r, err) = bench(&args);
+    assert_eq!(code, 0, "{r:#}\n{err}");
+    let (connect, idle, chat) = (&r[0], &r[1], &r[2]);
+    for s in r.as_array().unwrap() {
+        assert_eq!((s["transport"].as_str(), s["error_total"].as_u64()), (Some("sse"), Some(0)), "{r:#}");
+    }
+    assert!(connect["ops"].as_u64().unwrap() > 0, "{r:#}");
+    assert_eq!(idle["connected"], 10, "{r:#}");
+    assert!(idle["server_kib_per_connection"].as_f64().is_some(), "{r:#}");
+    assert_eq!(chat["connected"], 10, "{r:#}");
+    assert!(chat["ops"].as_u64().unwrap() > 10, "{r:#}");
+    assert!(chat["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(chat["ack_latency_ms"]["p50"].as_f64().is_some(), "{r:#}");
+    assert!(chat["server_cpu_us_per_op"].as_f64().is_some_and(|us| us > 0.0), "{r:#}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let db = dir.path().join("natter.db");
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+        let row = sqlx::query("SELECT COUNT(*), SUM(transport = 'sse') FROM connections WHERE established = 1")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        let (all, sse): (i64, i64) = (row.get(0), row.get(1));
+        let connects = connect["ops"].as_i64().unwrap();
+        assert!(all >= connects + 10 + 10, "{all} ledger rows for {connects} connects + 10 + 10");
+        assert_eq!(sse, all, "every attempt came over SSE");
     });
 }

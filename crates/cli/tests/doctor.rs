@@ -135,9 +135,17 @@ async fn doctor(args: &[&str]) -> (i32, Value) {
             "ping",
             "watch",
             "send",
+            "sse_stream",
+            "sse_ping",
             "ledger"
         ]
     );
+    let verdict = match code {
+        0 => "ok",
+        3 => "websocket_blocked",
+        _ => "fail",
+    };
+    assert_eq!(v["verdict"], verdict, "the verdict matches the exit code: {v:#}");
     for s in v["steps"].as_array().unwrap() {
         let status = s["status"].as_str().unwrap();
         assert!(["ok", "warn", "fail", "skipped"].contains(&status), "{s}");
@@ -181,8 +189,15 @@ enum Fault {
     StripUpgrade,
     /// Answers WebSocket upgrades itself with nginx's HTML 502 page; passes everything else.
     Html502OnUpgrade,
+    /// Answers WebSocket upgrades itself with a plain 400, as some load balancers and
+    /// corporate proxies do; passes everything else.
+    Status400OnUpgrade,
     /// Closes a connection when nothing has passed either way for this long.
     CutIdleAfter(Duration),
+    /// Buffers event streams, as nginx with `proxy_buffering on` and `proxy_ignore_headers
+    /// X-Accel-Buffering` does: their headers pass, their events never. Other answers pass
+    /// with `Connection: close`, so that every request comes on a connection of its own.
+    BufferEventStreams,
     /// Not natter at all: an HTML 404 for every request (the wrong port).
     NotNatter,
     /// A proxy whose upstream is down: an HTML 502 for every request.
@@ -236,6 +251,10 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
             let _ = client.write_all(answer("502 Bad Gateway", HTML_502).as_bytes()).await;
             return;
         }
+        Fault::Status400OnUpgrade if is_upgrade => {
+            let _ = client.write_all(answer("400 Bad Request", "WebSocket upgrades are not allowed").as_bytes()).await;
+            return;
+        }
         Fault::StripUpgrade => head
             .split("\r\n")
             .filter(|l| !l.to_ascii_lowercase().starts_with("upgrade:"))
@@ -248,6 +267,34 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr, fault: Fault) {
         return;
     }
     match fault {
+        Fault::BufferEventStreams => {
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let mut buf = Vec::new();
+            let end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match sr.read(&mut chunk).await {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            if head.to_ascii_lowercase().contains("content-type: text/event-stream") {
+                // The head goes on; the events stay in the buffer until the stream ends.
+                let _ = cw.write_all(head.as_bytes()).await;
+                let mut held = buf[end..].to_vec();
+                let _ = sr.read_to_end(&mut held).await;
+                return;
+            }
+            let head = head.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+            if cw.write_all(head.as_bytes()).await.is_ok() && cw.write_all(&buf[end..]).await.is_ok() {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            }
+        }
         Fault::CutIdleAfter(idle) => {
             let (mut cr, mut cw) = client.into_split();
             let (mut sr, mut sw) = server.into_split();
@@ -293,11 +340,19 @@ async fn all_green_against_the_real_server_with_send_and_watch() {
     .await;
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(v["ok"], true);
-    for name in
-        ["url", "dns", "tcp", "health", "cors", "token", "bot", "handshake", "established", "ping", "watch", "send"]
-    {
-        assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
+    // Every step passes, over both transports (the sse steps too), but tls on plain http://.
+    for s in v["steps"].as_array().unwrap().iter().filter(|s| s["name"] != "tls") {
+        assert_eq!(s["status"], "ok", "{s}: {v:#}");
     }
+    assert_eq!(v["verdict"], "ok");
+    // Both transports: the event stream opened, and pings went up by POST.
+    let stream = step(&v, "sse_stream")["detail"].as_str().unwrap();
+    for part in
+        ["200 text/event-stream", "connection_established in", "frames go to POST /api/sse/chat/", "single-use ticket"]
+    {
+        assert!(stream.contains(part), "{part}: {stream}");
+    }
+    assert!(step(&v, "sse_ping")["detail"].as_str().unwrap().starts_with("5 pings by POST: min"), "{v:#}");
     assert_eq!(status(&v, "tls"), "skipped");
     assert!(step(&v, "cors")["detail"].as_str().unwrap().contains("API allows it"), "{v:#}");
     let handshake = step(&v, "handshake")["detail"].as_str().unwrap();
@@ -445,13 +500,14 @@ async fn unknown_bot_and_bot_without_permission_fail_at_the_bot_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_proxy_that_strips_upgrade_is_named_with_the_nginx_and_caddy_fix() {
+async fn a_proxy_that_strips_upgrade_is_named_with_the_nginx_and_caddy_fix_and_sse_still_chats() {
     let app = App::spawn().await;
     let (_, token) = app.user("alice").await;
     let bot = app.echo_bot(&token).await;
     let via = proxy(app.addr, Fault::StripUpgrade).await;
     let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "the WebSocket is blocked, but chat works over SSE: {v:#}");
+    assert_eq!(v["verdict"], "websocket_blocked");
     assert_eq!(status(&v, "health"), "ok", "plain requests pass the proxy");
     assert_eq!(status(&v, "bot"), "ok");
     assert_fails_at(&v, "handshake", "a proxy in between does not pass WebSockets");
@@ -465,6 +521,67 @@ async fn a_proxy_that_strips_upgrade_is_named_with_the_nginx_and_caddy_fix() {
         assert!(fix.contains(line), "{fix}");
     }
     assert_eq!(status(&v, "established"), "skipped");
+    assert_eq!((status(&v, "sse_stream"), status(&v, "sse_ping")), ("ok", "ok"), "{v:#}");
+    app.stop().await;
+}
+
+/// A proxy that holds event streams back: the WebSocket works, the fallback would not. The
+/// sse_stream step names the buffering and its fix, and the run fails (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_buffers_event_streams_is_named_with_the_fix() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let via = proxy(app.addr, Fault::BufferEventStreams).await;
+    let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
+    assert_eq!((code, v["verdict"].as_str()), (1, Some("fail")), "{v:#}");
+    for name in ["health", "token", "bot", "handshake", "established", "ping"] {
+        assert_eq!(status(&v, name), "ok", "{name}: {v:#}");
+    }
+    assert_fails_at(&v, "sse_stream", "buffers the response");
+    let sse = step(&v, "sse_stream");
+    assert!(sse["detail"].as_str().unwrap().contains("200 text/event-stream"), "{sse}");
+    assert!(sse["fix"].as_str().unwrap().contains("proxy_buffering off;"), "{sse}");
+    assert_eq!(status(&v, "sse_ping"), "skipped");
+    app.stop().await;
+}
+
+/// A proxy that answers every WebSocket upgrade with 400 and passes the rest: the doctor says
+/// the WebSocket is blocked but HTTP streaming works, what to fix, and exits 3 — not 1, which
+/// is for a path where chat does not work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_refuses_upgrades_leaves_chat_over_sse_and_says_so() {
+    let app = App::spawn().await;
+    let (_, token) = app.user("alice").await;
+    let bot = app.echo_bot(&token).await;
+    let base = format!("http://{}", proxy(app.addr, Fault::Status400OnUpgrade).await);
+    let (code, out) = run(vec![base.clone(), "--token".into(), token.clone(), "--bot".into(), bot.clone()]).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("✗ handshake") && out.contains("400 Bad Request instead of 101"), "{out}");
+    assert!(out.contains("✓ sse_stream") && out.contains("✓ sse_ping"), "{out}");
+    let summary = &out[out.find("WebSocket blocked").unwrap_or_else(|| panic!("no verdict: {out}"))..];
+    assert!(summary.starts_with("WebSocket blocked — HTTP streaming (SSE) works."), "{summary}");
+    for part in [
+        "fall back to HTTP streaming by themselves",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection \"upgrade\";",
+    ] {
+        assert!(summary.contains(part), "{part}: {summary}");
+    }
+    assert!(!out.contains("First failing layer"), "{out}");
+
+    let (code, v) = doctor(&[&base, "--token", &token, "--bot", &bot]).await;
+    assert_eq!((code, v["verdict"].as_str()), (3, Some("websocket_blocked")), "{v:#}");
+    assert_fails_at(&v, "handshake", "a proxy in between does not pass WebSockets");
+    // Nothing but the WebSocket failed.
+    let failed: Vec<&str> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["status"] == "fail")
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["handshake"], "{v:#}");
     app.stop().await;
 }
 
@@ -475,7 +592,7 @@ async fn an_html_502_answer_to_the_upgrade_is_named() {
     let bot = app.echo_bot(&token).await;
     let via = proxy(app.addr, Fault::Html502OnUpgrade).await;
     let (code, v) = doctor(&[&format!("http://{via}"), "--token", &token, "--bot", &bot]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "only the WebSocket is blocked: {v:#}");
     assert_fails_at(&v, "handshake", "a proxy in between does not pass WebSockets");
     let detail = step(&v, "handshake")["detail"].as_str().unwrap();
     assert!(detail.contains("502 Bad Gateway instead of 101"), "{detail}");
@@ -585,7 +702,7 @@ async fn wss_works_end_to_end_and_warns_about_a_certificate_expiring_soon() {
     assert_eq!(tls["status"], "warn", "{tls}");
     assert!(tls["detail"].as_str().unwrap().contains("chain trusted"), "{tls}");
     assert!(tls["cause"].as_str().unwrap().contains("expires in"), "{tls}");
-    for name in ["health", "token", "bot", "handshake", "established", "ping", "send"] {
+    for name in ["health", "token", "bot", "handshake", "established", "ping", "send", "sse_stream", "sse_ping"] {
         assert_eq!(status(&v, name), "ok", "{name} over TLS: {v:#}");
     }
     app.stop().await;

@@ -1,9 +1,11 @@
 //! One bench connection: a TCP socket bound to a chosen loopback source address, the WebSocket
-//! handshake, `connection_established`, and the few frames the scenarios read.
+//! handshake (or the SSE binding's event stream, `sse.rs`), `connection_established`, and the
+//! few frames the scenarios read.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use clap::ValueEnum;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
@@ -12,13 +14,44 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 use uuid::Uuid;
 
+use super::sse::SseConn;
+
 pub type Ws = WebSocketStream<TcpStream>;
+
+/// How a bench client chats: one WebSocket, or the SSE binding (an event stream down, POSTs up).
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Transport {
+    /// One WebSocket per connection (`/api/ws/chat/{bot}`).
+    #[default]
+    Ws,
+    /// HTTP streaming: an event stream per connection (`GET /api/sse/chat/{bot}`), the client's
+    /// frames by POST on a second, kept-alive HTTP connection, opened at the first POST.
+    Sse,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// An open chat connection of either transport.
+pub enum Conn {
+    Ws(Ws),
+    Sse(SseConn),
+}
 
 /// Where the sockets go.
 #[derive(Clone, Debug)]
 pub struct Target {
     /// `ws://host:port` (no path).
     pub ws_base: String,
+    /// `host:port`, the Host header of HTTP requests.
+    pub authority: String,
+    pub transport: Transport,
     pub addr: SocketAddr,
     /// How many 127.0.0.x source addresses to spread connections over (loopback targets only).
     pub source_ips: u8,
@@ -57,6 +90,8 @@ pub enum Failure {
     Wrong(String),
     /// An `error` frame, by its code.
     ErrorFrame(String),
+    /// SSE: a POST of a client frame got no frame back (`HTTP 429`, a broken connection).
+    Post(String),
 }
 
 impl Failure {
@@ -70,6 +105,7 @@ impl Failure {
             Failure::Timeout => "timeout".into(),
             Failure::Wrong(what) => format!("wrong reply: {what}"),
             Failure::ErrorFrame(code) => format!("error frame {code}"),
+            Failure::Post(e) => format!("post: {e}"),
         }
     }
 }
@@ -81,6 +117,9 @@ impl Failure {
 pub enum Frame {
     ConnectionEstablished {
         last_seq: i64,
+        /// The server's heartbeat: an SSE client posts a ping at least this often.
+        #[serde(default)]
+        heartbeat_interval_ms: Option<u64>,
     },
     Ack {
         client_id: String,
@@ -119,26 +158,37 @@ fn ws_config() -> WebSocketConfig {
         .max_frame_size(Some(1 << 20))
 }
 
-/// Opens connection `i` for `ident` and waits for `connection_established`; returns the socket
-/// and the conversation's `last_seq`.
+/// Opens connection `i` for `ident` and waits for `connection_established`; returns the
+/// connection and the conversation's `last_seq`.
 pub async fn open(
     target: &Target,
     i: usize,
     ident: &Ident,
     after_seq: Option<i64>,
     timeout: Duration,
-) -> Result<(Ws, i64), Failure> {
-    tokio::time::timeout(timeout, open_inner(target, i, ident, after_seq)).await.unwrap_or(Err(Failure::Timeout))
+) -> Result<(Conn, i64), Failure> {
+    let opening = async {
+        match target.transport {
+            Transport::Ws => open_ws(target, i, ident, after_seq).await.map(|(ws, seq)| (Conn::Ws(ws), seq)),
+            Transport::Sse => SseConn::open(target, i, ident, after_seq).await.map(|(c, seq)| (Conn::Sse(c), seq)),
+        }
+    };
+    tokio::time::timeout(timeout, opening).await.unwrap_or(Err(Failure::Timeout))
 }
 
-async fn open_inner(target: &Target, i: usize, ident: &Ident, after_seq: Option<i64>) -> Result<(Ws, i64), Failure> {
+/// A TCP connection for connection `i`, from its source address.
+pub async fn tcp(target: &Target, i: usize) -> Result<TcpStream, Failure> {
     let socket = if target.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
         .map_err(|e| Failure::Connect(io_kind(&e)))?;
     if let Some(src) = target.source(i) {
         socket.bind(SocketAddr::new(src, 0)).map_err(|e| Failure::Connect(io_kind(&e)))?;
     }
     let _ = socket.set_nodelay(true);
-    let stream = socket.connect(target.addr).await.map_err(|e| Failure::Connect(io_kind(&e)))?;
+    socket.connect(target.addr).await.map_err(|e| Failure::Connect(io_kind(&e)))
+}
+
+async fn open_ws(target: &Target, i: usize, ident: &Ident, after_seq: Option<i64>) -> Result<(Ws, i64), Failure> {
+    let stream = tcp(target, i).await?;
     let mut url = format!("{}/api/ws/chat/{}?token={}", target.ws_base, ident.bot_id, ident.token);
     if let Some(s) = after_seq {
         url.push_str(&format!("&after_seq={s}"));
@@ -146,14 +196,32 @@ async fn open_inner(target: &Target, i: usize, ident: &Ident, after_seq: Option<
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
         .await
         .map_err(|e| Failure::Handshake(handshake_kind(&e)))?;
-    match next_frame(&mut ws).await? {
-        Frame::ConnectionEstablished { last_seq } => Ok((ws, last_seq)),
+    match ws_frame(&mut ws).await? {
+        Frame::ConnectionEstablished { last_seq, .. } => Ok((ws, last_seq)),
         other => Err(Failure::Wrong(format!("expected connection_established, got {}", frame_name(&other)))),
     }
 }
 
-/// Reads the next JSON frame, answering WebSocket pings on the way (tungstenite queues the pong).
-pub async fn next_frame(ws: &mut Ws) -> Result<Frame, Failure> {
+/// Reads the next frame: on a WebSocket answering pings on the way (tungstenite queues the
+/// pong); on an event stream skipping keep-alives and this client's own messages, which it
+/// already has from the POST's ack.
+pub async fn next_frame(conn: &mut Conn) -> Result<Frame, Failure> {
+    match conn {
+        Conn::Ws(ws) => ws_frame(ws).await,
+        Conn::Sse(sse) => sse.next_frame().await,
+    }
+}
+
+/// Waits on an idle connection until something arrives (which an idle connection should not
+/// get): a WebSocket answers the server's pings, an event stream posts a ping each heartbeat.
+pub async fn hold(conn: &mut Conn) -> Result<Frame, Failure> {
+    match conn {
+        Conn::Ws(ws) => ws_frame(ws).await,
+        Conn::Sse(sse) => sse.hold().await,
+    }
+}
+
+async fn ws_frame(ws: &mut Ws) -> Result<Frame, Failure> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
@@ -173,14 +241,19 @@ pub async fn next_frame(ws: &mut Ws) -> Result<Frame, Failure> {
     }
 }
 
-pub async fn send_message(ws: &mut Ws, client_id: &str, content: &str) -> Result<(), Failure> {
+/// Sends a message; over SSE it is a POST, whose answer (the ack or an error) is the next frame.
+pub async fn send_message(conn: &mut Conn, client_id: &str, content: &str) -> Result<(), Failure> {
     let frame = serde_json::json!({"type": "message", "client_id": client_id, "content": content}).to_string();
-    ws.send(Message::text(frame)).await.map_err(|_| Failure::Closed(None))
+    match conn {
+        Conn::Ws(ws) => ws.send(Message::text(frame)).await.map_err(|_| Failure::Closed(None)),
+        Conn::Sse(sse) => sse.send_message(frame).await,
+    }
 }
 
-/// A normal close: send 1000 and wait (briefly) for the server's echo, so its per-user slot is
-/// free before the next attempt.
-pub async fn close(mut ws: Ws) {
+/// A normal close: on a WebSocket send 1000 and wait (briefly) for the server's echo, so its
+/// per-user slot is free before the next attempt; an event stream is closed by dropping it.
+pub async fn close(conn: Conn) {
+    let Conn::Ws(mut ws) = conn else { return };
     let _ = ws.close(None).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }
@@ -196,7 +269,7 @@ pub fn frame_name(f: &Frame) -> &'static str {
     }
 }
 
-fn io_kind(e: &std::io::Error) -> String {
+pub fn io_kind(e: &std::io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRNOTAVAIL) => "no free source port (EADDRNOTAVAIL)".into(),
         Some(libc::EMFILE) | Some(libc::ENFILE) => "too many open files".into(),

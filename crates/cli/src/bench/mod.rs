@@ -8,6 +8,7 @@ mod conn;
 mod report;
 mod scenarios;
 mod server;
+mod sse;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use natter_proto::api::{BotView, TokenPair};
 use uuid::Uuid;
 
-use conn::{Ident, Target};
+use conn::{Ident, Target, Transport};
 use report::{Report, SetupReport};
 use server::Spawned;
 
@@ -108,6 +109,12 @@ pub struct BenchArgs {
     /// Public echo bots in the --users layout.
     #[arg(long, value_name = "N", requires = "users")]
     pub bots: Option<usize>,
+
+    /// How the clients chat: ws (one WebSocket per connection) or sse (HTTP streaming, the
+    /// fallback: an event stream per connection, the client's frames by POST on a kept-alive
+    /// second connection). connect, idle, chat and fanout run on either; storm on ws.
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
 
     /// The server [default: http://127.0.0.1:8000]; ignored with --spawn.
     #[arg(long, default_value = "http://127.0.0.1:8000")]
@@ -236,6 +243,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         if conns == 0 {
             bail!("{:?}: connections must be at least 1", step.scenario);
         }
+        if step.scenario == Scenario::Storm && args.transport == Transport::Sse {
+            bail!("storm runs on --transport ws only");
+        }
         if step.scenario == Scenario::Storm && !args.spawn {
             bail!("storm restarts the server, and the bench can only restart a server it started: add --spawn");
         }
@@ -263,7 +273,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Some(s) => format!("http://{}", s.addr),
         None => args.url.trim_end_matches('/').to_owned(),
     };
-    let target = target_for(&url, args.source_ips).await?;
+    let target = target_for(&url, args.source_ips, args.transport).await?;
     let mut ctx = Ctx {
         server_pid: args.server_pid.or_else(|| spawned.as_ref().and_then(|s| s.pid())),
         progress: std::io::stderr().is_terminal() && !args.json,
@@ -307,7 +317,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(if reports.iter().all(Report::ok) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-async fn target_for(url: &str, source_ips: u8) -> anyhow::Result<Target> {
+async fn target_for(url: &str, source_ips: u8, transport: Transport) -> anyhow::Result<Target> {
     let u = reqwest::Url::parse(url).with_context(|| format!("--url {url}"))?;
     let ws_scheme = match u.scheme() {
         "http" | "ws" => "ws",
@@ -321,7 +331,7 @@ async fn target_for(url: &str, source_ips: u8) -> anyhow::Result<Target> {
         .next()
         .ok_or_else(|| anyhow!("{host} resolves to nothing"))?;
     let host_port = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-    Ok(Target { ws_base: format!("{ws_scheme}://{host_port}"), addr, source_ips })
+    Ok(Target { ws_base: format!("{ws_scheme}://{host_port}"), authority: host_port, transport, addr, source_ips })
 }
 
 /// The `--users` × `--bots` layout: `tokens[u]` chats with `bots[b]`, conversation

@@ -140,6 +140,8 @@ pub struct SetupReport {
 pub struct Report {
     pub scenario: String,
     pub url: String,
+    /// `ws` or `sse` (`--transport`).
+    pub transport: String,
     pub connections: usize,
     /// How many distinct users and bots the scenario's conversations span.
     pub users: usize,
@@ -209,6 +211,7 @@ impl Report {
         rows.extend([
             ("scenario".into(), self.scenario.clone()),
             ("url".into(), self.url.clone()),
+            ("transport".into(), self.transport.clone()),
             ("connections".into(), format!("{} asked, {} connected", self.connections, self.connected)),
             ("conversations of".into(), format!("{} users, {} bots", self.users, self.bots)),
             ("duration".into(), format!("{:.1} s", self.duration_s)),

@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, timeout};
 
-use super::conn::{self, Failure, Frame, Ident, Msg, Ws};
+use super::conn::{self, Conn, Failure, Frame, Ident, Msg};
 use super::report::{Errors, Report, StormReport, Tally};
 use super::server;
 use super::{identities, spread, Ctx, Scenario};
@@ -33,6 +33,7 @@ fn base_report(ctx: &Ctx, name: &str, idents: &[Ident]) -> Report {
     Report {
         scenario: name.into(),
         url: ctx.url.clone(),
+        transport: ctx.args.transport.name().into(),
         connections: ctx.args.connections,
         users,
         bots,
@@ -109,12 +110,12 @@ fn ticker(ctx: &Ctx, what: &'static str, counter: Arc<AtomicU64>, secs: f64) -> 
 }
 
 /// Opens one socket per identity (`tabs` per conversation), `concurrency` at a time.
-async fn open_all(ctx: &Ctx, idents: &[Ident], tabs: usize, errors: &mut Errors) -> Vec<Option<(Ws, i64)>> {
+async fn open_all(ctx: &Ctx, idents: &[Ident], tabs: usize, errors: &mut Errors) -> Vec<Option<(Conn, i64)>> {
     let n = idents.len() * tabs;
     let pb = bar(ctx, n as u64, "connecting");
     let target = &ctx.target;
     let t = ctx.timeout;
-    let results: Vec<Result<(Ws, i64), Failure>> = stream::iter(0..n)
+    let results: Vec<Result<(Conn, i64), Failure>> = stream::iter(0..n)
         .map(|i| {
             let pb = pb.clone();
             async move {
@@ -234,7 +235,7 @@ async fn idle(ctx: &mut Ctx) -> anyhow::Result<Report> {
         handles.push(tokio::spawn(async move {
             // Reading answers the server's heartbeat pings.
             let r = tokio::select! {
-                f = conn::next_frame(&mut ws) => Some(f),
+                f = conn::hold(&mut ws) => Some(f),
                 _ = stop.changed() => None,
             };
             match r {
@@ -304,13 +305,13 @@ struct Window {
     timeout: Duration,
 }
 
-async fn frame(ws: &mut Ws, t: Duration) -> Result<Frame, Failure> {
+async fn frame(ws: &mut Conn, t: Duration) -> Result<Frame, Failure> {
     timeout(t, conn::next_frame(ws)).await.unwrap_or(Err(Failure::Timeout))
 }
 
 /// The sending socket of a conversation: one message outstanding, every answer checked.
 async fn sender(
-    mut ws: Ws,
+    mut ws: Conn,
     mut last_seq: i64,
     conn: usize,
     bytes: usize,
@@ -384,7 +385,7 @@ fn check(m: &Msg, seq: i64, role: &str, content: &str) -> Result<(), Failure> {
 
 /// A watching tab: every message of the conversation, in seq order, the bot reply equal to the
 /// user message it answers. Counts the bot replies it sees.
-async fn watcher(mut ws: Ws, mut last_seq: i64, w: Arc<Window>, counter: Arc<AtomicU64>) -> Tally {
+async fn watcher(mut ws: Conn, mut last_seq: i64, w: Arc<Window>, counter: Arc<AtomicU64>) -> Tally {
     let mut tally = Tally::default();
     let mut pending: Option<(String, String)> = None; // (user message id, content)
     let r: Result<(), Failure> = async {
@@ -575,7 +576,7 @@ async fn storm_client(
     target: conn::Target,
     i: usize,
     ident: Ident,
-    first: (Ws, i64),
+    first: (Conn, i64),
     sh: Arc<StormShared>,
     mut stop: watch::Receiver<bool>,
     give_up: Instant,

@@ -335,7 +335,11 @@ pub(super) async fn step(
 /// words for the report. A single-use ticket keeps the long-lived token out of proxy logs, as
 /// browsers should; when the token or the bot is already known to be refused, the token
 /// itself lets the socket show the refusal.
-async fn authenticate(api: &Api, user: &Identity, bot: &BotChoice) -> (String, Option<String>, &'static str) {
+pub(super) async fn authenticate(
+    api: &Api,
+    user: &Identity,
+    bot: &BotChoice,
+) -> (String, Option<String>, &'static str) {
     let Some(token) = user.token() else {
         return (String::new(), None, "");
     };

@@ -1,8 +1,9 @@
 //! `natter doctor`: the seed's debugging steps as one command. It walks the layers a chat
 //! connection goes through — URL, DNS, TCP, TLS, the HTTP API, CORS, the token, the bot,
-//! the WebSocket upgrade, admission, pings, idling, a message round trip, the server's
-//! connection ledger — and names the first one that is broken, with the likely cause and
-//! the fix. `--json` prints the same report as one document.
+//! the WebSocket upgrade, admission, pings, idling, a message round trip, the HTTP streaming
+//! transport (SSE) the clients fall back to, the server's connection ledger — and names the
+//! first one that is broken, with the likely cause and the fix; when only the WebSocket is
+//! blocked and SSE works, it says so (exit 3). `--json` prints the same report as one document.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -22,15 +23,17 @@ mod network;
 mod pipeline;
 mod report;
 mod socket;
+mod sse;
 mod stage;
 mod traffic;
 
 use net::Tls;
 use pipeline::{Finished, Settings};
 
-/// Check every layer between this machine and a natter server's chat socket, and name the
-/// one that is broken. Exit status: 0 all passed (warnings allowed), 1 a step failed,
-/// 2 bad usage.
+/// Check every layer between this machine and a natter server's chat — the WebSocket and the
+/// HTTP streaming (SSE) fallback — and name the one that is broken. Exit status: 0 all passed
+/// (warnings allowed), 1 a step failed, 2 bad usage, 3 the WebSocket is blocked on the way but
+/// chat works over HTTP streaming (SSE), which natter's clients fall back to by themselves.
 #[derive(Args)]
 pub struct DoctorArgs {
     /// The server's base URL as a browser reaches it: http(s)://host[:port][/prefix]
@@ -67,8 +70,8 @@ pub struct DoctorArgs {
     #[arg(long)]
     pub send: bool,
 
-    /// Print the report as one JSON document: {"ok", "steps": [{"name", "status", "detail",
-    /// "cause", "fix"}]}.
+    /// Print the report as one JSON document: {"ok", "verdict" ("ok", "websocket_blocked" or
+    /// "fail"), "steps": [{"name", "status", "detail", "cause", "fix"}]}.
     #[arg(long)]
     pub json: bool,
 

@@ -3,7 +3,9 @@
 //!
 //! url → [`Target`](super::net::Target) → dns → addresses → tcp → a connection → tls → the HTTP client ([`Api`])
 //! → health → [`Server`] → cors; token → [`Identity`] → bot → [`BotChoice`] → handshake →
-//! the upgraded connection → established → the chat [`Socket`] → ping → watch → send → ledger.
+//! the upgraded connection → established → the chat [`Socket`] → ping → watch → send; then the
+//! HTTP streaming transport (SSE), the clients' fallback: sse_stream → the open event stream →
+//! sse_ping; ledger.
 //!
 //! Up to health a failed step stops the run ([`Gate`]): every step after it is reported as
 //! skipped with the reason. After health nothing stops the run; a step that lacks what it
@@ -23,6 +25,7 @@ use super::net::Tls;
 use super::network;
 use super::report::{Report, Step};
 use super::socket::{self, Socket};
+use super::sse;
 use super::stage::Stage;
 use super::traffic;
 use super::DoctorArgs;
@@ -109,6 +112,9 @@ async fn chat_steps(s: &Settings, run: &mut Run, found: &mut Finished, api: &Api
     let sock = run.hand(Stage::Ping, traffic::ping(api.timeout, &server.registry, sock)).await;
     let sock = run.hand(Stage::Watch, traffic::watch(&server.registry, sock, args.watch)).await;
     let sock = run.hand(Stage::Send, traffic::send(api.timeout, &server.registry, sock, args.send)).await;
+    let sse = run.hand(Stage::SseStream, sse::stream(api, args, &server.registry, &user, &bot)).await;
+    found.secrets.extend(sse.ticket);
+    run.step(Stage::SsePing, sse::ping(api, args, &user, sse.stream)).await;
     run.step(Stage::Ledger, ledger::step(api, server, &user, bot.id, sock, s.attempt_id)).await;
 }
 
@@ -303,6 +309,8 @@ mod tests {
                 ("ping", Status::Skipped),
                 ("watch", Status::Skipped),
                 ("send", Status::Skipped),
+                ("sse_stream", Status::Skipped),
+                ("sse_ping", Status::Skipped),
                 ("ledger", Status::Skipped),
             ]
         );
@@ -314,6 +322,8 @@ mod tests {
         assert_eq!(detail("ping"), "no open chat socket (the established step did not pass)");
         assert!(detail("watch").starts_with("pass --watch"), "{}", detail("watch"));
         assert!(detail("send").starts_with("pass --send"), "{}", detail("send"));
+        assert!(detail("sse_stream").starts_with("needs a user"), "{}", detail("sse_stream"));
+        assert_eq!(detail("sse_ping"), "no open event stream (the sse_stream step did not pass)");
         assert_eq!(detail("ledger"), "needs a valid token");
         assert_eq!(found.bot, None);
         assert!(found.secrets.is_empty());

@@ -77,11 +77,43 @@ impl Step {
     }
 }
 
-/// The whole report, as `--json` prints it: `{"ok": bool, "steps": [...]}`.
+/// What the run says about chatting through this path, and the exit status that says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Nothing failed (warnings allowed): exit 0.
+    Ok,
+    /// Only the WebSocket steps failed and HTTP streaming (SSE) works: chat works, natter's
+    /// clients fall back to SSE by themselves, but something on the way blocks WebSockets.
+    /// Exit 3.
+    WebsocketBlocked,
+    /// Anything else failed: exit 1.
+    Fail,
+}
+
+impl Verdict {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Verdict::Ok => 0,
+            Verdict::Fail => 1,
+            Verdict::WebsocketBlocked => 3,
+        }
+    }
+}
+
+/// The whole report, as `--json` prints it: `{"ok": bool, "verdict": …, "steps": [...]}`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub ok: bool,
     pub steps: Vec<Step>,
+}
+
+/// The JSON document: the report with its verdict.
+#[derive(Serialize)]
+struct Document<'a> {
+    ok: bool,
+    verdict: Verdict,
+    steps: &'a [Step],
 }
 
 impl Report {
@@ -100,13 +132,33 @@ impl Report {
         self.steps.iter().find(|s| s.status == Status::Fail)
     }
 
-    /// 0 when nothing failed (warnings allowed), 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
+    fn status_of(&self, stage: Stage) -> Option<Status> {
+        self.steps.iter().find(|s| s.name == stage.name()).map(|s| s.status)
+    }
+
+    /// [`Verdict::WebsocketBlocked`] when every failed step is a WebSocket step and both SSE
+    /// steps passed (with warnings allowed).
+    pub fn verdict(&self) -> Verdict {
         if self.ok {
-            0
-        } else {
-            1
+            return Verdict::Ok;
         }
+        let websocket_only = self
+            .steps
+            .iter()
+            .filter(|s| s.status == Status::Fail)
+            .all(|s| Stage::WEBSOCKET.iter().any(|w| w.name() == s.name));
+        let sse_works = Stage::SSE.iter().all(|&s| matches!(self.status_of(s), Some(Status::Ok) | Some(Status::Warn)));
+        if websocket_only && sse_works {
+            Verdict::WebsocketBlocked
+        } else {
+            Verdict::Fail
+        }
+    }
+
+    /// 0 when nothing failed (warnings allowed), 3 when only the WebSocket failed and chat
+    /// works over HTTP streaming (SSE), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        self.verdict().exit_code()
     }
 
     /// Replaces every occurrence of a secret (token, password, ticket) in every field. The
@@ -135,6 +187,19 @@ impl Report {
     pub fn summary(&self) -> String {
         if let Some(f) = self.first_failure() {
             let why = f.cause.as_deref().unwrap_or(&f.detail);
+            if self.verdict() == Verdict::WebsocketBlocked {
+                return format!(
+                    "WebSocket blocked — HTTP streaming (SSE) works. Chat works through this path: natter's clients \
+                     fall back to HTTP streaming by themselves. The WebSocket fails at {} (step `{}`): {}\n\
+                     To get WebSocket back, make the proxy pass the upgrade (the Upgrade and Connection headers, \
+                     over HTTP/1.1); nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
+                     proxy_set_header Connection \"upgrade\"; (the `{}` step's fix has the details).",
+                    Stage::layer_of(f.name),
+                    f.name,
+                    why,
+                    f.name
+                );
+            }
             return format!("First failing layer: {} (step `{}`): {}", Stage::layer_of(f.name), f.name, why);
         }
         let warnings: Vec<&str> = self.steps.iter().filter(|s| s.status == Status::Warn).map(|s| s.name).collect();
@@ -146,7 +211,8 @@ impl Report {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a report always serializes")
+        let doc = Document { ok: self.ok, verdict: self.verdict(), steps: &self.steps };
+        serde_json::to_string_pretty(&doc).expect("a report always serializes")
     }
 
     /// The text report: one line per step, cause and fix indented under it, then the summary.
@@ -175,10 +241,11 @@ impl Report {
                 }
             }
         }
-        let (c, r) = match (colour, self.ok) {
+        let (c, r) = match (colour, self.verdict()) {
             (false, _) => ("", ""),
-            (true, true) => ("\x1b[32m", reset),
-            (true, false) => ("\x1b[31m", reset),
+            (true, Verdict::Ok) => ("\x1b[32m", reset),
+            (true, Verdict::WebsocketBlocked) => ("\x1b[33m", reset),
+            (true, Verdict::Fail) => ("\x1b[31m", reset),
         };
         let _ = writeln!(out, "\n{bold}{c}{}{r}{reset}", self.summary());
         out
@@ -323,7 +390,47 @@ mod tests {
         assert_eq!(steps[2]["status"], "fail");
         assert_eq!(steps[2]["cause"], "nothing listens on 127.0.0.1:1");
         assert_eq!(steps[3]["status"], "skipped");
-        assert_eq!(v.as_object().unwrap().len(), 2, "only ok and steps");
+        assert_eq!(v["verdict"], "fail");
+        assert_eq!(v.as_object().unwrap().len(), 3, "only ok, verdict and steps");
+    }
+
+    /// Steps named as a run names them, with these statuses for the WebSocket and SSE steps.
+    fn transports(handshake: Status, sse: Status) -> Report {
+        let step = |name, status| Step { status, ..Step::fail(name, "d", "c", "f") };
+        let mut r = Report::new();
+        r.push(Step::ok("health", "200"));
+        r.push(step("handshake", handshake));
+        let after = if handshake == Status::Fail { Status::Skipped } else { Status::Ok };
+        r.push(step("established", after));
+        r.push(step("ping", after));
+        r.push(step("sse_stream", sse));
+        r.push(step("sse_ping", if sse == Status::Fail { Status::Skipped } else { sse }));
+        r
+    }
+
+    #[test]
+    fn a_blocked_websocket_with_working_sse_is_its_own_verdict_and_exit_code() {
+        let r = transports(Status::Fail, Status::Ok);
+        assert_eq!((r.verdict(), r.exit_code(), r.ok), (Verdict::WebsocketBlocked, 3, false));
+        let s = r.summary();
+        assert!(s.starts_with("WebSocket blocked — HTTP streaming (SSE) works."), "{s}");
+        assert!(s.contains("fall back to HTTP streaming by themselves"), "{s}");
+        assert!(s.contains("proxy_set_header Upgrade $http_upgrade;"), "{s}");
+        assert!(s.contains("proxy_http_version 1.1;"), "{s}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&r.to_json()).unwrap()["verdict"], "websocket_blocked");
+        // A warning on the stream still carries chat.
+        assert_eq!(transports(Status::Fail, Status::Warn).exit_code(), 3);
+        // Both broken, or only SSE broken: a failure.
+        assert_eq!(
+            (transports(Status::Fail, Status::Fail).verdict(), transports(Status::Ok, Status::Fail).exit_code()),
+            (Verdict::Fail, 1)
+        );
+        assert_eq!(transports(Status::Ok, Status::Ok).exit_code(), 0);
+        // Any other failure too, even when SSE works.
+        let mut r = transports(Status::Fail, Status::Ok);
+        r.push(Step::fail("ledger", "x", "c", "f"));
+        assert_eq!((r.verdict(), r.exit_code()), (Verdict::Fail, 1));
+        assert!(r.summary().starts_with("First failing layer"), "{}", r.summary());
     }
 
     #[test]

@@ -156,6 +156,19 @@ pub(super) async fn established(
 
 /// The established step's verdict on the socket's first frame.
 fn first_frame(frame: ServerFrame, ws: WebSocketStream<BoxIo>, took: Duration) -> (Step, Socket) {
+    match judge_first_frame("established", frame, took) {
+        Ok((step, heartbeat)) => (step, Ok(OpenSocket { ws, heartbeat })),
+        Err(step) => lost(step, "the socket did not start with connection_established"),
+    }
+}
+
+/// Step `name`'s verdict on a transport's first frame, `took` after it was asked for: the
+/// passed (or warned) step and the server's heartbeat interval, or the failed step.
+pub(super) fn judge_first_frame(
+    name: &'static str,
+    frame: ServerFrame,
+    took: Duration,
+) -> Result<(Step, Duration), Step> {
     let ServerFrame::ConnectionEstablished {
         connection_id,
         protocol_version,
@@ -167,13 +180,12 @@ fn first_frame(frame: ServerFrame, ws: WebSocketStream<BoxIo>, took: Duration) -
         ..
     } = frame
     else {
-        let step = Step::fail(
-            "established",
+        return Err(Step::fail(
+            name,
             format!("the first frame was {:?}, not connection_established", frame_type(&frame)),
             "protocol mismatch: the server is not natter v1, or something in between injects frames",
             "check that the base URL points at natter",
-        );
-        return lost(step, "the socket did not start with connection_established");
+        ));
     };
     let heartbeat = Duration::from_millis(heartbeat_interval_ms);
     let detail = format!(
@@ -188,15 +200,15 @@ fn first_frame(frame: ServerFrame, ws: WebSocketStream<BoxIo>, took: Duration) -
     );
     let step = if protocol_version != PROTOCOL_VERSION {
         Step::warn(
-            "established",
+            name,
             detail,
             format!("the server speaks protocol v{protocol_version}, this doctor v{PROTOCOL_VERSION}"),
             "use a natter doctor of the server's version",
         )
     } else {
-        Step::ok("established", detail)
+        Step::ok(name, detail)
     };
-    (step, Ok(OpenSocket { ws, heartbeat }))
+    Ok((step, heartbeat))
 }
 
 /// Why the socket dropped before connection_established: the server's preflight says what it

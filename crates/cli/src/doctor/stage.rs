@@ -16,11 +16,13 @@ pub enum Stage {
     Ping,
     Watch,
     Send,
+    SseStream,
+    SsePing,
     Ledger,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 14] = [
+    pub const ALL: [Stage; 16] = [
         Stage::Url,
         Stage::Dns,
         Stage::Tcp,
@@ -34,6 +36,8 @@ impl Stage {
         Stage::Ping,
         Stage::Watch,
         Stage::Send,
+        Stage::SseStream,
+        Stage::SsePing,
         Stage::Ledger,
     ];
 
@@ -53,6 +57,8 @@ impl Stage {
             Stage::Ping => "ping",
             Stage::Watch => "watch",
             Stage::Send => "send",
+            Stage::SseStream => "sse_stream",
+            Stage::SsePing => "sse_ping",
             Stage::Ledger => "ledger",
         }
     }
@@ -73,9 +79,18 @@ impl Stage {
             Stage::Ping => "the open socket (ping)",
             Stage::Watch => "the idle connection (an idle timeout in between)",
             Stage::Send => "the message round trip",
+            Stage::SseStream => "the HTTP streaming transport (SSE): the event stream",
+            Stage::SsePing => "the HTTP streaming transport (SSE): frames by POST",
             Stage::Ledger => "the server's connection ledger",
         }
     }
+
+    /// The steps that check the WebSocket itself: when only these fail and the SSE steps pass,
+    /// the WebSocket is blocked on the way but chat works over HTTP streaming.
+    pub const WEBSOCKET: [Stage; 3] = [Stage::Handshake, Stage::Established, Stage::Ping];
+
+    /// The steps that check the HTTP streaming transport (SSE), the clients' fallback.
+    pub const SSE: [Stage; 2] = [Stage::SseStream, Stage::SsePing];
 
     /// What a person would call the layer of the step with this name, for the summary.
     pub fn layer_of(step: &str) -> &'static str {

@@ -53,7 +53,7 @@ pub async fn chat(
     let gone = tx.clone();
     let transport = SseTransport {
         body: PollSender::new(tx),
-        gone: Box::pin(async move { gone.closed().await }),
+        gone: Some(Box::pin(async move { gone.closed().await })),
         announced: false,
     };
     state.tasks.spawn(crate::chat::run(state.clone(), transport, req, Uuid::new_v4()));
@@ -72,8 +72,9 @@ pub async fn chat(
 /// An event stream as the session core's transport.
 pub struct SseTransport {
     body: PollSender<Bytes>,
-    /// Resolves when the client went away (the HTTP body was dropped).
-    gone: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Resolves when the client went away (the HTTP body was dropped); `None` once it has, so
+    /// it is not polled again.
+    gone: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     /// The `stream` event (where to POST) was sent.
     announced: bool,
 }
@@ -132,7 +133,12 @@ impl Transport for SseTransport {
     type Text = String;
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Inbound<String>, End>> {
-        self.gone.as_mut().poll(cx).map(|()| Err(End::Network("the client closed the event stream".into())))
+        // The session may ask again after the end (`Conn::buffered_close`): it stays ended.
+        if let Some(gone) = &mut self.gone {
+            std::task::ready!(gone.as_mut().poll(cx));
+            self.gone = None;
+        }
+        Poll::Ready(Err(End::Network("the client closed the event stream".into())))
     }
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WriteFailed>> {
@@ -153,6 +159,24 @@ impl Transport for SseTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The session asks again after the end (`Conn::buffered_close` after a failed write): a
+    /// stream whose client left stays ended, and its future is not polled again.
+    #[tokio::test]
+    async fn a_stream_whose_client_left_stays_ended() {
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let gone = tx.clone();
+        let mut t = SseTransport {
+            body: PollSender::new(tx),
+            gone: Some(Box::pin(async move { gone.closed().await })),
+            announced: false,
+        };
+        drop(rx);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..2 {
+            assert!(matches!(t.poll_recv(&mut cx), Poll::Ready(Err(End::Network(_)))));
+        }
+    }
 
     #[test]
     fn events_carry_their_type_and_seq() {
