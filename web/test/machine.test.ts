@@ -225,6 +225,71 @@ describe('reconnect decisions', () => {
     expect(d.delay).toBe(499);
   });
 
+  it("comes back at a 1012's retry_after_ms hint, plus a little jitter", () => {
+    const d = new Driver();
+    d.connect();
+    d.establish();
+    d.close(1012, 'server restarting; reconnect with backoff; retry_after_ms=3000');
+    expect(d.model.state).toMatchObject({ kind: 'reconnecting', attempt: 1, lastClose: { code: 1012 } });
+    // The hint plus up to a tenth of it (at most 1 s): random() is 0.999999 here.
+    expect(d.delay).toBe(3300);
+    expect(d.timer('retry')?.ms).toBe(3300);
+    // Without a hint (an older server), the backoff as before.
+    d.fire('retry');
+    d.connect();
+    d.establish();
+    d.close(1012, 'server restarting; reconnect with backoff');
+    expect(d.delay).toBe(999);
+  });
+
+  /** An open connection closed by a restarting server. */
+  const restarted = (): Driver => {
+    const d = new Driver();
+    d.connect();
+    d.establish();
+    d.close(1012, 'server restarting; reconnect with backoff; retry_after_ms=100');
+    return d;
+  };
+  /** The retry is due and the health check finds the server down; the next wait. */
+  const refusedAgain = (d: Driver): number => {
+    d.fire('retry');
+    d.send((m) => ({ type: 'health', gen: m.gen, ok: false, network: true, status: 0, message: 'Failed to fetch' }));
+    expect(d.model.state.kind).toBe('backend_unavailable');
+    return d.delay;
+  };
+
+  it('keeps retries short while the server restarts (60 s after a 1012), then backs off as before', () => {
+    const d = restarted();
+    const delays: number[] = [];
+    const refused = () => delays.push(refusedAgain(d));
+    for (let i = 0; i < 4; i++) refused();
+    // A socket that drops before connection_established (the new process not yet listening).
+    d.fire('retry');
+    d.connect();
+    d.close(1006);
+    d.send((m) => ({ type: 'preflight', gen: m.gen, closeCode: null, reason: '' }));
+    delays.push(d.delay);
+    refused();
+    // Full jitter under a 2 s ceiling: never the 4, 8, 16, 30 s a long outage gets.
+    expect(delays).toEqual([999, 1999, 1999, 1999, 1999, 1999]);
+    // 60 s after the 1012 the server is not restarting but down: the backoff grows as before.
+    d.world = { ...d.world, now: d.world.now + 60_001 };
+    refused();
+    expect(delays.at(-1)).toBe(29_999);
+  });
+
+  it('ends the short retries once a connection gets through', () => {
+    const d = restarted();
+    for (let i = 0; i < 4; i++) refusedAgain(d);
+    d.fire('retry');
+    d.connect();
+    d.establish();
+    d.close(1006, '', 'client');
+    // Full jitter at attempt 5 (the count goes on until a connection is stable): 16 s, not 2 s.
+    expect(d.model.attempt).toBe(6);
+    expect(d.delay).toBe(15_999);
+  });
+
   it('closes the transport with 1000 for codes a browser may not send, and keeps 4xxx', () => {
     const d = new Driver();
     d.connect();

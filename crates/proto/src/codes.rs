@@ -52,7 +52,7 @@ close_codes! {
     /// Internal error; the reason carries an error id that is also in the server log.
     InternalError = 1011, "internal_error", Backoff, "The server hit an internal error. The reason carries an error id that is also in the server log. Reconnect with backoff.";
     /// The server is shutting down or restarting.
-    ServiceRestart = 1012, "server_restarting", Backoff, "The server is restarting. Reconnect with backoff and jitter, resuming with after_seq.";
+    ServiceRestart = 1012, "server_restarting", Backoff, "The server is restarting. Reconnect after the hint in the reason (retry_after_ms=N, spread over the clients), then with backoff and jitter, resuming with after_seq.";
     /// The server is overloaded; the reason carries `retry_after_ms=N`.
     TryAgainLater = 1013, "try_again_later", AfterHint, "The server is overloaded or a dependency is down. Retry after the hint in the reason (retry_after_ms=N).";
     /// Malformed request: bad bot id, bad `after_seq`, bad `attempt_id`.
@@ -190,6 +190,9 @@ impl CodeRegistry {
     }
 }
 
+/// The start of every 1012 reason.
+pub const RESTARTING: &str = "server restarting; reconnect with backoff";
+
 /// The most a close frame's reason can carry (RFC 6455 §5.5: 125 bytes of payload, 2 of code).
 pub const MAX_CLOSE_REASON_BYTES: usize = 123;
 
@@ -210,6 +213,12 @@ impl Close {
     /// 1013 with the retry hint clients read (`RetryPolicy::AfterHint`): `<why>; retry_after_ms=N`.
     pub fn try_again_later(why: &str, retry_after_ms: u64) -> Self {
         Close::new(CloseCode::TryAgainLater, format!("{why}; retry_after_ms={retry_after_ms}"))
+    }
+
+    /// 1012 with when to come back: `server restarting; reconnect with backoff; retry_after_ms=N`.
+    /// The server draws N per connection, so its clients do not all come back at once.
+    pub fn restarting(retry_after_ms: u64) -> Self {
+        Close::new(CloseCode::ServiceRestart, format!("{RESTARTING}; retry_after_ms={retry_after_ms}"))
     }
 
     /// The retry hint a reason carries, if any.
@@ -253,6 +262,10 @@ mod close_tests {
         assert_eq!(c.reason, "database unavailable; retry_after_ms=2500");
         assert_eq!(Close::retry_after_ms(&c.reason), Some(2500));
         assert_eq!(Close::retry_after_ms("no hint here"), None);
+        let r = Close::restarting(u64::MAX);
+        assert_eq!(r.code, CloseCode::ServiceRestart);
+        assert_eq!(Close::retry_after_ms(&r.reason), Some(u64::MAX));
+        assert!(r.reason.len() <= MAX_CLOSE_REASON_BYTES, "{}", r.reason);
     }
 }
 

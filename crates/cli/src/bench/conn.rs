@@ -84,6 +84,8 @@ pub enum Failure {
     Handshake(String),
     /// The server closed the socket, with this code (`None`: without a close frame).
     Closed(Option<u16>),
+    /// The server closed with 1012 (restarting), with the `retry_after_ms` its reason carries.
+    Restarting(Option<u64>),
     /// No answer in time.
     Timeout,
     /// An answer, but the wrong one: a fast wrong answer is a failure.
@@ -102,6 +104,7 @@ impl Failure {
             Failure::Handshake(e) => format!("handshake: {e}"),
             Failure::Closed(Some(c)) => format!("close {c}"),
             Failure::Closed(None) => "close 1006 (no close frame)".into(),
+            Failure::Restarting(_) => "close 1012".into(),
             Failure::Timeout => "timeout".into(),
             Failure::Wrong(what) => format!("wrong reply: {what}"),
             Failure::ErrorFrame(code) => format!("error frame {code}"),
@@ -227,7 +230,7 @@ async fn ws_frame(ws: &mut Ws) -> Result<Frame, Failure> {
             Some(Ok(Message::Text(t))) => {
                 return serde_json::from_str::<Frame>(&t).map_err(|e| Failure::Wrong(format!("undecodable frame: {e}")))
             }
-            Some(Ok(Message::Close(c))) => return Err(Failure::Closed(c.map(|c| u16::from(c.code)))),
+            Some(Ok(Message::Close(c))) => return Err(closed(c)),
             Some(Ok(Message::Binary(_))) => return Err(Failure::Wrong("binary frame".into())),
             Some(Ok(_)) => continue,
             Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) | None => {
@@ -238,6 +241,14 @@ async fn ws_frame(ws: &mut Ws) -> Result<Frame, Failure> {
             }
             Some(Err(e)) => return Err(Failure::Wrong(format!("websocket: {e}"))),
         }
+    }
+}
+
+/// The failure a close frame means: 1012 keeps its reconnect hint.
+fn closed(c: Option<tungstenite::protocol::CloseFrame>) -> Failure {
+    match c {
+        Some(c) if u16::from(c.code) == 1012 => Failure::Restarting(natter_proto::Close::retry_after_ms(&c.reason)),
+        c => Failure::Closed(c.map(|c| u16::from(c.code))),
     }
 }
 

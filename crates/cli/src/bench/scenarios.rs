@@ -566,10 +566,22 @@ struct StormOutcome {
     errors: Errors,
 }
 
-/// Full-jitter exponential backoff, as the web client does (base 500 ms, cap 30 s).
-fn backoff(attempt: u32) -> Duration {
-    let ceiling = 30_000f64.min(500.0 * 2f64.powi(attempt.min(30) as i32));
+/// How long after a 1012 the backoff stays short, as the web client does (`RESTART_BACKOFF`).
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Full-jitter exponential backoff, as the web client does: base 500 ms, cap 30 s, or 2 s while
+/// the server is restarting (within [`RESTART_WINDOW`] of its 1012).
+fn backoff(attempt: u32, restarting: bool) -> Duration {
+    let cap: f64 = if restarting { 2_000.0 } else { 30_000.0 };
+    let ceiling = cap.min(500.0 * 2f64.powi(attempt.min(30) as i32));
     Duration::from_millis(rand::rng().random_range(0.0..ceiling) as u64)
+}
+
+/// The wait a server's `retry_after_ms` hint asks for, as the web client does: the hint plus up
+/// to a tenth of it (at most 1 s) of jitter.
+fn after_hint(ms: u64) -> Duration {
+    let jitter = rand::rng().random_range(0.0..(ms as f64 / 10.0 + 1.0).min(1_000.0));
+    Duration::from_millis(ms + jitter as u64)
 }
 
 async fn storm_client(
@@ -644,12 +656,21 @@ async fn storm_client(
             }
         }
         .await;
+        // A 1012: come back at the server's hint, then with the short backoff while it restarts.
+        let mut hint = None;
+        let mut restarting_until = None;
         match ended {
             Ok(()) => {
                 conn::close(ws).await;
                 break;
             }
-            Err(f @ Failure::Closed(_)) => out.closes.add(f.key()),
+            Err(f @ (Failure::Closed(_) | Failure::Restarting(_))) => {
+                out.closes.add(f.key());
+                if let Failure::Restarting(h) = f {
+                    hint = h;
+                    restarting_until = Some(Instant::now() + RESTART_WINDOW);
+                }
+            }
             Err(f) => {
                 out.errors.add(f.key());
                 break;
@@ -659,7 +680,8 @@ async fn storm_client(
         reconnected = sh.restarted.load(Ordering::Relaxed) > 0;
         let mut attempt = 0;
         loop {
-            sleep(backoff(attempt)).await;
+            let restarting = restarting_until.is_some_and(|t| Instant::now() < t);
+            sleep(hint.take().map_or_else(|| backoff(attempt, restarting), after_hint)).await;
             out.attempts += 1;
             let after = (out.book.last_seq > 0).then_some(out.book.last_seq);
             match conn::open(&target, i, &ident, after, sh.timeout).await {
@@ -671,8 +693,14 @@ async fn storm_client(
                     break;
                 }
                 Err(f) => {
-                    if !matches!(f, Failure::Connect(_) | Failure::Closed(_) | Failure::Handshake(_) | Failure::Timeout)
-                    {
+                    if !matches!(
+                        f,
+                        Failure::Connect(_)
+                            | Failure::Closed(_)
+                            | Failure::Restarting(_)
+                            | Failure::Handshake(_)
+                            | Failure::Timeout
+                    ) {
                         out.errors.add(f.key());
                     }
                     if Instant::now() > give_up {
@@ -824,7 +852,10 @@ mod tests {
         assert!(p.starts_with("3-7|"));
         assert!(sent_at(&p, epoch).is_some_and(|t| t >= epoch));
         for a in 0..20 {
-            assert!(backoff(a) <= Duration::from_secs(30));
+            assert!(backoff(a, false) <= Duration::from_secs(30));
+            assert!(backoff(a, true) <= Duration::from_secs(2), "short while the server restarts");
         }
+        let waited = after_hint(5_000);
+        assert!(waited >= Duration::from_millis(5_000) && waited <= Duration::from_millis(5_501), "{waited:?}");
     }
 }

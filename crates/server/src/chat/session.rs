@@ -78,9 +78,29 @@ pub struct Session<T> {
     heard_elsewhere: bool,
 }
 
-/// The close of a server that is shutting down.
-pub fn restarting() -> End {
-    End::Close(Close::new(CloseCode::ServiceRestart, "server restarting; reconnect with backoff"))
+/// How many reconnects per second a restarted node is assumed to take without a queue: below
+/// the ~2 500 authenticated connects/s one core admits on SQLite (docs/performance.md), since a
+/// reconnect also resumes with `after_seq` and resends what was outstanding.
+const RECONNECTS_PER_SECOND: u64 = 2_000;
+/// The reconnect window's bounds: at least 1 s (a few clients come back within a second, as
+/// with the first step of the backoff), at most 10 s (so that with the clients' short retries
+/// while the server is still down, the last one is back well within 15 s).
+const RECONNECT_WINDOW_MS: (u64, u64) = (1_000, 10_000);
+
+/// The window a restarting node spreads its `open` connections' reconnects over, in ms: as long
+/// as a new process needs to admit them all at [`RECONNECTS_PER_SECOND`], within
+/// [`RECONNECT_WINDOW_MS`].
+pub fn reconnect_window_ms(open: usize) -> u64 {
+    let (min, max) = RECONNECT_WINDOW_MS;
+    (open as u64).saturating_mul(1_000).div_ceil(RECONNECTS_PER_SECOND).clamp(min, max)
+}
+
+/// The close of a server that is shutting down: 1012 with a `retry_after_ms` drawn uniformly
+/// from the reconnect window for the node's `open` connections, so that they do not all come
+/// back at once (and none needs to back off far past the server's return).
+pub fn restarting(open: usize) -> End {
+    let hint = rand::random_range(0..reconnect_window_ms(open));
+    End::Close(Close::restarting(hint))
 }
 
 /// Closes with 1011 and an error id that is also logged.
@@ -151,7 +171,7 @@ impl<T: Transport> Session<T> {
             timers.arm(timer.as_mut());
             let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Err(restarting()),
+                _ = shutdown.cancelled() => Err(restarting(self.state.hub.len())),
                 why = cluster.lost() => Err(End::Close(Close::try_again_later(&why, DEPENDENCY_RETRY_MS))),
                 _ = std::future::ready(()), if self.io.queue.len() >= WRITE_SOON && !self.io.blocked => self.io.write_now().await,
                 io = poll_fn(|cx| self.io.poll_io(cx)) => match io {
@@ -223,7 +243,7 @@ impl<T: Transport> Session<T> {
                 tracing::debug!(missed = n, "bus lagged; catching up from the store");
                 return self.fill_to(i64::MAX).await;
             }
-            Received::Closed => return Err(restarting()),
+            Received::Closed => return Err(restarting(self.state.hub.len())),
         };
         match &*e {
             ConvEvent::Message(m, None) => self.deliver(m).await,

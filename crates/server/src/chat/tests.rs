@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use natter_proto::api::Visibility;
-use natter_proto::{CloseCode, ServerFrame};
+use natter_proto::{Close, CloseCode, ServerFrame};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 use uuid::Uuid;
@@ -189,9 +189,22 @@ async fn shutdown_closes_with_1012_after_what_is_queued() {
         match client.next().await {
             Out::Close(close) => {
                 assert_eq!(close.code, CloseCode::ServiceRestart);
+                // When to come back, drawn from the window for the one open connection.
+                let hint = Close::retry_after_ms(&close.reason).expect("a retry_after_ms hint");
+                assert!(hint < super::session::reconnect_window_ms(1), "{}", close.reason);
+                assert!(close.wire_reason() == close.reason, "the hint fits a close frame: {}", close.reason);
                 break;
             }
             Out::Text(_) | Out::Ping => {}
         }
     }
+}
+
+#[test]
+fn the_reconnect_window_grows_with_the_open_connections_within_bounds() {
+    use super::session::reconnect_window_ms;
+    assert_eq!(reconnect_window_ms(0), 1_000);
+    assert_eq!(reconnect_window_ms(1), 1_000);
+    assert_eq!(reconnect_window_ms(10_000), 5_000, "10 000 connections at 2 000 reconnects/s");
+    assert_eq!(reconnect_window_ms(usize::MAX), 10_000);
 }

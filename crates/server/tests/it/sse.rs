@@ -259,7 +259,10 @@ async fn shutdown_closes_the_stream_1012() {
     let mut sse = SseClient::open(&app, bot.id, &format!("token={}", alice.token), None).await;
     sse.established().await;
     let stopping = tokio::spawn(app.stop());
-    assert_eq!(sse.closed().await.0, 1012);
+    let (code, reason) = sse.closed().await;
+    assert_eq!(code, 1012);
+    // The same reconnect hint as on a WebSocket.
+    assert!(natter_proto::Close::retry_after_ms(&reason).is_some(), "{reason}");
     stopping.await.unwrap();
 }
 

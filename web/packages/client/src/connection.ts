@@ -111,6 +111,8 @@ export interface Model {
   wsEarlyDrops: number;
   /** The last close was such a 1006 and its preflight is awaited. */
   earlyDrop: boolean;
+  /** Epoch ms until which the server counts as restarting (after a 1012; 0: it is not). */
+  restartUntil: number;
 }
 
 export function initialModel(): Model {
@@ -134,6 +136,7 @@ export function initialModel(): Model {
     wsProbeMs: 0,
     wsEarlyDrops: 0,
     earlyDrop: false,
+    restartUntil: 0,
   };
 }
 

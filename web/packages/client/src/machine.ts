@@ -22,7 +22,7 @@ import type {
   World,
 } from './connection.js';
 import { redact } from './log.js';
-import { CLIENT_CLOSE, fullJitterDelay, parseRetryHint, type CloseVerdict } from './policy.js';
+import { CLIENT_CLOSE, fullJitterDelay, hintDelay, parseRetryHint, RESTART_BACKOFF, type CloseVerdict } from './policy.js';
 import type { ConnectionEstablishedFrame, ServerFrame } from './protocol.js';
 
 /** One transition. The model passed in is not modified. */
@@ -136,8 +136,14 @@ class Transition {
     this.m.serverErrors = 0;
   }
 
-  private backoffDelay(): number {
-    return fullJitterDelay(this.m.attempt, this.c.backoff, () => this.w.random());
+  /**
+   * Full jitter; for a failure while the server restarts (within the window after a 1012: the new
+   * process not up yet) under a short ceiling.
+   */
+  private backoffDelay(restartAware = true): number {
+    const restarting = restartAware && this.w.now < this.m.restartUntil;
+    const opts = restarting ? { ...this.c.backoff, capMs: Math.min(this.c.backoff.capMs, RESTART_BACKOFF.capMs) } : this.c.backoff;
+    return fullJitterDelay(this.m.attempt, opts, () => this.w.random());
   }
 
   // ---- what the app asks for -----------------------------------------------------------
@@ -275,6 +281,7 @@ class Transition {
       transport: this.m.transport,
     });
     this.m.wsEarlyDrops = 0;
+    this.m.restartUntil = 0;
     this.m.reauthUsed = false;
     this.m.afterSeqResetUsed = false;
     this.fx.push({ type: 'deliver', frame: f });
@@ -481,16 +488,26 @@ class Transition {
       case 'reauth_once':
         this.reauth(info, v);
         return;
-      case 'after_hint': {
-        const hint = parseRetryHint(info.reason);
-        const delay = hint !== null ? hint + Math.floor(this.w.random() * Math.min(1000, hint / 10 + 1)) : this.backoffDelay();
-        this.scheduleRetry('reconnecting', delay);
+      case 'after_hint':
+        this.scheduleRetry('reconnecting', this.hintOrBackoff(info.reason));
         return;
-      }
       case 'backoff':
+        if (info.code === 1012) {
+          // The server is restarting and says when to come back (spread over its clients). A
+          // 1012 is an answer, not a failure: without a hint it backs off as any close does.
+          const delay = this.hintOrBackoff(info.reason, false);
+          this.m.restartUntil = this.w.now + RESTART_BACKOFF.windowMs;
+          this.scheduleRetry('reconnecting', delay);
+          return;
+        }
         this.scheduleRetry('reconnecting', this.backoffDelay());
         return;
     }
+  }
+
+  private hintOrBackoff(reason: string, restartAware = true): number {
+    const hint = parseRetryHint(reason);
+    return hint !== null ? hintDelay(hint, () => this.w.random()) : this.backoffDelay(restartAware);
   }
 
   private reauth(info: CloseInfo, v: CloseVerdict): void {
