@@ -14,6 +14,12 @@ pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
+impl ErrorBody {
+    pub fn new(code: crate::ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody { error: ErrorDetail { code: code.as_str().to_owned(), message: message.into() } }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {

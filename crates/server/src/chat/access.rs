@@ -2,8 +2,8 @@
 //! store again who the user is, what the bot is, the user's role on it and their conversation
 //! id — four store reads of the six a connect made (issue 19: 517 µs of server time per
 //! connect on SQLite, most of it handing those reads to SQLite's thread and back). The user
-//! part also serves every REST request's `AuthUser` ([`known_user`]), so an SSE POST costs no
-//! store read to say who sent it.
+//! part also serves every REST request's `AuthUser` ([`AccessCache::known_user`]), so an SSE
+//! POST costs no store read to say who sent it.
 //!
 //! Only positive answers are kept (a refusal always asks the store), and only on a store no
 //! other node shares (SQLite, `memory:`): every change that can take a grant away goes through
@@ -27,7 +27,7 @@ use natter_proto::api::{BotRole, UserRef};
 use uuid::Uuid;
 
 use crate::bots::EngineSpec;
-use crate::state::AppState;
+use crate::store::{Store, StoreResult};
 
 /// How long an answer is trusted without asking the store again.
 pub const TTL: Duration = Duration::from_secs(10);
@@ -76,7 +76,21 @@ impl AccessCache {
         Epoch(self.epoch.load(Ordering::Acquire))
     }
 
-    pub fn user(&self, id: Uuid) -> Option<UserRef> {
+    /// The user a token or ticket names, if they still exist (admission, and every REST
+    /// request's `AuthUser`): remembered, or read from the store and remembered.
+    pub async fn known_user(&self, store: &dyn Store, user_id: Uuid) -> StoreResult<Option<UserRef>> {
+        if let Some(user) = self.user(user_id) {
+            return Ok(Some(user));
+        }
+        let seen = self.epoch();
+        let user = store.user_by_id(user_id).await?.map(|u| UserRef { id: u.id, username: u.username });
+        if let Some(user) = &user {
+            self.keep_user(seen, user);
+        }
+        Ok(user)
+    }
+
+    fn user(&self, id: Uuid) -> Option<UserRef> {
         if !self.on {
             return None;
         }
@@ -84,7 +98,7 @@ impl AccessCache {
         users.get(&id).filter(|(at, _)| at.elapsed() < TTL).map(|(_, u)| u.clone())
     }
 
-    pub fn keep_user(&self, seen: Epoch, user: &UserRef) {
+    fn keep_user(&self, seen: Epoch, user: &UserRef) {
         if !self.on {
             return;
         }
@@ -146,20 +160,6 @@ impl AccessCache {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         bots.remove(&bot_id);
     }
-}
-
-/// The user a token or ticket names, if they still exist (admission, and every REST request's
-/// `AuthUser`): remembered on one node.
-pub async fn known_user(state: &AppState, user_id: Uuid) -> Result<Option<UserRef>, crate::store::StoreError> {
-    if let Some(user) = state.access.user(user_id) {
-        return Ok(Some(user));
-    }
-    let seen = state.access.epoch();
-    let user = state.store.user_by_id(user_id).await?.map(|u| UserRef { id: u.id, username: u.username });
-    if let Some(user) = &user {
-        state.access.keep_user(seen, user);
-    }
-    Ok(user)
 }
 
 #[cfg(test)]

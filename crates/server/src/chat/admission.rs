@@ -13,7 +13,7 @@ use natter_proto::api::{BotRole, TransportKind, UserRef};
 use natter_proto::{Close, CloseCode};
 use uuid::Uuid;
 
-use super::access::{known_user, Grant};
+use super::access::Grant;
 use super::hub::{Full, HubGuard};
 use super::session::Peer;
 use crate::auth::{hash_opaque, TokenError};
@@ -300,8 +300,9 @@ async fn check_access(
     let user_id = user.id;
     let refuse = |refusal| Rejected { refusal, user_id: Some(user_id) };
     let internal = |e| refuse(Refusal::internal("during admission", e));
-    let grant = match state.access.grant(bot_id, user_id) {
-        Some(grant) => grant,
+    // The last seq when the store was asked (a remembered grant has none).
+    let (grant, last_seq) = match state.access.grant(bot_id, user_id) {
+        Some(grant) => (grant, None),
         None => {
             let seen = state.access.epoch();
             let bot = state.store.bot(bot_id).await.map_err(internal)?.ok_or(refuse(Refusal::BotNotFound(bot_id)))?;
@@ -309,17 +310,20 @@ async fn check_access(
                 state.store.bot_role(&bot, user_id).await.map_err(internal)?.ok_or(refuse(Refusal::Forbidden))?;
             let engine = EngineSpec::load(&bot.engine)
                 .map_err(|e| refuse(Refusal::internal("loading the engine", e.message)))?;
-            let conversation_id = state.store.conversation(user_id, bot_id).await.map_err(internal)?.id;
-            let grant = Grant { bot_name: bot.name, engine, role, conversation_id };
+            let conversation = state.store.conversation(user_id, bot_id).await.map_err(internal)?;
+            let grant = Grant { bot_name: bot.name, engine, role, conversation_id: conversation.id };
             state.access.keep_grant(seen, bot_id, user_id, &grant);
-            grant
+            (grant, Some(conversation.last_seq))
         }
     };
     // A connection checks its resume point against the last seq it reads once subscribed
     // (`hold`); the preflight and a POST, which hold nothing, check it here.
     if mode != Mode::Connect {
         if let Some(after) = after_seq {
-            let last = state.store.conversation(user_id, bot_id).await.map_err(internal)?.last_seq;
+            let last = match last_seq {
+                Some(last) => last,
+                None => state.store.conversation(user_id, bot_id).await.map_err(internal)?.last_seq,
+            };
             check_resume_point(after, last).map_err(refuse)?;
         }
     }
@@ -419,7 +423,7 @@ async fn authenticate(
         Ok(claims) if claims.sid.is_some_and(|f| state.revocations.is_revoked(f)) => {
             Err(as_user(Some(claims.sub), Refusal::Unauthorized(REVOKED_REASON)))
         }
-        Ok(claims) => match known_user(state, claims.sub).await {
+        Ok(claims) => match state.access.known_user(&*state.store, claims.sub).await {
             Ok(Some(user)) => Ok((user, claims.sid)),
             Ok(None) => Err(Refusal::Unauthorized("invalid token: its user no longer exists").into()),
             Err(e) => Err(Refusal::internal("checking a token's user", e).into()),
@@ -451,7 +455,9 @@ async fn authenticate_ticket(
     if ticket_bot != bot_id {
         return Err(as_user(Refusal::Unauthorized("ticket was issued for another bot")));
     }
-    let user = known_user(state, user_id)
+    let user = state
+        .access
+        .known_user(&*state.store, user_id)
         .await
         .ok()
         .flatten()

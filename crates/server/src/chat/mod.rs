@@ -29,7 +29,7 @@ pub mod transport;
 #[cfg(test)]
 mod tests;
 
-pub use access::{known_user, AccessCache};
+pub use access::AccessCache;
 pub use admission::{admit, admit_post, preflight, Admission, ConnectRequest, Refusal, Rejected};
 pub use inbound::check_message;
 pub use lifecycle::run;

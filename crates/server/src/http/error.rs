@@ -6,7 +6,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use natter_proto::api::{ErrorBody, ErrorDetail};
+use natter_proto::api::ErrorBody;
 use natter_proto::ErrorCode;
 
 use crate::domain::Invalid;
@@ -60,8 +60,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code.as_str().to_owned(), message: self.message } };
-        let mut res = (self.status, Json(body)).into_response();
+        let mut res = (self.status, Json(ErrorBody::new(self.code, self.message))).into_response();
         if let Some(secs) = self.retry_after {
             res.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
         }

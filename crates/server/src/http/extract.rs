@@ -120,9 +120,11 @@ impl FromRequestParts<AppState> for AuthUser {
         // A good signature says who the user was when the token was issued; the user may
         // be gone since (deleted, or a fresh database under the same secret). Without this
         // look-up such a token got as far as the store and failed there as a 500.
-        // Remembered for a few seconds on one node (`chat::known_user`): every SSE POST is a
-        // request of its own.
-        let user = crate::chat::known_user(state, sub)
+        // Remembered for a few seconds on one node (`AccessCache::known_user`): every SSE POST
+        // is a request of its own.
+        let user = state
+            .access
+            .known_user(&*state.store, sub)
             .await?
             .ok_or_else(|| ApiError::unauthorized(ErrorCode::InvalidToken, "the token's user no longer exists"))?;
         Ok(AuthUser { id: user.id, username: user.username, family: sid })

@@ -73,12 +73,7 @@ fn not_upgradable(rejection: &WebSocketUpgradeRejection) -> Response {
         ),
         other => (StatusCode::BAD_REQUEST, format!("not a WebSocket handshake: {other}")),
     };
-    let body = natter_proto::api::ErrorBody {
-        error: natter_proto::api::ErrorDetail {
-            code: natter_proto::ErrorCode::BadRequest.as_str().to_owned(),
-            message,
-        },
-    };
+    let body = natter_proto::api::ErrorBody::new(natter_proto::ErrorCode::BadRequest, message);
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::UPGRADE_REQUIRED {
         response.headers_mut().insert(header::UPGRADE, header::HeaderValue::from_static("websocket"));
