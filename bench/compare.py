@@ -456,7 +456,11 @@ def main():
     print(text)
 
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    raw = os.path.join(ROOT, "bench", "results", "compare-quick.json" if opts.quick else "compare.json")
+    # compare.json holds the raw reports of the table in docs/performance.md: only a full run
+    # (every kind, both layouts, no baseline) replaces it.
+    full = not opts.quick and not opts.baseline and kinds == KINDS and layouts == ["fresh", "realistic"]
+    raw = os.path.join(ROOT, "bench", "results",
+                       "compare.json" if full else "compare-quick.json" if opts.quick else "compare-partial.json")
     with open(raw, "w") as f:
         json.dump({"measured": now, "sizes": sizes, "kinds": measured, "runs": runs, "storms": storms,
                    "medians": m}, f, indent=1)
@@ -468,7 +472,7 @@ def main():
         print("\n" + "\n".join(ab))
         with open(os.path.join(ROOT, "bench", "results", "ab-quick.json" if opts.quick else "ab.json"), "w") as f:
             json.dump({"measured": now, "sizes": sizes, "rounds": opts.rounds, "ratios": ab_raw}, f, indent=1)
-    elif not opts.quick and kinds == KINDS and layouts == ["fresh", "realistic"] and os.path.exists(opts.out):
+    elif full and os.path.exists(opts.out):
         doc = open(opts.out).read()
         b, e = "<!-- compare:begin -->", "<!-- compare:end -->"
         if b in doc and e in doc:

@@ -26,15 +26,18 @@ pub async fn run_all(store: Arc<dyn Store>) {
     connection_slots(store.clone()).await;
     generations(&*store).await;
     one_outcome_per_message(store.clone()).await;
+    writers_meet(store.clone()).await;
     closed(&*store).await;
 }
 
 /// Last: a closed store refuses everything, and says so through `ping`.
 async fn closed(store: &dyn Store) {
     store.ping().await.unwrap();
+    let conv = chat_setup(store, "closer").await;
     store.close().await;
     assert!(matches!(store.ping().await, Err(StoreError::Backend(_))));
     assert!(matches!(store.user_by_username("alice").await, Err(StoreError::Backend(_))));
+    assert!(matches!(store.append_message(user_msg(conv.id, "late", "x")).await, Err(StoreError::Backend(_))));
 }
 
 async fn user(store: &dyn Store, name: &str) -> User {
@@ -336,6 +339,75 @@ async fn concurrent_appends_are_gap_free(store: Arc<dyn Store>) {
     let expected = 8 * 20;
     assert_eq!(all.len(), expected);
     assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=expected as i64).collect::<Vec<_>>());
+}
+
+/// Every kind of write at once (SQLite has two writers of the file: the appender's connection
+/// and the pool's): appends from many tasks, the recovery sweep storing cut-off replies in the
+/// same conversation, refresh tokens used (a transaction that reads, then writes) and ledger
+/// rows. None fails for a lock, and the conversation's seqs stay gap-free and unique whoever
+/// took them.
+async fn writers_meet(store: Arc<dyn Store>) {
+    let conv = chat_setup(&*store, "meeting").await;
+    let node = Uuid::new_v4();
+    let now = Utc::now();
+    // Replies in progress, to be recovered while the appends run.
+    let mut cut = Vec::new();
+    for i in 0..20 {
+        let asked = store.append_message(user_msg(conv.id, &format!("asked-{i}"), "tell me")).await.unwrap().message.id;
+        let id = Uuid::new_v4();
+        let lease = GenerationLease {
+            message_id: id,
+            conversation_id: conv.id,
+            in_reply_to: asked,
+            node_id: node,
+            lease_until: now,
+        };
+        store.begin_generation(&lease).await.unwrap();
+        cut.push(id);
+    }
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                store.append_message(user_msg(conv.id, &format!("w{t}-{i}"), "x")).await.unwrap();
+            }
+        }));
+    }
+    let tokens = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..50 {
+                let hash = format!("meet-{i}");
+                let token = NewRefreshToken {
+                    token_hash: hash.clone(),
+                    user_id: conv.user_id,
+                    family_id: Uuid::new_v4(),
+                    expires_at: now + Duration::days(1),
+                };
+                store.insert_refresh_token(token).await.unwrap();
+                let used = store.use_refresh_token(&hash, now).await.unwrap();
+                assert!(matches!(used, RefreshUse::Valid { .. }), "{used:?}");
+            }
+        })
+    };
+    let mut recovered = Vec::new();
+    while recovered.len() < cut.len() {
+        recovered.extend(store.recover_generations(now + Duration::seconds(1)).await.unwrap());
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokens.await.unwrap();
+    let mut ids: Vec<Uuid> = recovered.iter().map(|m| m.id).collect();
+    ids.sort();
+    cut.sort();
+    assert_eq!(ids, cut, "each cut-off reply recovered once");
+    let all = store.messages_after(conv.id, 0, 1000).await.unwrap();
+    let expected = 20 + 20 + 4 * 50;
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), (1..=expected as i64).collect::<Vec<_>>());
+    assert_eq!(store.conversation(conv.user_id, conv.bot_id).await.unwrap().last_seq, expected as i64);
 }
 
 /// Messages sent at the same moment (one batch, in a store that batches): seqs per conversation still run
@@ -754,7 +826,7 @@ macro_rules! test_every_store {
 
                 #[tokio::test]
                 async fn sqlite() {
-                    let store = crate::store::SqliteStore::memory().await.unwrap();
+                    let store = crate::store::SqliteStore::temporary().await.unwrap();
                     super::$case(Arc::new(store)).await;
                 }
 
@@ -797,7 +869,9 @@ mod cases {
         generations,
         closed
     );
-    pub(super) use super::{concurrent_appends_are_gap_free, connection_slots, one_outcome_per_message, owed_replies};
+    pub(super) use super::{
+        concurrent_appends_are_gap_free, connection_slots, one_outcome_per_message, owed_replies, writers_meet,
+    };
 
     test_every_store!(
         users,
@@ -812,6 +886,7 @@ mod cases {
         generations,
         one_outcome_per_message,
         owed_replies,
+        writers_meet,
         closed,
     );
 }

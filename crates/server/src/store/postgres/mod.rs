@@ -60,6 +60,7 @@ impl Dialect for Postgres {
     /// A transaction-scoped advisory lock on the user, so count-then-insert cannot overshoot
     /// when two nodes admit at once.
     const LOCK_USER: Option<&'static str> = Some("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))");
+    const BEGIN_WRITE: &'static str = "BEGIN";
 }
 
 impl RowsAffected for PgQueryResult {

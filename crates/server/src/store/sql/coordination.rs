@@ -49,7 +49,7 @@ where
 
     async fn claim_slot(&self, slot: SlotClaim, max: usize, now: DateTime<Utc>) -> StoreResult<bool> {
         let user = || S::Db::id_param(slot.user_id);
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         if let Some(lock) = S::Db::LOCK_USER {
             sqlx::query(lock).bind(user()).execute(in_tx(&mut tx)).await?;
         }
@@ -99,7 +99,7 @@ where
 
     async fn renew_node(&self, node_id: Uuid, slots: &[Uuid], work: &[Uuid], until: DateTime<Utc>) -> StoreResult<()> {
         let in_list = S::Db::in_ids("$3");
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(&format!(
             "UPDATE connection_slots SET expires_at = $2 WHERE node_id = $1 AND connection_id {in_list}"
         ))

@@ -11,6 +11,8 @@
 //! - the sweeps, whose algorithm differs (recovering replies, taking over owed ones) and
 //!   PostgreSQL's shared rate window: [`SqlCoordination`].
 
+use std::future::Future;
+
 use async_trait::async_trait;
 use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 use uuid::Uuid;
@@ -58,6 +60,11 @@ pub(super) trait Dialect:
     /// Run first by a transaction claiming one of a user's slots, `$1` the user id: serialises
     /// the nodes claiming for one user at once (PostgreSQL; none on SQLite's one writer).
     const LOCK_USER: Option<&'static str>;
+    /// Begins a write transaction. On SQLite `BEGIN IMMEDIATE`, which takes the write lock (or
+    /// waits for it) before anything is read: there are two writers of the file (the pool and
+    /// the appender thread), and a deferred transaction that reads, then writes after the other
+    /// committed, would fail at once with `SQLITE_BUSY` instead of waiting.
+    const BEGIN_WRITE: &'static str;
 }
 
 /// How many rows a statement changed (sqlx has it on each backend's result by name).
@@ -109,6 +116,10 @@ pub(super) trait SqlStore: Send + Sync + 'static {
     fn writer(&self) -> impl Executor<'_, Database = Self::Db> {
         <Self::Db as Database>::Connection::pool(self.write_pool())
     }
+    /// A write transaction that holds the write lock from its start ([`Dialect::BEGIN_WRITE`]).
+    fn begin_write(&self) -> impl Future<Output = Result<Transaction<'static, Self::Db>, sqlx::Error>> + Send + '_ {
+        self.write_pool().begin_with(Self::Db::BEGIN_WRITE)
+    }
 }
 
 /// A SQL store's pools: on PostgreSQL one pool serves both.
@@ -123,4 +134,12 @@ pub(super) struct Pools<'a, D: Database> {
 pub(super) trait SqlAppend: SqlStore {
     /// [`Store::append_message`](super::Store::append_message).
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
+    /// Stops whatever stores messages beside the pools (SQLite's appender thread): called first
+    /// by [`Store::close`](super::Store::close). Later appends fail.
+    async fn close_appender(&self) {}
+    /// False once that appender has stopped (its thread died): `ping`, and `/api/ready` with it,
+    /// then fail instead of a ready node whose every message fails.
+    fn appending(&self) -> bool {
+        true
+    }
 }

@@ -26,11 +26,15 @@ where
     for<'q> Option<<S::Db as Dialect>::Code>: Encode<'q, S::Db>,
 {
     async fn ping(&self) -> StoreResult<()> {
+        if !self.appending() {
+            return Err(StoreError::Backend("the message appender has stopped".into()));
+        }
         sqlx::query("SELECT 1").execute(self.reader()).await?;
         Ok(())
     }
 
     async fn close(&self) {
+        self.close_appender().await;
         // Closing the writer last lets SQLite checkpoint the WAL into the main file.
         self.read_pool().close().await;
         self.write_pool().close().await;
@@ -103,7 +107,7 @@ where
     }
 
     async fn use_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshUse> {
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         // Locked (on PostgreSQL): two nodes presenting the same token at once see it one after
         // the other.
         let sql = format!(
@@ -346,7 +350,7 @@ where
         bot_id: Uuid,
         expires_at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         // Expired tickets are swept as new ones are made, so the table stays small.
         sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= $1")
             .bind(millis(Utc::now()))
@@ -392,7 +396,7 @@ where
             "INSERT INTO connections ({LEDGER_COLS}) VALUES ({LEDGER_PARAMS}) \
              ON CONFLICT (connection_id) DO UPDATE SET {LEDGER_UPDATE}"
         );
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         for r in rows {
             let id = S::Db::id_param;
             sqlx::query(&sql)
@@ -459,7 +463,7 @@ where
     }
 
     async fn prune_connections(&self, older_than: DateTime<Utc>, keep: u64) -> StoreResult<u64> {
-        let mut tx = self.write_pool().begin().await?;
+        let mut tx = self.begin_write().await?;
         let old = sqlx::query("DELETE FROM connections WHERE started_at < $1")
             .bind(millis(older_than))
             .execute(in_tx(&mut tx))

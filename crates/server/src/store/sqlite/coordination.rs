@@ -7,7 +7,7 @@ use natter_proto::WireMessage;
 use sqlx::Row;
 
 use super::super::rows::*;
-use super::super::sql::{OwedSweep, SqlCoordination};
+use super::super::sql::{OwedSweep, SqlCoordination, SqlStore};
 use super::super::*;
 use super::SqliteStore;
 
@@ -17,7 +17,7 @@ impl SqlCoordination for SqliteStore {
     const SHARED: bool = false;
 
     async fn recover_generations(&self, now: DateTime<Utc>) -> StoreResult<Vec<WireMessage>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
             "DELETE FROM generations WHERE lease_until <= ? RETURNING message_id, conversation_id, in_reply_to, text",
         )
@@ -80,7 +80,7 @@ impl SqlCoordination for SqliteStore {
     }
 
     async fn claim_owed(&self, sweep: OwedSweep) -> StoreResult<Vec<OwedMessage>> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "UPDATE owed_replies SET node_id = ?1, lease_until = ?2 WHERE message_id IN ( \
                  SELECT o.message_id FROM owed_replies o \

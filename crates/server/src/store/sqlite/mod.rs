@@ -1,15 +1,14 @@
-//! The SQLite store: one file in the data dir, WAL mode. All writes go through a pool of
-//! one connection, so natter's own writers never fight over SQLite's single write lock
-//! (and seq allocation is serialised without retry loops); reads use a separate pool.
+//! The SQLite store: one file in the data dir, WAL mode. Messages are written by the appender's
+//! connection, every other write by a pool of one connection, and reads use a separate pool.
+//! The two writers take SQLite's write lock before they read what they decide on (`BEGIN
+//! IMMEDIATE`, [`Dialect::BEGIN_WRITE`]) and wait for it up to the busy timeout, so seq
+//! allocation is serialised without retry loops.
 //!
 //! Messages are stored by group commit: [`append_message`](super::Store::append_message) queues the
-//! message for one appender task, which takes every message waiting and stores them all with
-//! one statement — one round trip to SQLite's worker thread and one WAL commit per batch
-//! instead of per message. Under load a batch holds hundreds of messages; alone, a message
-//! is a batch of one and waits for nothing.
-
-use std::str::FromStr;
-use std::time::Duration;
+//! message for the appender, a thread with a write connection of its own, which takes every
+//! message waiting and stores them all in one transaction — one hand-off and one WAL commit
+//! per batch instead of per message (`append.rs`). Under load a batch holds hundreds of
+//! messages; alone, a message is a batch of one and waits for nothing.
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteRow, SqliteSynchronous,
@@ -21,7 +20,7 @@ use uuid::Uuid;
 use super::rows::parse_id;
 use super::sql::{Dialect, Pools, RowsAffected, SqlStore};
 use super::{StoreError, StoreResult};
-use append::{run_appender, Append, APPEND_QUEUE};
+use append::Job;
 
 mod append;
 mod coordination;
@@ -71,6 +70,7 @@ impl Dialect for Sqlite {
 
     const FOR_UPDATE: &'static str = "";
     const LOCK_USER: Option<&'static str> = None;
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
 }
 
 impl RowsAffected for SqliteQueryResult {
@@ -83,22 +83,27 @@ impl RowsAffected for SqliteQueryResult {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
-    appender: mpsc::Sender<Append>,
+    appender: mpsc::Sender<Job>,
+    /// The temporary directory a [`SqliteStore::temporary`] database lives in, removed with
+    /// the last clone.
+    #[cfg(test)]
+    _dir: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 impl SqliteStore {
-    /// Opens (creating if missing) the database file and applies migrations.
+    /// Opens (creating if missing) the database file, applies migrations and starts the
+    /// appender thread.
     pub async fn open(path: &std::path::Path) -> StoreResult<Self> {
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(append::BUSY_TIMEOUT)
             .foreign_keys(true)
             // Hot pages stay in SQLite's own cache (64 MiB per connection, not the default
             // 2 MiB) and the rest are mapped, not copied in with a read() per page: the message
-            // indexes are walked on every append.
+            // indexes are walked on every append. (The appender's connection is opened alike.)
             .pragma("cache_size", "-65536")
             .pragma("mmap_size", "268435456")
             // Checkpoint (copy the WAL into the database file, with an fsync) every 64 MiB of
@@ -107,33 +112,23 @@ impl SqliteStore {
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         MIGRATOR.run(&write).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
         let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts.read_only(true)).await?;
-        Ok(Self::with_pools(write, read))
+        let appender = append::start(path)?;
+        Ok(SqliteStore {
+            write,
+            read,
+            appender,
+            #[cfg(test)]
+            _dir: None,
+        })
     }
 
-    /// A private in-memory SQLite database, gone on exit: for tests that want SQLite's exact
-    /// behaviour without a file (`--database-url memory:` is [`MemoryStore`](super::MemoryStore)).
-    pub async fn memory() -> StoreResult<Self> {
-        let opts = SqliteConnectOptions::from_str("sqlite::memory:")
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .foreign_keys(true);
-        // One connection that never expires: each new in-memory connection would be an
-        // empty database.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(opts)
-            .await?;
-        MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
-        Ok(Self::with_pools(pool.clone(), pool))
-    }
-
-    /// Starts the appender task; it ends when the last clone of the store is dropped.
-    fn with_pools(write: SqlitePool, read: SqlitePool) -> Self {
-        let (appender, queue) = mpsc::channel(APPEND_QUEUE);
-        tokio::spawn(run_appender(write.clone(), queue));
-        SqliteStore { write, read, appender }
+    /// A database in a temporary directory, removed when the last clone of the store is
+    /// dropped: for the conformance tests, a fresh file per case.
+    #[cfg(test)]
+    pub async fn temporary() -> StoreResult<Self> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let store = Self::open(&dir.path().join("natter.db")).await?;
+        Ok(SqliteStore { _dir: Some(std::sync::Arc::new(dir)), ..store })
     }
 }
 
