@@ -571,6 +571,27 @@ async fn ledger(store: &dyn Store) {
     // By connection id too: only its owner (or everyone's lookup) finds it.
     assert!(store.connection(shadow.connection_id, Some(u2)).await.unwrap().is_none());
     assert_eq!(store.connection(shadow.connection_id, Some(u1)).await.unwrap(), Some(shadow));
+    // A big batch where each connection's open row and its close arrive together (the ledger
+    // writer takes whatever is queued): the close is what stays, for every one of them.
+    let many_bot = Uuid::new_v4();
+    let opened: Vec<ConnectionRecord> =
+        (0..73).map(|i| record(Some(u2), Some(many_bot), now - Duration::milliseconds(i))).collect();
+    let closed: Vec<ConnectionRecord> = opened
+        .iter()
+        .enumerate()
+        .map(|(i, o)| ConnectionRecord {
+            established: true,
+            ended_at: Some(super::from_millis(now.timestamp_millis())),
+            close_code: Some(1000),
+            msgs_in: i as u64,
+            ..o.clone()
+        })
+        .collect();
+    let batch: Vec<ConnectionRecord> = opened.iter().chain(&closed).cloned().collect();
+    store.record_connections(&batch).await.unwrap();
+    let mut stored = store.connections(None, Some(many_bot), 200).await.unwrap();
+    stored.sort_by_key(|r| r.msgs_in);
+    assert_eq!(stored, closed);
 }
 
 async fn connection_slots(store: Arc<dyn Store>) {
