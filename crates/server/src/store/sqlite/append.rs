@@ -94,7 +94,8 @@ fn run(mut conn: rusqlite::Connection, mut queue: mpsc::Receiver<Job>) {
             }
         }
         let (messages, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        match append_batch(&mut conn, messages) {
+        let stored = if messages.is_empty() { Ok(Vec::new()) } else { append_batch(&mut conn, messages) };
+        match stored {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);
