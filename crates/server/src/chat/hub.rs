@@ -30,6 +30,9 @@ struct Inner {
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
+    /// How many sockets were open when the node began shutting down: taken by the first
+    /// session to close for it, while every socket is still registered.
+    open_at_shutdown: std::sync::OnceLock<usize>,
 }
 
 /// Which limit a registration hit.
@@ -128,6 +131,13 @@ impl Hub {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The sockets open when shutdown began: the count at the first call, whatever has closed
+    /// since. Every 1012 spreads its reconnect over the window for that count, so a socket that
+    /// closes late in a drain of thousands is not given a narrower window than the first.
+    pub fn open_at_shutdown(&self) -> usize {
+        *self.open_at_shutdown.get_or_init(|| self.len())
     }
 
     /// Panics if the per-user counts disagree with the connection table.
@@ -235,6 +245,17 @@ mod tests {
         hub.check_invariants();
         assert!(hub.is_empty());
         assert_eq!(hub.user_count(u1), 0);
+    }
+
+    #[test]
+    fn the_open_count_at_shutdown_is_taken_once() {
+        let hub = Arc::new(Hub::default());
+        let mut open: Vec<HubGuard> =
+            (0..5).map(|_| hub.try_register(Uuid::new_v4(), Uuid::new_v4(), None, 9, 9).unwrap()).collect();
+        assert_eq!(hub.open_at_shutdown(), 5);
+        open.truncate(1);
+        assert_eq!(hub.len(), 1);
+        assert_eq!(hub.open_at_shutdown(), 5, "the sockets closed since do not shrink it");
     }
 
     #[test]

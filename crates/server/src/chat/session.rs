@@ -171,7 +171,7 @@ impl<T: Transport> Session<T> {
             timers.arm(timer.as_mut());
             let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Err(restarting(self.state.hub.len())),
+                _ = shutdown.cancelled() => Err(restarting(self.state.hub.open_at_shutdown())),
                 why = cluster.lost() => Err(End::Close(Close::try_again_later(&why, DEPENDENCY_RETRY_MS))),
                 _ = std::future::ready(()), if self.io.queue.len() >= WRITE_SOON && !self.io.blocked => self.io.write_now().await,
                 io = poll_fn(|cx| self.io.poll_io(cx)) => match io {
@@ -243,7 +243,7 @@ impl<T: Transport> Session<T> {
                 tracing::debug!(missed = n, "bus lagged; catching up from the store");
                 return self.fill_to(i64::MAX).await;
             }
-            Received::Closed => return Err(restarting(self.state.hub.len())),
+            Received::Closed => return Err(restarting(self.state.hub.open_at_shutdown())),
         };
         match &*e {
             ConvEvent::Message(m, None) => self.deliver(m).await,
