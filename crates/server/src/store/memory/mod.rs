@@ -5,7 +5,7 @@
 //! and constraints (unique keys, foreign keys with their cascades, the ticket sweep, the refresh
 //! token families) — and passes the same conformance suite. Every method does its work
 //! synchronously under the one lock (never held across an await), so each is atomic like a
-//! SQLite transaction on its single writer connection. Times are kept in milliseconds, as
+//! SQLite write transaction under the file's write lock. Times are kept in milliseconds, as
 //! SQLite stores them, so values read back compare equal across implementations.
 
 use std::cmp::Reverse;

@@ -55,10 +55,11 @@ pub(super) trait Dialect:
     fn in_ids(param: &str) -> String;
 
     /// Ends a `SELECT` that locks the rows it reads until the transaction ends (PostgreSQL;
-    /// SQLite's one writer connection already serialises writers).
+    /// on SQLite a write transaction holds the file's one write lock from its start).
     const FOR_UPDATE: &'static str;
     /// Run first by a transaction claiming one of a user's slots, `$1` the user id: serialises
-    /// the nodes claiming for one user at once (PostgreSQL; none on SQLite's one writer).
+    /// the nodes claiming for one user at once (PostgreSQL; none on SQLite, whose write lock
+    /// already serialises the transactions).
     const LOCK_USER: Option<&'static str>;
     /// Begins a write transaction. On SQLite `BEGIN IMMEDIATE`, which takes the write lock (or
     /// waits for it) before anything is read: there are two writers of the file (the pool and

@@ -94,7 +94,16 @@ fn run(mut conn: rusqlite::Connection, mut queue: mpsc::Receiver<Job>) {
             }
         }
         let (messages, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        let stored = if messages.is_empty() { Ok(Vec::new()) } else { append_batch(&mut conn, messages) };
+        // A panic fails its batch (the transaction rolls back as it unwinds), not the thread:
+        // the messages after it are still stored.
+        let stored = if messages.is_empty() {
+            Ok(Vec::new())
+        } else {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| append_batch(&mut conn, messages))) {
+                Ok(stored) => stored.map_err(|e| e.to_string()),
+                Err(_) => Err("the appender panicked storing this batch".to_owned()),
+            }
+        };
         match stored {
             Ok(results) => {
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -103,7 +112,6 @@ fn run(mut conn: rusqlite::Connection, mut queue: mpsc::Receiver<Job>) {
             }
             Err(e) => {
                 tracing::error!(error = %e, "storing a batch of messages failed");
-                let e = e.to_string();
                 for reply in replies {
                     let _ = reply.send(Err(StoreError::Backend(e.clone())));
                 }

@@ -1,5 +1,6 @@
-//! SQLite's sweeps (see [`SqlCoordination`]): on one node the single writer connection already
-//! serialises every claim and sweep.
+//! SQLite's sweeps (see [`SqlCoordination`]): on one node, SQLite's write lock (taken at the start
+//! of every write transaction, `BEGIN IMMEDIATE`) already serialises every claim and sweep, and
+//! the appender's message writes with them.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

@@ -1,10 +1,10 @@
-//! Tests of SQLite on a file (the conformance cases run on an in-memory database).
+//! Tests of SQLite: the whole conformance suite on one file, and reopening a file.
 
 use super::super::{NewUser, Store};
 use super::*;
 
-/// Every case in one run on a file (the per-case tests, `store::conformance::cases`, use an
-/// in-memory database).
+/// Every case in one run on one file (the per-case tests, `store::conformance::cases`, give
+/// each case a fresh file of its own).
 #[tokio::test]
 async fn conformance_on_file() {
     let dir = tempfile::tempdir().unwrap();
