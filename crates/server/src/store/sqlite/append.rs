@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::super::rows::*;
 use super::super::sql::SqlAppend;
 use super::super::*;
-use super::SqliteStore;
+use super::{SqliteStore, TUNING};
 
 /// What the appender is asked: store a message (and say what became of it), or stop.
 pub(super) enum Job {
@@ -49,7 +49,7 @@ pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) fn start(path: &std::path::Path) -> StoreResult<mpsc::Sender<Job>> {
     let conn = rusqlite::Connection::open(path).map_err(backend)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
-    // As the sqlx connections are opened (store/sqlite/mod.rs; journal_mode is the file's),
+    // As the sqlx connections are opened (`SqliteStore::open`; journal_mode is the file's),
     // except:
     // - statement journals in memory: a statement with triggers inside a many-statement
     //   transaction journals the pages it changes, and on disk that was a quarter of the
@@ -57,10 +57,10 @@ pub(super) fn start(path: &std::path::Path) -> StoreResult<mpsc::Sender<Job>> {
     // - no foreign-key checks: the appender inserts a message only through a SELECT of its
     //   conversation under the write lock, and the triggers' rows carry that conversation too;
     //   a check would be two more index probes per message and deletes are not its business.
-    conn.execute_batch(
-        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA cache_size = -65536; \
-         PRAGMA mmap_size = 268435456; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;",
-    )
+    let tuning: String = TUNING.iter().map(|(name, value)| format!("PRAGMA {name} = {value}; ")).collect();
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY; {tuning}"
+    ))
     .map_err(backend)?;
     let (appender, queue) = mpsc::channel(APPEND_QUEUE);
     thread::Builder::new()
@@ -173,9 +173,10 @@ fn append_one(
 ) -> rusqlite::Result<StoreResult<Appended>> {
     let conv = m.conversation_id.hyphenated().to_string();
     if let Some(client_id) = &m.client_id {
-        let mut stmt = tx.prepare_cached(&format!(
-            "SELECT {MSG_COLS} FROM messages WHERE conversation_id = ?1 AND client_id = ?2"
-        ))?;
+        static STORED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = ?1 AND client_id = ?2")
+        });
+        let mut stmt = tx.prepare_cached(&STORED)?;
         let stored = stmt.query_row(params![conv, client_id], |row| Ok(message_from_row(&Cols(row)))).optional()?;
         if let Some(stored) = stored {
             return Ok(stored.map(|message| Appended { message, duplicate: true }));

@@ -90,6 +90,15 @@ pub struct SqliteStore {
     _dir: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
+/// Pragmas every connection is opened with, the appender's too:
+/// - hot pages stay in SQLite's own cache (64 MiB per connection, not the default 2 MiB) and the
+///   rest are mapped, not copied in with a read() per page: the message indexes are walked on
+///   every append;
+/// - checkpoint (copy the WAL into the database file, with an fsync) every 64 MiB of WAL
+///   instead of every 4 MiB: a page rewritten by many batches is copied once.
+const TUNING: [(&str, &str); 3] =
+    [("cache_size", "-65536"), ("mmap_size", "268435456"), ("wal_autocheckpoint", "16384")];
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file, applies migrations and starts the
     /// appender thread.
@@ -100,15 +109,8 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(append::BUSY_TIMEOUT)
-            .foreign_keys(true)
-            // Hot pages stay in SQLite's own cache (64 MiB per connection, not the default
-            // 2 MiB) and the rest are mapped, not copied in with a read() per page: the message
-            // indexes are walked on every append. (The appender's connection is opened alike.)
-            .pragma("cache_size", "-65536")
-            .pragma("mmap_size", "268435456")
-            // Checkpoint (copy the WAL into the database file, with an fsync) every 64 MiB of
-            // WAL instead of every 4 MiB: a page rewritten by many batches is copied once.
-            .pragma("wal_autocheckpoint", "16384");
+            .foreign_keys(true);
+        let opts = TUNING.iter().fold(opts, |opts, (name, value)| opts.pragma(*name, *value));
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         MIGRATOR.run(&write).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
         let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts.read_only(true)).await?;
