@@ -27,28 +27,22 @@ fn serve(dir: &Path, extra: &[&str]) -> (Node, SocketAddr) {
     (node, addr)
 }
 
-#[tokio::test]
-async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_restarted() {
-    const SOCKETS: usize = 12;
-    const PER_SOCKET: usize = 150;
-    const KILL_AFTER_ACKS: usize = 600;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = serve(dir.path(), &[]);
-    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
-    post(addr, "/api/auth/register", None, creds.clone()).await;
-    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
-    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
-    let bot = bot["id"].as_str().unwrap().to_owned();
-
-    // Every socket sends its whole burst at once, then reads acks; the server is killed as
-    // soon as enough acks came back, while replies are still being stored.
-    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel::<WireMessage>();
-    for s in 0..SOCKETS {
+/// `sockets` sockets to `bot`, each sending `per_socket` messages at once; every ack's message
+/// comes out of the receiver, which ends when every socket has closed.
+async fn burst(
+    addr: SocketAddr,
+    bot: &str,
+    token: &str,
+    sockets: usize,
+    per_socket: usize,
+) -> tokio::sync::mpsc::UnboundedReceiver<WireMessage> {
+    let (acks_tx, acks_rx) = tokio::sync::mpsc::unbounded_channel::<WireMessage>();
+    for s in 0..sockets {
         let url = format!("ws://{addr}/api/ws/chat/{bot}?token={token}");
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade accepted");
         let acks = acks_tx.clone();
         tokio::spawn(async move {
-            for i in 0..PER_SOCKET {
+            for i in 0..per_socket {
                 let frame =
                     json!({"type": "message", "client_id": format!("s{s}-{i}"), "content": format!("m {s} {i}")});
                 if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
@@ -65,6 +59,25 @@ async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_resta
         });
     }
     drop(acks_tx);
+    acks_rx
+}
+
+#[tokio::test]
+async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_restarted() {
+    const SOCKETS: usize = 12;
+    const PER_SOCKET: usize = 150;
+    const KILL_AFTER_ACKS: usize = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = serve(dir.path(), &[]);
+    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
+    post(addr, "/api/auth/register", None, creds.clone()).await;
+    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
+    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
+    let bot = bot["id"].as_str().unwrap().to_owned();
+
+    // Every socket sends its whole burst at once, then reads acks; the server is killed as
+    // soon as enough acks came back, while replies are still being stored.
+    let mut acks_rx = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
     let mut acked = Vec::new();
     while acked.len() < KILL_AFTER_ACKS {
         acked.push(acks_rx.recv().await.expect("acks keep coming"));
@@ -188,4 +201,51 @@ async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
         vec![("later".to_owned(), natter_proto::MessageStatus::Complete)],
         "queued: {replies:?}"
     );
+}
+
+/// A server stopped with SIGTERM closes its store last: SQLite's appender finishes its batch
+/// and the WAL is checkpointed into the database file, so `natter.db` alone, copied once the
+/// process is gone, holds every acked message. Before, the store was never closed: the WAL kept
+/// everything and the database file held little more than the schema.
+#[tokio::test]
+async fn a_sqlite_server_stopped_mid_burst_leaves_every_acked_message_in_its_database_file() {
+    const SOCKETS: usize = 8;
+    const PER_SOCKET: usize = 150;
+    const STOP_AFTER_ACKS: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut node, addr) = serve(dir.path(), &[]);
+    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
+    post(addr, "/api/auth/register", None, creds.clone()).await;
+    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
+    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
+    let bot = bot["id"].as_str().unwrap().to_owned();
+
+    let mut acks_rx = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
+    let mut acked = Vec::new();
+    while acked.len() < STOP_AFTER_ACKS {
+        acked.push(acks_rx.recv().await.expect("acks keep coming"));
+    }
+    node.terminate(); // SIGTERM, while the burst is still being stored
+    while let Some(m) = acks_rx.recv().await {
+        acked.push(m);
+    }
+
+    let wal = dir.path().join("natter.db-wal");
+    let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert_eq!(wal_len, 0, "the WAL is checkpointed into natter.db at shutdown");
+    let copy = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.path().join("natter.db"), copy.path().join("natter.db")).unwrap();
+    let (_node, addr) = serve(copy.path(), &[]);
+    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    let all = common::history(addr, &bot, &token).await.unwrap();
+    let stored: std::collections::HashSet<_> = all.iter().map(|m| m.id).collect();
+    let missing: Vec<_> = acked.iter().filter(|m| !stored.contains(&m.id)).map(|m| m.seq).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acked messages are not in the copied file: {missing:?}",
+        missing.len(),
+        acked.len()
+    );
+    let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=all.len() as i64).collect::<Vec<_>>(), "gap-free");
 }

@@ -138,10 +138,7 @@ impl Node {
 
     /// SIGTERM, and wait until the process has exported what it buffered and exited.
     fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.node.child.id() as i32, libc::SIGTERM) };
-        let status = self.node.child.wait().unwrap();
-        assert!(status.success(), "natter serve exits cleanly on SIGTERM: {status}");
+        self.node.terminate();
     }
 
     async fn node_id(&self) -> String {

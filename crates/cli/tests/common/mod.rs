@@ -73,6 +73,14 @@ impl Node {
         Node { child, addr, _stdout: stdout }
     }
 
+    /// SIGTERM (a graceful stop), and wait until the process has exited; it must exit cleanly.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "natter serve exits cleanly on SIGTERM: {status}");
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
