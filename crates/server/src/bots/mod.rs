@@ -20,7 +20,7 @@ pub mod rules;
 pub mod spec;
 pub mod webhook;
 
-pub use replier::{InProgress, Replier, ReplierLimits};
+pub use replier::{InProgress, InstantReply, Replier, ReplierLimits};
 pub use spec::{EngineSpec, ENGINE_KINDS};
 
 /// What an engine is asked to answer.

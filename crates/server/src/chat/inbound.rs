@@ -9,12 +9,13 @@ use uuid::Uuid;
 
 use super::session::{internal_end, Peer, Session};
 use super::transport::{End, Inbound, Transport};
+use crate::bots::InstantReply;
 use crate::bus::ConvEvent;
 use crate::config::Limits;
 use crate::logsafe::Untrusted;
 use crate::metrics::DirectionLabel;
 use crate::state::AppState;
-use crate::store::{Appended, NewMessage, StoreError};
+use crate::store::{Appended, NewMessage, StoreError, StoreResult};
 
 /// Why a `message` frame is refused before anything is stored: its error code and text.
 pub fn check_message(limits: &Limits, client_id: &str, content: &str) -> Result<(), (ErrorCode, String)> {
@@ -122,20 +123,22 @@ impl<T: Transport> Session<T> {
 
     /// Stores, acks, announces and hands to the bot a message that passed every check.
     async fn accept_message(&mut self, client_id: String, content: String, received: Instant) -> Result<(), End> {
-        let appended = append(&self.state, self.peer.conversation_id, &client_id, content)
+        let (appended, answered) = append(&self.state, &self.peer, &client_id, content)
             .await
             .map_err(|e| internal_end("storing a message", e))?;
+        // Announced and handed on before anything is written to this socket: a failed write
+        // ends the session, and what is stored must still reach the other tabs and the bot
+        // (this socket's own copy of the announcement comes after the ack, through its loop).
+        if !appended.duplicate {
+            hand_on(&self.state, &self.peer, appended.message.clone(), answered, received).await;
+        }
         let seq = appended.message.seq;
         if seq > self.delivered {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
         }
-        self.send(&ServerFrame::Ack { client_id, message: appended.message.clone(), duplicate: appended.duplicate })
-            .await?;
+        self.send(&ServerFrame::Ack { client_id, message: appended.message, duplicate: appended.duplicate }).await?;
         self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
-        if !appended.duplicate {
-            hand_on(&self.state, &self.peer, appended.message, received).await;
-        }
         Ok(())
     }
 }
@@ -190,39 +193,66 @@ pub(super) fn message_span(client_id: &str, conversation_id: Uuid) -> tracing::S
     )
 }
 
-/// Stores a user message (once per `client_id`: a resend returns the stored one).
+/// A bot reply stored with the message it answers, and what is left to do for it.
+pub(super) type Answered = Option<(InstantReply, StoreResult<Appended>)>;
+
+/// Stores a user message (once per `client_id`: a resend returns the stored one) — with its
+/// reply, when the bot's engine answers instantly ([`Replier::answer_now`]).
 pub(super) async fn append(
     state: &AppState,
-    conversation_id: Uuid,
+    peer: &Peer,
     client_id: &str,
     content: String,
-) -> Result<Appended, StoreError> {
-    let store_span = tracing::info_span!(target: crate::telemetry::TRACE, "store", seq = tracing::field::Empty);
-    let appended = state
-        .store
-        .append_message(NewMessage {
-            id: Uuid::now_v7(), // time-ordered, as bot replies are (bots::Replier::run)
-            conversation_id,
-            role: MessageRole::User,
-            content,
-            client_id: Some(client_id.to_owned()),
-            in_reply_to: None,
-            status: MessageStatus::Complete,
-        })
-        .instrument(store_span.clone())
-        .await?;
+) -> Result<(Appended, Answered), StoreError> {
+    // With an instant engine's reply, one step stores both: `reply_seq` is the reply's.
+    let store_span = tracing::info_span!(
+        target: crate::telemetry::TRACE,
+        "store",
+        seq = tracing::field::Empty,
+        reply_seq = tracing::field::Empty
+    );
+    let message = NewMessage {
+        id: Uuid::now_v7(), // time-ordered, as bot replies are (bots::Replier::run)
+        conversation_id: peer.conversation_id,
+        role: MessageRole::User,
+        content,
+        client_id: Some(client_id.to_owned()),
+        in_reply_to: None,
+        status: MessageStatus::Complete,
+    };
+    let (appended, answered) = match state.replier.answer_now(&peer.engine, peer.bot_id, &peer.bot_name, &message).await
+    {
+        None => (state.store.append_message(message).instrument(store_span.clone()).await?, None),
+        Some((reply, rest)) => {
+            let pair = state.store.append_answered(message, reply).instrument(store_span.clone()).await?;
+            (pair.message, pair.reply.map(|stored| (rest, stored)))
+        }
+    };
     let seq = appended.message.seq;
     store_span.record("seq", seq);
+    if let Some((_, Ok(reply))) = &answered {
+        store_span.record("reply_seq", reply.message.seq);
+    }
     tracing::Span::current().record("seq", seq).record("duplicate", appended.duplicate);
-    Ok(appended)
+    Ok((appended, answered))
 }
 
-/// Announces a newly stored user message to every connection and hands it to the bot.
-pub(super) async fn hand_on(state: &AppState, peer: &Peer, message: WireMessage, received: Instant) {
+/// Announces a newly stored user message to every connection, then its reply if it was stored
+/// with it, or else hands the message to the bot.
+pub(super) async fn hand_on(
+    state: &AppState,
+    peer: &Peer,
+    message: WireMessage,
+    answered: Answered,
+    received: Instant,
+) {
     if let Err(e) = crate::bus::announce(&*state.bus, peer.conversation_id, message.clone()).await {
         tracing::warn!(error = %e, "publishing a message failed; other tabs will catch up on reconnect");
     }
-    state.replier.reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await;
+    match answered {
+        Some((reply, stored)) => state.replier.answered(reply, stored, received).await,
+        None => state.replier.reply(&peer.engine, peer.bot_id, &peer.bot_name, message, received).await,
+    }
 }
 
 #[cfg(test)]

@@ -51,10 +51,10 @@ async fn message(
     }
     let span = message_span(&client_id, peer.conversation_id);
     async {
-        let appended = append(state, peer.conversation_id, &client_id, content).await?;
+        let (appended, answered) = append(state, peer, &client_id, content).await?;
         state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
-            hand_on(state, peer, appended.message.clone(), received).await;
+            hand_on(state, peer, appended.message.clone(), answered, received).await;
         }
         Ok(ServerFrame::Ack { client_id, message: appended.message, duplicate: appended.duplicate })
     }

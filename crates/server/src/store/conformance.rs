@@ -835,6 +835,36 @@ pub async fn owed_replies(store: Arc<dyn Store>) {
     assert_eq!(ids, want, "each taken exactly once");
 }
 
+/// A message stored with its reply worked out beforehand (an instant engine's): the two take
+/// consecutive seqs, the message is owed nothing, and a resend stores neither again. Needs a
+/// store of its own (it checks that nothing is owed).
+pub async fn answered_appends(store: Arc<dyn Store>) {
+    let conv = chat_setup(&*store, "answered").await;
+    let asked = user_msg(conv.id, "a1", "hello");
+    let pair = store.append_answered(asked.clone(), bot_reply(conv.id, Uuid::now_v7(), asked.id)).await.unwrap();
+    let reply = pair.reply.expect("stored with its message").unwrap();
+    assert_eq!((pair.message.message.seq, pair.message.duplicate), (1, false));
+    assert_eq!((reply.message.seq, reply.message.in_reply_to, reply.duplicate), (2, Some(asked.id), false));
+    let far = Utc::now() + Duration::seconds(3600);
+    let owed = store.claim_owed(Uuid::new_v4(), far, far, far, 10).await.unwrap();
+    assert!(owed.is_empty(), "answered in the same step: nothing owed {owed:?}");
+
+    // A resend with another reply: the stored message, no reply, nothing written.
+    let resent = NewMessage { id: Uuid::now_v7(), ..asked.clone() };
+    let again = store.append_answered(resent, bot_reply(conv.id, Uuid::now_v7(), asked.id)).await.unwrap();
+    assert!(again.reply.is_none());
+    assert_eq!((again.message.message.id, again.message.duplicate), (asked.id, true));
+    // Among other appends, in order, and gap-free.
+    let plain = store.append_message(user_msg(conv.id, "a2", "no bot yet")).await.unwrap().message;
+    let next = user_msg(conv.id, "a3", "and again");
+    let pair = store.append_answered(next.clone(), bot_reply(conv.id, Uuid::now_v7(), next.id)).await.unwrap();
+    let seqs = (plain.seq, pair.message.message.seq, pair.reply.unwrap().unwrap().message.seq);
+    assert_eq!(seqs, (3, 4, 5));
+    let all = store.messages_after(conv.id, 0, 100).await.unwrap();
+    assert_eq!(all.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(all[1].role, MessageRole::Bot);
+}
+
 /// Runs one case against a fresh store of each kind, as a test of its own:
 /// `$case::sqlite` (in memory), `$case::postgres` (a schema of its own in
 /// `NATTER_TEST_DATABASE_URL`; skipped loudly when that is not set, a failure in CI) and
@@ -891,7 +921,8 @@ mod cases {
         closed
     );
     pub(super) use super::{
-        concurrent_appends_are_gap_free, connection_slots, one_outcome_per_message, owed_replies, writers_meet,
+        answered_appends, concurrent_appends_are_gap_free, connection_slots, one_outcome_per_message, owed_replies,
+        writers_meet,
     };
 
     test_every_store!(
@@ -907,6 +938,7 @@ mod cases {
         generations,
         one_outcome_per_message,
         owed_replies,
+        answered_appends,
         writers_meet,
         closed,
     );

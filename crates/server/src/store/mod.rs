@@ -142,6 +142,14 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// The result of [`Store::append_answered`]: the user's message, and what became of its reply
+/// (None when the message was a duplicate: nothing was written).
+#[derive(Debug)]
+pub struct AppendedPair {
+    pub message: Appended,
+    pub reply: Option<StoreResult<Appended>>,
+}
+
 /// A refresh token's row, keyed by the hash of the token.
 #[derive(Debug, Clone)]
 pub struct NewRefreshToken {
@@ -205,6 +213,11 @@ pub trait Store: Coordination + Send + Sync + 'static {
     /// Stores a message with the next seq of its conversation, or returns the stored one
     /// when its `client_id` is already there.
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
+    /// Stores a user message and, unless it is a duplicate (its reply was stored or owed
+    /// before), `reply`, worked out beforehand (an instant engine's). SQLite stores both in one
+    /// transaction, `memory:` under one lock, PostgreSQL in two appends (a reply that fails to
+    /// store is owed, as any).
+    async fn append_answered(&self, msg: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair>;
     /// Messages with seq > `after_seq`, oldest first, at most `limit`.
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;
     /// Messages with seq < `before_seq`, the newest `limit` of them, oldest first.

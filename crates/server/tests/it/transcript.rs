@@ -135,6 +135,9 @@ async fn run(ops: Vec<Op>) {
         }
     }
     assert!(c.outbox.is_empty(), "unacked: {:?}", c.outbox.keys());
+    let users = stored.iter().filter(|m| m.role == MessageRole::User).count();
+    let bots = stored.iter().filter(|m| m.role == MessageRole::Bot).count();
+    assert_eq!(users, bots, "every stored user message has its reply");
     let mine: Vec<&WireMessage> = c.seen.values().collect();
     let truth: Vec<&WireMessage> = stored.iter().collect();
     assert_eq!(mine, truth, "the client's transcript is the stored transcript");

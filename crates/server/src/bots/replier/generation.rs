@@ -35,7 +35,7 @@ struct Sink {
 
 /// The reply's first text: the time-to-first-token metric, and (traces only) an event and the
 /// `first_token_ms` of the current `reply` span.
-fn first_token(metrics: &Metrics, received: Instant) {
+pub(super) fn first_token(metrics: &Metrics, received: Instant) {
     let elapsed = received.elapsed();
     metrics.first_token_seconds.observe(elapsed.as_secs_f64());
     let ms = elapsed.as_millis() as u64;
@@ -107,10 +107,10 @@ impl DeltaSink for Sink {
 }
 
 /// How a reply ended: the engine's text or error, or `None` when it was cancelled.
-type Ended = Option<Result<String, EngineError>>;
+pub(super) type Ended = Option<Result<String, EngineError>>;
 
 /// What is stored of a reply that ended so, given the text announced so far and the bound.
-fn outcome(ended: Ended, so_far: String, max: usize) -> (String, MessageStatus, Option<EngineError>) {
+pub(super) fn outcome(ended: Ended, so_far: String, max: usize) -> (String, MessageStatus, Option<EngineError>) {
     match ended {
         // A reply that came in one piece longer than the bound is cut like a streamed one.
         Some(Ok(text)) => match cut_at(&text, max) {

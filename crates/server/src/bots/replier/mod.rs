@@ -20,6 +20,9 @@ use crate::metrics::{CodeLabel, Metrics};
 use crate::store::{NewMessage, Store};
 
 mod generation;
+mod instant;
+
+pub use instant::InstantReply;
 
 /// Bounds on bot work.
 #[derive(Debug, Clone, Copy)]

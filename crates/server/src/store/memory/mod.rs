@@ -157,6 +157,26 @@ impl Inner {
             && conv.messages.iter().any(|m| m.role == MessageRole::Bot && m.in_reply_to == Some(in_reply_to))
     }
 
+    /// [`Store::append_message`], under the lock.
+    fn append(&mut self, m: NewMessage) -> StoreResult<Appended> {
+        let Inner { conversations, message_ids, owed, .. } = self;
+        let conv = conversations.get_mut(&m.conversation_id).ok_or(StoreError::NotFound)?;
+        // The client_id conflict is SQLite's upsert target, checked before the other keys.
+        if let Some(&i) = m.client_id.as_ref().and_then(|c| conv.by_client_id.get(c)) {
+            return Ok(Appended { message: conv.messages[i].clone(), duplicate: true });
+        }
+        if message_ids.contains(&m.id) {
+            return Err(unique("messages.id"));
+        }
+        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
+            if Inner::answered(conv, owed, asked) {
+                return Err(StoreError::AlreadyAnswered);
+            }
+        }
+        let message = Inner::push_message(conv, message_ids, owed, m);
+        Ok(Appended { message, duplicate: false })
+    }
+
     /// Takes the next seq of the conversation; the caller checked the id is free.
     fn push_message(
         conv: &mut Conv,
@@ -411,23 +431,15 @@ impl Store for MemoryStore {
     }
 
     async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
+        self.lock()?.append(m)
+    }
+
+    /// Both under one lock: no reader sees the message without its reply.
+    async fn append_answered(&self, m: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
         let mut inner = self.lock()?;
-        let Inner { conversations, message_ids, owed, .. } = &mut *inner;
-        let conv = conversations.get_mut(&m.conversation_id).ok_or(StoreError::NotFound)?;
-        // The client_id conflict is SQLite's upsert target, checked before the other keys.
-        if let Some(&i) = m.client_id.as_ref().and_then(|c| conv.by_client_id.get(c)) {
-            return Ok(Appended { message: conv.messages[i].clone(), duplicate: true });
-        }
-        if message_ids.contains(&m.id) {
-            return Err(unique("messages.id"));
-        }
-        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
-            if Inner::answered(conv, owed, asked) {
-                return Err(StoreError::AlreadyAnswered);
-            }
-        }
-        let message = Inner::push_message(conv, message_ids, owed, m);
-        Ok(Appended { message, duplicate: false })
+        let message = inner.append(m)?;
+        let reply = (!message.duplicate).then(|| inner.append(reply));
+        Ok(AppendedPair { message, reply })
     }
 
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {

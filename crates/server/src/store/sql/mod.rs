@@ -18,7 +18,7 @@ use sqlx::{Database, Encode, Executor, IntoArguments, Pool, Transaction, Type};
 use uuid::Uuid;
 
 use super::rows::Columns;
-use super::{Appended, NewMessage, StoreResult};
+use super::{Appended, AppendedPair, NewMessage, StoreResult};
 
 mod coordination;
 mod store;
@@ -135,6 +135,16 @@ pub(super) struct Pools<'a, D: Database> {
 pub(super) trait SqlAppend: SqlStore {
     /// [`Store::append_message`](super::Store::append_message).
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
+    /// [`Store::append_answered`](super::Store::append_answered): two appends, unless the
+    /// store can do better.
+    async fn append_answered(&self, msg: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
+        let message = self.append_message(msg).await?;
+        if message.duplicate {
+            return Ok(AppendedPair { message, reply: None });
+        }
+        let reply = Some(self.append_message(reply).await);
+        Ok(AppendedPair { message, reply })
+    }
     /// Stops whatever stores messages beside the pools (SQLite's appender thread): called first
     /// by [`Store::close`](super::Store::close). Later appends fail.
     async fn close_appender(&self) {}

@@ -311,6 +311,10 @@ where
         SqlAppend::append_message(self, m).await
     }
 
+    async fn append_answered(&self, m: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
+        SqlAppend::append_answered(self, m, reply).await
+    }
+
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>> {
         let sql =
             format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3");

@@ -1,7 +1,9 @@
 //! Group commit on a writer thread of its own: [`SqliteStore::append_message`](super::SqliteStore)
-//! queues each message for the appender, a thread that owns a second write connection (on
-//! `rusqlite`) and stores everything waiting in one transaction, statement by statement with
-//! cached prepared statements, then answers each message.
+//! queues each message (and `append_answered` a message with its reply) for the appender, a
+//! thread that owns a second write connection (on `rusqlite`) and stores everything waiting in
+//! one transaction, statement by statement with cached prepared statements, then answers each.
+//! A reply stored with its message costs little more than the message: the conversation's pages
+//! (its row, its leaves of the two message indexes) are written once for both.
 //!
 //! Why a thread and not a task on sqlx: every sqlx statement is a hand-off to sqlx's own worker
 //! thread and back, and one statement for a whole batch needs the batch as a JSON parameter and
@@ -29,14 +31,16 @@ use super::super::sql::SqlAppend;
 use super::super::*;
 use super::{SqliteStore, TUNING};
 
-/// What the appender is asked: store a message (and say what became of it), or stop.
+/// What the appender is asked: store a message, with its reply when there is one already
+/// ([`Store::append_answered`]), and say what became of them; or stop.
+#[allow(clippy::large_enum_variant)] // every job but the last is an `Append`: nothing to save by boxing
 pub(super) enum Job {
-    Append(NewMessage, oneshot::Sender<StoreResult<Appended>>),
+    Append(NewMessage, Option<NewMessage>, oneshot::Sender<StoreResult<AppendedPair>>),
     /// Answer every message already queued, refuse the rest, close the connection, then say so.
     Close(oneshot::Sender<()>),
 }
 
-/// At most this many messages in one transaction.
+/// At most this many jobs (a message, or a message and its reply) in one transaction.
 const MAX_BATCH: usize = 512;
 /// Messages waiting for the appender before `append_message` waits for room.
 pub(super) const APPEND_QUEUE: usize = 4 * MAX_BATCH;
@@ -83,7 +87,7 @@ fn run(mut conn: rusqlite::Connection, mut queue: mpsc::Receiver<Job>) {
         let mut next = Some(job);
         while let Some(job) = next.take() {
             match job {
-                Job::Append(m, reply) => batch.push((m, reply)),
+                Job::Append(m, answer, reply) => batch.push(((m, answer), reply)),
                 Job::Close(done) => {
                     closing = Some(done);
                     break;
@@ -125,7 +129,7 @@ fn run(mut conn: rusqlite::Connection, mut queue: mpsc::Receiver<Job>) {
     queue.close();
     while let Ok(job) = queue.try_recv() {
         match job {
-            Job::Append(_, reply) => {
+            Job::Append(_, _, reply) => {
                 let _ = reply.send(Err(closed()));
             }
             Job::Close(done) => {
@@ -148,13 +152,26 @@ fn closed() -> StoreError {
 /// its own in the list.
 fn append_batch(
     conn: &mut rusqlite::Connection,
-    messages: Vec<NewMessage>,
-) -> rusqlite::Result<Vec<StoreResult<Appended>>> {
+    messages: Vec<(NewMessage, Option<NewMessage>)>,
+) -> rusqlite::Result<Vec<StoreResult<AppendedPair>>> {
     let created_at = from_millis(millis(Utc::now()));
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(messages.len());
-    for m in messages {
-        results.push(append_one(&tx, m, created_at)?);
+    for (m, answer) in messages {
+        let message = match append_one(&tx, m, created_at)? {
+            Ok(message) => message,
+            Err(e) => {
+                results.push(Err(e));
+                continue;
+            }
+        };
+        // The reply in the same transaction: the conversation's pages are written once for
+        // both, and no crash leaves the message owed.
+        let reply = match answer {
+            Some(answer) if !message.duplicate => Some(append_one(&tx, answer, created_at)?),
+            _ => None,
+        };
+        results.push(Ok(AppendedPair { message, reply }));
     }
     tx.commit()?;
     Ok(results)
@@ -263,12 +280,22 @@ impl Columns for Cols<'_, '_> {
     }
 }
 
+impl SqliteStore {
+    async fn append(&self, m: NewMessage, answer: Option<NewMessage>) -> StoreResult<AppendedPair> {
+        let (reply, result) = oneshot::channel();
+        self.appender.send(Job::Append(m, answer, reply)).await.map_err(|_| closed())?;
+        result.await.map_err(|_| closed())?
+    }
+}
+
 #[async_trait]
 impl SqlAppend for SqliteStore {
     async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
-        let (reply, result) = oneshot::channel();
-        self.appender.send(Job::Append(m, reply)).await.map_err(|_| closed())?;
-        result.await.map_err(|_| closed())?
+        Ok(self.append(m, None).await?.message)
+    }
+
+    async fn append_answered(&self, m: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
+        self.append(m, Some(reply)).await
     }
 
     fn appending(&self) -> bool {
