@@ -170,8 +170,9 @@ impl Server {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), state.ledger.flush()).await;
         let ledger_ms = started.elapsed().as_millis() as u64 - sockets_ms;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), http).await;
-        // Last, the store: SQLite's appender finishes its batch and the WAL is checkpointed into
-        // the database file, so the file alone holds everything once the process is gone. A
+        // Last, the store: SQLite's appender finishes its batch and, when this is the last
+        // process on the file (not during a `--reuse-port` hand-over), the WAL is checkpointed
+        // into the database file, so the file alone holds everything once the process is gone. A
         // reply task still running past the grace fails to store its reply; the next start
         // settles it (every acked message still ends with one outcome).
         let closing = std::time::Instant::now();
@@ -185,7 +186,7 @@ impl Server {
 }
 
 /// How long a stopping server waits for its store to close (a WAL checkpoint of up to 64 MiB).
-const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const STORE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Pending connections the kernel holds for us (it caps this at `net.core.somaxconn`): a
 /// reconnect storm after a restart arrives all at once.

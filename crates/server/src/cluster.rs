@@ -180,7 +180,9 @@ impl Cluster {
             loop {
                 tokio::select! {
                     _ = async { stop.cancelled().await; tasks.wait().await } => break,
-                    _ = check.tick() => this.check(&*bus).await,
+                    // Not once stopping: the store closes after the sockets, while this loop
+                    // may wait out the grace for the tasks left.
+                    _ = check.tick(), if !stop.is_cancelled() => this.check(&*bus).await,
                     _ = renew.tick() => this.renew_and_sweep(&*bus).await,
                 }
             }

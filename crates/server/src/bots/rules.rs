@@ -115,19 +115,23 @@ struct CacheInner {
 }
 
 impl RulesCache {
+    /// The compiled rule set of `bot_id` for these settings, if it is in the cache.
+    pub fn cached(&self, bot_id: Uuid, spec: &RulesSpec) -> Option<Arc<CompiledRules>> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.tick += 1;
+        let tick = inner.tick;
+        let (s, used, c) = inner.bots.get_mut(&bot_id)?;
+        (**s == *spec).then(|| {
+            *used = tick;
+            c.clone()
+        })
+    }
+
     /// The compiled rule set of `bot_id` for these settings: from the cache, or compiled on the
     /// blocking pool and kept.
     pub async fn get(&self, bot_id: Uuid, spec: &RulesSpec) -> Result<Arc<CompiledRules>, EngineError> {
-        {
-            let mut inner = self.inner.lock().unwrap();
-            inner.tick += 1;
-            let tick = inner.tick;
-            if let Some((s, used, c)) = inner.bots.get_mut(&bot_id) {
-                if **s == *spec {
-                    *used = tick;
-                    return Ok(c.clone());
-                }
-            }
+        if let Some(c) = self.cached(bot_id, spec) {
+            return Ok(c);
         }
         let spec = Arc::new(spec.clone());
         let to_compile = spec.clone();

@@ -126,20 +126,26 @@ impl<T: Transport> Session<T> {
         let (appended, answered) = append(&self.state, &self.peer, &client_id, content)
             .await
             .map_err(|e| internal_end("storing a message", e))?;
-        // Announced and handed on before anything is written to this socket: a failed write
-        // ends the session, and what is stored must still reach the other tabs and the bot
-        // (this socket's own copy of the announcement comes after the ack, through its loop).
-        if !appended.duplicate {
-            hand_on(&self.state, &self.peer, appended.message.clone(), answered, received).await;
+        let message = (!appended.duplicate).then(|| appended.message.clone());
+        let acked = self.ack(client_id, appended).await;
+        self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
+        // Announced and handed on even when the ack could not be written (the write failure
+        // ends the session after this): what is stored must reach the other tabs and the bot.
+        // This socket's own copy of the announcement comes through its loop, after the ack.
+        if let Some(message) = message {
+            hand_on(&self.state, &self.peer, message, answered, received).await;
         }
+        acked
+    }
+
+    /// Sends what precedes `appended` and is not sent yet, then its ack.
+    async fn ack(&mut self, client_id: String, appended: Appended) -> Result<(), End> {
         let seq = appended.message.seq;
         if seq > self.delivered {
             self.fill_to(seq - 1).await?;
             self.delivered = seq;
         }
-        self.send(&ServerFrame::Ack { client_id, message: appended.message, duplicate: appended.duplicate }).await?;
-        self.state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
-        Ok(())
+        self.send(&ServerFrame::Ack { client_id, message: appended.message, duplicate: appended.duplicate }).await
     }
 }
 

@@ -50,14 +50,18 @@ async fn message(
         return Ok(refused);
     }
     let span = message_span(&client_id, peer.conversation_id);
-    async {
-        let (appended, answered) = append(state, peer, &client_id, content).await?;
+    let tasks = state.tasks.clone();
+    let (state, peer) = (state.clone(), peer.clone());
+    // A task of its own: this handler is dropped when the POST's client goes away, and a stored
+    // message must still be announced and handed to the bot.
+    let stored = async move {
+        let (appended, answered) = append(&state, &peer, &client_id, content).await?;
         state.metrics.ack_seconds.observe(received.elapsed().as_secs_f64());
         if !appended.duplicate {
-            hand_on(state, peer, appended.message.clone(), answered, received).await;
+            hand_on(&state, &peer, appended.message.clone(), answered, received).await;
         }
         Ok(ServerFrame::Ack { client_id, message: appended.message, duplicate: appended.duplicate })
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    tasks.spawn(stored).await.map_err(|e| StoreError::Backend(format!("storing a posted message: {e}")))?
 }

@@ -50,6 +50,7 @@ pub struct Counters {
 }
 
 /// Who the session serves, fixed at admission (the bot's name and engine follow its edits).
+#[derive(Clone)]
 pub struct Peer {
     pub connection_id: Uuid,
     pub user_id: Uuid,

@@ -215,8 +215,8 @@ pub trait Store: Coordination + Send + Sync + 'static {
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
     /// Stores a user message and, unless it is a duplicate (its reply was stored or owed
     /// before), `reply`, worked out beforehand (an instant engine's). SQLite stores both in one
-    /// transaction, `memory:` under one lock, PostgreSQL in two appends (a reply that fails to
-    /// store is owed, as any).
+    /// transaction, PostgreSQL too (under one hold of the conversation's lock), `memory:` under
+    /// one lock.
     async fn append_answered(&self, msg: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair>;
     /// Messages with seq > `after_seq`, oldest first, at most `limit`.
     async fn messages_after(&self, conversation_id: Uuid, after_seq: i64, limit: u32) -> StoreResult<Vec<WireMessage>>;

@@ -455,6 +455,38 @@ async fn an_instant_bot_is_never_busy() {
     }
 }
 
+/// An instant reply cut at the bound: the error frame comes before the incomplete reply (the
+/// protocol's order), on the sender's socket and on a tab that resumes from the store, and the
+/// message has that one outcome.
+#[tokio::test]
+async fn an_echo_cut_at_the_bound_says_so_before_its_incomplete_reply() {
+    let app = TestApp::spawn_with(|c| c.limits.max_reply_chars = 5).await;
+    let alice = app.user("alice").await;
+    let bot = app.echo_bot(&alice).await;
+    let mut ws = app.ws(bot.id, &alice.token, "").await;
+    ws.established().await;
+    ws.say("c1", "hello world").await;
+    let (_, errors, m) = reply(&mut ws).await;
+    assert_eq!((m.seq, m.content.as_str(), m.status), (2, "hello", MessageStatus::Incomplete));
+    match &errors[..] {
+        [ServerFrame::Error { code, message, in_reply_to, .. }] => {
+            assert_eq!((*code, message.as_str()), (ErrorCode::BotError, "the reply was cut at 5 characters"));
+            assert_eq!(*in_reply_to, m.in_reply_to);
+        }
+        other => panic!("expected one bot_error before the reply, got {other:?}"),
+    }
+    // Whole replies still go with their message, one outcome each.
+    ws.say("c2", "hi").await;
+    let (_, errors, m) = reply(&mut ws).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((m.seq, m.content.as_str(), m.status), (4, "hi", MessageStatus::Complete));
+    let conv = app.state.store.conversation(alice.id, bot.id).await.unwrap().id;
+    let stored = app.state.store.messages_after(conv, 0, 10).await.unwrap();
+    let roles: Vec<_> = stored.iter().map(|m| (m.seq, m.role)).collect();
+    let (u, b) = (MessageRole::User, MessageRole::Bot);
+    assert_eq!(roles, vec![(1, u), (2, b), (3, u), (4, b)]);
+}
+
 #[tokio::test]
 async fn rules_bot_answers_offline() {
     let app = TestApp::spawn().await;

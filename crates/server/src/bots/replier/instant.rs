@@ -10,22 +10,19 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use std::sync::Arc;
+
 use super::generation::{first_token, outcome, reply_span};
 use super::Replier;
-use crate::bots::{DeltaSink, EngineError, EngineSpec, ReplyRequest};
-use crate::bus::ConvEvent;
-use crate::metrics::CodeLabel;
-use crate::store::{Appended, NewMessage, StoreResult};
+use crate::bots::{echo, rules, BotEngine, DeltaSink, EngineSpec, ReplyRequest};
+use crate::store::{Appended, NewMessage, StoreError, StoreResult};
 
 /// What is left to do for an instant engine's reply once it is stored
 /// ([`Replier::answered`]).
 pub struct InstantReply {
     bot_id: Uuid,
-    conversation_id: Uuid,
     in_reply_to: Uuid,
-    /// The engine's failure, said to the conversation once the reply is stored `incomplete`.
-    error: Option<EngineError>,
-    span: tracing::Span,
+    conversation_id: Uuid,
 }
 
 /// Instant engines answer in one piece: nothing is streamed.
@@ -37,9 +34,11 @@ impl DeltaSink for NoDeltas {
 }
 
 impl Replier {
-    /// The reply of an instant engine (echo, rules) to `message`, which is not stored yet (the
-    /// engine sees it with seq 0), to be stored with it. None for any other engine, or when the
-    /// engine cannot be prepared ([`Replier::reply`] then says why, once the message is stored).
+    /// The reply of an instant engine to `message`, which is not stored yet (the engine sees it
+    /// with seq 0), to be stored with it: echo, and rules already compiled (compiling is for the
+    /// path after the store, which keeps the result). None for any other engine, or when the
+    /// engine fails ([`Replier::reply`] then answers once the message is stored, its error frame
+    /// before its incomplete reply, as docs/protocol.md says).
     pub async fn answer_now(
         &self,
         spec: &EngineSpec,
@@ -47,11 +46,11 @@ impl Replier {
         bot_name: &str,
         message: &NewMessage,
     ) -> Option<(NewMessage, InstantReply)> {
-        if !matches!(spec, EngineSpec::Echo(_) | EngineSpec::Rules(_)) {
-            return None;
-        }
-        let engine = self.engine(spec, bot_id).await.ok().filter(|e| e.instant())?;
-        let span = reply_span(bot_id, message.id);
+        let engine: Arc<dyn BotEngine> = match spec {
+            EngineSpec::Echo(_) => Arc::new(echo::Echo),
+            EngineSpec::Rules(r) => Arc::new(rules::Rules { compiled: self.rules.cached(bot_id, r)? }),
+            EngineSpec::Openai(_) | EngineSpec::Webhook(_) => return None,
+        };
         let req = ReplyRequest {
             bot_id,
             bot_name: bot_name.to_owned(),
@@ -68,8 +67,13 @@ impl Replier {
                 status: message.status,
             },
         };
-        let ended = engine.reply(&req, &mut NoDeltas).instrument(span.clone()).await;
+        let ended = engine.reply(&req, &mut NoDeltas).await;
         let (content, status, error) = outcome(Some(ended), String::new(), self.limits.max_reply_chars);
+        if error.is_some() {
+            // The error frame goes out before the incomplete reply (docs/protocol.md), so that
+            // reply is not stored yet: `Replier::reply` answers again once the message is.
+            return None;
+        }
         let reply = NewMessage {
             // Time-ordered, as every message id (`generation::run`).
             id: Uuid::now_v7(),
@@ -80,33 +84,30 @@ impl Replier {
             in_reply_to: Some(message.id),
             status,
         };
-        let rest =
-            InstantReply { bot_id, conversation_id: message.conversation_id, in_reply_to: message.id, error, span };
+        let rest = InstantReply { bot_id, in_reply_to: message.id, conversation_id: message.conversation_id };
         Some((reply, rest))
     }
 
-    /// After the store kept the reply with its message: the engine's error if it failed, the
-    /// time to first token, and the reply announced. A reply that could not be stored is owed,
-    /// and settled like any owed reply.
+    /// After the store kept the reply with its message: the time to first token, and the reply
+    /// announced. A reply that could not be stored is owed, and settled like any owed reply.
     pub async fn answered(&self, reply: InstantReply, stored: StoreResult<Appended>, received: Instant) {
-        let InstantReply { bot_id, conversation_id, in_reply_to, error, span } = reply;
+        let InstantReply { bot_id, in_reply_to, conversation_id } = reply;
+        // In the message's span: the reply's span says when it was stored and announced.
         async {
-            if let Some(e) = error {
-                tracing::warn!(%bot_id, %conversation_id, code = e.code.as_str(), error = %crate::logsafe::Untrusted(&e.message), "bot reply failed");
-                self.metrics.bot_errors.get_or_create(&CodeLabel { code: e.code.as_str() }).inc();
-                let event = ConvEvent::BotError { code: e.code, message: e.message, in_reply_to };
-                let _ = self.bus.publish(conversation_id, event).await;
-            }
             first_token(&self.metrics, received);
             match stored {
                 Ok(a) => {
                     tracing::Span::current().record("seq", a.message.seq).record("status", a.message.status.as_str());
                     let _ = crate::bus::announce(&*self.bus, conversation_id, a.message).await;
                 }
+                // Only PostgreSQL stores the two apart: another node answered meanwhile.
+                Err(StoreError::AlreadyAnswered) => {
+                    tracing::warn!(%bot_id, %conversation_id, "reply dropped: the message was answered elsewhere")
+                }
                 Err(e) => tracing::error!(%bot_id, %conversation_id, error = %e, "storing a bot reply failed"),
             }
         }
-        .instrument(span)
+        .instrument(reply_span(bot_id, in_reply_to))
         .await
     }
 }

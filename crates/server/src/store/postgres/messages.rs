@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::super::rows::{message_from_row, MSG_COLS};
 use super::super::sql::SqlAppend;
-use super::super::{from_millis, millis, Appended, NewMessage, StoreError, StoreResult};
+use super::super::{from_millis, millis, Appended, AppendedPair, NewMessage, StoreError, StoreResult};
 use super::PostgresStore;
 
 /// Whether `in_reply_to` already has its one outcome: it is not owed a reply any more and a bot
@@ -72,34 +72,58 @@ pub(super) async fn insert_with_next_seq(
 impl SqlAppend for PostgresStore {
     async fn append_message(&self, m: NewMessage) -> StoreResult<Appended> {
         let mut tx = self.pool.begin().await?;
-        // Take the conversation's lock first (by locking its row), then look for the
-        // client_id: a writer on another node with the same client_id has committed by then.
-        let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = $1 FOR UPDATE")
-            .bind(m.conversation_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Err(StoreError::NotFound);
-        }
-        if let Some(client_id) = &m.client_id {
-            let row =
-                sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND client_id = $2"))
-                    .bind(m.conversation_id)
-                    .bind(client_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(row) = row {
-                return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
-            }
-        }
-        // One outcome per user message, whichever node finishes last.
-        if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
-            if already_answered(&mut tx, m.conversation_id, asked).await? {
-                return Err(StoreError::AlreadyAnswered);
-            }
-        }
-        let message = insert_with_next_seq(&mut tx, m).await?;
+        let appended = append_in(&mut tx, m).await?;
         tx.commit().await?;
-        Ok(Appended { message, duplicate: false })
+        Ok(appended)
     }
+
+    /// Both in one transaction, under one hold of the conversation's lock.
+    async fn append_answered(&self, m: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
+        let mut tx = self.pool.begin().await?;
+        let message = append_in(&mut tx, m).await?;
+        if message.duplicate {
+            return Ok(AppendedPair { message, reply: None });
+        }
+        let reply = match append_in(&mut tx, reply).await {
+            // Refused by the rules, before any statement failed: the message is stored alone.
+            Err(e @ (StoreError::AlreadyAnswered | StoreError::NotFound)) => Err(e),
+            // A failed statement ends the transaction: nothing is stored.
+            Err(e) => return Err(e),
+            Ok(r) => Ok(r),
+        };
+        tx.commit().await?;
+        Ok(AppendedPair { message, reply: Some(reply) })
+    }
+}
+
+/// Stores a message inside `tx`: takes the conversation's lock first (by locking its row), then
+/// looks for the `client_id` (a writer on another node with the same `client_id` has committed
+/// by then), refuses a second outcome for a user message, and inserts with the next seq.
+async fn append_in(tx: &mut Transaction<'_, Postgres>, m: NewMessage) -> StoreResult<Appended> {
+    let exists: Option<Uuid> = sqlx::query_scalar("SELECT id FROM conversations WHERE id = $1 FOR UPDATE")
+        .bind(m.conversation_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_none() {
+        return Err(StoreError::NotFound);
+    }
+    if let Some(client_id) = &m.client_id {
+        let row =
+            sqlx::query(&format!("SELECT {MSG_COLS} FROM messages WHERE conversation_id = $1 AND client_id = $2"))
+                .bind(m.conversation_id)
+                .bind(client_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        if let Some(row) = row {
+            return Ok(Appended { message: message_from_row(&row)?, duplicate: true });
+        }
+    }
+    // One outcome per user message, whichever node finishes last.
+    if let (MessageRole::Bot, Some(asked)) = (m.role, m.in_reply_to) {
+        if already_answered(tx, m.conversation_id, asked).await? {
+            return Err(StoreError::AlreadyAnswered);
+        }
+    }
+    let message = insert_with_next_seq(tx, m).await?;
+    Ok(Appended { message, duplicate: false })
 }

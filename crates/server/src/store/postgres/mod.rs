@@ -72,6 +72,7 @@ impl RowsAffected for PgQueryResult {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    health: PgPool,
 }
 
 impl PostgresStore {
@@ -86,16 +87,18 @@ impl PostgresStore {
             // A database that went away must fail requests (and `/api/ready`) quickly rather
             // than queue them.
             .acquire_timeout(Duration::from_secs(3))
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         MIGRATOR.run(&pool).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
-        Ok(PostgresStore { pool })
+        let health =
+            PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(3)).connect_with(opts).await?;
+        Ok(PostgresStore { pool, health })
     }
 }
 
 impl SqlStore for PostgresStore {
     type Db = Postgres;
     fn pools(&self) -> Pools<'_, Postgres> {
-        Pools { read: &self.pool, write: &self.pool }
+        Pools { read: &self.pool, write: &self.pool, health: &self.health }
     }
 }

@@ -114,6 +114,14 @@ pub(super) trait SqlStore: Send + Sync + 'static {
     fn reader(&self) -> impl Executor<'_, Database = Self::Db> {
         <Self::Db as Database>::Connection::pool(self.read_pool())
     }
+    /// One connection of its own for `ping`: the dependency check asks whether the database
+    /// answers, not whether a pool busy with a reconnect storm has a connection free.
+    fn health_pool(&self) -> &Pool<Self::Db> {
+        self.pools().health
+    }
+    fn pinger(&self) -> impl Executor<'_, Database = Self::Db> {
+        <Self::Db as Database>::Connection::pool(self.health_pool())
+    }
     fn writer(&self) -> impl Executor<'_, Database = Self::Db> {
         <Self::Db as Database>::Connection::pool(self.write_pool())
     }
@@ -123,10 +131,12 @@ pub(super) trait SqlStore: Send + Sync + 'static {
     }
 }
 
-/// A SQL store's pools: on PostgreSQL one pool serves both.
+/// A SQL store's pools: on PostgreSQL one pool serves reads and writes; `health` is a pool of
+/// one connection for `ping`.
 pub(super) struct Pools<'a, D: Database> {
     pub read: &'a Pool<D>,
     pub write: &'a Pool<D>,
+    pub health: &'a Pool<D>,
 }
 
 /// How a SQL store stores a message (SQLite: group commit; PostgreSQL: under the conversation's
@@ -135,16 +145,8 @@ pub(super) struct Pools<'a, D: Database> {
 pub(super) trait SqlAppend: SqlStore {
     /// [`Store::append_message`](super::Store::append_message).
     async fn append_message(&self, msg: NewMessage) -> StoreResult<Appended>;
-    /// [`Store::append_answered`](super::Store::append_answered): two appends, unless the
-    /// store can do better.
-    async fn append_answered(&self, msg: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair> {
-        let message = self.append_message(msg).await?;
-        if message.duplicate {
-            return Ok(AppendedPair { message, reply: None });
-        }
-        let reply = Some(self.append_message(reply).await);
-        Ok(AppendedPair { message, reply })
-    }
+    /// [`Store::append_answered`](super::Store::append_answered): both in one transaction.
+    async fn append_answered(&self, msg: NewMessage, reply: NewMessage) -> StoreResult<AppendedPair>;
     /// Stops whatever stores messages beside the pools (SQLite's appender thread): called first
     /// by [`Store::close`](super::Store::close). Later appends fail.
     async fn close_appender(&self) {}

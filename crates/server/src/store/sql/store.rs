@@ -29,13 +29,14 @@ where
         if !self.appending() {
             return Err(StoreError::Backend("the message appender has stopped".into()));
         }
-        sqlx::query("SELECT 1").execute(self.reader()).await?;
+        sqlx::query("SELECT 1").execute(self.pinger()).await?;
         Ok(())
     }
 
     async fn close(&self) {
         self.close_appender().await;
         // Closing the writer last lets SQLite checkpoint the WAL into the main file.
+        self.health_pool().close().await;
         self.read_pool().close().await;
         self.write_pool().close().await;
     }

@@ -83,6 +83,7 @@ impl RowsAffected for SqliteQueryResult {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    health: SqlitePool,
     appender: mpsc::Sender<Job>,
     /// The temporary directory a [`SqliteStore::temporary`] database lives in, removed with
     /// the last clone.
@@ -113,11 +114,14 @@ impl SqliteStore {
         let opts = TUNING.iter().fold(opts, |opts, (name, value)| opts.pragma(*name, *value));
         let write = SqlitePoolOptions::new().max_connections(1).connect_with(opts.clone()).await?;
         MIGRATOR.run(&write).await.map_err(|e| StoreError::Backend(format!("migrations failed: {e}")))?;
-        let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts.read_only(true)).await?;
+        let opts = opts.read_only(true);
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(opts.clone()).await?;
+        let health = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
         let appender = append::start(path)?;
         Ok(SqliteStore {
             write,
             read,
+            health,
             appender,
             #[cfg(test)]
             _dir: None,
@@ -137,6 +141,6 @@ impl SqliteStore {
 impl SqlStore for SqliteStore {
     type Db = Sqlite;
     fn pools(&self) -> Pools<'_, Sqlite> {
-        Pools { read: &self.read, write: &self.write }
+        Pools { read: &self.read, write: &self.write, health: &self.health }
     }
 }

@@ -22,3 +22,20 @@ async fn data_survives_reopen() {
     let again = SqliteStore::open(&path).await.unwrap();
     assert!(again.user_by_username("keep").await.unwrap().is_some());
 }
+
+/// `ping` (the node's dependency check, and `/api/ready`) has a connection of its own: a
+/// reconnect storm that keeps every reader busy is load, not a lost database. When ping waited
+/// behind the readers, a 2 s check timed out under a storm, the node declared the database
+/// lost and closed every socket with 1013, and the reconnects that followed kept it so
+/// (`bench/compare.py`'s cold-restart storm, 2026-12-07: 2 345 messages timed out).
+#[tokio::test]
+async fn ping_answers_while_every_reader_is_busy() {
+    let store = SqliteStore::temporary().await.unwrap();
+    let mut held = Vec::new();
+    while let Ok(Ok(conn)) = tokio::time::timeout(std::time::Duration::from_millis(200), store.read.acquire()).await {
+        held.push(conn);
+    }
+    assert!(!held.is_empty());
+    let pinged = tokio::time::timeout(std::time::Duration::from_secs(1), store.ping()).await;
+    assert!(matches!(pinged, Ok(Ok(()))), "ping waited for a reader: {pinged:?}");
+}
