@@ -27,6 +27,42 @@ fn serve(dir: &Path, extra: &[&str]) -> (Node, SocketAddr) {
     (node, addr)
 }
 
+/// Registers alice, logs her in and creates `bot` (the JSON of `POST /api/bots`): her access
+/// token and the bot's id.
+async fn alice_with_bot(addr: SocketAddr, bot: serde_json::Value) -> (String, String) {
+    post(addr, "/api/auth/register", None, creds()).await;
+    let token = login(addr).await;
+    let bot = post(addr, "/api/bots", Some(&token), bot).await;
+    (token, bot["id"].as_str().unwrap().to_owned())
+}
+
+fn creds() -> serde_json::Value {
+    json!({"username": "alice", "password": "correct-horse-battery"})
+}
+
+/// Alice's access token from a login.
+async fn login(addr: SocketAddr) -> String {
+    post(addr, "/api/auth/login", None, creds()).await["access_token"].as_str().unwrap().to_owned()
+}
+
+/// Every ack's message: `stop` runs once `n` came back, then the rest (in flight when the
+/// server went) are taken until every socket has closed.
+async fn acks_around(
+    mut acks: tokio::sync::mpsc::UnboundedReceiver<WireMessage>,
+    n: usize,
+    stop: impl FnOnce(),
+) -> Vec<WireMessage> {
+    let mut acked = Vec::new();
+    while acked.len() < n {
+        acked.push(acks.recv().await.expect("acks keep coming"));
+    }
+    stop();
+    while let Some(m) = acks.recv().await {
+        acked.push(m);
+    }
+    acked
+}
+
 /// `sockets` sockets to `bot`, each sending `per_socket` messages at once; every ack's message
 /// comes out of the receiver, which ends when every socket has closed.
 async fn burst(
@@ -69,26 +105,15 @@ async fn a_sqlite_server_killed_mid_burst_answers_every_acked_message_once_resta
     const KILL_AFTER_ACKS: usize = 600;
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr) = serve(dir.path(), &[]);
-    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
-    post(addr, "/api/auth/register", None, creds.clone()).await;
-    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
-    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
-    let bot = bot["id"].as_str().unwrap().to_owned();
+    let (token, bot) = alice_with_bot(addr, json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
 
     // Every socket sends its whole burst at once, then reads acks; the server is killed as
     // soon as enough acks came back, while replies are still being stored.
-    let mut acks_rx = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
-    let mut acked = Vec::new();
-    while acked.len() < KILL_AFTER_ACKS {
-        acked.push(acks_rx.recv().await.expect("acks keep coming"));
-    }
-    child.kill(); // SIGKILL
-    while let Some(m) = acks_rx.recv().await {
-        acked.push(m); // acks already in flight when the server died
-    }
+    let acks = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
+    let acked = acks_around(acks, KILL_AFTER_ACKS, || child.kill()).await; // SIGKILL
 
     let (mut child, addr) = serve(dir.path(), &[]);
-    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    let token = login(addr).await;
     // The restart settles what is owed before it serves: no waiting for a lease.
     let all = common::history(addr, &bot, &token).await.unwrap();
     child.kill();
@@ -145,12 +170,8 @@ async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--bot-concurrency", "1", "--bot-egress-allow", "127.0.0.1/32"];
     let (mut child, addr) = serve(dir.path(), &flags);
-    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
-    post(addr, "/api/auth/register", None, creds.clone()).await;
-    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
     let engine = json!({"kind": "openai", "base_url": provider, "model": "m", "timeout_ms": 60000});
-    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Slow", "engine": engine})).await;
-    let bot = bot["id"].as_str().unwrap().to_owned();
+    let (token, bot) = alice_with_bot(addr, json!({"name": "Slow", "engine": engine})).await;
 
     let url = format!("ws://{addr}/api/ws/chat/{bot}?token={token}");
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade accepted");
@@ -171,7 +192,7 @@ async fn a_reply_queued_when_the_server_is_killed_is_answered_once_restarted() {
     child.kill(); // SIGKILL
 
     let (mut child, addr) = serve(dir.path(), &flags);
-    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    let token = login(addr).await;
     // The cut-off reply is stored `incomplete` once its lease ends (1.5 s); the queued one is
     // run again and answered.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -214,21 +235,11 @@ async fn a_sqlite_server_stopped_mid_burst_leaves_every_acked_message_in_its_dat
     const STOP_AFTER_ACKS: usize = 400;
     let dir = tempfile::tempdir().unwrap();
     let (mut node, addr) = serve(dir.path(), &[]);
-    let creds = json!({"username": "alice", "password": "correct-horse-battery"});
-    post(addr, "/api/auth/register", None, creds.clone()).await;
-    let token = post(addr, "/api/auth/login", None, creds.clone()).await["access_token"].as_str().unwrap().to_owned();
-    let bot = post(addr, "/api/bots", Some(&token), json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
-    let bot = bot["id"].as_str().unwrap().to_owned();
+    let (token, bot) = alice_with_bot(addr, json!({"name": "Echo", "engine": {"kind": "echo"}})).await;
 
-    let mut acks_rx = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
-    let mut acked = Vec::new();
-    while acked.len() < STOP_AFTER_ACKS {
-        acked.push(acks_rx.recv().await.expect("acks keep coming"));
-    }
-    node.terminate(); // SIGTERM, while the burst is still being stored
-    while let Some(m) = acks_rx.recv().await {
-        acked.push(m);
-    }
+    let acks = burst(addr, &bot, &token, SOCKETS, PER_SOCKET).await;
+    // SIGTERM, while the burst is still being stored.
+    let acked = acks_around(acks, STOP_AFTER_ACKS, || node.terminate()).await;
 
     let wal = dir.path().join("natter.db-wal");
     let wal_len = std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -236,7 +247,7 @@ async fn a_sqlite_server_stopped_mid_burst_leaves_every_acked_message_in_its_dat
     let copy = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join("natter.db"), copy.path().join("natter.db")).unwrap();
     let (_node, addr) = serve(copy.path(), &[]);
-    let token = post(addr, "/api/auth/login", None, creds).await["access_token"].as_str().unwrap().to_owned();
+    let token = login(addr).await;
     let all = common::history(addr, &bot, &token).await.unwrap();
     let stored: std::collections::HashSet<_> = all.iter().map(|m| m.id).collect();
     let missing: Vec<_> = acked.iter().filter(|m| !stored.contains(&m.id)).map(|m| m.seq).collect();

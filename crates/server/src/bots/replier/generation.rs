@@ -107,7 +107,7 @@ impl DeltaSink for Sink {
 }
 
 /// How a reply ended: the engine's text or error, or `None` when it was cancelled.
-pub(super) type Ended = Option<Result<String, EngineError>>;
+type Ended = Option<Result<String, EngineError>>;
 
 /// What is stored of a reply that ended so, given the text announced so far and the bound.
 pub(super) fn outcome(ended: Ended, so_far: String, max: usize) -> (String, MessageStatus, Option<EngineError>) {

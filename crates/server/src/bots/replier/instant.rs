@@ -10,8 +10,6 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use std::sync::Arc;
-
 use super::generation::{first_token, outcome, reply_span};
 use super::Replier;
 use crate::bots::{echo, rules, BotEngine, DeltaSink, EngineSpec, ReplyRequest};
@@ -46,9 +44,14 @@ impl Replier {
         bot_name: &str,
         message: &NewMessage,
     ) -> Option<(NewMessage, InstantReply)> {
-        let engine: Arc<dyn BotEngine> = match spec {
-            EngineSpec::Echo(_) => Arc::new(echo::Echo),
-            EngineSpec::Rules(r) => Arc::new(rules::Rules { compiled: self.rules.cached(bot_id, r)? }),
+        // On the stack: nothing allocated per message for the engine.
+        let rules;
+        let engine: &dyn BotEngine = match spec {
+            EngineSpec::Echo(_) => &echo::Echo,
+            EngineSpec::Rules(r) => {
+                rules = rules::Rules { compiled: self.rules.cached(bot_id, r)? };
+                &rules
+            }
             EngineSpec::Openai(_) | EngineSpec::Webhook(_) => return None,
         };
         let req = ReplyRequest {
